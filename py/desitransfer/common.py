@@ -1,0 +1,473 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+===================
+desitransfer.common
+===================
+
+Code needed by all scripts: the rsync command builder and the scanners of
+its output, night and time helpers, permission constants, the logging and
+alert set-up, and the one subprocess runner every module uses.
+"""
+import datetime as dt
+import logging
+import logging.handlers
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import time
+from collections import namedtuple
+
+import pytz
+from desiutil.log import get_logger
+
+
+#: Permission of locked directories (group-readable, setgid).
+dir_perm = 0o2750
+
+#: Permission of locked files (read-only for user and group).
+file_perm = 0o440
+
+#: The time zone of Kitt Peak, where DESI observes (no daylight saving time).
+MST = pytz.timezone('America/Phoenix')
+
+#: Timeout in seconds of an external command, unless the caller sets one.
+DEFAULT_TIMEOUT = 3600
+
+#: Options that make every ssh connection non-interactive and quick to fail.
+SSH_OPTIONS = ('-o', 'BatchMode=yes',
+               '-o', 'ConnectTimeout=30',
+               '-o', 'ServerAliveInterval=30',
+               '-o', 'ServerAliveCountMax=4')
+
+#: The shared logger of every desitransfer module.
+log = get_logger(timestamp=True)
+
+#: Return code, standard output and standard error of an external command.
+Result = namedtuple('Result', ['returncode', 'stdout', 'stderr'])
+
+
+def _utcnow():
+    """Current time, timezone-aware in UTC (replaced in tests).
+    """
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def run(command, timeout=DEFAULT_TIMEOUT, cwd=None, env=None, ok=(0,),
+        test=False, quiet=False):
+    """Run an external command: the one subprocess runner of the package.
+
+    The command is an argument list, never passed to a shell.  It is logged
+    before it runs; on failure its return code and output are logged too.
+
+    Parameters
+    ----------
+    command : :class:`list`
+        The program and its arguments.
+    timeout : :class:`float`, optional
+        Kill the command (and every process it started) after this many seconds.
+    cwd : :class:`str`, optional
+        Run the command in this directory.
+    env : :class:`dict`, optional
+        Environment of the command; secrets belong here, not in `command`.
+    ok : :class:`tuple`, optional
+        Return codes that are not failures (for example rsync's 24,
+        "some files vanished", on a live tree).
+    test : :class:`bool`, optional
+        If ``True``, log what would run and run nothing.
+    quiet : :class:`bool`, optional
+        If ``True``, log the command at DEBUG level instead of INFO.
+
+    Returns
+    -------
+    :class:`Result`
+        Return code (-9 after a timeout, 127 if the program does not exist),
+        standard output and standard error.
+    """
+    command = [str(c) for c in command]
+    quoted = shlex.join(command)
+    where = f" (in {cwd})" if cwd else ''
+    if test:
+        log.info("Test mode, would run: %s%s", quoted, where)
+        return Result(0, '', '')
+    log.log(logging.DEBUG if quiet else logging.INFO, "Running: %s%s", quoted, where)
+    try:
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                cwd=cwd, env=env, text=True, errors='replace',
+                                start_new_session=True)
+    except OSError as err:
+        log.error("Could not start %s: %s", quoted, err)
+        return Result(127, '', str(err))
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        # The command runs in its own session; kill ssh & co. started by it too.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, err = proc.communicate()
+        err += f"\nTimed out after {timeout} seconds and was killed."
+        code = -signal.SIGKILL
+    if code not in ok:
+        log.error("Command failed with return code %d%s: %s", code, where, quoted)
+        if out.strip():
+            log.error("Standard output of %s: %s", command[0], out.strip()[-4000:])
+        if err.strip():
+            log.error("Standard error of %s: %s", command[0], err.strip()[-4000:])
+    return Result(code, out, err)
+
+
+def ssh_command(ssh='ssh', control=None):
+    """The ssh client command, non-interactive, as an argument list.
+
+    Parameters
+    ----------
+    ssh : :class:`str`, optional
+        The ssh program (a wrapper that adds ``-F CONFIG`` is fine).
+    control : :class:`str`, optional
+        Path of an OpenSSH control socket to share one connection.
+
+    Returns
+    -------
+    :class:`list`
+        The ssh program and its options.
+    """
+    command = [ssh] + list(SSH_OPTIONS)
+    if control:
+        command += ['-o', 'ControlMaster=auto', '-o', f'ControlPath={control}',
+                    '-o', 'ControlPersist=600']
+    return command
+
+
+def rsync(s, d, test=False, config='dts', reverse=False):
+    """Set up rsync command.
+
+    Parameters
+    ----------
+    s : :class:`str`
+        Source directory.
+    d : :class:`str`
+        Destination directory.
+    test : :class:`bool`, optional
+        If ``True``, add ``--dry-run`` to the command.
+    config : :class:`str`, optional
+        Pass this configuration to the ssh command.  If empty or ``None``,
+        both directories are local.
+    reverse : :class:`bool`
+        If ``True``, attach `config` to `d` instead of `s`.
+
+    Returns
+    -------
+    :class:`list`
+        A list suitable for passing to :class:`subprocess.Popen`.
+    """
+    host = f'{config}:' if config else ''
+    if reverse:
+        src, dst = f'{s}/', f'{host}{d}/'
+    else:
+        src, dst = f'{host}{s}/', f'{d}/'
+    c = ['/bin/rsync', '--verbose', '--recursive', '--copy-dirlinks',
+         '--times', '--omit-dir-times', src, dst]
+    if test:
+        c.insert(1, '--dry-run')
+    return c
+
+
+def rsync_ssh(command, ssh):
+    """Make an rsync command use an ssh command as its transport.
+
+    Parameters
+    ----------
+    command : :class:`list`
+        An rsync command, such as returned by :func:`rsync`.
+    ssh : :class:`list`
+        An ssh command, such as returned by :func:`ssh_command`.
+
+    Returns
+    -------
+    :class:`list`
+        A copy of `command` with ``--rsh`` set.
+    """
+    return command[:1] + ['--rsh=' + shlex.join(ssh)] + command[1:]
+
+
+def exclude_years(start_year):
+    """rsync arguments to exclude every year from `start_year` to last year.
+
+    Parameters
+    ----------
+    start_year : :class:`int`
+        First year to exclude.
+
+    Returns
+    -------
+    :class:`list`
+        ``['--exclude', '2018*', '--exclude', '2019*', ...]`` up to, not
+        including, the current year.
+    """
+    args = []
+    for year in range(int(start_year), _utcnow().year):
+        args += ['--exclude', f'{year:d}*']
+    return args
+
+
+_rsync_summary = re.compile(r'^(?:'
+                            r'(?:receiving|sending) incremental file list|'
+                            r'receiving file list \.\.\. done|'
+                            r'(?:building|sending) file list \.\.\. done|'
+                            r'created directory .*|'
+                            r'\./|'
+                            r'sent [0-9.,]+[KMGTP]? bytes\s+received [0-9.,]+[KMGTP]? bytes.*|'
+                            r'total size is [0-9.,]+[KMGTP]?\s+speedup is [0-9.,]+.*'
+                            r')$')
+
+
+def empty_rsync(out):
+    """Scan rsync output for files to be transferred.
+
+    Parameters
+    ----------
+    out : :class:`str`
+        Output from rsync.
+
+    Returns
+    -------
+    :class:`bool`
+        ``True`` if there are no files to transfer.
+    """
+    return all(_rsync_summary.match(line) is not None
+               for line in out.splitlines() if line.strip())
+
+
+_exposure_line = re.compile(r'^([0-9]{8})/')
+
+
+def new_exposures(out):
+    """Scan rsync output for exposures to be transferred.
+
+    Parameters
+    ----------
+    out : :class:`str`
+        Output from rsync.
+
+    Returns
+    -------
+    :class:`set`
+        The unique exposure numbers detected in `out`.
+    """
+    exposures = set()
+    for line in out.splitlines():
+        m = _exposure_line.match(line)
+        if m is not None:
+            exposures.add(m.group(1))
+    return exposures
+
+
+def stamp(zone='US/Pacific'):
+    """Simple timestamp.
+
+    Parameters
+    ----------
+    zone : :class:`str`, optional
+        Operational timezone.
+
+    Returns
+    -------
+    :class:`str`
+        A nicely-formatted timestamp.
+    """
+    return _utcnow().astimezone(pytz.timezone(zone)).strftime('%Y-%m-%d %H:%M:%S %Z')
+
+
+def ensure_scratch(directories):
+    """Try an alternate temporary directory if the primary temporary directory is unavilable.
+
+    Parameters
+    ----------
+    directories : :class:`list`
+        A list of candidate directories.
+
+    Returns
+    -------
+    :class:`str`
+        The first available temporary directory found.
+
+    Raises
+    ------
+    FileNotFoundError
+        If no candidate is a writable directory; the message lists them all.
+    """
+    for d in directories:
+        if d and os.path.isdir(d) and os.access(d, os.W_OK | os.X_OK):
+            return d
+        log.warning("Temporary directory %s is not available, trying the next one.", d)
+    raise FileNotFoundError("No temporary directory is available; tried: " +
+                            ', '.join(map(str, directories)))
+
+
+def _night(offset):
+    """Night in YYYYMMDD format, `offset` days after the night in progress.
+    """
+    # The DESI night rolls over at 12:00 MST = 19:00 UTC: 7/24 + 0.5 days.
+    t = _utcnow() - dt.timedelta(days=7/24 + 0.5 - offset)
+    return t.strftime('%Y%m%d')
+
+
+def today():
+    """Today's date in DESI "NIGHT" format, YYYYMMDD.
+
+    This formulation, with the offset 7/24+0.5, is inherited from previous
+    nightwatch transfer scripts.
+    """
+    return _night(0)
+
+
+def yesterday():
+    """Yesterday's date in DESI "NIGHT" format, YYYYMMDD.
+    """
+    return _night(-1)
+
+
+def valid_night(night):
+    """``True`` if `night` is an 8-digit, real calendar date (YYYYMMDD).
+    """
+    if not isinstance(night, str) or re.fullmatch(r'[0-9]{8}', night) is None:
+        return False
+    try:
+        dt.datetime.strptime(night, '%Y%m%d')
+    except ValueError:
+        return False
+    return True
+
+
+def idle_time(start=8, end=12, tz=None):
+    """Determine whether we are in an idle time during the day.
+
+    Parameters
+    ----------
+    start : :class:`int`, optional
+        Start time in hours.
+    end : :class:`int`, optional
+        End time in hours.
+    tz : :class:`str`, optional
+        Time zone to use, by default MST (America/Phoenix).
+
+    Returns
+    -------
+    :class:`int`
+        Number of seconds to wait until the end of the idle period. If outside
+        the idle period, this number will be negative: minus the number of
+        seconds until the next idle period starts.
+    """
+    zone = MST if tz is None else pytz.timezone(tz) if isinstance(tz, str) else tz
+    now = _utcnow().astimezone(zone)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0, tzinfo=None)
+
+    def at(hour, days=0):
+        return zone.localize(midnight + dt.timedelta(days=days, hours=hour))
+
+    if at(start) <= now < at(end):
+        return int((at(end) - now).total_seconds())
+    following = at(start) if now < at(start) else at(start, days=1)
+    return -int((following - now).total_seconds())
+
+
+class AlertHandler(logging.handlers.SMTPHandler):
+    """Email CRITICAL messages, at most once per `repeat` seconds per message.
+
+    Parameters
+    ----------
+    mailhost : :class:`str`
+        SMTP server as ``host:port``.
+    recipients : :class:`list`
+        Email addresses.
+    program : :class:`str`
+        Name of the program, used in the sender and subject.
+    repeat : :class:`float`, optional
+        Seconds before the same message is emailed again.
+    """
+
+    def __init__(self, mailhost, recipients, program, repeat=6*3600):
+        host, _, port = mailhost.rpartition(':')
+        if not host:
+            host, port = port, '25'
+        user = os.environ.get('USER', 'desi')
+        self.hostname = socket.getfqdn()
+        super().__init__((host, int(port)), f'{user}@{self.hostname}', recipients,
+                         f'{program} on {self.hostname}: critical problem', timeout=30)
+        self.setLevel(logging.CRITICAL)
+        self.repeat = repeat
+        self._sent = {}
+
+    def emit(self, record):
+        key = record.getMessage()
+        now = time.monotonic()
+        last = self._sent.get(key)
+        if last is not None and now - last < self.repeat:
+            return
+        self._sent[key] = now
+        super().emit(record)
+
+    def handleError(self, record):
+        # A broken mail server must not stop transfers; say so where it is seen.
+        import sys
+        sys.stderr.write(f"desitransfer: could not email alert to {', '.join(self.toaddrs)} "
+                         f"via {self.mailhost}:{self.mailport}: {sys.exc_info()[1]}\n")
+        self._sent.pop(record.getMessage(), None)
+
+
+def configure_log(debug=False, filename=None, size=100_000_000, backups=10,
+                  to=None, mailhost='localhost:25', program='desitransfer'):
+    """Re-configure the shared logger: level, rotating log file, alert emails.
+
+    Calling it again replaces the file and email handlers set before.
+
+    Parameters
+    ----------
+    debug : :class:`bool`, optional
+        If ``True`` set the log level to DEBUG.
+    filename : :class:`str`, optional
+        Also log to this file, rotated at `size` bytes, keeping `backups` old files.
+    size : :class:`int`, optional
+        Rotate the log file at this size in bytes.
+    backups : :class:`int`, optional
+        Number of rotated log files kept.
+    to : :class:`list`, optional
+        Email CRITICAL messages to these addresses.
+    mailhost : :class:`str`, optional
+        SMTP server as ``host:port``.
+    program : :class:`str`, optional
+        Program name for alert emails.
+
+    Returns
+    -------
+    :class:`logging.Logger`
+        The shared logger.
+    """
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    for h in list(log.handlers):
+        if getattr(h, '_desitransfer', False):
+            log.removeHandler(h)
+            h.close()
+    if filename:
+        os.makedirs(os.path.dirname(os.path.abspath(filename)), exist_ok=True)
+        fh = logging.handlers.RotatingFileHandler(filename, maxBytes=size,
+                                                  backupCount=backups)
+        fh.setFormatter(logging.Formatter('%(levelname)s:%(filename)s:%(lineno)s:'
+                                          '%(funcName)s:%(asctime)s: %(message)s',
+                                          datefmt='%Y-%m-%dT%H:%M:%S'))
+        fh._desitransfer = True
+        log.addHandler(fh)
+    if to:
+        ah = AlertHandler(mailhost, list(to), program)
+        ah.setFormatter(logging.Formatter('%(asctime)s %(levelname)s '
+                                          '%(module)s.%(funcName)s: %(message)s',
+                                          datefmt='%Y-%m-%dT%H:%M:%S%z'))
+        ah._desitransfer = True
+        log.addHandler(ah)
+    return log

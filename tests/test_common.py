@@ -1,0 +1,263 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""Tests of desitransfer.common, the rsync scanners against real rsync output."""
+import datetime as dt
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from desitransfer import common
+from desitransfer.common import (empty_rsync, ensure_scratch, exclude_years, idle_time,
+                                 new_exposures, rsync, rsync_ssh, ssh_command, stamp,
+                                 today, yesterday, run, valid_night)
+from desitransfer.mountain import make_exposure
+
+
+def at(monkeypatch, *args):
+    """Pretend the time (UTC) is dt.datetime(*args)."""
+    t = dt.datetime(*args, tzinfo=dt.timezone.utc)
+    monkeypatch.setattr(common, '_utcnow', lambda: t)
+
+
+def test_constants():
+    assert common.dir_perm == 0o2750
+    assert common.file_perm == 0o440
+    assert common.MST.zone == 'America/Phoenix'
+
+
+def test_rsync_command():
+    assert rsync('/src', '/dst') == ['/bin/rsync', '--verbose', '--recursive',
+                                     '--copy-dirlinks', '--times', '--omit-dir-times',
+                                     'dts:/src/', '/dst/']
+    assert rsync('/src', '/dst', test=True)[:3] == ['/bin/rsync', '--dry-run', '--verbose']
+    assert rsync('/src', '/dst', config='foo', reverse=True)[-2:] == ['/src/', 'foo:/dst/']
+    assert rsync('/src', '/dst', config=None)[-2:] == ['/src/', '/dst/']
+
+
+def test_rsync_ssh():
+    c = rsync_ssh(rsync('/a', '/b'), ssh_command('/x/my ssh'))
+    assert c[0] == '/bin/rsync'
+    assert c[1].startswith("--rsh='/x/my ssh' -o BatchMode=yes")
+    assert c[2:] == rsync('/a', '/b')[1:]
+    assert 'ControlPath=/tmp/c' in ' '.join(ssh_command('ssh', control='/tmp/c'))
+
+
+def test_exclude_years(monkeypatch):
+    at(monkeypatch, 2021, 3, 1, 12)
+    assert exclude_years(2018) == ['--exclude', '2018*', '--exclude', '2019*',
+                                   '--exclude', '2020*']
+    assert exclude_years(2021) == []
+
+
+@pytest.mark.parametrize('out,empty', [
+    ('receiving incremental file list\n\nsent 20 bytes  received 91 bytes  '
+     '222.00 bytes/sec\ntotal size is 1,234,567  speedup is 11,122.23\n', True),
+    ('receiving incremental file list\n\nsent 20 bytes  received 91 bytes  '
+     '222.00 bytes/sec\ntotal size is 4  speedup is 0.04 (DRY RUN)\n', True),
+    ('receiving incremental file list\n20200101/\n20200101/00012345/\n'
+     '20200101/00012345/desi-00012345.fits.fz\n\nsent 1,020 bytes  received 1,091 bytes  '
+     '222.00 bytes/sec\ntotal size is 4  speedup is 0.04\n', False),
+    ('', True),
+])
+def test_empty_rsync_strings(out, empty):
+    assert empty_rsync(out) is empty
+
+
+def test_new_exposures_strings():
+    out = ('receiving incremental file list\n00012345/\n00012345/a.fits\n'
+           '00012346/b.json\nfoo/00012347/c\n0001234/d\n\nsent 1,020 bytes\n')
+    assert new_exposures(out) == {'00012345', '00012346'}
+    assert new_exposures('') == set()
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """A night of nightwatch-like output: NIGHT/EXPID/files."""
+    src = tmp_path / 'src'
+    for expid in ('00001000', '00001001'):
+        make_exposure(str(src / 'data'), str(src / 'dts'), '20201231', expid)
+    return tmp_path
+
+
+def _rsync_twice(command_for, dst):
+    """Run the rsync given by command_for(dry_run) as dry-run, for real, and again."""
+    outputs = []
+    for dry in (True, False, True, False):
+        p = subprocess.run(command_for(dry), capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        outputs.append(p.stdout)
+    return outputs
+
+
+def test_scanners_real_local_rsync(tree):
+    """Local copies print 'sending incremental file list'."""
+    src = str(tree / 'src' / 'data' / '20201231')
+    dst = str(tree / 'dst')
+    dry, real, dry2, real2 = _rsync_twice(lambda t: rsync(src, dst, test=t, config=None),
+                                          dst)
+    assert 'sending incremental file list' in dry
+    assert '(DRY RUN)' in dry
+    assert not empty_rsync(dry) and not empty_rsync(real)
+    assert new_exposures(dry) == new_exposures(real) == {'00001000', '00001001'}
+    assert empty_rsync(dry2) and empty_rsync(real2)
+    assert new_exposures(dry2) == set()
+    # One late file in one exposure.
+    (tree / 'src' / 'data' / '20201231' / '00001001' / 'late.fits').write_bytes(b'x' * 5000)
+    p = subprocess.run(rsync(src, dst, test=True, config=None), capture_output=True,
+                       text=True)
+    assert not empty_rsync(p.stdout)
+    assert new_exposures(p.stdout) == {'00001001'}
+
+
+def test_scanners_real_ssh_rsync(tree, dts):
+    """Pulls over ssh print 'receiving incremental file list' and big numbers with commas."""
+    src = tree / 'src' / 'data' / '20201231'
+    (src / '00001000' / 'big.fits').write_bytes(os.urandom(1_500_000))
+    dst = str(tree / 'dst')
+    ssh = ssh_command(dts.ssh)
+    dry, real, dry2, real2 = _rsync_twice(
+        lambda t: rsync_ssh(rsync(str(src), dst, test=t, config=dts.host), ssh), dst)
+    assert 'receiving incremental file list' in dry
+    assert ',' in real  # thousands separators: total size is 1,5xx,xxx
+    assert not empty_rsync(dry) and not empty_rsync(real)
+    assert new_exposures(real) == {'00001000', '00001001'}
+    assert empty_rsync(dry2), dry2
+    assert empty_rsync(real2), real2
+    os.utime(src / '00001000' / 'big.fits', (time.time() + 100, time.time() + 100))
+    p = subprocess.run(rsync_ssh(rsync(str(src), dst, test=True, config=dts.host), ssh),
+                       capture_output=True, text=True)
+    assert not empty_rsync(p.stdout)
+    assert new_exposures(p.stdout) == {'00001000'}
+
+
+@pytest.mark.parametrize('utc,night,previous', [
+    ((2020, 1, 24, 18, 59, 59), '20200123', '20200122'),
+    ((2020, 1, 24, 19, 0, 0), '20200124', '20200123'),
+    ((2021, 1, 1, 5, 0, 0), '20201231', '20201230'),
+    ((2021, 1, 1, 19, 0, 1), '20210101', '20201231'),
+    ((2020, 3, 1, 18, 0, 0), '20200229', '20200228'),
+    # US DST starts 2021-03-14; Arizona (and the DESI night) does not care.
+    ((2021, 3, 14, 18, 59, 0), '20210313', '20210312'),
+    ((2021, 3, 14, 19, 1, 0), '20210314', '20210313'),
+    ((2021, 11, 7, 19, 0, 0), '20211107', '20211106'),
+])
+def test_today_yesterday(monkeypatch, utc, night, previous):
+    at(monkeypatch, *utc)
+    assert today() == night
+    assert yesterday() == previous
+
+
+def test_today_ignores_host_timezone(monkeypatch):
+    at(monkeypatch, 2021, 3, 14, 19, 30)
+    for tz in ('UTC', 'Pacific/Kiritimati', 'America/Los_Angeles'):
+        monkeypatch.setenv('TZ', tz)
+        time.tzset()
+        assert today() == '20210314'
+    monkeypatch.delenv('TZ')
+    time.tzset()
+
+
+def test_today_real_clock():
+    t = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=19)
+    assert today() in (t.strftime('%Y%m%d'),
+                       (t + dt.timedelta(seconds=5)).strftime('%Y%m%d'))
+
+
+def test_stamp(monkeypatch):
+    at(monkeypatch, 2021, 7, 1, 12, 0, 0)
+    assert stamp() == '2021-07-01 05:00:00 PDT'
+    assert stamp('America/Phoenix') == '2021-07-01 05:00:00 MST'
+    at(monkeypatch, 2021, 1, 1, 12, 0, 0)
+    assert stamp() == '2021-01-01 04:00:00 PST'
+
+
+@pytest.mark.parametrize('utc,expected', [
+    ((2021, 6, 1, 16, 0, 0), 3 * 3600),      # 09:00 MST: 3 h to go
+    ((2021, 6, 1, 18, 59, 0), 60),           # 11:59 MST
+    ((2021, 6, 1, 19, 0, 0), -(20 * 3600)),  # 12:00 MST: next start tomorrow 08:00
+    ((2021, 6, 1, 14, 30, 0), -(30 * 60)),   # 07:30 MST: starts in 30 min
+])
+def test_idle_time(monkeypatch, utc, expected):
+    at(monkeypatch, *utc)
+    assert idle_time() == expected
+
+
+def test_idle_time_tz(monkeypatch):
+    at(monkeypatch, 2021, 6, 1, 16, 0, 0)  # 09:00 PDT in summer
+    assert idle_time(tz='US/Pacific') == 3 * 3600
+    assert idle_time(start=0, end=24, tz='UTC') == 8 * 3600
+    assert idle_time(start=17, end=18, tz='UTC') == -3600
+
+
+def test_valid_night():
+    assert valid_night('20200229')
+    for bad in ('20190229', '2020010', '202001011', '20201301', 'abcdefgh', None, 20200101):
+        assert not valid_night(bad)
+
+
+def test_ensure_scratch(tmp_path):
+    a = tmp_path / 'a'
+    b = tmp_path / 'b'
+    b.mkdir()
+    assert ensure_scratch([str(a), str(b)]) == str(b)
+    a.mkdir()
+    assert ensure_scratch([str(a), str(b)]) == str(a)
+    with pytest.raises(FileNotFoundError, match='tried: .*/x, .*/y'):
+        ensure_scratch([str(tmp_path / 'x'), str(tmp_path / 'y')])
+
+
+def test_run(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    r = run([sys.executable, '-c', 'import sys; print("out"); print("err", file=sys.stderr)'])
+    assert r == (0, 'out\n', 'err\n')
+    assert 'Running: ' + sys.executable in caplog.text
+    r = run(['sh', '-c', 'echo "$0" $$ > pid; exit 3', 'a;b'], cwd=str(tmp_path))
+    assert r.returncode == 3
+    assert (tmp_path / 'pid').read_text().startswith('a;b ')  # no shell interpretation
+    assert 'return code 3' in caplog.text
+    assert run(['sh', '-c', 'exit 24'], ok=(0, 24)).returncode == 24
+    r = run(['/nonexistent/program'])
+    assert r.returncode == 127
+
+
+def test_run_test_mode(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    r = run(['touch', str(tmp_path / 'x')], test=True)
+    assert r.returncode == 0
+    assert not (tmp_path / 'x').exists()
+    assert f"Test mode, would run: touch {tmp_path}/x" in caplog.text
+
+
+def test_run_timeout_kills_children(tmp_path):
+    """A hung command and the processes it started are killed."""
+    marker = tmp_path / 'child'
+    t0 = time.monotonic()
+    r = run(['sh', '-c', f'(sleep 30; touch {marker}) & sleep 30'], timeout=1)
+    assert time.monotonic() - t0 < 10
+    assert r.returncode == -9
+    assert 'Timed out after 1 seconds' in r.stderr
+    out = subprocess.run(['pgrep', '-f', f'touch {marker}'], capture_output=True, text=True)
+    assert out.stdout.strip() == ''
+
+
+def test_daemon_popen():
+    from desitransfer.daemon import _popen
+    assert _popen(['sh', '-c', 'echo hi; echo ho >&2; exit 2']) == ('2', 'hi\n', 'ho\n')
+
+
+@pytest.mark.parametrize('command', ['desi_daily_transfer', 'desi_nightwatch_transfer',
+                                     'desi_spacewatch_transfer', 'desi_transfer_daemon',
+                                     'desi_transfer_status', 'desi_tucson_transfer'])
+def test_commands_version(command):
+    from desitransfer import __version__
+    exe = shutil.which(command)
+    assert exe is not None, f'{command} is not installed'
+    p = subprocess.run([exe, '--version'], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0
+    assert p.stdout.strip() == f'{command} {__version__}'
+    p = subprocess.run([exe, '--help'], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and 'usage:' in p.stdout
