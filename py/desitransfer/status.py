@@ -8,14 +8,424 @@ Entry point for :command:`desi_transfer_status`.
 
 Record or show the transfer status of DESI raw exposures.
 
-This command is not available in this release: it answers ``--help`` and
-``--version`` and refuses to run, so that nothing pretends to work.
+The status of a year lives in one JSON file, ``desi_transfer_status_YYYY.json``,
+shaped ``{"NIGHT": {"EXPID": [[stage, ok, ms], ...]}}``: EXPID is the exposure
+number without leading zeros, stage is 0 (rsync), 1 (checksum) or 2 (backup),
+ok is 1 or 0, ms is the Unix time in milliseconds, and the newest row comes
+first.  There is one row per exposure and stage.
+
+Every change is a read-modify-write of the whole file under an exclusive
+:func:`fcntl.flock` on a separate lock file, ``.desi_transfer_status_YYYY.lock``,
+so that several processes can record at once without losing an update.  The
+file is replaced atomically (temporary file, :func:`os.fsync`,
+:func:`os.replace`, fsync of the directory), and the version it replaces is
+kept as ``desi_transfer_status_YYYY.json.bak``.  A malformed file is kept as
+``.bad`` and the records are restored from the ``.bak``.
 """
+import datetime as dt
+import json
 import os
+import re
+import shutil
 import sys
+import tempfile
+import time
 from argparse import ArgumentParser
+from contextlib import contextmanager
+from importlib.resources import files
+
+import fcntl
 
 from . import __version__ as dtVersion
+from .common import configure_log, log, valid_night
+
+#: Files of the status web page, installed from the package data.
+PAGE_FILES = ('index.html', 'desi_transfer_status.js', 'desi_transfer_status.css')
+
+
+def _page_source():
+    """Directory (package data) holding the status page files (replaced in tests).
+    """
+    return files('desitransfer') / 'data'
+
+
+def _milliseconds():
+    """Current Unix time in milliseconds (replaced in tests).
+    """
+    return int(time.time() * 1000)
+
+
+def _exposure_key(exposure):
+    """Exposure number as stored: the string of a non-negative integer.
+    """
+    if isinstance(exposure, int) and not isinstance(exposure, bool) and exposure >= 0:
+        return str(exposure)
+    if isinstance(exposure, str) and re.fullmatch(r'[0-9]+', exposure):
+        return str(int(exposure))
+    raise ValueError(f"Exposure must be a non-negative integer, not {exposure!r}.")
+
+
+def _malformed(data):
+    """Why `data` is not in the status format, or an empty string if it is.
+    """
+    if not isinstance(data, dict):
+        return f"top level is {type(data).__name__}, not an object"
+    for night, exposures in data.items():
+        if not isinstance(exposures, dict):
+            return f"night {night} is not an object"
+        for exposure, rows in exposures.items():
+            if type(rows) is not list:
+                return f"rows of {night}/{exposure} are not a list"
+    return ''
+
+
+class TransferStatus(object):
+    """Simple object for interacting with desitransfer status reports.
+
+    The directory is created if it does not exist, and the status page
+    (:data:`PAGE_FILES`) is installed in it if `install` is set, if the
+    directory is new, or if ``index.html`` is missing.
+
+    Parameters
+    ----------
+    directory : :class:`str`
+        Retrieve and store JSON-encoded transfer status data in `directory`.
+    install : :class:`bool`, optional
+        If ``True``, install HTML and JS files.
+    year : :class:`str` or :class:`int`, optional
+        Update records belonging to `year`.  If not set, the current year is
+        assumed.  This is the year loaded in :attr:`status` and :attr:`json`;
+        a record always goes to the file of its night's own year, so that a
+        night is never split between files at New Year.
+    """
+
+    #: Stage names and their codes in the file.
+    stages = {'rsync': 0, 'checksum': 1, 'backup': 2}
+
+    def __init__(self, directory, install=False, year=None):
+        self.directory = os.path.abspath(directory)
+        self.year = dt.datetime.now().year if year is None else int(year)
+        self.json = self._path(self.year)
+        self._cache = {}
+        self._locked = set()
+        if not os.path.isdir(self.directory):
+            os.makedirs(self.directory)
+            log.info("Created status directory %s.", self.directory)
+            install = True
+        if install or not os.path.exists(os.path.join(self.directory, 'index.html')):
+            self._install()
+        self._data(self.year)
+
+    @property
+    def status(self):
+        """The records of :attr:`year`, re-read if another process changed them.
+        """
+        return self._data(self.year)
+
+    def _path(self, year):
+        return os.path.join(self.directory, f'desi_transfer_status_{year:d}.json')
+
+    def _install(self):
+        """Copy the status page files from the package data to the directory.
+        """
+        source = _page_source()
+        installed = []
+        for name in PAGE_FILES:
+            page = source / name
+            if page.is_file():
+                with open(os.path.join(self.directory, name), 'wb') as out:
+                    out.write(page.read_bytes())
+                installed.append(name)
+        if installed:
+            log.info("Installed status page %s in %s.", ', '.join(installed), self.directory)
+        missing = sorted(set(PAGE_FILES) - set(installed))
+        if missing:
+            log.warning("Status page file(s) %s missing from the package data %s; "
+                        "not installed in %s.", ', '.join(missing), source, self.directory)
+
+    @contextmanager
+    def _lock(self, year):
+        """Hold the exclusive lock of the file of `year` (re-entrant in this object).
+        """
+        if year in self._locked:
+            yield
+            return
+        name = os.path.join(self.directory, f'.desi_transfer_status_{year:d}.lock')
+        fd = os.open(name, os.O_RDONLY | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._locked.add(year)
+            yield
+        finally:
+            self._locked.discard(year)
+            os.close(fd)
+
+    @staticmethod
+    def _stamp(st):
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    @staticmethod
+    def _read(path):
+        """Records in `path` and the stamp of the file read.
+
+        Raises :exc:`FileNotFoundError`, or :exc:`ValueError` if malformed.
+        """
+        with open(path, 'rb') as f:
+            stamp = TransferStatus._stamp(os.fstat(f.fileno()))
+            text = f.read()
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"not valid JSON ({err})") from None
+        why = _malformed(data)
+        if why:
+            raise ValueError(why)
+        return data, stamp
+
+    def _load(self, year):
+        """Read the file of `year` from disk, recovering it if it is malformed.
+        """
+        path = self._path(year)
+        try:
+            data, stamp = self._read(path)
+        except FileNotFoundError:
+            if not os.path.exists(path + '.bak'):
+                self._cache[year] = (None, {})
+                return {}
+            log.error("Status file %s is missing but %s.bak exists.", path, path)
+        except ValueError as err:
+            log.error("Status file %s is malformed: %s.", path, err)
+        else:
+            self._cache[year] = (stamp, data)
+            return data
+        with self._lock(year):
+            # Another process may have repaired it while we waited.
+            try:
+                data, stamp = self._read(path)
+            except (FileNotFoundError, ValueError):
+                return self._handle_malformed(year)
+            self._cache[year] = (stamp, data)
+            return data
+
+    def _data(self, year):
+        """Records of `year`, from memory unless the file changed on disk.
+        """
+        try:
+            stamp = self._stamp(os.stat(self._path(year)))
+        except FileNotFoundError:
+            stamp = None
+        if year in self._cache and self._cache[year][0] == stamp:
+            return self._cache[year][1]
+        return self._load(year)
+
+    def _write(self, year, data, backup=True):
+        """Replace the file of `year` atomically; keep the old one as ``.bak``.
+
+        The caller holds the lock of `year`.
+        """
+        path = self._path(year)
+        text = json.dumps(data, separators=(',', ':')).encode('ascii')
+        try:
+            mode = os.stat(path).st_mode & 0o7777
+        except FileNotFoundError:
+            mask = os.umask(0)
+            os.umask(mask)
+            mode = 0o666 & ~mask
+        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix='.tmp',
+                                   prefix=f'.{os.path.basename(path)}.')
+        try:
+            with os.fdopen(fd, 'wb') as f:
+                os.fchmod(f.fileno(), mode)
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+                stamp = self._stamp(os.fstat(f.fileno()))
+            if backup and os.path.exists(path):
+                # A second name for the current, good file: cheaper than a copy.
+                try:
+                    os.link(path, tmp + '.bak')
+                except OSError:
+                    shutil.copy2(path, tmp + '.bak')
+                os.replace(tmp + '.bak', path + '.bak')
+            os.replace(tmp, path)
+        finally:
+            for leftover in (tmp, tmp + '.bak'):
+                if os.path.exists(leftover):
+                    os.remove(leftover)
+        dfd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self._cache[year] = (stamp, data)
+
+    @staticmethod
+    def _keep(path, suffix):
+        """Keep `path` under a new name ending in `suffix`, never replacing one.
+        """
+        name, n = path + suffix, 0
+        while os.path.lexists(name):
+            n += 1
+            name = f'{path}{suffix}.{n:d}'
+        try:
+            os.link(path, name)
+        except OSError:
+            shutil.copy2(path, name)
+        return name
+
+    def _handle_malformed(self, year=None):
+        """Handle malformed JSON files.
+
+        The malformed file is kept as ``.bad`` (``.bad.1``, ... if that exists)
+        for later analysis, and the last good records, from the ``.bak`` file,
+        are written to a new status file; an ERROR is logged.  Only if there is
+        no good ``.bak`` does the status file start empty (``{}``), with a
+        CRITICAL message; a malformed ``.bak`` is kept as ``.bak.bad``.
+
+        Parameters
+        ----------
+        year : :class:`int`, optional
+            Year of the file to repair, :attr:`year` by default.
+
+        Returns
+        -------
+        :class:`dict`
+            The records now in the status file.
+        """
+        year = self.year if year is None else int(year)
+        path = self._path(year)
+        with self._lock(year):
+            bad = self._keep(path, '.bad') if os.path.exists(path) else None
+            kept = f"kept it as {bad}" if bad else "it was missing"
+            try:
+                data, stamp = self._read(path + '.bak')
+            except (FileNotFoundError, ValueError) as err:
+                if os.path.exists(path + '.bak'):
+                    kept += f", kept malformed {self._keep(path + '.bak', '.bad')} ({err})"
+                log.critical("Status file %s is malformed and there is no good backup: "
+                             "%s; STARTING AN EMPTY STATUS FILE, records of %d are lost "
+                             "unless recovered by hand.", path, kept, year)
+                data = {}
+            else:
+                when = dt.datetime.fromtimestamp(stamp[3] / 1e9, dt.timezone.utc)
+                log.error("Status file %s was malformed: %s and restored %d nights "
+                          "from %s.bak, written %s; later records may be in the .bad file.",
+                          path, kept, len(data), path, when.strftime('%Y-%m-%d %H:%M:%S UTC'))
+            self._write(year, data, backup=False)
+        return data
+
+    def _night(self, night):
+        night = str(night)
+        if not valid_night(night):
+            raise ValueError(f"Night must be a date in YYYYMMDD format, not {night!r}.")
+        return night, int(night[:4])
+
+    def _stage(self, stage):
+        try:
+            return self.stages[stage]
+        except (KeyError, TypeError):
+            raise ValueError(f"Unknown stage {stage!r}; known stages are "
+                             f"{', '.join(self.stages)}.") from None
+
+    def find(self, night, exposure=None, stage=None):
+        """Find status entries that match `night`, etc.
+
+        The records are read from the file of the night's year, again if
+        another process changed it.  Rows are ``[stage, ok, ms]`` lists
+        (copies: changing them changes nothing on disk).
+
+        Parameters
+        ----------
+        night : :class:`str`
+            Night of observation.
+        exposure : :class:`str`, optional
+            Exposure number.
+        stage : :class:`str`, optional
+            Stage of data transfer ('rsync', 'checksum', 'backup', ...).
+
+        Returns
+        -------
+        :class:`dict` or :class:`list`
+            If only `night` is set, return a dict containing information on all
+            exposures for that night.  If `exposure` is not set, return a dict
+            keyed by exposure containing all data matching `stage` for that
+            night.  If `stage` is not set, return a list containing the rows
+            of all data about that exposure.  If both `exposure` and `stage`
+            are set, return a list of the rows for `exposure` filtered on
+            `stage`.  An exposure without records gives an empty list.
+
+        Raises
+        ------
+        KeyError
+            If `night` is not yet defined.
+        """
+        night, year = self._night(night)
+        code = None if stage is None else self._stage(stage)
+        records = self._data(year)[night]
+
+        def rows(r):
+            return [list(row) for row in r if code is None or row[0] == code]
+
+        if exposure is None:
+            return {e: rows(r) for e, r in records.items()}
+        return rows(records.get(_exposure_key(exposure), []))
+
+    def update(self, night, exposure, stage, failure=False):
+        """Update the transfer status.
+
+        There is one row per exposure and stage: a new outcome replaces the
+        row (whatever its time, so that a success after a failure is recorded
+        even if the clock went back) and moves it first; the same outcome
+        again changes nothing.  New nights and exposures are added.  The
+        record goes to the file of the night's year.
+
+        Parameters
+        ----------
+        night : :class:`str`
+            Night of observation.
+        exposure : :class:`str`
+            Exposure number, or ``'all'`` for every exposure already recorded
+            for `night` (nothing, if the night is unknown).
+        stage : :class:`str`
+            Stage of data transfer ('rsync', 'checksum', 'backup', ...).
+        failure : :class:`bool`, optional
+            Indicate failure.
+
+        Returns
+        -------
+        :class:`int`
+            The number of updates performed.
+
+        Raises
+        ------
+        ValueError
+            If `night`, `exposure` or `stage` is not valid.
+        """
+        night, year = self._night(night)
+        code = self._stage(stage)
+        key = None if exposure == 'all' else _exposure_key(exposure)
+        ok = 0 if failure else 1
+        with self._lock(year):
+            data = self._load(year)
+            if key is None and not data.get(night):
+                log.warning("No exposures of night %s are recorded in %s; "
+                            "%s of 'all' not recorded.", night, self._path(year), stage)
+                return 0
+            exposures = data.setdefault(night, {})
+            ms = _milliseconds()
+            n = 0
+            for e in (list(exposures) if key is None else [key]):
+                rows = exposures.setdefault(e, [])
+                old = [row for row in rows if row[0] == code]
+                if len(old) == 1 and old[0][1] == ok:
+                    continue
+                rows[:] = [[code, ok, ms]] + [row for row in rows if row[0] != code]
+                n += 1
+            if n:
+                self._write(year, data)
+        log.debug("Recorded %s %s for %d exposure(s) of night %s in %s.", stage,
+                  'failure' if failure else 'success', n, night, self._path(year))
+        return n
 
 
 def _options(args=None):
@@ -31,12 +441,60 @@ def _options(args=None):
     :class:`argparse.Namespace`
         The parsed command-line options.
     """
+    root = os.environ.get('DESI_ROOT')
+    default = os.path.join(root, 'spectro', 'staging', 'status') if root else None
     prsr = ArgumentParser(prog=os.path.basename(sys.argv[0]),
-                          description="Record or show the transfer status of DESI raw exposures. "
-                                      "Not available in this release of desitransfer.")
+                          description="Record the transfer status of DESI raw exposures "
+                                      "(NIGHT EXPID STAGE), or show it (NIGHT [EXPID]).")
+    prsr.add_argument('-d', '--directory', metavar='DIR', default=default,
+                      help="Status directory (default %(default)s, from $DESI_ROOT).")
+    prsr.add_argument('-f', '--failure', action='store_true',
+                      help="Record a failure instead of a success.")
+    prsr.add_argument('-i', '--install', action='store_true',
+                      help="(Re-)install the status web page in the status directory.")
+    prsr.add_argument('-v', '--verbose', action='store_true', help="Print extra information.")
     prsr.add_argument('-V', '--version', action='version',
                       version='%(prog)s {0}'.format(dtVersion))
-    return prsr.parse_args(args)
+    prsr.add_argument('night', metavar='NIGHT', help="Night of observation (YYYYMMDD).")
+    prsr.add_argument('expid', metavar='EXPID', nargs='?',
+                      help="Exposure number, or 'all' for every exposure of the night.")
+    prsr.add_argument('stage', metavar='STAGE', nargs='?', choices=tuple(TransferStatus.stages),
+                      help="Stage to record: %(choices)s.  Without STAGE, show the status "
+                           "of NIGHT (or of EXPID) and change nothing.")
+    options = prsr.parse_args(args)
+    if not valid_night(options.night):
+        prsr.error(f"NIGHT must be a real date in YYYYMMDD format, not '{options.night}'.")
+    if options.expid not in (None, 'all') and re.fullmatch(r'[0-9]+', options.expid) is None:
+        prsr.error(f"EXPID must be a non-negative integer or 'all', not '{options.expid}'.")
+    if options.directory is None:
+        prsr.error("DESI_ROOT is not set: give the status directory with -d DIR.")
+    if options.stage is None:
+        if options.failure:
+            prsr.error("-f/--failure needs NIGHT EXPID STAGE: nothing to record.")
+        if not os.path.isdir(options.directory):
+            prsr.error(f"status directory {options.directory} does not exist.")
+    return options
+
+
+def _show(status, night, exposure=None):
+    """Print the status of `night` (or of one exposure) as a table; 1 if unknown.
+    """
+    try:
+        records = status.find(night, None if exposure in (None, 'all') else exposure)
+    except KeyError:
+        print(f"desi_transfer_status: error: night {night} is not in "
+              f"{status._path(int(night[:4]))}.", file=sys.stderr)
+        return 1
+    if isinstance(records, list):
+        records = {str(int(exposure)): records}
+    print(f"{'EXPID':8}  " + ''.join(f"{s:32}" for s in status.stages).rstrip())
+    for e in sorted(records, key=int):
+        cells = dict.fromkeys(status.stages.values(), '-')
+        for code, ok, ms in reversed(records[e]):
+            t = dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc)
+            cells[code] = f"{'ok' if ok else 'FAILED':6} {t:%Y-%m-%d %H:%M:%S} UTC"
+        print(f"{int(e):08d}  " + ''.join(f"{cells[c]:32}" for c in sorted(cells)).rstrip())
+    return 0
 
 
 def main():
@@ -47,7 +505,21 @@ def main():
     :class:`int`
         An integer suitable for passing to :func:`sys.exit`.
     """
-    _options()
-    print("desi_transfer_status: not available in this release of desitransfer; nothing was done.",
-          file=sys.stderr)
-    return 2
+    options = _options()
+    if options.verbose:
+        configure_log(debug=True)
+    try:
+        status = TransferStatus(options.directory, install=options.install,
+                                year=options.night[:4])
+        if options.stage is None:
+            return _show(status, options.night, options.expid)
+        n = status.update(options.night, options.expid, options.stage, failure=options.failure)
+    except OSError as err:
+        print(f"desi_transfer_status: error: {err}; nothing was recorded.", file=sys.stderr)
+        return 1
+    if options.expid == 'all' and options.night not in status.status:
+        return 1  # Nothing to back up: update() has said so.
+    log.info("Recorded %s %s of %s/%s in %s (%d record(s) changed).", options.stage,
+             'failure' if options.failure else 'success', options.night, options.expid,
+             status._path(int(options.night[:4])), n)
+    return 0
