@@ -1,0 +1,447 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+=====================
+desitransfer.checksum
+=====================
+
+Verify the ``checksum-EXPID.sha256sum`` file of a raw exposure: every file
+it lists is present with the right sha256 digest, and nothing else is in the
+exposure directory (the directory holding the checksum file).
+
+The checksum file is never trusted: a name that is absolute, has a ``..``
+component or resolves (through symbolic links) outside the exposure directory
+is reported and never opened; only regular files are read, and opening one
+never blocks.  Files are hashed in a few threads, in chunks of
+:data:`CHUNK_SIZE` bytes, so that memory use does not depend on their size.
+
+The rules are described in full in the "Checksum verification" page of the
+documentation.
+"""
+import hashlib
+import os
+import posixpath
+import re
+import stat
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from .common import log
+
+
+#: Bytes read at a time by each hashing thread.
+CHUNK_SIZE = 1 << 20
+
+#: Largest checksum file accepted, in bytes (a real one is well under 10 kB).
+MAX_CHECKSUM_FILE_SIZE = 4 << 20
+
+#: Most files hashed at the same time (also limited by the number of CPUs).
+MAX_WORKERS = 4
+
+#: One line of a checksum file: optional escape mark, digest, mode, name.
+_checksum_line = re.compile(r'(\\?)(\S+) ([ *])(.+)', re.DOTALL)
+
+#: Escape sequences of ``sha256sum`` in names that follow a leading backslash.
+_escapes = {'\\': '\\', 'n': '\n', 'r': '\r'}
+
+
+class _NotRegularFile(OSError):
+    """Raised when a file opened to be read turns out not to be a regular file.
+    """
+
+
+def verify_checksum(checksum_file):
+    """Verify checksums supplied with the raw data.
+
+    Parameters
+    ----------
+    checksum_file : :class:`str`
+        The checksum file.
+
+    Returns
+    -------
+    :class:`str`
+        A string that describes the errors encountered while verifying the
+        checksum.  In addition to mismatches, there can be missing files,
+        extraneous files, etc.  An empty string indicates no errors.
+        Otherwise there is one problem per line, each naming the file or the
+        line of the checksum file concerned.
+    """
+    checksum_file = os.fspath(checksum_file)
+    label = os.path.basename(checksum_file)
+    try:
+        data = _read_checksum_file(checksum_file)
+    except OSError as err:
+        return f"Could not read checksum file {checksum_file}: {_reason(err)}."
+    if not data.strip():
+        return f"Checksum file {checksum_file} is empty."
+    digests, unverified, problems = _parse(data, label)
+    directory = os.path.realpath(os.path.dirname(os.path.abspath(checksum_file)))
+    t0 = time.monotonic()
+    problems += _verify_files(directory, {n: d for n, d in digests.items()
+                                          if n not in unverified})
+    problems += _extra_entries(directory, set(digests) | unverified | {label})
+    log.debug("Checked the %d names listed in %s in %.1f s: %d problem(s).",
+              len(digests), checksum_file, time.monotonic() - t0, len(problems))
+    return '\n'.join(problems)
+
+
+def _reason(err):
+    """The explanation of an :exc:`OSError`, without the file name.
+    """
+    return err.strerror or str(err)
+
+
+def _show(name):
+    """`name` as written in messages: quoted if it holds odd characters.
+    """
+    return name if name.isprintable() and name.strip() == name else repr(name)
+
+
+def _open_nonblocking(path):
+    """Open `path` for reading without blocking, and check it is a regular file.
+
+    A FIFO opened without ``O_NONBLOCK`` would wait for a writer forever.
+
+    Parameters
+    ----------
+    path : :class:`str`
+        The file, not a symbolic link.
+
+    Returns
+    -------
+    :class:`io.FileIO`
+        The open, unbuffered file.
+
+    Raises
+    ------
+    OSError
+        If the file cannot be opened or is not a regular file.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _NotRegularFile(0, f"not a regular file but {_kind(mode)}")
+        return open(fd, 'rb', buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_checksum_file(checksum_file):
+    """Contents of `checksum_file`, refusing anything that is not a small regular file.
+    """
+    real = os.path.realpath(checksum_file)
+    with _open_nonblocking(real) as f:
+        data = f.read(MAX_CHECKSUM_FILE_SIZE + 1)
+    if len(data) > MAX_CHECKSUM_FILE_SIZE:
+        raise OSError(0, f"larger than {MAX_CHECKSUM_FILE_SIZE:d} bytes")
+    return data
+
+
+def _parse(data, label):
+    """Parse the contents of a checksum file.
+
+    Parameters
+    ----------
+    data : :class:`bytes`
+        Contents of the checksum file.
+    label : :class:`str`
+        Name of the checksum file, for messages.
+
+    Returns
+    -------
+    :class:`tuple`
+        A :class:`dict` mapping each normalized name to its digest; the
+        :class:`set` of names that cannot be verified (invalid or conflicting
+        digests), but are listed all the same; and a :class:`list` of
+        problems, one message per bad line.
+    """
+    digests, lines, unverified, problems = {}, {}, set(), []
+    for number, raw in enumerate(data.split(b'\n'), start=1):
+        if raw.endswith(b'\r'):
+            raw = raw[:-1]
+        if not raw.strip():
+            continue
+        where = f"Line {number:d} of {label}"
+        try:
+            digest, name = _split_line(os.fsdecode(raw))
+        except ValueError as err:
+            problems.append(f"{where}: {err}.")
+            continue
+        problem = _digest_problem(digest)
+        if problem:
+            unverified.add(name)
+            problems.append(f"{where}: invalid digest for {_show(name)}, {problem}; "
+                            "not verified.")
+            continue
+        digest = digest.lower()
+        if name in digests and digests[name] != digest:
+            unverified.add(name)
+            problems.append(f"{where}: {_show(name)} is listed again with a different "
+                            f"digest (first on line {lines[name]:d}); not verified.")
+        elif name not in digests:
+            digests[name], lines[name] = digest, number
+    return digests, unverified, problems
+
+
+def _split_line(line):
+    """Digest and normalized name of one line of a checksum file.
+
+    Parameters
+    ----------
+    line : :class:`str`
+        ``DIGEST  NAME`` (text mode) or ``DIGEST *NAME`` (binary mode), without
+        the end of line; a leading backslash means `NAME` has ``\\\\``,
+        ``\\n`` or ``\\r`` escapes, as written by :command:`sha256sum`.
+
+    Returns
+    -------
+    :class:`tuple`
+        The digest, as written, and the name.
+
+    Raises
+    ------
+    ValueError
+        If the line is malformed or the name unsafe.
+    """
+    m = _checksum_line.fullmatch(line)
+    if m is None:
+        raise ValueError(f"malformed line {line[:100]!r}, expected 'DIGEST  NAME' "
+                         "or 'DIGEST *NAME'")
+    escaped, digest, _, name = m.groups()
+    if escaped:
+        name = _unescape(name)
+    return digest, _safe_name(name)
+
+
+def _digest_problem(digest):
+    """What is wrong with `digest`, or an empty string if it is a sha256 digest.
+    """
+    if re.fullmatch(r'[0-9a-fA-F]*', digest) is None:
+        return f"{digest[:100]!r} is not hexadecimal"
+    if len(digest) != 64:
+        return f"{len(digest):d} hexadecimal digits instead of 64"
+    return ''
+
+
+def _unescape(name):
+    """Undo the escapes of :command:`sha256sum` in `name`.
+    """
+    if re.fullmatch(r'(?:[^\\]|\\[\\nr])*', name, re.DOTALL) is None:
+        raise ValueError(f"invalid escape sequence in name {name!r}")
+    return re.sub(r'\\(.)', lambda m: _escapes[m.group(1)], name)
+
+
+def _safe_name(name):
+    """Normalize `name`, refusing any name that could leave the exposure directory.
+
+    Names in subdirectories (``sub/file``) are accepted; symbolic links are
+    checked later, when the directory is known.
+
+    Raises
+    ------
+    ValueError
+        If `name` is absolute, has a ``..`` component, a NUL character,
+        or names the exposure directory itself.
+    """
+    if '\0' in name:
+        raise ValueError(f"name {name!r} contains a NUL character; not read")
+    if name.startswith('/'):
+        raise ValueError(f"{_show(name)} is an absolute path; not read")
+    if '..' in name.split('/'):
+        raise ValueError(f"{_show(name)} has a '..' component and could leave the "
+                         "exposure directory; not read")
+    normalized = posixpath.normpath(name)
+    if normalized == '.':
+        raise ValueError(f"{_show(name)} names the exposure directory itself; not read")
+    return normalized
+
+
+def _kind(mode):
+    """What kind of file `mode` (from :func:`os.stat`) describes, for messages.
+    """
+    kinds = ((stat.S_ISREG, 'a file'), (stat.S_ISDIR, 'a directory'),
+             (stat.S_ISLNK, 'a symbolic link'), (stat.S_ISFIFO, 'a FIFO'),
+             (stat.S_ISSOCK, 'a socket'), (stat.S_ISCHR, 'a character device'),
+             (stat.S_ISBLK, 'a block device'))
+    return next((kind for test, kind in kinds if test(mode)), 'a special file')
+
+
+def _verify_files(directory, digests):
+    """Check that every listed file is a regular file with the right digest.
+
+    Parameters
+    ----------
+    directory : :class:`str`
+        The exposure directory, symbolic links resolved.
+    digests : :class:`dict`
+        Names relative to `directory` mapped to their expected digest.
+
+    Returns
+    -------
+    :class:`list`
+        Problems found, one message each, sorted by name.
+    """
+    problems, jobs = [], []
+    for name in sorted(digests):
+        path, size, problem = _locate(directory, name)
+        if problem:
+            problems.append(problem)
+        else:
+            jobs.append((size, name, path))
+    # Largest files first keeps every thread busy until the end.
+    jobs.sort(key=lambda job: job[0], reverse=True)
+    if jobs:
+        with ThreadPoolExecutor(_workers(len(jobs))) as pool:
+            results = pool.map(_compare, [(name, path, digests[name])
+                                          for _, name, path in jobs])
+            problems += [p for p in results if p]
+    return sorted(problems)
+
+
+def _locate(directory, name):
+    """Find the listed file `name` in `directory`, without reading it.
+
+    Returns
+    -------
+    :class:`tuple`
+        The resolved path, the size and ``None``; or ``None``, ``None`` and
+        the problem if the file is missing, outside `directory` or not a
+        regular file.
+    """
+    path = os.path.realpath(os.path.join(directory, name))
+    if os.path.commonpath([directory, path]) != directory:
+        return None, None, (f"{_show(name)}: resolves to {_show(path)}, outside the "
+                            "exposure directory; not read.")
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None, None, f"{_show(name)}: missing (listed in the checksum file)."
+    except OSError as err:
+        return None, None, f"{_show(name)}: could not be examined: {_reason(err)}."
+    if not stat.S_ISREG(st.st_mode):
+        return None, None, (f"{_show(name)}: not a regular file but "
+                            f"{_kind(st.st_mode)}; not read.")
+    return path, st.st_size, None
+
+
+def _workers(jobs):
+    """Number of hashing threads for `jobs` files.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, min(jobs, cpus, MAX_WORKERS))
+
+
+def _compare(job):
+    """Hash one file and compare its digest to the expected one.
+
+    Parameters
+    ----------
+    job : :class:`tuple`
+        Name (for messages), resolved path and expected digest.
+
+    Returns
+    -------
+    :class:`str`
+        The problem, or an empty string if the digest is right.
+    """
+    name, path, expected = job
+    try:
+        digest = sha256_file(path)
+    except OSError as err:
+        return f"{_show(name)}: could not be read: {_reason(err)}."
+    if digest != expected:
+        return f"{_show(name)}: checksum mismatch, expected {expected}, computed {digest}."
+    return ''
+
+
+def sha256_file(path, chunk_size=CHUNK_SIZE):
+    """The sha256 digest of a regular file, read in chunks.
+
+    :mod:`hashlib` releases the GIL while it hashes a large chunk, so several
+    threads can run this at full speed.  One reusable buffer is read into,
+    so memory use is `chunk_size` whatever the size of the file.
+
+    Parameters
+    ----------
+    path : :class:`str`
+        The file; opening it never blocks, even on a FIFO.
+    chunk_size : :class:`int`, optional
+        Bytes read at a time.
+
+    Returns
+    -------
+    :class:`str`
+        The hexadecimal digest, lower case.
+
+    Raises
+    ------
+    OSError
+        If the file cannot be read or is not a regular file.
+    """
+    digest = hashlib.sha256()
+    buffer = bytearray(chunk_size)
+    view = memoryview(buffer)
+    with _open_nonblocking(path) as f:
+        if hasattr(os, 'posix_fadvise'):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        while True:
+            n = f.readinto(buffer)
+            if not n:
+                break
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def _extra_entries(directory, listed):
+    """Entries of `directory` that the checksum file does not account for.
+
+    A subdirectory is looked into only if a listed name lies inside it;
+    otherwise it is reported as one extra entry.  Symbolic links are never
+    followed here: an unlisted link is an extra entry.
+
+    Parameters
+    ----------
+    directory : :class:`str`
+        The exposure directory.
+    listed : :class:`set`
+        Names relative to `directory`, including the checksum file itself.
+
+    Returns
+    -------
+    :class:`list`
+        Problems found, one message each, sorted by name.
+    """
+    parents = {posixpath.dirname(n) for n in listed}
+    parents |= {p for n in parents for p in _ancestors(n)}
+    problems = []
+    pending = ['']
+    while pending:
+        prefix = pending.pop()
+        try:
+            with os.scandir(os.path.join(directory, prefix)) as entries:
+                entries = [(prefix + e.name, e.stat(follow_symlinks=False).st_mode)
+                           for e in entries]
+        except OSError as err:
+            problems.append(f"{_show(prefix or '.')}: could not be listed: {_reason(err)}.")
+            continue
+        for name, mode in entries:
+            if stat.S_ISDIR(mode) and name in parents:
+                pending.append(name + '/')
+            elif name not in listed and name not in parents:
+                problems.append(f"{_show(name)}: extra entry ({_kind(mode)}), "
+                                "not listed in the checksum file.")
+    return sorted(problems)
+
+
+def _ancestors(name):
+    """Every directory above `name` (``a/b/c`` gives ``a/b`` and ``a``).
+    """
+    while name:
+        name = posixpath.dirname(name)
+        if name:
+            yield name
