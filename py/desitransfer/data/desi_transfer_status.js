@@ -1,0 +1,756 @@
+// Licensed under a 3-clause BSD style license - see LICENSE.rst
+/*
+ * DESI transfer status page.
+ *
+ * Renders desi_transfer_status_YYYY.json files found next to index.html:
+ *
+ *     {"NIGHT": {"EXPID": [[stage, ok, ms], ...]}}
+ *
+ * stage 0 = rsync, 1 = checksum, 2 = backup; ok 1 = success, 0 = failure;
+ * ms = Unix time in milliseconds.  Unknown stages are ignored.
+ *
+ * A static web server cannot list a directory, so years are discovered by
+ * probing with HEAD requests: the current UTC year, then earlier years one by
+ * one, until the first file that exists; that year is shown.  Earlier years
+ * are then probed, stopping at the first missing year (404).  If no year is
+ * found, the search stops at FIRST_YEAR.
+ *
+ * Every string that comes from the data is inserted with textContent or
+ * setAttribute, never parsed as HTML.
+ */
+(function () {
+    'use strict';
+
+    var STAGES = ['rsync', 'checksum', 'backup'];
+    var STATES = ['complete', 'incomplete', 'failed'];
+    var SYMBOLS = {complete: '✓', incomplete: '…', failed: '✗'};
+    var FIRST_YEAR = 2019;
+    var LAST_NIGHTS = 10;
+    var SVG = 'http://www.w3.org/2000/svg';
+
+    var page = {
+        years: [],          // years found, newest first
+        year: null,         // year shown
+        showAll: false,     // "all nights" rather than "last 10 nights"
+        nights: [],         // parsed nights of the year shown, newest first
+        expanded: new Set(), // night keys whose exposures are shown
+        generation: 0       // guards against a slow response for an earlier choice
+    };
+
+    // ------------------------------------------------------------------
+    // Small helpers.
+    // ------------------------------------------------------------------
+
+    function $(id) {
+        return document.getElementById(id);
+    }
+
+    /** Create an element with optional class and text (text, never HTML). */
+    function el(tag, className, text) {
+        var e = document.createElement(tag);
+        if (className) {
+            e.className = className;
+        }
+        if (text !== undefined && text !== null) {
+            e.textContent = String(text);
+        }
+        return e;
+    }
+
+    function svg(tag, attributes) {
+        var e = document.createElementNS(SVG, tag);
+        Object.keys(attributes || {}).forEach(function (name) {
+            e.setAttribute(name, String(attributes[name]));
+        });
+        return e;
+    }
+
+    function fileName(year) {
+        return 'desi_transfer_status_' + year + '.json';
+    }
+
+    /** Unix milliseconds to "YYYY-MM-DD HH:MM:SS" (UTC). */
+    function utc(ms) {
+        return new Date(ms).toISOString().slice(0, 19).replace('T', ' ');
+    }
+
+    /** A duration in milliseconds, for people. */
+    function duration(ms) {
+        var s = Math.round(ms / 1000);
+        if (s < 60) {
+            return s + ' s';
+        }
+        var m = Math.floor(s / 60);
+        if (m < 60) {
+            return m + ' min ' + String(s % 60).padStart(2, '0') + ' s';
+        }
+        var h = Math.floor(m / 60);
+        if (h < 48) {
+            return h + ' h ' + String(m % 60).padStart(2, '0') + ' min';
+        }
+        return Math.floor(h / 24) + ' d ' + (h % 24) + ' h';
+    }
+
+    /** The top of a chart axis: a round duration, in milliseconds, at least `ms`. */
+    function niceMax(ms) {
+        var steps = [10, 20, 30, 60, 120, 240, 300, 600, 1200, 1800, 3600, 7200, 14400,
+                     21600, 43200, 86400];
+        var s = ms / 1000;
+        for (var i = 0; i < steps.length; i++) {
+            if (s <= steps[i]) {
+                return steps[i] * 1000;
+            }
+        }
+        return Math.ceil(s / 86400) * 86400 * 1000;
+    }
+
+    /** A round duration for an axis label. */
+    function shortDuration(ms) {
+        var s = ms / 1000;
+        if (s < 120) {
+            return Math.round(s) + ' s';
+        }
+        if (s < 7200) {
+            return +(s / 60).toFixed(1) + ' min';
+        }
+        if (s < 172800) {
+            return +(s / 3600).toFixed(1) + ' h';
+        }
+        return +(s / 86400).toFixed(1) + ' d';
+    }
+
+    function median(values) {
+        if (values.length === 0) {
+            return null;
+        }
+        var v = values.slice().sort(function (a, b) { return a - b; });
+        var mid = Math.floor(v.length / 2);
+        return v.length % 2 ? v[mid] : (v[mid - 1] + v[mid]) / 2;
+    }
+
+    function isPlainObject(x) {
+        return x !== null && typeof x === 'object' && !Array.isArray(x);
+    }
+
+    /** Exposure keys sort by number; anything that is not a number goes last. */
+    function compareExpid(a, b) {
+        var na = /^\d+$/.test(a) ? Number(a) : NaN;
+        var nb = /^\d+$/.test(b) ? Number(b) : NaN;
+        if (!isNaN(na) && !isNaN(nb) && na !== nb) {
+            return na - nb;
+        }
+        if (isNaN(na) !== isNaN(nb)) {
+            return isNaN(na) ? 1 : -1;
+        }
+        return a < b ? -1 : (a > b ? 1 : 0);
+    }
+
+    // ------------------------------------------------------------------
+    // Data: parse and classify one year.
+    // ------------------------------------------------------------------
+
+    /**
+     * Validate one status row.  Returns {stage, ok, ms}, 'unknown' for a
+     * stage this page does not know, or null for a malformed row.
+     */
+    function parseRow(row) {
+        if (!Array.isArray(row) || row.length < 3) {
+            return null;
+        }
+        var stage = row[0], ok = row[1], ms = row[2];
+        if (!(stage === 0 || stage === 1 || stage === 2)) {
+            return 'unknown';
+        }
+        if (!(ok === 0 || ok === 1 || ok === true || ok === false)) {
+            return null;
+        }
+        if (typeof ms !== 'number' || !isFinite(ms) || Math.abs(ms) > 8.64e15) {
+            return null;
+        }
+        return {stage: stage, ok: ok === 1 || ok === true, ms: ms};
+    }
+
+    function parseExposure(expid, rows, counter) {
+        // One row per stage is expected; if there are more, the newest counts.
+        var stages = [null, null, null];
+        rows.forEach(function (raw) {
+            var row = parseRow(raw);
+            if (row === null) {
+                counter.rows += 1;
+            } else if (row !== 'unknown') {
+                var old = stages[row.stage];
+                if (old === null || row.ms > old.ms) {
+                    stages[row.stage] = row;
+                }
+            }
+        });
+        var state;
+        if (stages.some(function (s) { return s !== null && !s.ok; })) {
+            state = 'failed';
+        } else if (stages.every(function (s) { return s !== null; })) {
+            state = 'complete';
+        } else {
+            state = 'incomplete';
+        }
+        var rsyncToChecksum = null;
+        if (stages[0] !== null && stages[1] !== null && stages[1].ms >= stages[0].ms) {
+            rsyncToChecksum = stages[1].ms - stages[0].ms;
+        }
+        var last = null;
+        stages.forEach(function (s) {
+            if (s !== null && (last === null || s.ms > last)) {
+                last = s.ms;
+            }
+        });
+        return {expid: expid, stages: stages, state: state,
+                rsyncToChecksum: rsyncToChecksum, last: last};
+    }
+
+    function parseNight(night, exposures, counter) {
+        var list = [];
+        Object.keys(exposures).forEach(function (expid) {
+            var rows = exposures[expid];
+            if (!Array.isArray(rows)) {
+                counter.exposures += 1;
+                return;
+            }
+            list.push(parseExposure(expid, rows, counter));
+        });
+        list.sort(function (a, b) { return compareExpid(a.expid, b.expid); });
+        var counts = {complete: 0, incomplete: 0, failed: 0};
+        var durations = [];
+        var last = null;
+        list.forEach(function (e) {
+            counts[e.state] += 1;
+            if (e.rsyncToChecksum !== null) {
+                durations.push(e.rsyncToChecksum);
+            }
+            if (e.last !== null && (last === null || e.last > last)) {
+                last = e.last;
+            }
+        });
+        var state;
+        if (counts.failed > 0) {
+            state = 'failed';
+        } else if (list.length > 0 && counts.complete === list.length) {
+            state = 'complete';
+        } else {
+            state = 'incomplete';
+        }
+        return {night: night, exposures: list, counts: counts, state: state,
+                medianRsyncToChecksum: median(durations), last: last};
+    }
+
+    /**
+     * Turn the decoded JSON of one year into nights, newest first.
+     * Throws an Error with a readable message if the shape is wrong.
+     */
+    function parseYear(data) {
+        var counter = {rows: 0, exposures: 0, nights: 0};
+        if (Array.isArray(data) && data.length === 0) {
+            // An empty list is what the store writes after setting a bad file aside.
+            return {nights: [], ignored: counter};
+        }
+        if (!isPlainObject(data)) {
+            throw new Error('expected an object keyed by night, found ' +
+                            (Array.isArray(data) ? 'a list' : (data === null ? 'null' : typeof data)));
+        }
+        var nights = [];
+        Object.keys(data).forEach(function (night) {
+            if (!isPlainObject(data[night])) {
+                counter.nights += 1;
+                return;
+            }
+            nights.push(parseNight(night, data[night], counter));
+        });
+        nights.sort(function (a, b) { return a.night < b.night ? 1 : (a.night > b.night ? -1 : 0); });
+        return {nights: nights, ignored: counter};
+    }
+
+    // ------------------------------------------------------------------
+    // Fetching and year discovery.
+    // ------------------------------------------------------------------
+
+    /** HTTP status of a year's file, without downloading it where possible. */
+    function probe(year) {
+        return fetch(fileName(year), {method: 'HEAD', cache: 'no-store'}).then(function (r) {
+            if (r.status === 405 || r.status === 501) {
+                // A server without HEAD: ask for the file itself.
+                return fetch(fileName(year), {cache: 'no-store'}).then(function (g) {
+                    return g.status;
+                });
+            }
+            return r.status;
+        });
+    }
+
+    /** Fetch and parse one year: resolves to {nights, ignored}; rejects with a message. */
+    function loadYear(year) {
+        var name = fileName(year);
+        return fetch(name, {cache: 'no-store'}).then(function (r) {
+            if (r.status === 404) {
+                throw new Error(name + ' was not found on the server (404).');
+            }
+            if (!r.ok) {
+                throw new Error(name + ' could not be read: HTTP ' + r.status + ' ' + r.statusText + '.');
+            }
+            return r.text();
+        }, function (err) {
+            throw networkError(name, err);
+        }).then(function (text) {
+            var data;
+            try {
+                data = JSON.parse(text);
+            } catch (err) {
+                throw new Error(name + ' is not valid JSON (' + err.message + '). ' +
+                                'The status of ' + year + ' cannot be shown until the file is repaired.');
+            }
+            try {
+                return parseYear(data);
+            } catch (err) {
+                throw new Error(name + ' does not hold transfer status: ' + err.message + '.');
+            }
+        });
+    }
+
+    function networkError(name, err) {
+        return new Error('Could not reach the web server for ' + name + ' (' +
+                         (err && err.message ? err.message : err) + '). ' +
+                         'This page must be served by a web server from the status directory; ' +
+                         'it cannot read files when opened from disk.');
+    }
+
+    /**
+     * Find the years that have a status file.  The newest is shown as soon
+     * as it is found; older years are added to the selector as they appear.
+     */
+    function discover() {
+        var current = new Date().getUTCFullYear();
+
+        function missing(status) {
+            return status === 404 || status === 410;
+        }
+
+        function findNewest(year) {
+            if (year < FIRST_YEAR) {
+                return Promise.resolve(null);
+            }
+            return probe(year).then(function (status) {
+                return missing(status) ? findNewest(year - 1) : year;
+            });
+        }
+
+        function findOlder(year) {
+            if (year < FIRST_YEAR) {
+                return Promise.resolve();
+            }
+            return probe(year).then(function (status) {
+                if (missing(status)) {
+                    return undefined;
+                }
+                addYear(year);
+                return findOlder(year - 1);
+            });
+        }
+
+        function done() {
+            $('year').setAttribute('data-search', 'done');
+        }
+
+        return findNewest(current).then(function (newest) {
+            if (newest === null) {
+                done();
+                $('year').replaceChildren(el('option', null, 'none'));
+                showMessage('No transfer status files found here (looked for ' + fileName(current) +
+                            ' back to ' + fileName(FIRST_YEAR) + ').', 'info');
+                return undefined;
+            }
+            $('year').replaceChildren();
+            addYear(newest);
+            $('year').disabled = false;
+            selectYear(newest);
+            return findOlder(newest - 1).catch(function (err) {
+                // The year shown is fine; only the list of older years is short.
+                setLoaded('could not look for years before ' + page.years[page.years.length - 1] +
+                          ': ' + (err && err.message ? err.message : err));
+            }).then(done);
+        }, function (err) {
+            done();
+            showMessage(networkError(fileName(current), err).message, 'error');
+        });
+    }
+
+    function addYear(year) {
+        page.years.push(year);
+        var option = el('option', null, year);
+        option.value = String(year);
+        $('year').appendChild(option);
+    }
+
+    function selectYear(year) {
+        page.year = year;
+        page.expanded.clear();
+        $('year').value = String(year);
+        var generation = ++page.generation;
+        setLoaded('loading ' + fileName(year) + '…');
+        loadYear(year).then(function (parsed) {
+            if (generation !== page.generation) {
+                return;
+            }
+            page.nights = parsed.nights;
+            hideMessage();
+            render();
+            showIgnored(parsed.ignored);
+            setLoaded('loaded ' + utc(Date.now()) + ' UTC');
+        }).catch(function (err) {
+            if (generation !== page.generation) {
+                return;
+            }
+            page.nights = [];
+            clearTable();
+            $('notes').hidden = true;
+            showMessage(err.message, 'error');
+            setLoaded('');
+        });
+    }
+
+    // ------------------------------------------------------------------
+    // Rendering.
+    // ------------------------------------------------------------------
+
+    function showMessage(text, kind) {
+        var m = $('message');
+        m.textContent = text;
+        m.className = 'message ' + kind;
+        m.setAttribute('data-kind', kind);
+        m.hidden = false;
+    }
+
+    function hideMessage() {
+        $('message').hidden = true;
+        $('message').textContent = '';
+    }
+
+    function setLoaded(text) {
+        $('loaded').textContent = text;
+    }
+
+    function showIgnored(ignored) {
+        var parts = [];
+        if (ignored.nights) {
+            parts.push(ignored.nights + ' night entr' + (ignored.nights === 1 ? 'y' : 'ies'));
+        }
+        if (ignored.exposures) {
+            parts.push(ignored.exposures + ' exposure entr' + (ignored.exposures === 1 ? 'y' : 'ies'));
+        }
+        if (ignored.rows) {
+            parts.push(ignored.rows + ' status row' + (ignored.rows === 1 ? '' : 's'));
+        }
+        var notes = $('notes');
+        notes.textContent = parts.length ?
+            'Ignored because malformed in ' + fileName(page.year) + ': ' + parts.join(', ') + '.' : '';
+        notes.hidden = parts.length === 0;
+    }
+
+    function clearTable() {
+        $('night-rows').replaceChildren();
+        $('nights').hidden = true;
+        $('summary').hidden = true;
+    }
+
+    function shownNights() {
+        return page.showAll ? page.nights : page.nights.slice(0, LAST_NIGHTS);
+    }
+
+    function render() {
+        var nights = shownNights();
+        if (page.nights.length === 0) {
+            clearTable();
+            showMessage('No data for ' + page.year + ': ' + fileName(page.year) + ' holds no nights.', 'info');
+            return;
+        }
+        renderSummary(nights);
+        var body = $('night-rows');
+        body.replaceChildren();
+        nights.forEach(function (n, index) {
+            body.appendChild(nightRow(n, 'detail-' + index));
+            if (page.expanded.has(n.night)) {
+                body.appendChild(detailRow(n, 'detail-' + index));
+            }
+        });
+        $('nights').hidden = false;
+    }
+
+    function renderSummary(nights) {
+        var totals = {complete: 0, incomplete: 0, failed: 0};
+        var exposures = {complete: 0, incomplete: 0, failed: 0};
+        nights.forEach(function (n) {
+            totals[n.state] += 1;
+            STATES.forEach(function (s) {
+                exposures[s] += n.counts[s];
+            });
+        });
+        function set(name, value) {
+            document.querySelector('[data-summary="' + name + '"]').textContent = String(value);
+            var unit = document.querySelector('[data-unit-for="' + name + '"]');
+            if (unit) {
+                unit.textContent = unit.getAttribute(value === 1 ? 'data-one' : 'data-many');
+            }
+        }
+        set('nights-shown', nights.length);
+        set('nights-total', page.nights.length);
+        set('year', page.year);
+        STATES.forEach(function (s) {
+            set('nights-' + s, totals[s]);
+            set('exposures-' + s, exposures[s]);
+        });
+        $('summary').hidden = false;
+    }
+
+    function stateBadge(state) {
+        var badge = el('span', 'badge ' + state);
+        badge.appendChild(el('span', 'symbol', SYMBOLS[state])).setAttribute('aria-hidden', 'true');
+        badge.appendChild(el('span', 'label', state));
+        return badge;
+    }
+
+    /** A stacked bar of exposure states; the numbers are in the next cells. */
+    function countsBar(counts, total) {
+        var bar = el('span', 'states-bar');
+        bar.setAttribute('aria-hidden', 'true');
+        STATES.forEach(function (s) {
+            if (counts[s] > 0) {
+                var part = el('span', 'part ' + s);
+                part.style.width = (100 * counts[s] / total) + '%';
+                bar.appendChild(part);
+            }
+        });
+        return bar;
+    }
+
+    function nightRow(n, detailId) {
+        var tr = el('tr', 'night ' + n.state);
+        tr.setAttribute('data-night', n.night);
+        tr.setAttribute('data-state', n.state);
+        var expanded = page.expanded.has(n.night);
+
+        var cell = el('th');
+        cell.setAttribute('scope', 'row');
+        var button = el('button', 'expand');
+        button.type = 'button';
+        button.setAttribute('aria-expanded', expanded ? 'true' : 'false');
+        button.setAttribute('aria-controls', detailId);
+        button.appendChild(el('span', 'arrow', expanded ? '▾' : '▸')).setAttribute('aria-hidden', 'true');
+        button.appendChild(el('span', 'night-key', n.night));
+        cell.appendChild(button);
+        tr.appendChild(cell);
+
+        var state = el('td');
+        state.appendChild(stateBadge(n.state));
+        tr.appendChild(state);
+
+        var total = n.exposures.length;
+        var bar = el('td', 'bar-cell');
+        if (total > 0) {
+            bar.appendChild(countsBar(n.counts, total));
+        }
+        tr.appendChild(bar);
+
+        var t = el('td', 'num', total);
+        t.setAttribute('data-count', 'total');
+        tr.appendChild(t);
+        STATES.forEach(function (s) {
+            var c = el('td', 'num count-' + s + (n.counts[s] ? '' : ' zero'), n.counts[s]);
+            c.setAttribute('data-count', s);
+            tr.appendChild(c);
+        });
+        var med = el('td', 'num', n.medianRsyncToChecksum === null ? '—' : duration(n.medianRsyncToChecksum));
+        med.setAttribute('data-median', n.medianRsyncToChecksum === null ? '' : String(n.medianRsyncToChecksum));
+        tr.appendChild(med);
+        tr.appendChild(el('td', 'time', n.last === null ? '—' : utc(n.last)));
+
+        tr.addEventListener('click', function (event) {
+            // The button handles keyboard activation; a click anywhere on the row toggles.
+            event.preventDefault();
+            toggle(n, tr);
+        });
+        return tr;
+    }
+
+    /** Show or hide the exposures of one night, in place, so focus stays put. */
+    function toggle(n, row) {
+        var button = row.querySelector('button.expand');
+        var detail = document.getElementById(button.getAttribute('aria-controls'));
+        if (page.expanded.has(n.night)) {
+            page.expanded.delete(n.night);
+            if (detail) {
+                detail.remove();
+            }
+        } else {
+            page.expanded.add(n.night);
+            row.after(detailRow(n, button.getAttribute('aria-controls')));
+        }
+        var expanded = page.expanded.has(n.night);
+        button.setAttribute('aria-expanded', expanded ? 'true' : 'false');
+        button.querySelector('.arrow').textContent = expanded ? '▾' : '▸';
+    }
+
+    function stageCell(stage, row) {
+        var td = el('td', 'stage');
+        td.setAttribute('data-stage', STAGES[stage]);
+        if (row === null) {
+            td.classList.add('missing');
+            td.setAttribute('data-ok', '');
+            td.textContent = 'not yet';
+        } else if (row.ok) {
+            td.classList.add('ok');
+            td.setAttribute('data-ok', '1');
+            td.appendChild(el('span', 'mark', '✓ ')).setAttribute('aria-hidden', 'true');
+            td.appendChild(el('span', 'time', utc(row.ms)));
+        } else {
+            td.classList.add('fail');
+            td.setAttribute('data-ok', '0');
+            td.appendChild(el('span', 'mark', '✗ FAILED '));
+            td.appendChild(el('span', 'time', utc(row.ms)));
+        }
+        return td;
+    }
+
+    function detailRow(n, detailId) {
+        var tr = el('tr', 'detail');
+        tr.id = detailId;
+        tr.setAttribute('data-detail-for', n.night);
+        var td = el('td');
+        td.colSpan = 9;
+        tr.appendChild(td);
+        if (n.exposures.length === 0) {
+            td.appendChild(el('p', 'empty', 'No exposures recorded for this night.'));
+            return tr;
+        }
+        td.appendChild(chart(n));
+
+        var table = el('table', 'exposures');
+        table.appendChild(el('caption', null, 'Exposures of night ' + n.night + ' (times UTC)'));
+        var head = el('tr');
+        ['Exposure', 'State', 'rsync', 'checksum', 'backup', 'rsync→checksum'].forEach(function (h) {
+            var th = el('th', null, h);
+            th.setAttribute('scope', 'col');
+            head.appendChild(th);
+        });
+        table.appendChild(el('thead')).appendChild(head);
+        var body = table.appendChild(el('tbody'));
+        n.exposures.forEach(function (e) {
+            var row = el('tr', 'exposure ' + e.state);
+            row.setAttribute('data-expid', e.expid);
+            row.setAttribute('data-state', e.state);
+            var th = el('th', 'expid', e.expid);
+            th.setAttribute('scope', 'row');
+            row.appendChild(th);
+            var state = el('td');
+            state.appendChild(stateBadge(e.state));
+            row.appendChild(state);
+            e.stages.forEach(function (s, stage) {
+                row.appendChild(stageCell(stage, s));
+            });
+            row.appendChild(el('td', 'num', e.rsyncToChecksum === null ? '—' : duration(e.rsyncToChecksum)));
+            body.appendChild(row);
+        });
+        td.appendChild(table);
+        // Clicks inside the details must not collapse the night.
+        tr.addEventListener('click', function (event) {
+            event.stopPropagation();
+        });
+        return tr;
+    }
+
+    /** Bar chart (inline SVG) of the time from rsync to checksum of each exposure. */
+    function chart(n) {
+        var figure = el('figure', 'chart');
+        var points = n.exposures.filter(function (e) { return e.rsyncToChecksum !== null; });
+        var caption = el('figcaption');
+        figure.appendChild(caption);
+        if (points.length === 0) {
+            caption.textContent = 'No exposure of this night has both an rsync and a checksum time.';
+            return figure;
+        }
+        var med = n.medianRsyncToChecksum;
+        caption.textContent = 'Time from rsync to checksum, per exposure: median ' + duration(med) +
+            ', longest ' + duration(Math.max.apply(null, points.map(function (e) { return e.rsyncToChecksum; }))) +
+            ' (' + points.length + ' of ' + n.exposures.length + ' exposures have both times).';
+
+        var width = 760, height = 170;
+        var left = 56, right = 10, top = 10, bottom = 24;
+        var plotW = width - left - right, plotH = height - top - bottom;
+        var max = niceMax(Math.max.apply(null, points.map(function (e) { return e.rsyncToChecksum; })));
+        var root = svg('svg', {viewBox: '0 0 ' + width + ' ' + height, role: 'img',
+                               'data-chart': 'rsync-checksum', preserveAspectRatio: 'xMinYMin meet'});
+        var label = svg('title');
+        label.textContent = caption.textContent;
+        root.appendChild(label);
+
+        // Axes and three horizontal guide lines: 0, half, max.
+        [0, 0.5, 1].forEach(function (f) {
+            var y = top + plotH * (1 - f);
+            root.appendChild(svg('line', {x1: left, x2: width - right, y1: y, y2: y,
+                                          'class': f === 0 ? 'axis' : 'guide'}));
+            var tick = svg('text', {x: left - 6, y: y + 4, 'text-anchor': 'end', 'class': 'tick'});
+            tick.textContent = shortDuration(max * f);
+            root.appendChild(tick);
+        });
+
+        var step = plotW / points.length;
+        var barW = Math.max(1, step * 0.8);
+        points.forEach(function (e, i) {
+            var h = plotH * e.rsyncToChecksum / max;
+            var bar = svg('rect', {x: left + i * step + (step - barW) / 2, y: top + plotH - h,
+                                   width: barW, height: Math.max(h, 0.5), 'class': 'chart-bar ' + e.state,
+                                   'data-expid': e.expid});
+            var tip = svg('title');
+            tip.textContent = 'exposure ' + e.expid + ': ' + duration(e.rsyncToChecksum) + ' (' + e.state + ')';
+            bar.appendChild(tip);
+            root.appendChild(bar);
+        });
+
+        var y = top + plotH * (1 - med / max);
+        root.appendChild(svg('line', {x1: left, x2: width - right, y1: y, y2: y, 'class': 'median'}));
+
+        var first = svg('text', {x: left, y: height - 6, 'class': 'tick'});
+        first.textContent = 'exposure ' + points[0].expid;
+        root.appendChild(first);
+        if (points.length > 1) {
+            var last = svg('text', {x: width - right, y: height - 6, 'text-anchor': 'end', 'class': 'tick'});
+            last.textContent = 'exposure ' + points[points.length - 1].expid;
+            root.appendChild(last);
+        }
+        figure.appendChild(root);
+        return figure;
+    }
+
+    // ------------------------------------------------------------------
+    // Start.
+    // ------------------------------------------------------------------
+
+    function setShowAll(all) {
+        page.showAll = all;
+        $('show-all').setAttribute('aria-pressed', all ? 'true' : 'false');
+        $('show-last').setAttribute('aria-pressed', all ? 'false' : 'true');
+        if (page.nights.length > 0) {
+            render();
+        }
+    }
+
+    function start() {
+        $('show-last').addEventListener('click', function () { setShowAll(false); });
+        $('show-all').addEventListener('click', function () { setShowAll(true); });
+        $('year').addEventListener('change', function () {
+            var year = Number($('year').value);
+            if (year) {
+                selectYear(year);
+            }
+        });
+        $('controls').addEventListener('submit', function (event) { event.preventDefault(); });
+        discover();
+    }
+
+    start();
+}());

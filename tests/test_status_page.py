@@ -1,0 +1,357 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""The transfer status web page, in a real headless Chromium.
+
+The page files are copied from the package data into a directory of status
+JSON files, which a real HTTP server on 127.0.0.1 serves like the web
+directory at NERSC.
+"""
+import json
+import os
+import shutil
+from datetime import datetime, timedelta, timezone
+from importlib.resources import files
+
+import pytest
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:  # pragma: no cover - CI installs playwright with the test extras.
+    expect = sync_playwright = None
+
+CHROMIUM = '/usr/bin/chromium'
+CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+                 '--disable-background-networking', '--disable-component-update',
+                 '--disable-sync']
+PAGE_FILES = ('index.html', 'desi_transfer_status.js', 'desi_transfer_status.css')
+
+#: The page probes for files starting from the current UTC year.
+YEAR = datetime.now(timezone.utc).year
+
+#: Rows written for an exposure in each state.
+RSYNC, CHECKSUM, BACKUP = 0, 1, 2
+
+
+def night_start(night):
+    """Unix milliseconds of 03:00 UTC the day after `night` (evening at Kitt Peak)."""
+    day = datetime.strptime(night, '%Y%m%d').replace(tzinfo=timezone.utc)
+    return int((day + timedelta(days=1, hours=3)).timestamp() * 1000)
+
+
+def exposure_rows(night, index, state):
+    """Status rows, newest first, of exposure number `index` of `night`."""
+    rsync = night_start(night) + index * 300_000
+    checksum = rsync + 20_000 + index * 1000
+    backup = night_start(night) + 17 * 3600_000
+    if state == 'complete':
+        return [[BACKUP, 1, backup], [CHECKSUM, 1, checksum], [RSYNC, 1, rsync]]
+    if state == 'incomplete':
+        return [[CHECKSUM, 1, checksum], [RSYNC, 1, rsync]]
+    if state == 'failed':
+        return [[CHECKSUM, 0, checksum], [RSYNC, 1, rsync]]
+    raise ValueError(state)
+
+
+def utc(ms):
+    """What the page shows for a time."""
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime('%Y-%m-%d %H:%M:%S')
+
+
+def make_year(spec, first_expid):
+    """Status of a year from ``{night: (night state, [exposure states])}``."""
+    status, expid = {}, first_expid
+    for night, (_, states) in spec.items():
+        status[night] = {}
+        for index, state in enumerate(states):
+            status[night][str(expid)] = exposure_rows(night, index, state)
+            expid += 1
+    return status
+
+
+C, I, F = 'complete', 'incomplete', 'failed'
+
+#: This year: 13 nights, so that "last 10" and "all" differ, in both the
+#: nights listed and the counts.
+THIS_YEAR = {
+    f'{YEAR}0113': (I, [C, C, I, I]),        # tonight: no backup yet
+    f'{YEAR}0112': (F, [C, F, C]),           # one checksum failure
+    f'{YEAR}0111': (C, [C, C, C, C, C]),
+    f'{YEAR}0110': (C, [C, C]),
+    f'{YEAR}0109': (C, [C]),
+    f'{YEAR}0108': (C, [C, C, C]),
+    f'{YEAR}0107': (C, [C, C]),
+    f'{YEAR}0106': (I, [C, I]),
+    f'{YEAR}0105': (C, [C]),
+    f'{YEAR}0104': (C, [C, C]),
+    f'{YEAR}0103': (F, [F, F, C]),           # older than the last 10
+    f'{YEAR}0102': (C, [C]),
+    f'{YEAR}0101': (I, [I]),
+}
+LAST_YEAR = {
+    f'{YEAR - 1}1231': (C, [C, C]),
+    f'{YEAR - 1}1230': (F, [C, F]),
+}
+
+
+def expected_summary(spec):
+    """Counts of nights and exposures per state, as the summary shows them."""
+    counts = {}
+    for state in (C, I, F):
+        counts[f'nights-{state}'] = sum(1 for s, _ in spec.values() if s == state)
+        counts[f'exposures-{state}'] = sum(e.count(state) for _, e in spec.values())
+    return counts
+
+
+@pytest.fixture(scope='module')
+def browser_page():
+    """One headless Chromium page for the module (each test navigates anew)."""
+    if sync_playwright is None:
+        pytest.fail('the playwright Python package is not installed (pip install playwright)')
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f'{CHROMIUM} is missing (apt-get install chromium)')
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        pg = browser.new_page(viewport={'width': 1200, 'height': 900})
+        pg.set_default_timeout(5000)
+        pg.requested, pg.errors = [], []
+        pg.on('request', lambda r: pg.requested.append(r.url))
+        pg.on('pageerror', lambda e: pg.errors.append(str(e)))
+        pg.on('console', lambda m: pg.errors.append(m.text)
+              if 'Content Security Policy' in m.text else None)
+        yield pg
+        browser.close()
+
+
+@pytest.fixture
+def page(browser_page):
+    """The module's page, with its records of requests and script errors emptied."""
+    browser_page.goto('about:blank')
+    browser_page.requested.clear()
+    browser_page.errors.clear()
+    return browser_page
+
+
+def status_directory(path, years):
+    """A status directory: the page files and ``{year: content}``, content
+    being a dict (written as JSON) or a string (written as is)."""
+    path.mkdir()
+    data = files('desitransfer') / 'data'
+    for name in PAGE_FILES:
+        with (data / name).open('rb') as src, open(path / name, 'wb') as dst:
+            shutil.copyfileobj(src, dst)
+    for year, content in years.items():
+        text = content if isinstance(content, str) else json.dumps(content)
+        (path / f'desi_transfer_status_{year}.json').write_text(text)
+    return path
+
+
+def assert_only_local(pg, server):
+    """Every request went to the test server, and no script failed."""
+    assert pg.requested, 'no request recorded'
+    outside = [u for u in pg.requested if not u.startswith(server.url) and u != 'about:blank']
+    assert outside == [], f'requests outside {server.url}: {outside}'
+    assert pg.errors == []
+
+
+def night_row(pg, night):
+    return pg.locator(f'tr[data-night="{night}"]')
+
+
+def test_page_files_are_package_data():
+    """The three files that the store installs exist and carry the license line."""
+    data = files('desitransfer') / 'data'
+    for name in PAGE_FILES:
+        text = (data / name).read_text()
+        assert 'Licensed under a 3-clause BSD style license' in text.splitlines()[0], name
+    html = (data / 'index.html').read_text()
+    assert 'desi_transfer_status.js' in html and 'desi_transfer_status.css' in html
+    assert '//' not in html.replace('http://www.w3.org', ''), 'index.html refers to another site'
+
+
+def test_status_page(page, tmp_path, http_directory):
+    """Nights, colours, counts, toggle, expansion, chart and year switching."""
+    this_year = make_year(THIS_YEAR, 12000)
+    # A stage this page does not know is ignored, failure or not.
+    this_year[f'{YEAR}0111']['12007'].insert(0, [7, 0, night_start(f'{YEAR}0111')])
+    last_year = make_year(LAST_YEAR, 11000)
+    server = http_directory(status_directory(tmp_path / 'status',
+                                             {YEAR: this_year, YEAR - 1: last_year}))
+    page.goto(server.url)
+    assert page.evaluate('document.compatMode') == 'CSS1Compat'
+
+    # Last 10 nights, newest first, each with its state as data, colour and words.
+    rows = page.locator('tr[data-night]')
+    expect(rows).to_have_count(10)
+    nights = sorted(THIS_YEAR, reverse=True)
+    assert rows.evaluate_all('rs => rs.map(r => r.dataset.night)') == nights[:10]
+    for night in nights[:10]:
+        state, exposures = THIS_YEAR[night]
+        row = night_row(page, night)
+        expect(row).to_have_attribute('data-state', state)
+        expect(row.locator('.badge .label')).to_have_text(state)
+        expect(row.locator('[data-count="total"]')).to_have_text(str(len(exposures)))
+        for s in (C, I, F):
+            expect(row.locator(f'[data-count="{s}"]')).to_have_text(str(exposures.count(s)))
+    colours = {s: night_row(page, n).evaluate('r => getComputedStyle(r).backgroundColor')
+               for n, s in ((f'{YEAR}0111', C), (f'{YEAR}0113', I), (f'{YEAR}0112', F))}
+    assert colours == {C: 'rgb(228, 244, 231)', I: 'rgb(255, 244, 209)', F: 'rgb(251, 226, 227)'}
+
+    # Summary of the nights shown.
+    last10 = {n: THIS_YEAR[n] for n in nights[:10]}
+    for name, value in expected_summary(last10).items():
+        expect(page.locator(f'[data-summary="{name}"]')).to_have_text(str(value))
+    expect(page.locator('[data-summary="nights-shown"]')).to_have_text('10')
+    expect(page.locator('[data-summary="nights-total"]')).to_have_text('13')
+
+    # All nights.
+    page.click('[data-show="all"]')
+    expect(rows).to_have_count(13)
+    expect(night_row(page, f'{YEAR}0103')).to_have_attribute('data-state', F)
+    for name, value in expected_summary(THIS_YEAR).items():
+        expect(page.locator(f'[data-summary="{name}"]')).to_have_text(str(value))
+    expect(page.locator('[data-show="all"]')).to_have_attribute('aria-pressed', 'true')
+    page.click('[data-show="last"]')
+    expect(rows).to_have_count(10)
+    expect(night_row(page, f'{YEAR}0103')).to_have_count(0)
+
+    # Expand the night with a failure: one row per exposure, times, failure mark.
+    # Expanded with the keyboard; folded with the mouse below.
+    night = f'{YEAR}0112'
+    button = night_row(page, night).locator('button.expand')
+    expect(button).to_have_attribute('aria-expanded', 'false')
+    button.press('Enter')
+    expect(button).to_have_attribute('aria-expanded', 'true')
+    detail = page.locator(f'tr[data-detail-for="{night}"]')
+    exposures = detail.locator('tr[data-expid]')
+    expect(exposures).to_have_count(3)
+    expids = sorted(this_year[night], key=int)
+    assert exposures.evaluate_all('rs => rs.map(r => r.dataset.expid)') == expids
+    for index, (expid, state) in enumerate(zip(expids, THIS_YEAR[night][1])):
+        row = detail.locator(f'tr[data-expid="{expid}"]')
+        expect(row).to_have_attribute('data-state', state)
+        rows_by_stage = {r[0]: r for r in this_year[night][expid]}
+        rsync = row.locator('[data-stage="rsync"]')
+        expect(rsync).to_have_attribute('data-ok', '1')
+        expect(rsync).to_contain_text(utc(rows_by_stage[RSYNC][2]))
+        checksum = row.locator('[data-stage="checksum"]')
+        expect(checksum).to_contain_text(utc(rows_by_stage[CHECKSUM][2]))
+        backup = row.locator('[data-stage="backup"]')
+        if state == F:
+            expect(checksum).to_have_attribute('data-ok', '0')
+            expect(checksum).to_contain_text('FAILED')
+            expect(checksum).to_have_class('stage fail')
+            expect(backup).to_have_text('not yet')
+        else:
+            expect(checksum).to_have_attribute('data-ok', '1')
+            expect(checksum).not_to_contain_text('FAILED')
+            expect(backup).to_contain_text(utc(rows_by_stage[BACKUP][2]))
+    # The chart: one bar per exposure with both times, height by duration.
+    bars = detail.locator('svg[data-chart="rsync-checksum"] rect.chart-bar')
+    expect(bars).to_have_count(3)
+    heights = bars.evaluate_all('bs => bs.map(b => Number(b.getAttribute("height")))')
+    assert heights[0] < heights[1] < heights[2]
+    expect(detail.locator('figcaption')).to_contain_text('median 21 s')
+    expect(night_row(page, night).locator('[data-median]')).to_have_text('21 s')
+    page.screenshot(path=str(tmp_path / 'status.png'), full_page=True)
+    # A second click folds the night again.
+    night_row(page, night).locator('[data-count="total"]').click()
+    expect(detail).to_have_count(0)
+    expect(button).to_have_attribute('aria-expanded', 'false')
+
+    # The unknown stage 7 with ok 0 did not make the night fail.
+    expect(night_row(page, f'{YEAR}0111')).to_have_attribute('data-state', C)
+
+    # Last year, through the selector.
+    expect(page.locator('#year option')).to_have_count(2)
+    page.select_option('#year', str(YEAR - 1))
+    expect(rows).to_have_count(2)
+    expect(night_row(page, f'{YEAR - 1}1230')).to_have_attribute('data-state', F)
+    expect(night_row(page, f'{YEAR - 1}1231')).to_have_attribute('data-state', C)
+    expect(page.locator('[data-summary="year"]')).to_have_text(str(YEAR - 1))
+    for name, value in expected_summary(LAST_YEAR).items():
+        expect(page.locator(f'[data-summary="{name}"]')).to_have_text(str(value))
+    expect(page.locator('#message')).to_be_hidden()
+
+    assert_only_local(page, server)
+
+
+def test_malformed_json(page, tmp_path, http_directory):
+    """A broken file gives a clear message, and other years still work."""
+    server = http_directory(status_directory(tmp_path / 'status', {
+        YEAR: '{"' + f'{YEAR}0105": {{"12000": [[0, 1, 17',
+        YEAR - 1: make_year(LAST_YEAR, 11000)}))
+    page.goto(server.url)
+    message = page.locator('#message')
+    expect(message).to_be_visible()
+    expect(message).to_contain_text(f'desi_transfer_status_{YEAR}.json is not valid JSON')
+    expect(message).to_have_attribute('data-kind', 'error')
+    expect(page.locator('tr[data-night]')).to_have_count(0)
+    expect(page.locator('#year option')).to_have_count(2)
+    page.select_option('#year', str(YEAR - 1))
+    expect(page.locator('tr[data-night]')).to_have_count(2)
+    expect(message).to_be_hidden()
+    assert_only_local(page, server)
+
+
+@pytest.mark.parametrize('content', ['{}', '[]'])
+def test_empty_year(page, tmp_path, http_directory, content):
+    """A year without nights (``[]`` is what a reset store holds) says so."""
+    server = http_directory(status_directory(tmp_path / 'status', {YEAR: content}))
+    page.goto(server.url)
+    expect(page.locator('#message')).to_contain_text(f'No data for {YEAR}')
+    expect(page.locator('#nights')).to_be_hidden()
+    assert_only_local(page, server)
+
+
+def test_year_discovery(page, tmp_path, http_directory):
+    """Years are found by probing back from this year to the first gap."""
+    server = http_directory(status_directory(tmp_path / 'status', {
+        YEAR - 1: make_year(LAST_YEAR, 11000),
+        YEAR - 3: make_year({f'{YEAR - 3}0601': (C, [C])}, 100)}))
+    page.goto(server.url)
+    expect(page.locator('tr[data-night]')).to_have_count(2)
+    expect(page.locator('#year option')).to_have_count(1)
+    expect(page.locator('#year')).to_have_value(str(YEAR - 1))
+    # The search has ended; it stopped at the first missing year.
+    expect(page.locator('#year')).to_have_attribute('data-search', 'done')
+    name = 'desi_transfer_status_{0}.json'.format
+    probed = sorted((m, p.lstrip('/'), s) for m, p, s in server.requests if p.endswith('.json'))
+    assert probed == sorted([('HEAD', name(YEAR), 404), ('HEAD', name(YEAR - 1), 200),
+                             ('GET', name(YEAR - 1), 200), ('HEAD', name(YEAR - 2), 404)])
+    assert_only_local(page, server)
+
+
+def test_no_status_files(page, tmp_path, http_directory):
+    """An empty directory says that no file was found, after a bounded search."""
+    server = http_directory(status_directory(tmp_path / 'status', {}))
+    page.goto(server.url)
+    expect(page.locator('#message')).to_contain_text('No transfer status files found')
+    expect(page.locator('#year')).to_have_attribute('data-search', 'done')
+    assert len([p for _, p, _ in server.requests if p.endswith('.json')]) == YEAR - 2019 + 1
+    assert_only_local(page, server)
+
+
+def test_hostile_data(page, tmp_path, http_directory):
+    """Keys are shown as text, never run; malformed rows are counted and ignored."""
+    night = '<img src=x onerror="window.pwned=1">'
+    expid = '<b id="bold">1</b>'
+    server = http_directory(status_directory(tmp_path / 'status', {YEAR: {
+        night: {expid: exposure_rows(f'{YEAR}0102', 0, C) + ['garbage', [0, 2, 'x']],
+                '12': 'not a list'},
+        f'{YEAR}0101': {'12': [[9, 1, 0], [0, 1, 'soon'], [1, 1, 1e300]]},
+        f'{YEAR}0100': 'not an object'}}))
+    page.goto(server.url)
+    rows = page.locator('tr[data-night]')
+    expect(rows).to_have_count(2)
+    assert rows.evaluate_all('rs => rs.map(r => r.dataset.night)') == [night, f'{YEAR}0101']
+    expect(rows.first.locator('.night-key')).to_have_text(night)
+    expect(rows.first).to_have_attribute('data-state', C)
+    rows.first.click()
+    expect(page.locator('tr[data-expid] .expid')).to_have_text(expid)
+    assert page.locator('img, #bold').count() == 0
+    assert page.evaluate('window.pwned') is None
+    # Only unknown-stage rows (silently) and malformed rows (counted) are dropped.
+    expect(night_row(page, f'{YEAR}0101')).to_have_attribute('data-state', I)
+    expect(page.locator('#notes')).to_have_text(
+        f'Ignored because malformed in desi_transfer_status_{YEAR}.json: '
+        '1 night entry, 1 exposure entry, 4 status rows.')
+    assert_only_local(page, server)
