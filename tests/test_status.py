@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -214,6 +215,7 @@ def test_truncated_file_restored_from_backup(tmp_path, caplog, monkeypatch):
     r = TransferStatus(str(d), year=2023)
     assert (d / 'desi_transfer_status_2023.json.bad').read_bytes() == truncated
     assert year_file(d).read_bytes() == bak
+    assert (d / 'desi_transfer_status_2023.json.bak').read_bytes() == bak
     assert r.status == {NIGHT: {'1': good[NIGHT]['1'], '2': good[NIGHT]['2']}}
     errors = [m for m in caplog.records if m.levelno == logging.ERROR]
     assert errors and str(year_file(d)) in errors[-1].getMessage()
@@ -310,6 +312,22 @@ def test_concurrent_processes(tmp_path):
                for e, rows in data['20230102'].items())
     json.loads((d / 'desi_transfer_status_2023.json.bak').read_text())
     assert not [p.name for p in d.iterdir() if p.name.endswith('.tmp')]
+
+
+def test_concurrent_threads_sharing_one_store(store, tmp_path):
+    workers, n = 4, 25
+
+    def work(worker):
+        for i in range(n):
+            store.update(NIGHT, worker * 1000 + i, 'rsync')
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(on_disk(tmp_path / 'status')[NIGHT]) == \
+        {str(w * 1000 + i) for w in range(workers) for i in range(n)}
 
 
 @pytest.fixture

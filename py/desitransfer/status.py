@@ -29,6 +29,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from argparse import ArgumentParser
 from contextlib import contextmanager
@@ -145,19 +146,20 @@ class TransferStatus(object):
 
     @contextmanager
     def _lock(self, year):
-        """Hold the exclusive lock of the file of `year` (re-entrant in this object).
+        """Hold the exclusive lock of the file of `year` (re-entrant in a thread).
         """
-        if year in self._locked:
+        held = (threading.get_ident(), year)
+        if held in self._locked:
             yield
             return
         name = os.path.join(self.directory, f'.desi_transfer_status_{year:d}.lock')
         fd = os.open(name, os.O_RDONLY | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            self._locked.add(year)
+            self._locked.add(held)
             yield
         finally:
-            self._locked.discard(year)
+            self._locked.discard(held)
             os.close(fd)
 
     @staticmethod
@@ -175,7 +177,7 @@ class TransferStatus(object):
             text = f.read()
         try:
             data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (ValueError, RecursionError) as err:
             raise ValueError(f"not valid JSON ({err})") from None
         why = _malformed(data)
         if why:
@@ -192,9 +194,9 @@ class TransferStatus(object):
             if not os.path.exists(path + '.bak'):
                 self._cache[year] = (None, {})
                 return {}
-            log.error("Status file %s is missing but %s.bak exists.", path, path)
+            log.error("Status file %s is missing but %s.bak exists; restoring it.", path, path)
         except ValueError as err:
-            log.error("Status file %s is malformed: %s.", path, err)
+            log.error("Status file %s is malformed: %s; repairing it.", path, err)
         else:
             self._cache[year] = (stamp, data)
             return data
@@ -224,7 +226,8 @@ class TransferStatus(object):
         The caller holds the lock of `year`.
         """
         path = self._path(year)
-        text = json.dumps(data, separators=(',', ':')).encode('ascii')
+        # Not escaping non-ASCII is twice as fast, and the same for the usual digits.
+        text = json.dumps(data, separators=(',', ':'), ensure_ascii=False).encode('utf-8')
         try:
             mode = os.stat(path).st_mode & 0o7777
         except FileNotFoundError:
