@@ -140,7 +140,7 @@ def ssh_command(ssh='ssh', control=None):
     command = [ssh] + list(SSH_OPTIONS)
     if control:
         command += ['-o', 'ControlMaster=auto', '-o', f'ControlPath={control}',
-                    '-o', 'ControlPersist=600']
+                    '-o', 'ControlPersist=120']
     return command
 
 
@@ -405,11 +405,20 @@ class AlertHandler(logging.handlers.SMTPHandler):
         self._sent = {}
 
     def emit(self, record):
-        key = record.getMessage()
+        try:
+            key = record.getMessage()
+        except Exception:
+            # A mistake in the arguments of an alert must not hide the alert.
+            record = logging.makeLogRecord(record.__dict__)
+            record.msg = f"{record.msg} (bad log arguments {record.args!r})"
+            record.args = ()
+            key = record.msg
         now = time.monotonic()
         last = self._sent.get(key)
         if last is not None and now - last < self.repeat:
             return
+        # Forget messages not seen for a long time: years of distinct alerts add up.
+        self._sent = {k: t for k, t in self._sent.items() if now - t < self.repeat}
         self._sent[key] = now
         super().emit(record)
 
@@ -418,7 +427,10 @@ class AlertHandler(logging.handlers.SMTPHandler):
         import sys
         sys.stderr.write(f"desitransfer: could not email alert to {', '.join(self.toaddrs)} "
                          f"via {self.mailhost}:{self.mailport}: {sys.exc_info()[1]}\n")
-        self._sent.pop(record.getMessage(), None)
+        try:
+            self._sent.pop(record.getMessage(), None)
+        except Exception:
+            pass
 
 
 def configure_log(debug=False, filename=None, size=100_000_000, backups=10,
