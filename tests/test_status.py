@@ -20,7 +20,7 @@ NIGHT = '20230101'
 
 
 def clock(monkeypatch, *times):
-    """Make the store see these times (ms), one per update call, in order."""
+    """Make the store see these times (ms), one per update that changes something."""
     values = iter(times)
     monkeypatch.setattr(status, '_milliseconds', lambda: next(values))
 
@@ -113,7 +113,7 @@ def test_idempotent(store, tmp_path, monkeypatch):
     assert store.find(NIGHT, '12345') == [[0, 1, 1000]]
     # A different outcome replaces the row: still one row per stage.
     assert store.update(NIGHT, '12345', 'rsync', failure=True) == 1
-    assert store.find(NIGHT, '12345') == [[0, 0, 3000]]
+    assert store.find(NIGHT, '12345') == [[0, 0, 2000]]
 
 
 def test_newest_row_first(store, monkeypatch):
@@ -490,3 +490,20 @@ def test_installed_command(tmp_path):
     p = run('--version')
     assert p.returncode == 0 and p.stdout.strip() == f'desi_transfer_status {__version__}'
     assert snapshot(year_file(tmp_path / 'status')) == before
+
+
+def test_update_many(store, tmp_path, monkeypatch):
+    """A batch is applied as the same updates one by one, in one write."""
+    clock(monkeypatch, 7000, 8000)
+    records = [(NIGHT, f'{e:08d}', stage, e == 3 and stage == 'checksum')
+               for e in range(1, 5) for stage in ('rsync', 'checksum')]
+    assert store.update_many(records) == 8
+    found = store.find(NIGHT)
+    assert found['3'] == [[1, 0, 7000], [0, 1, 7000]]
+    assert found['4'] == [[1, 1, 7000], [0, 1, 7000]]
+    assert store.update_many(records) == 0
+    with pytest.raises(ValueError):
+        store.update_many([(NIGHT, '5', 'rsync', False), (NIGHT, '6', 'nonsense', False)])
+    assert '5' not in store.find(NIGHT)
+    assert store.update_many([(NIGHT, 'all', 'backup', False)]) == 4
+    assert on_disk(tmp_path / 'status')[NIGHT]['1'][0] == [2, 1, 8000]

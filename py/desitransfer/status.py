@@ -404,30 +404,69 @@ class TransferStatus(object):
         ValueError
             If `night`, `exposure` or `stage` is not valid.
         """
-        night, year = self._night(night)
-        code = self._stage(stage)
-        key = None if exposure == 'all' else _exposure_key(exposure)
-        ok = 0 if failure else 1
-        with self._lock(year):
-            data = self._load(year)
-            if key is None and not data.get(night):
-                log.warning("No exposures of night %s are recorded in %s; "
-                            "%s of 'all' not recorded.", night, self._path(year), stage)
-                return 0
-            exposures = data.setdefault(night, {})
-            ms = _milliseconds()
-            n = 0
-            for e in (list(exposures) if key is None else [key]):
-                rows = exposures.setdefault(e, [])
-                old = [row for row in rows if row[0] == code]
-                if len(old) == 1 and old[0][1] == ok:
-                    continue
-                rows[:] = [[code, ok, ms]] + [row for row in rows if row[0] != code]
-                n += 1
-            if n:
-                self._write(year, data)
+        return self.update_many([(night, exposure, stage, failure)])
+
+    def update_many(self, records):
+        """Update the transfer status of several exposures at once.
+
+        Each record is applied exactly as by :meth:`update`, but each year's
+        file is locked, read and written once for all of them: the way to
+        record a whole backlog of exposures quickly.
+
+        Parameters
+        ----------
+        records : :class:`list`
+            ``(night, exposure, stage, failure)`` tuples, applied in order.
+
+        Returns
+        -------
+        :class:`int`
+            The number of updates performed.
+
+        Raises
+        ------
+        ValueError
+            If any record is not valid; then nothing is recorded.
+        """
+        by_year = {}
+        for night, exposure, stage, failure in records:
+            night, year = self._night(night)
+            key = None if exposure == 'all' else _exposure_key(exposure)
+            by_year.setdefault(year, []).append((night, key, stage, self._stage(stage),
+                                                 0 if failure else 1))
+        total = 0
+        for year, changes in by_year.items():
+            with self._lock(year):
+                data = self._load(year)
+                now = []  # One time for the whole batch, read only if something changes.
+                n = sum(self._apply(data, year, now, *change) for change in changes)
+                if n:
+                    self._write(year, data)
+            total += n
+        return total
+
+    def _apply(self, data, year, now, night, key, stage, code, ok):
+        """Apply one update to the records `data` of `year`; the number of rows changed.
+
+        `now` holds the time of the batch in milliseconds once it is read.
+        """
+        if key is None and not data.get(night):
+            log.warning("No exposures of night %s are recorded in %s; "
+                        "%s of 'all' not recorded.", night, self._path(year), stage)
+            return 0
+        exposures = data.setdefault(night, {})
+        n = 0
+        for e in (list(exposures) if key is None else [key]):
+            rows = exposures.setdefault(e, [])
+            old = [row for row in rows if row[0] == code]
+            if len(old) == 1 and old[0][1] == ok:
+                continue
+            if not now:
+                now.append(_milliseconds())
+            rows[:] = [[code, ok, now[0]]] + [row for row in rows if row[0] != code]
+            n += 1
         log.debug("Recorded %s %s for %d exposure(s) of night %s in %s.", stage,
-                  'failure' if failure else 'success', n, night, self._path(year))
+                  'success' if ok else 'failure', n, night, self._path(year))
         return n
 
 
