@@ -352,3 +352,18 @@ def test_fresh_interpreter_without_logging_setup(exposure):
     assert bad.returncode == 0, bad.stderr
     assert f'guide-{EXPID}.fits.fz: missing' in bad.stdout
     assert bad.stderr == ''
+
+
+def test_threaded_and_inline_hashing_agree(tmp_path, monkeypatch):
+    """Exposures above SMALL_EXPOSURE are hashed by several threads; same verdicts."""
+    from desitransfer import checksum
+    files = exposure_files('00000042', nfiles=6, size=300_000)
+    directory = make_exposure(str(tmp_path / 'data'), str(tmp_path / 'dts'), '20201231',
+                              '00000042', files=files)
+    with open(os.path.join(directory, sorted(files)[2]), 'r+b') as f:
+        f.write(b'changed')
+    cfile = os.path.join(directory, 'checksum-00000042.sha256sum')
+    inline = checksum.verify_checksum(cfile)
+    monkeypatch.setattr(checksum, 'SMALL_EXPOSURE', 0)
+    assert checksum.verify_checksum(cfile) == inline
+    assert sorted(files)[2] in inline and inline.count('\n') == 0

@@ -37,6 +37,9 @@ MAX_CHECKSUM_FILE_SIZE = 4 << 20
 #: Most files hashed at the same time (also limited by the number of CPUs).
 MAX_WORKERS = 4
 
+#: Exposures with at most this many bytes in all are hashed in the calling thread.
+SMALL_EXPOSURE = 8 << 20
+
 #: One line of a checksum file: optional escape mark, digest, mode, name.
 _checksum_line = re.compile(r'(\\?)(\S+) ([ *])(.+)', re.DOTALL)
 
@@ -292,11 +295,14 @@ def _verify_files(directory, digests):
             jobs.append((size, name, path))
     # Largest files first keeps every thread busy until the end.
     jobs.sort(key=lambda job: job[0], reverse=True)
-    if jobs:
+    work = [(name, path, digests[name]) for _, name, path in jobs]
+    if sum(size for size, _, _ in jobs) <= SMALL_EXPOSURE:
+        # Starting threads costs more than hashing a few small files.
+        results = map(_compare, work)
+    else:
         with ThreadPoolExecutor(_workers(len(jobs))) as pool:
-            results = pool.map(_compare, [(name, path, digests[name])
-                                          for _, name, path in jobs])
-            problems += [p for p in results if p]
+            results = list(pool.map(_compare, work))
+    problems += [p for p in results if p]
     return sorted(problems)
 
 
