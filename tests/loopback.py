@@ -95,8 +95,10 @@ Subsystem sftp internal-sftp
     os.chmod(wrapper, 0o755)
     if os.geteuid() == 0:
         os.makedirs('/run/sshd', mode=0o755, exist_ok=True)
-    proc = subprocess.Popen([SSHD, '-D', '-e', '-f', os.path.join(d, 'sshd_config')],
-                            stderr=open(os.path.join(d, 'sshd.log'), 'wb'))
+    with open(os.path.join(d, 'sshd.log'), 'wb') as sshd_log:
+        proc = subprocess.Popen([SSHD, '-D', '-e', '-f', os.path.join(d, 'sshd_config')],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=sshd_log)
     try:
         wait_for_port(port, process=proc)
         check = subprocess.run([wrapper, 'dts', 'true'], capture_output=True,

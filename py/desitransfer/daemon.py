@@ -6,17 +6,895 @@ desitransfer.daemon
 
 Entry point for :command:`desi_transfer_daemon`.
 
-Transfer raw exposures from KPNO to NERSC, verify their checksums and archive each night to HPSS.
-
-This command is not available in this release: it answers ``--help`` and
-``--version`` and refuses to run, so that nothing pretends to work.
+Raw exposures linked at KPNO as ``SOURCE/NIGHT/EXPID`` are copied into a
+staging area, locked, verified against their sha256 checksum file and moved
+into the destination; the outcome of each stage is recorded in the status
+store.  In the morning whole nights are synced again to pick up late files,
+and after noon each finished night is archived to HPSS with :command:`htar`.
 """
+import configparser
+import datetime as dt
+import errno
+import fcntl
+import json
 import os
+import re
+import shlex
+import shutil
+import signal
+import stat
+import string
 import sys
+import tempfile
+import threading
+import time
 from argparse import ArgumentParser
+from collections import namedtuple
+from importlib.resources import files
 
 from . import __version__ as dtVersion
-from .common import run
+from .checksum import verify_checksum
+from . import common
+from .common import (configure_log, dir_perm, empty_rsync, ensure_scratch, file_perm, log,
+                     new_exposures, rsync, rsync_ssh, run, ssh_command, valid_night)
+from .status import TransferStatus
+
+__all__ = ['TransferDaemon', 'main', 'verify_checksum', 'lock_directory',
+           'unlock_directory', 'rsync_night']
+
+#: Configuration of one destination directory.
+DirectoryConfig = namedtuple('DirectoryConfig', ['name', 'source', 'staging',
+                                                 'destination', 'hpss', 'checksum_file'])
+
+#: Keys every destination section must have.
+_directory_keys = DirectoryConfig._fields[1:]
+
+#: Seconds before an rsync, htar or hsi command is killed.
+RSYNC_TIMEOUT = 2 * 3600
+HTAR_TIMEOUT = 12 * 3600
+HSI_TIMEOUT = 600
+REMOTE_TIMEOUT = 300
+HPSS_STATUS_TIMEOUT = 30
+
+_expid = re.compile(r'[0-9]{8}')
+
+
+class ConfigurationError(Exception):
+    """A fatal problem with the configuration: one line naming the file and key."""
+
+
+class _Environment(configparser.Interpolation):
+    """Replace ``${VAR}`` by the environment variable VAR; unset VAR is an error."""
+
+    def before_get(self, parser, section, option, value, defaults):
+        try:
+            return string.Template(value).substitute(os.environ)
+        except KeyError as err:
+            raise ConfigurationError(f"[{section}] {option}: environment variable "
+                                     f"{err.args[0]} is not set") from None
+        except ValueError as err:
+            raise ConfigurationError(f"[{section}] {option}: {err}") from None
+
+
+def _read_configuration(filename=None):
+    """Read and validate the daemon configuration.
+
+    Parameters
+    ----------
+    filename : :class:`str`, optional
+        Configuration file; the shipped default if not set.
+
+    Returns
+    -------
+    :class:`tuple`
+        The list of :class:`DirectoryConfig`, the ``[common]`` and ``[logging]``
+        settings as :class:`dict`.
+
+    Raises
+    ------
+    ConfigurationError
+        One line naming the file, the section and the key.
+    """
+    if filename is None:
+        resource = files('desitransfer') / 'data' / 'desi_transfer_daemon.ini'
+        filename, text = str(resource), resource.read_text()
+    else:
+        try:
+            with open(filename) as f:
+                text = f.read()
+        except OSError as err:
+            raise ConfigurationError(f"configuration file {filename} cannot be read: "
+                                     f"{err.strerror}") from None
+    parser = configparser.ConfigParser(interpolation=_Environment())
+    parser.optionxform = str
+    try:
+        parser.read_string(text, source=filename)
+        return _validate(parser)
+    except ConfigurationError as err:
+        raise ConfigurationError(f"configuration file {filename}: {err}") from None
+    except configparser.Error as err:
+        message = ' '.join(str(err).split())
+        raise ConfigurationError(f"configuration file {filename}: {message}") from None
+
+
+def _get(parser, section, key, convert=str, default=None):
+    """Get and convert one key; missing or bad values raise :class:`ConfigurationError`."""
+    if not parser.has_section(section):
+        raise ConfigurationError(f"section [{section}] is missing")
+    if not parser.has_option(section, key):
+        if default is not None:
+            return default
+        raise ConfigurationError(f"[{section}] {key} is missing")
+    value = parser.get(section, key).strip()
+    try:
+        return convert(value)
+    except ValueError as err:
+        raise ConfigurationError(f"[{section}] {key} = {value!r} is not valid: {err}") from None
+
+
+def _absolute(value):
+    if not os.path.isabs(value):
+        raise ValueError('an absolute path is required')
+    return os.path.normpath(value)
+
+
+def _positive(value):
+    v = float(value)
+    if not v > 0:
+        raise ValueError('a positive number is required')
+    return v
+
+
+def _count(value):
+    v = int(value)
+    if v < 0:
+        raise ValueError('a non-negative integer is required')
+    return v
+
+
+def _checksum_name(value):
+    if '{exposure}' not in value or '/' in value:
+        raise ValueError("a file name containing '{exposure}' is required")
+    return value
+
+
+def _list(value):
+    return [v.strip() for v in value.split(',') if v.strip()]
+
+
+def _validate(parser):
+    directories = []
+    for section in parser.sections():
+        if section in ('common', 'logging'):
+            continue
+        source = _get(parser, section, 'source', _absolute)
+        staging = _get(parser, section, 'staging', _absolute)
+        destination = _get(parser, section, 'destination', _absolute)
+        hpss = _get(parser, section, 'hpss').strip('/')
+        if not hpss:
+            raise ConfigurationError(f"[{section}] hpss is empty")
+        checksum_file = _get(parser, section, 'checksum_file', _checksum_name)
+        directories.append(DirectoryConfig(section, source, staging, destination,
+                                           hpss, checksum_file))
+    if not directories:
+        raise ConfigurationError("no destination section (such as [DESI_SPECTRO_DATA])")
+    common = {'host': _get(parser, 'common', 'host', default=''),
+              'ssh': _get(parser, 'common', 'ssh'),
+              'temporary': _get(parser, 'common', 'temporary', _list),
+              'checksum_lock': _get(parser, 'common', 'checksum_lock', _absolute),
+              'catchup': _get(parser, 'common', 'catchup', int),
+              'backup': _get(parser, 'common', 'backup', int),
+              'sleep': _get(parser, 'common', 'sleep', _positive),
+              'retries': _get(parser, 'common', 'retries', _count, default=5),
+              'hpss': _get(parser, 'common', 'hpss'),
+              'hpss_status': _get(parser, 'common', 'hpss_status')}
+    if common['host'] and not common['ssh']:
+        raise ConfigurationError("[common] ssh is empty but host is set")
+    if not common['temporary']:
+        raise ConfigurationError("[common] temporary lists no directory")
+    logging_ = {'filename': _get(parser, 'logging', 'filename', _absolute),
+                'size': _get(parser, 'logging', 'size', _count),
+                'backups': _get(parser, 'logging', 'backups', _count),
+                'to': _get(parser, 'logging', 'to', _list),
+                'smtp': _get(parser, 'logging', 'smtp', default='localhost:25')}
+    if not re.fullmatch(r'[^:\s]+(:[0-9]+)?', logging_['smtp']):
+        raise ConfigurationError(f"[logging] smtp = {logging_['smtp']!r} is not host:port")
+    return directories, common, logging_
+
+
+class TransferDaemon(object):
+    """Manage data transfer configuration, options, and operations.
+
+    Parameters
+    ----------
+    options : :class:`argparse.Namespace`
+        The parsed command-line options.
+
+    Raises
+    ------
+    ConfigurationError
+        If the configuration cannot be used.
+    """
+
+    def __init__(self, options):
+        self.options = options
+        self.test = options.test
+        self.tape = not options.no_backup
+        self.directories, self.conf, self.log_conf = _read_configuration(options.configuration)
+        try:
+            self.scratch = ensure_scratch(self.conf['temporary'])
+        except FileNotFoundError as err:
+            raise ConfigurationError(f"[common] temporary: {err}") from None
+        self._configure_log(options.debug)
+        self.stop = threading.Event()
+        self._control = None
+        self._warned = set()
+        self._unreachable = 0
+        self._hpss_active = None
+        self._hpss_listing = {}
+        top = os.path.dirname(self.directories[0].staging)
+        self.state_file = os.path.join(top, 'desi_transfer_daemon_state.json')
+        self.lock_file = os.path.join(top, 'desi_transfer_daemon.lock')
+        self.state = self._load_state()
+
+    def _configure_log(self, debug):
+        """Re-configure the default logger returned by ``desiutil.log``.
+
+        Parameters
+        ----------
+        debug : :class:`bool`
+            If ``True`` set the log level to DEBUG.
+        """
+        c = self.log_conf
+        configure_log(debug=debug, filename=None if self.test else c['filename'],
+                      size=c['size'], backups=c['backups'], to=c['to'],
+                      mailhost=c['smtp'], program='desi_transfer_daemon')
+
+    # ------------------------------------------------------------------
+    # State kept between passes and between runs.
+    # ------------------------------------------------------------------
+    def _load_state(self):
+        try:
+            with open(self.state_file) as f:
+                state = json.load(f)
+            if not isinstance(state, dict):
+                raise ValueError('not a JSON object')
+        except FileNotFoundError:
+            state = {}
+        except (OSError, ValueError) as err:
+            log.error("State file %s is unreadable (%s); it is kept as %s.bad and the "
+                      "daemon starts afresh: nights are checked on tape again.",
+                      self.state_file, err, self.state_file)
+            if not self.test:
+                os.replace(self.state_file, self.state_file + '.bad')
+            state = {}
+        for d in self.directories:
+            s = state.setdefault(d.name, {})
+            s.setdefault('retries', {})
+            s.setdefault('caught_up', [])
+            s.setdefault('backed_up', [])
+        return state
+
+    def _save_state(self):
+        if self.test:
+            return
+        os.makedirs(os.path.dirname(self.state_file), exist_ok=True)
+        tmp = self.state_file + f'.{os.getpid()}.tmp'
+        with open(tmp, 'w') as f:
+            json.dump(self.state, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.state_file)
+
+    # ------------------------------------------------------------------
+    # Talking to the mountain.
+    # ------------------------------------------------------------------
+    @property
+    def host(self):
+        return self.conf['host']
+
+    def _ssh(self):
+        """The ssh command, sharing one connection per pass where possible."""
+        if self._control is None:
+            _remove_stale_control_directories()
+            self._control = tempfile.mkdtemp(prefix=f'dtd-{os.getpid()}-')
+        return ssh_command(self.conf['ssh'], control=os.path.join(self._control, 'mux'))
+
+    def _close_ssh(self):
+        """Stop the shared ssh connection and remove its private directory."""
+        if self._control is None:
+            return
+        socket = os.path.join(self._control, 'mux')
+        if os.path.exists(socket):
+            run([self.conf['ssh'], '-o', f'ControlPath={socket}', '-O', 'exit', self.host],
+                timeout=30, quiet=True, ok=(0, 255))
+        shutil.rmtree(self._control, ignore_errors=True)
+        self._control = None
+
+    def _remote(self, command, ok=(0,)):
+        """Run `command` at the mountain (or locally if no host is configured)."""
+        if not self.host:
+            return run(command, timeout=REMOTE_TIMEOUT, ok=ok, quiet=True)
+        result = run(self._ssh() + [self.host, shlex.join(command)],
+                     timeout=REMOTE_TIMEOUT, ok=ok + (255,), quiet=True)
+        if result.returncode == 255:
+            # The shared connection may have died: try once on a plain connection.
+            log.warning("ssh to %s failed (%s); trying again without connection sharing.",
+                        self.host, result.stderr.strip()[-300:])
+            result = run(ssh_command(self.conf['ssh']) + [self.host, shlex.join(command)],
+                         timeout=REMOTE_TIMEOUT, ok=ok, quiet=True)
+        return result
+
+    def _rsync(self, source, destination, test=False, extra=()):
+        """rsync command from the mountain, through the configured ssh."""
+        command = rsync(source, destination, test=test, config=self.host or None)
+        command[1:1] = ['--timeout=600'] + list(extra)
+        return rsync_ssh(command, self._ssh()) if self.host else command
+
+    def checksum_lock(self):
+        """See if checksums are being computed at KPNO.
+
+        Returns
+        -------
+        :class:`bool`
+            ``True`` if checksums are being computed, or if the mountain
+            cannot be asked (then nothing is transferred in this pass either).
+        """
+        result = self._remote(['test', '-f', self.conf['checksum_lock']], ok=(0, 1))
+        if result.returncode in (0, 1):
+            return result.returncode == 0
+        log.error("Could not check %s at %s: %s; nothing is transferred in this pass.",
+                  self.conf['checksum_lock'], self.host or 'localhost', result.stderr.strip())
+        return True
+
+    def _links(self, d):
+        """Valid ``NIGHT/EXPID`` links at the mountain, or ``None`` on failure."""
+        result = self._remote(['find', d.source, '-mindepth', '1', '-maxdepth', '2',
+                               '-type', 'l'])
+        if result.returncode != 0:
+            self._unreachable += 1
+            level = log.critical if self._unreachable == 3 else log.error
+            level("Could not list exposures in %s at %s (%d passes in a row): %s; "
+                  "will try again next pass.", d.source, self.host or 'localhost',
+                  self._unreachable, result.stderr.strip()[-300:])
+            return None
+        self._unreachable = 0
+        links = []
+        prefix = d.source.rstrip('/') + '/'
+        for line in result.stdout.splitlines():
+            link = line[len(prefix):] if line.startswith(prefix) else line
+            parts = link.split('/')
+            if (len(parts) == 2 and valid_night(parts[0]) and
+                    _expid.fullmatch(parts[1]) is not None):
+                links.append(link)
+            elif line and line not in self._warned:
+                self._warned.add(line)
+                log.warning("Malformed link %s at %s is not NIGHT/EXPID; it is not "
+                            "transferred.", line, self.host or 'localhost')
+        return sorted(links)
+
+    # ------------------------------------------------------------------
+    # The main loop.
+    # ------------------------------------------------------------------
+    def _stopping(self):
+        if self.stop.is_set():
+            return True
+        if os.path.exists(self.options.kill):
+            log.info("%s exists; stopping.", self.options.kill)
+            self.stop.set()
+            return True
+        return False
+
+    def transfer(self):
+        """Loop over and transfer all configured directories.
+
+        With ``--once``, make one pass and return; otherwise pass, sleep and
+        pass again until SIGTERM or the kill file stops the loop.  A pass that
+        fails is logged with its traceback and the next pass still runs.
+        """
+        while not self._stopping():
+            try:
+                self._pass()
+            except Exception as err:
+                log.critical("Transfer pass failed: %s: %s; the next pass will try again.",
+                             type(err).__name__, err, exc_info=True)
+            finally:
+                self._close_ssh()
+            if self.options.once or self._stopping():
+                break
+            log.debug("Sleeping %g minutes.", self.conf['sleep'])
+            self.stop.wait(self.conf['sleep'] * 60)
+        log.info("desi_transfer_daemon stops.")
+
+    def _pass(self):
+        self._hpss_active = None
+        self._hpss_listing = {}
+        for d in self.directories:
+            if self._stopping():
+                return
+            self.directory(d)
+
+    def _status(self, d):
+        return TransferStatus(os.path.join(os.path.dirname(d.staging), 'status'))
+
+    @staticmethod
+    def _due(night, hour):
+        """``True`` once it is `hour` UTC on the morning after `night` (or later).
+
+        An hour outside 0-23 disables the step.
+        """
+        if not 0 <= hour <= 23:
+            return False
+        start = dt.datetime.strptime(night, '%Y%m%d').replace(tzinfo=dt.timezone.utc)
+        return common._utcnow() >= start + dt.timedelta(days=1, hours=hour)
+
+    def directory(self, d):
+        """Data transfer operations for a single destination directory.
+
+        Parameters
+        ----------
+        d : :func:`collections.namedtuple`
+            Configuration for the destination directory.
+        """
+        log.debug("Looking for new exposures in %s.", d.source)
+        if self.checksum_lock():
+            log.info("Checksums are being computed at %s (%s exists); waiting for "
+                     "the next pass.", self.host or 'localhost', self.conf['checksum_lock'])
+            return
+        links = self._links(d)
+        if links is None:
+            return
+        status = None if self.test else self._status(d)
+        state = self.state[d.name]
+        earlier_errors = sorted(state['retries'])
+        new = [link for link in links if not os.path.isdir(os.path.join(d.destination, link))]
+        if new:
+            log.info("%d new exposures in %s.", len(new), d.source)
+        for night in sorted({link.split('/')[0] for link in new}):
+            self._new_night(d, night, [link.split('/')[1] for link in new
+                                       if link.startswith(night + '/')], status)
+            if self.stop.is_set():
+                return
+        self._retry(d, status, earlier_errors)
+        nights = sorted({link.split('/')[0] for link in links})
+        pending = [n for n in nights if n not in state['backed_up'] and
+                   os.path.isdir(os.path.join(d.destination, n))]
+        for night in pending:
+            if (self._due(night, self.conf['catchup']) and night not in state['caught_up']
+                    and not self._stopping()):
+                if self.catchup(d, night, status):
+                    state['caught_up'].append(night)
+                    self._save_state()
+        if self.tape:
+            for night in pending:
+                if not self._due(night, self.conf['backup']):
+                    continue
+                if self._stopping() or not self._hpss_available():
+                    break
+                waiting = [link for link in state['retries'] if link.startswith(night + '/')]
+                if waiting:
+                    log.info("Night %s is not archived yet: exposures %s are being "
+                             "transferred again.", night, ', '.join(sorted(waiting)))
+                    continue
+                if self.backup(d, night, status):
+                    if status is not None:
+                        status.update(night, 'all', 'backup')
+                    state['backed_up'].append(night)
+                    state['caught_up'] = [n for n in state['caught_up'] if n != night]
+                    self._save_state()
+
+    def _new_night(self, d, night, expids, status):
+        """Transfer the new exposures of one night.
+
+        One rsync copies all of them into staging; then each exposure is
+        locked and verified on its own, the outcomes are recorded together,
+        and each exposure is installed.  An exposure is installed only after
+        its status is recorded, so a daemon killed at any point finds the
+        rest in staging on its next pass.
+        """
+        staging = os.path.join(d.staging, night)
+        if not self.test:
+            os.makedirs(staging, exist_ok=True)
+            for expid in expids:
+                unlock_directory(os.path.join(staging, expid))
+        log.info("Transferring %d exposures of night %s from %s.", len(expids), night,
+                 d.source)
+        extra = [f'--include=/{e}/***' for e in expids] + ['--exclude=*']
+        bulk = run(self._rsync(os.path.join(d.source, night), staging, extra=extra),
+                   timeout=RSYNC_TIMEOUT, test=self.test, ok=(0, 24))
+        if bulk.returncode not in (0, 24):
+            log.warning("rsync of %d exposures of night %s failed; each is transferred on "
+                        "its own.", len(expids), night)
+            bulk = None
+        staged = []
+        for expid in expids:
+            if self._stopping():
+                break
+            staged.append((expid,) + self._stage(d, night, expid, bulk))
+        self._record_many(status, [r for expid, code, errors in staged
+                                   for r in self._records(night, expid, code, errors)])
+        for expid, code, errors in staged:
+            self._conclude(d, night, expid, code, errors)
+            if night in self.state[d.name]['backed_up']:
+                log.critical("Exposure %s/%s arrived after night %s was archived to HPSS; "
+                             "the night must be archived again by hand.", night, expid, night)
+
+    def _stage(self, d, night, expid, bulk=None):
+        """rsync (unless `bulk` did), lock and verify one exposure in staging.
+
+        Returns the rsync return code and the checksum errors.
+        """
+        staging = os.path.join(d.staging, night, expid)
+        result = bulk
+        if result is None:
+            if not self.test:
+                os.makedirs(staging, exist_ok=True)
+                unlock_directory(staging)
+            result = run(self._rsync(os.path.join(d.source, night, expid), staging),
+                         timeout=RSYNC_TIMEOUT, test=self.test, ok=(0, 24))
+        lock_directory(staging, self.test)
+        errors = self._verify(os.path.join(staging, d.checksum_file.format(exposure=expid)),
+                              alert=False)
+        return result.returncode, errors
+
+    @staticmethod
+    def _records(night, expid, code, errors):
+        """Status records of an exposure after rsync returned `code` and verification `errors`."""
+        return [(night, expid, 'rsync', code not in (0, 24)),
+                (night, expid, 'checksum', bool(errors))]
+
+    def _conclude(self, d, night, expid, code, errors):
+        """Install a staged exposure; alert and schedule retries if it had errors."""
+        link = f'{night}/{expid}'
+        destination = os.path.join(d.destination, night, expid)
+        self._install(os.path.join(d.staging, night, expid), destination)
+        if self.test:
+            return
+        if code in (0, 24) and not errors:
+            log.info("Exposure %s is installed in %s and verified.", link, destination)
+            return
+        problems = ([] if code in (0, 24) else [f'rsync failed with return code {code}']
+                    ) + (errors.splitlines() if errors else [])
+        log.critical("Exposure %s has errors: %s. It is installed in %s anyway and will be "
+                     "transferred and verified again on the next %d passes.",
+                     link, '; '.join(p.rstrip('.') for p in problems), destination,
+                     self.conf['retries'])
+        self.state[d.name]['retries'][link] = 0
+        self._save_state()
+
+    def exposure(self, d, link, status):
+        """Data transfer operations for a single exposure.
+
+        This method will unconditionally install an exposure directory in the
+        destination, regardless of any transfer or checksum errors.  Errors are
+        recorded, alerted once, and the exposure is transferred and verified
+        again on later passes, up to ``[common] retries`` times.
+
+        Parameters
+        ----------
+        d : :func:`collections.namedtuple`
+            Configuration for the destination directory.
+        link : :class:`str`
+            The exposure, ``NIGHT/EXPID``.
+        status : :class:`desitransfer.status.TransferStatus`
+            The status store (``None`` in test mode).
+        """
+        night, expid = link.split('/')
+        log.info("Transferring exposure %s from %s.", link, d.source)
+        code, errors = self._stage(d, night, expid)
+        self._record_many(status, self._records(night, expid, code, errors))
+        self._conclude(d, night, expid, code, errors)
+
+    def _install(self, staging, destination):
+        """Move an exposure from staging to its destination."""
+        if self.test:
+            log.info("Test mode, would move %s to %s.", staging, destination)
+            return
+        night_dir = os.path.dirname(destination)
+        os.makedirs(night_dir, exist_ok=True)
+        mode = stat.S_IMODE(os.stat(night_dir).st_mode)
+        if not mode & stat.S_IWUSR:
+            # The night was archived already (user write removed); see directory().
+            os.chmod(night_dir, mode | stat.S_IWUSR)
+        try:
+            os.rename(staging, destination)
+        except OSError as err:
+            if err.errno != errno.EXDEV:
+                raise
+            # Staging on another file system: copy beside the target, then rename.
+            log.warning("%s and %s are on different file systems; copying.",
+                        staging, destination)
+            partial = os.path.join(os.path.dirname(destination),
+                                   '.' + os.path.basename(destination) + '.partial')
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(staging, partial, symlinks=True)
+            os.rename(partial, destination)
+            unlock_directory(staging)
+            shutil.rmtree(staging)
+
+    def _record_many(self, status, records):
+        """Record ``(night, expid, stage, failure)`` tuples (only log them in test mode)."""
+        if status is None:
+            for night, expid, stage, failure in records:
+                log.info("Test mode, would record %s %s %s %s.", night, expid, stage,
+                         'failure' if failure else 'success')
+        elif records:
+            status.update_many(records)
+
+    def _retry(self, d, status, links):
+        """Transfer and verify again `links`, exposures that had errors in earlier passes."""
+        retries = self.state[d.name]['retries']
+        for link in links:
+            if self._stopping():
+                return
+            if self.test:
+                log.info("Test mode, would transfer and verify %s again.", link)
+                continue
+            night, expid = link.split('/')
+            destination = os.path.join(d.destination, night, expid)
+            retries[link] += 1
+            log.info("Transferring exposure %s again (try %d of %d).", link, retries[link],
+                     self.conf['retries'])
+            unlock_directory(destination)
+            result = run(self._rsync(os.path.join(d.source, night, expid), destination),
+                         timeout=RSYNC_TIMEOUT, ok=(0, 24))
+            lock_directory(destination)
+            errors = self._verify(os.path.join(destination,
+                                               d.checksum_file.format(exposure=expid)),
+                                  alert=False)
+            self._record_many(status, self._records(night, expid, result.returncode, errors))
+            if result.returncode in (0, 24) and not errors:
+                log.info("Exposure %s is now transferred and verified.", link)
+                del retries[link]
+            elif retries[link] >= self.conf['retries']:
+                log.critical("Exposure %s still has errors after %d more transfers; giving "
+                             "up. Fix it by hand, then record it with desi_transfer_status.",
+                             link, retries[link])
+                del retries[link]
+            self._save_state()
+
+    def checksum(self, checksum_file, status):
+        """Verify checksum associated with `checksum_file` and report status.
+
+        The status is reported via log messages and messages passed to the
+        status object, not via a return value.
+
+        Parameters
+        ----------
+        checksum_file : :class:`str`
+            The checksum file, ``.../NIGHT/EXPID/checksum-EXPID.sha256sum``.
+        status : :class:`desitransfer.status.TransferStatus`
+            The status store (``None`` in test mode).
+        """
+        exposure_dir = os.path.dirname(checksum_file)
+        errors = self._verify(checksum_file)
+        self._record_many(status, [(os.path.basename(os.path.dirname(exposure_dir)),
+                                    os.path.basename(exposure_dir), 'checksum', bool(errors))])
+
+    def _verify(self, checksum_file, alert=True):
+        """Verify an exposure and log the outcome (CRITICAL if `alert`, else ERROR).
+
+        Returns the errors found, ``''`` if none (always ``''`` in test mode).
+        """
+        exposure_dir = os.path.dirname(checksum_file)
+        link = '/'.join(exposure_dir.split(os.sep)[-2:])
+        if self.test:
+            log.info("Test mode, would verify %s.", checksum_file)
+            return ''
+        errors = verify_checksum(checksum_file)
+        if errors:
+            (log.critical if alert else log.error)(
+                "Checksum verification of exposure %s failed (%s): %s",
+                link, checksum_file, '; '.join(errors.splitlines()))
+        else:
+            log.debug("Checksums of %s verified.", link)
+        return errors
+
+    def catchup(self, d, night, status, backup=False):
+        """Do a "catch-up" transfer to catch delayed files in the morning, rather than at noon.
+
+        Parameters
+        ----------
+        d : :func:`collections.namedtuple`
+            Configuration for the destination directory.
+        night : :class:`str`
+            Night to check.
+        status : :class:`desitransfer.status.TransferStatus`
+            The status store (``None`` in test mode).
+        backup : :class:`bool`, optional
+            This is the final catch-up before the night is archived.
+
+        Returns
+        -------
+        :class:`bool`
+            ``True`` if the night is up to date.
+
+        Notes
+        -----
+        * 07:00 MST = 14:00 UTC.
+        * This script can do nothing about exposures that were never linked
+          into the DTS area at KPNO in the first place.
+        """
+        destination = os.path.join(d.destination, night)
+        exposures = sorted(e for e in os.listdir(destination) if _expid.fullmatch(e))
+        extra = [f'--include=/{e}/***' for e in exposures] + ['--exclude=*']
+        source = os.path.join(d.source, night)
+        log.info("%s of night %s: looking for late or changed files.",
+                 'Final catch-up' if backup else 'Catch-up', night)
+        dry = run(self._rsync(source, destination, test=True, extra=extra),
+                  timeout=RSYNC_TIMEOUT, ok=(0, 24))
+        if dry.returncode not in (0, 24):
+            log.error("Catch-up of night %s could not ask %s; will try again next pass.",
+                      night, self.host or 'localhost')
+            return False
+        if empty_rsync(dry.stdout):
+            log.info("Night %s is up to date.", night)
+            return True
+        changed = sorted(new_exposures(dry.stdout))
+        log.info("Night %s: late or changed files in exposures %s.", night, ', '.join(changed))
+        result = rsync_night(d.source, d.destination, night, test=self.test,
+                             command=self._rsync(source, destination, extra=extra))
+        if result.returncode not in (0, 24):
+            log.error("Catch-up rsync of night %s failed; will try again next pass.", night)
+            return False
+        records = []
+        for expid in changed:
+            errors = self._verify(os.path.join(destination, expid,
+                                               d.checksum_file.format(exposure=expid)))
+            records += self._records(night, expid, result.returncode, errors)
+            if errors:
+                self.state[d.name]['retries'][f'{night}/{expid}'] = 0
+        self._record_many(status, records)
+        self._save_state()
+        return True
+
+    def hpss_status(self):
+        """Check HPSS availability.
+
+        Returns
+        -------
+        :class:`bool`
+            ``True`` if HPSS is available.
+        """
+        import requests  # Only needed after noon: keep start-up quick.
+        url = self.conf['hpss_status']
+        try:
+            response = requests.get(url, timeout=HPSS_STATUS_TIMEOUT)
+            response.raise_for_status()
+            answer = response.json()
+            state = answer.get('status') if isinstance(answer, dict) else None
+        except (requests.RequestException, ValueError) as err:
+            log.warning("HPSS status unknown (%s: %s); archiving waits for a later pass.",
+                        url, err)
+            return False
+        if state != 'active':
+            log.info("HPSS status is %r, not 'active'; archiving waits for a later pass.",
+                     state)
+            return False
+        return True
+
+    def _hpss_available(self):
+        if self._hpss_active is None:
+            self._hpss_active = self.hpss_status()
+        return self._hpss_active
+
+    def _hpss_program(self, name):
+        return os.path.join(self.conf['hpss'], name) if self.conf['hpss'] else name
+
+    def _on_tape(self, d, archive):
+        """``True`` if `archive` and its index are in the HPSS directory of `d`."""
+        if d.hpss not in self._hpss_listing:
+            listing = os.path.join(self.scratch, f'desi_transfer_hsi.{os.getpid()}.txt')
+            result = run([self._hpss_program('hsi'), '-O', listing, 'ls', '-l', d.hpss],
+                         timeout=HSI_TIMEOUT, ok=(0, 64, 72))
+            names = set()
+            try:
+                with open(listing) as f:
+                    names = {line.split()[-1] for line in f if line.split()}
+                os.remove(listing)
+            except OSError:
+                pass
+            if result.returncode not in (0, 64, 72) or not names and result.returncode == 0:
+                log.error("Could not list %s on HPSS; archiving waits for a later pass.",
+                          d.hpss)
+                return None
+            self._hpss_listing[d.hpss] = names
+        names = self._hpss_listing[d.hpss]
+        return archive in names and archive + '.idx' in names
+
+    def backup(self, d, night, status):
+        """Final sync and backup for a specific night.
+
+        Parameters
+        ----------
+        d : :func:`collections.namedtuple`
+            Configuration for the destination directory.
+        night : :class:`str`
+            Night to back up.
+        status : :class:`desitransfer.status.TransferStatus`
+            The status store (``None`` in test mode).
+
+        Returns
+        -------
+        :class:`bool`
+            ``True`` indicates the backup ran to completion and the the transfer
+            status should be updated to reflect that.
+
+        Notes
+        -----
+        * 12:00 MST = 19:00 UTC, plus one hour just to be safe, so after 20:00 UTC.
+        """
+        archive = f"{d.hpss.replace('/', '_')}_{night}.tar"
+        on_tape = self._on_tape(d, archive)
+        if on_tape is None:
+            return False
+        if on_tape:
+            log.info("Night %s is already archived as %s/%s.", night, d.hpss, archive)
+            return True
+        if not self.catchup(d, night, status, backup=True):
+            return False
+        night_dir = os.path.join(d.destination, night)
+        if self.test:
+            log.info("Test mode, would remove user write permission in %s.", night_dir)
+        else:
+            for root, _, _ in os.walk(night_dir):
+                os.chmod(root, stat.S_IMODE(os.lstat(root).st_mode) & ~stat.S_IWUSR)
+        result = run([self._hpss_program('htar'), '-cvhf', f'{d.hpss}/{archive}',
+                      '-H', 'crc:verify=all', night], cwd=d.destination,
+                     timeout=HTAR_TIMEOUT, test=self.test)
+        if self.test:
+            return False
+        self._hpss_listing.pop(d.hpss, None)
+        if result.returncode == 0 and self._on_tape(d, archive):
+            log.info("Night %s is archived as %s/%s.", night, d.hpss, archive)
+            return True
+        log.critical("Archiving night %s to HPSS as %s/%s failed (htar returned %d); "
+                     "will try again on a later pass.", night, d.hpss, archive,
+                     result.returncode)
+        return False
+
+    def run(self):
+        """Run the daemon: refuse a second copy, then :meth:`transfer`.
+
+        Returns
+        -------
+        :class:`int`
+            An exit status.
+        """
+        if self.test:
+            log.info("Test mode: nothing is changed; commands are logged, not run.")
+            self.transfer()
+            return 0
+        os.makedirs(os.path.dirname(self.lock_file), exist_ok=True)
+        with open(self.lock_file, 'a+') as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock.seek(0)
+                log.critical("Another desi_transfer_daemon (pid %s) is running with this "
+                             "configuration (lock %s); exiting.",
+                             lock.read().strip() or 'unknown', self.lock_file)
+                return 1
+            lock.truncate(0)
+            lock.write(f'{os.getpid()}\n')
+            lock.flush()
+            self.transfer()
+        return 0
+
+
+def _remove_stale_control_directories():
+    """Remove ssh control directories left by daemons that were killed."""
+    top = tempfile.gettempdir()
+    for name in os.listdir(top):
+        m = re.fullmatch(r'dtd-([0-9]+)-\w+', name)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(top, name), ignore_errors=True)
+        except PermissionError:
+            pass
 
 
 def _options(args=None):
@@ -32,26 +910,25 @@ def _options(args=None):
     :class:`argparse.Namespace`
         The parsed command-line options.
     """
-    prsr = ArgumentParser(prog=os.path.basename(sys.argv[0]),
-                          description="Transfer raw exposures from KPNO to NERSC, verify their checksums and archive each night to HPSS. "
-                                      "Not available in this release of desitransfer.")
+    desc = "Transfer DESI raw data files."
+    prsr = ArgumentParser(prog=os.path.basename(sys.argv[0]), description=desc)
+    prsr.add_argument('-B', '--no-backup', action='store_true', dest='no_backup',
+                      help="Skip NERSC HPSS backups.")
+    prsr.add_argument('-c', '--configuration', metavar='FILE',
+                      help="Read configuration from FILE (default: the shipped "
+                           "desi_transfer_daemon.ini).")
+    prsr.add_argument('-d', '--debug', action='store_true',
+                      help="Set log level to DEBUG.")
+    prsr.add_argument('-k', '--kill', metavar='FILE',
+                      default=os.path.join(os.environ.get('HOME', '~'), 'stop_desi_transfer'),
+                      help="Exit the script when FILE is detected (default %(default)s).")
+    prsr.add_argument('--once', action='store_true',
+                      help="Make one full pass, then exit (for cron and tests).")
+    prsr.add_argument('-t', '--test', action='store_true',
+                      help="Test mode: log exactly what would run and change nothing.")
     prsr.add_argument('-V', '--version', action='version',
                       version='%(prog)s {0}'.format(dtVersion))
     return prsr.parse_args(args)
-
-
-def main():
-    """Entry point for :command:`desi_transfer_daemon`.
-
-    Returns
-    -------
-    :class:`int`
-        An integer suitable for passing to :func:`sys.exit`.
-    """
-    _options()
-    print("desi_transfer_daemon: not available in this release of desitransfer; nothing was done.",
-          file=sys.stderr)
-    return 2
 
 
 def _popen(command):
@@ -69,3 +946,99 @@ def _popen(command):
     """
     result = run(command)
     return (str(result.returncode), result.stdout, result.stderr)
+
+
+def _chmod_tree(directory, dirs, files_, test):
+    if test:
+        log.info("Test mode, would set directories in %s to %s and files to %s.",
+                 directory, dirs, files_)
+        return
+    if not os.path.isdir(directory):
+        return
+    for root, dirnames, filenames in os.walk(directory):
+        os.chmod(root, dirs(root) if callable(dirs) else dirs)
+        for name in filenames:
+            p = os.path.join(root, name)
+            if not os.path.islink(p):
+                os.chmod(p, files_(p) if callable(files_) else files_)
+
+
+def lock_directory(directory, test=False):
+    """Set a directory and its contents read-only.
+
+    Directories become ``0o2750``, files ``0o440``.
+
+    Parameters
+    ----------
+    directory : :class:`str`
+        Directory to lock.
+    test : :class:`bool`, optional
+        If ``True``, only print the commands.
+    """
+    _chmod_tree(directory, dir_perm, file_perm, test)
+
+
+def unlock_directory(directory, test=False):
+    """Set a directory and its contents user-writeable.
+
+    Parameters
+    ----------
+    directory : :class:`str`
+        Directory to unlock.
+    test : :class:`bool`, optional
+        If ``True``, only print the commands.
+    """
+    def writable(p):
+        return stat.S_IMODE(os.lstat(p).st_mode) | stat.S_IWUSR
+    _chmod_tree(directory, writable, writable, test)
+
+
+def rsync_night(source, destination, night, test=False, command=None):
+    """Run an rsync command on an entire night, for example, to pick up delayed files.
+
+    The night is unlocked, synced and locked again.
+
+    Parameters
+    ----------
+    source : :class:`str`
+        Source directory.
+    destination : :class:`str`
+        Destination directory.
+    night : :class:`str`
+        Night directory.
+    test : :class:`bool`, optional
+        If ``True``, only print the commands.
+    command : :class:`list`, optional
+        The rsync command to run; by default
+        :func:`desitransfer.common.rsync` from ``dts:source/night``.
+
+    Returns
+    -------
+    :class:`desitransfer.common.Result`
+        The outcome of rsync.
+    """
+    night_dir = os.path.join(destination, night)
+    if command is None:
+        command = rsync(os.path.join(source, night), night_dir)
+    unlock_directory(night_dir, test)
+    result = run(command, timeout=RSYNC_TIMEOUT, test=test, ok=(0, 24))
+    lock_directory(night_dir, test)
+    return result
+
+
+def main():
+    """Entry point for :command:`desi_transfer_daemon`.
+
+    Returns
+    -------
+    :class:`int`
+        An integer suitable for passing to :func:`sys.exit`.
+    """
+    options = _options()
+    try:
+        daemon = TransferDaemon(options)
+    except ConfigurationError as err:
+        log.critical("desi_transfer_daemon cannot start: %s", err)
+        return 1
+    signal.signal(signal.SIGTERM, lambda signum, frame: daemon.stop.set())
+    return daemon.run()

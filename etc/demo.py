@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""Run desi_transfer_daemon once against a simulated mountain on this machine.
+
+Builds, under DIRECTORY (default /tmp/desitransfer-demo):
+
+* ``mountain/``: three finished nights of raw exposures laid out as at KPNO
+  (``data/NIGHT/EXPID`` directories, ``dts/NIGHT/EXPID`` links), plus one
+  malformed link that must not be copied;
+* ``nersc/``: the staging area, destination, status store and log;
+* ``hpss/``: the tape, written by the HPSS emulator of the test suite;
+
+then runs ``desi_transfer_daemon --once`` with a configuration whose empty
+``host`` means "the source is local", with catch-up and backup enabled at any
+hour, and an HPSS status service answering "active" on 127.0.0.1.
+Run it again: the second pass finds nothing to do.
+"""
+import datetime as dt
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from argparse import ArgumentParser
+
+TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(TOP, 'py'))
+
+from desitransfer.common import today  # noqa: E402
+from desitransfer.mountain import make_mountain  # noqa: E402
+
+
+class ArchiveStatus(http.server.BaseHTTPRequestHandler):
+    """Imitate the NERSC status API: the archive is active."""
+
+    def do_GET(self):
+        body = json.dumps({'name': 'archive', 'status': 'active'}).encode()
+        self.send_response(200)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def main():
+    prsr = ArgumentParser(description=__doc__.split('\n')[0])
+    prsr.add_argument('directory', nargs='?', default='/tmp/desitransfer-demo',
+                      help="Work in this directory (default %(default)s).")
+    prsr.add_argument('--fresh', action='store_true',
+                      help="Remove the directory first.")
+    options = prsr.parse_args()
+    root = os.path.abspath(options.directory)
+    if options.fresh and os.path.isdir(root):
+        shutil.rmtree(root)
+    mountain = os.path.join(root, 'mountain')
+    nersc = os.path.join(root, 'nersc')
+    if not os.path.isdir(mountain):
+        last = dt.datetime.strptime(today(), '%Y%m%d')
+        nights = [(last - dt.timedelta(days=n)).strftime('%Y%m%d') for n in (3, 2, 1)]
+        created = make_mountain(mountain, nights, exposures=4, nfiles=4, size=64 * 1024)
+        os.symlink(os.path.join(mountain, 'data', nights[0]),
+                   os.path.join(mountain, 'dts', nights[0], 'not-an-exposure'))
+        print(f"Simulated mountain: {len(created)} exposures of nights "
+              f"{', '.join(nights)} in {mountain}")
+    for d in ('staging', 'spectro/data', 'scratch', 'logs'):
+        os.makedirs(os.path.join(nersc, d), exist_ok=True)
+    os.makedirs(os.path.join(root, 'hpss'), exist_ok=True)
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), ArchiveStatus)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    configuration = os.path.join(root, 'desi_transfer_daemon.ini')
+    with open(configuration, 'w') as f:
+        f.write(f"""[DESI_SPECTRO_DATA]
+source = {mountain}/dts
+staging = {nersc}/staging/raw
+destination = {nersc}/spectro/data
+hpss = desi/spectro/data
+checksum_file = checksum-{{exposure}}.sha256sum
+
+[common]
+host =
+ssh = ssh
+temporary = {nersc}/scratch
+checksum_lock = {mountain}/checksum-running
+catchup = 0
+backup = 0
+sleep = 1
+retries = 3
+hpss = {TOP}/tests/hpss
+hpss_status = http://127.0.0.1:{server.server_address[1]}/status/archive
+
+[logging]
+filename = {nersc}/logs/desi_transfer_daemon.log
+size = 10000000
+backups = 3
+to =
+smtp = localhost:25
+""")
+    env = dict(os.environ, HPSS_EMULATOR_ROOT=os.path.join(root, 'hpss'))
+    daemon = shutil.which('desi_transfer_daemon', path=os.path.dirname(sys.executable))
+    command = [daemon or os.path.join(TOP, 'bin', 'desi_transfer_daemon'),
+               '--once', '--configuration', configuration, '--kill', os.path.join(root, 'stop')]
+    print('Running:', ' '.join(command), flush=True)
+    code = subprocess.call(command, env=env)
+    server.shutdown()
+    status = os.path.join(nersc, 'staging', 'status')
+    print(f"""
+desi_transfer_daemon exited with status {code}.
+  Raw data:       {nersc}/spectro/data/NIGHT/EXPID
+  Status JSON:    {status}/desi_transfer_status_YYYY.json
+  Status page:    {status}/index.html
+                  (serve it: python3 -m http.server -d {status} 8000)
+  Tape (HPSS):    {root}/hpss/desi/spectro/data
+  Log:            {nersc}/logs/desi_transfer_daemon.log
+  Configuration:  {configuration}
+See a night:      desi_transfer_status -d {status} NIGHT""")
+    return code
+
+
+if __name__ == '__main__':
+    sys.exit(main())
