@@ -39,9 +39,6 @@ from .common import (configure_log, dir_perm, empty_rsync, ensure_scratch, file_
                      new_exposures, rsync, rsync_ssh, run, ssh_command, valid_night)
 from .status import TransferStatus
 
-__all__ = ['TransferDaemon', 'main', 'verify_checksum', 'lock_directory',
-           'unlock_directory', 'rsync_night']
-
 #: Configuration of one destination directory.
 DirectoryConfig = namedtuple('DirectoryConfig', ['name', 'source', 'staging',
                                                  'destination', 'hpss', 'checksum_file'])
