@@ -150,8 +150,12 @@ def _count(value):
 
 
 def _checksum_name(value):
-    if '{exposure}' not in value or '/' in value:
-        raise ValueError("a file name containing '{exposure}' is required")
+    try:
+        name = value.format(exposure='00000000')
+    except (KeyError, IndexError, ValueError, AttributeError):
+        name = None  # another {field}, or a bad format: it would fail on every exposure
+    if '{exposure}' not in value or not name or '/' in name or name in ('.', '..'):
+        raise ValueError("a file name containing '{exposure}' and no other {field} is required")
     return value
 
 
@@ -226,7 +230,6 @@ class TransferDaemon(object):
         self.stop = threading.Event()
         self._control = None
         self._warned = set()
-        self._unreachable = 0
         self._hpss_active = None
         self._hpss_listing = {}
         top = os.path.dirname(self.directories[0].staging)
@@ -254,8 +257,7 @@ class TransferDaemon(object):
         try:
             with open(self.state_file) as f:
                 state = json.load(f)
-            if not isinstance(state, dict):
-                raise ValueError('not a JSON object')
+            self._check_state(state)
         except FileNotFoundError:
             state = {}
         except (OSError, ValueError) as err:
@@ -270,7 +272,31 @@ class TransferDaemon(object):
             s.setdefault('retries', {})
             s.setdefault('caught_up', [])
             s.setdefault('backed_up', [])
+            s.setdefault('unreachable', 0)
         return state
+
+    def _check_state(self, state):
+        """Raise :exc:`ValueError` unless `state` has the shape :meth:`_save_state` writes.
+
+        Names in it become paths: an exposure that is not ``NIGHT/EXPID`` or a
+        night that is not a date could lead out of the destination.
+        """
+        if not isinstance(state, dict):
+            raise ValueError('not a JSON object')
+        for d in self.directories:
+            s = state.get(d.name, {})
+            if not isinstance(s, dict):
+                raise ValueError(f'{d.name} is not a JSON object')
+            retries = s.get('retries', {})
+            if not (isinstance(retries, dict) and
+                    all(_valid_link(k) and type(v) is int for k, v in retries.items())):
+                raise ValueError(f'{d.name}: retries is not NIGHT/EXPID: count')
+            for key in ('caught_up', 'backed_up'):
+                nights = s.get(key, [])
+                if not (isinstance(nights, list) and all(valid_night(n) for n in nights)):
+                    raise ValueError(f'{d.name}: {key} is not a list of nights')
+            if type(s.get('unreachable', 0)) is not int:
+                raise ValueError(f'{d.name}: unreachable is not a count')
 
     def _save_state(self):
         if self.test:
@@ -303,7 +329,8 @@ class TransferDaemon(object):
             return
         socket = os.path.join(self._control, 'mux')
         if os.path.exists(socket):
-            run([self.conf['ssh'], '-o', f'ControlPath={socket}', '-O', 'exit', self.host],
+            run(ssh_command(self.conf['ssh']) + ['-o', f'ControlPath={socket}', '-O', 'exit',
+                                                 self.host],
                 timeout=30, quiet=True, ok=(0, 255))
         shutil.rmtree(self._control, ignore_errors=True)
         self._control = None
@@ -337,32 +364,46 @@ class TransferDaemon(object):
             ``True`` if checksums are being computed, or if the mountain
             cannot be asked (then nothing is transferred in this pass either).
         """
+        return self._checksum_lock()[0] is not False
+
+    def _checksum_lock(self):
+        """``(True or False, result)``, or ``(None, result)`` if the mountain cannot be asked."""
         result = self._remote(['test', '-f', self.conf['checksum_lock']], ok=(0, 1))
         if result.returncode in (0, 1):
-            return result.returncode == 0
-        log.error("Could not check %s at %s: %s; nothing is transferred in this pass.",
-                  self.conf['checksum_lock'], self.host or 'localhost', result.stderr.strip())
-        return True
+            return result.returncode == 0, result
+        return None, result
+
+    def _mountain_unreachable(self, d, what, result):
+        """Count passes in a row that could not reach the mountain; alert on the third.
+
+        The count is kept in the state file, so that it also counts runs of
+        ``--once`` started by cron.
+        """
+        state = self.state[d.name]
+        state['unreachable'] += 1
+        level = log.critical if state['unreachable'] == 3 else log.error
+        level("Could not %s at %s (%d passes in a row): %s; nothing is transferred in this "
+              "pass, will try again next pass.", what, self.host or 'localhost',
+              state['unreachable'], result.stderr.strip()[-300:])
+        self._save_state()
 
     def _links(self, d):
         """Valid ``NIGHT/EXPID`` links at the mountain, or ``None`` on failure."""
         result = self._remote(['find', d.source, '-mindepth', '1', '-maxdepth', '2',
                                '-type', 'l'])
         if result.returncode != 0:
-            self._unreachable += 1
-            level = log.critical if self._unreachable == 3 else log.error
-            level("Could not list exposures in %s at %s (%d passes in a row): %s; "
-                  "will try again next pass.", d.source, self.host or 'localhost',
-                  self._unreachable, result.stderr.strip()[-300:])
+            self._mountain_unreachable(d, f'list exposures in {d.source}', result)
             return None
-        self._unreachable = 0
+        if self.state[d.name]['unreachable']:
+            log.info("%s is reachable again after %d passes.", self.host or 'localhost',
+                     self.state[d.name]['unreachable'])
+            self.state[d.name]['unreachable'] = 0
+            self._save_state()
         links = []
         prefix = d.source.rstrip('/') + '/'
         for line in result.stdout.splitlines():
             link = line[len(prefix):] if line.startswith(prefix) else line
-            parts = link.split('/')
-            if (len(parts) == 2 and valid_night(parts[0]) and
-                    _expid.fullmatch(parts[1]) is not None):
+            if _valid_link(link):
                 links.append(link)
             elif line and line not in self._warned:
                 self._warned.add(line)
@@ -434,7 +475,11 @@ class TransferDaemon(object):
             Configuration for the destination directory.
         """
         log.debug("Looking for new exposures in %s.", d.source)
-        if self.checksum_lock():
+        locked, result = self._checksum_lock()
+        if locked is None:
+            self._mountain_unreachable(d, f"check {self.conf['checksum_lock']}", result)
+            return
+        if locked:
             log.info("Checksums are being computed at %s (%s exists); waiting for "
                      "the next pass.", self.host or 'localhost', self.conf['checksum_lock'])
             return
@@ -523,6 +568,11 @@ class TransferDaemon(object):
         """
         staging = os.path.join(d.staging, night, expid)
         result = bulk
+        if result is not None and not self.test and not os.path.isdir(staging):
+            # For example a dangling link at the mountain, which rsync skips.
+            log.warning("Exposure %s/%s was not copied by the rsync of its night; "
+                        "copying it on its own.", night, expid)
+            result = None
         if result is None:
             if not self.test:
                 os.makedirs(staging, exist_ok=True)
@@ -624,11 +674,12 @@ class TransferDaemon(object):
         for link in links:
             if self._stopping():
                 return
-            if self.test:
-                log.info("Test mode, would transfer and verify %s again.", link)
-                continue
             night, expid = link.split('/')
             destination = os.path.join(d.destination, night, expid)
+            if self.test:
+                log.info("Test mode, would transfer and verify %s again.", link)
+                run(self._rsync(os.path.join(d.source, night, expid), destination), test=True)
+                continue
             retries[link] += 1
             log.info("Transferring exposure %s again (try %d of %d).", link, retries[link],
                      self.conf['retries'])
@@ -781,16 +832,19 @@ class TransferDaemon(object):
     def _on_tape(self, d, archive):
         """``True`` if `archive` and its index are in the HPSS directory of `d`."""
         if d.hpss not in self._hpss_listing:
-            listing = os.path.join(self.scratch, f'desi_transfer_hsi.{os.getpid()}.txt')
-            result = run([self._hpss_program('hsi'), '-O', listing, 'ls', '-l', d.hpss],
-                         timeout=HSI_TIMEOUT, ok=(0, 64, 72))
-            names = set()
-            try:
-                with open(listing) as f:
-                    names = {line.split()[-1] for line in f if line.split()}
-                os.remove(listing)
-            except OSError:
-                pass
+            # hsi -O appends: a fresh private directory for each listing.  In test
+            # mode it is in the system temporary directory, so scratch is untouched.
+            with tempfile.TemporaryDirectory(prefix='desi_transfer_hsi.',
+                                             dir=None if self.test else self.scratch) as tmp:
+                listing = os.path.join(tmp, 'listing.txt')
+                result = run([self._hpss_program('hsi'), '-O', listing, 'ls', '-l', d.hpss],
+                             timeout=HSI_TIMEOUT, ok=(0, 64, 72))
+                names = set()
+                try:
+                    with open(listing) as f:
+                        names = {line.split()[-1] for line in f if line.split()}
+                except OSError:
+                    pass
             if result.returncode not in (0, 64, 72) or not names and result.returncode == 0:
                 log.error("Could not list %s on HPSS; archiving waits for a later pass.",
                           d.hpss)
@@ -877,6 +931,13 @@ class TransferDaemon(object):
             lock.flush()
             self.transfer()
         return 0
+
+
+def _valid_link(link):
+    """``True`` if `link` is ``NIGHT/EXPID`` with a real date and an 8-digit exposure."""
+    parts = link.split('/') if isinstance(link, str) else []
+    return (len(parts) == 2 and valid_night(parts[0]) and
+            _expid.fullmatch(parts[1]) is not None)
 
 
 def _remove_stale_control_directories():
