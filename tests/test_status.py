@@ -507,3 +507,17 @@ def test_update_many(store, tmp_path, monkeypatch):
     assert '5' not in store.find(NIGHT)
     assert store.update_many([(NIGHT, 'all', 'backup', False)]) == 4
     assert on_disk(tmp_path / 'status')[NIGHT]['1'][0] == [2, 1, 8000]
+
+
+def test_update_many_with_times(store, monkeypatch):
+    """Each record may carry the time of its outcome."""
+    clock(monkeypatch, 9000)
+    assert store.update_many([(NIGHT, '7', 'rsync', False, 1500),
+                              (NIGHT, '7', 'checksum', False, 2500),
+                              (NIGHT, '8', 'rsync', True)]) == 3
+    assert store.find(NIGHT, '7') == [[1, 1, 2500], [0, 1, 1500]]
+    assert store.find(NIGHT, '8') == [[0, 0, 9000]]
+    for bad in ('soon', -1, 1.5, True):
+        with pytest.raises(ValueError):
+            store.update_many([(NIGHT, '9', 'rsync', False, bad)])
+    assert '9' not in store.find(NIGHT)

@@ -417,6 +417,8 @@ class TransferStatus(object):
         ----------
         records : :class:`list`
             ``(night, exposure, stage, failure)`` tuples, applied in order.
+            A fifth element, if present, is the time of the outcome in Unix
+            milliseconds (by default, the time of the update).
 
         Returns
         -------
@@ -429,11 +431,14 @@ class TransferStatus(object):
             If any record is not valid; then nothing is recorded.
         """
         by_year = {}
-        for night, exposure, stage, failure in records:
+        for night, exposure, stage, failure, *when in records:
             night, year = self._night(night)
             key = None if exposure == 'all' else _exposure_key(exposure)
+            if when and (isinstance(when[0], bool) or not isinstance(when[0], int)
+                         or when[0] < 0 or len(when) > 1):
+                raise ValueError(f"Time of a record must be Unix milliseconds, not {when!r}.")
             by_year.setdefault(year, []).append((night, key, stage, self._stage(stage),
-                                                 0 if failure else 1))
+                                                 0 if failure else 1, when))
         total = 0
         for year, changes in by_year.items():
             with self._lock(year):
@@ -445,7 +450,7 @@ class TransferStatus(object):
             total += n
         return total
 
-    def _apply(self, data, year, now, night, key, stage, code, ok):
+    def _apply(self, data, year, now, night, key, stage, code, ok, when):
         """Apply one update to the records `data` of `year`; the number of rows changed.
 
         `now` holds the time of the batch in milliseconds once it is read.
@@ -461,9 +466,10 @@ class TransferStatus(object):
             old = [row for row in rows if row[0] == code]
             if len(old) == 1 and old[0][1] == ok:
                 continue
-            if not now:
+            if not when and not now:
                 now.append(_milliseconds())
-            rows[:] = [[code, ok, now[0]]] + [row for row in rows if row[0] != code]
+            ms = when[0] if when else now[0]
+            rows[:] = [[code, ok, ms]] + [row for row in rows if row[0] != code]
             n += 1
         log.debug("Recorded %s %s for %d exposure(s) of night %s in %s.", stage,
                   'success' if ok else 'failure', n, night, self._path(year))
