@@ -117,7 +117,7 @@ desi_transfer_daemon exited with status {code}.
   Tape (HPSS):    {root}/hpss/desi/spectro/data
   Log:            {nersc}/logs/desi_transfer_daemon.log
   Configuration:  {configuration}
-See a night:      desi_transfer_status -d {status} NIGHT""")
+See a night:      {os.path.join(os.path.dirname(sys.executable), 'desi_transfer_status')} -d {status} NIGHT""")
     return code
 
 
