@@ -528,3 +528,40 @@ def test_corrupted_state_file(site, caplog):
                 assert json.load(f)['DESI_SPECTRO_DATA']['retries'] == {}
         assert mode(victim) == 0o700 and os.listdir(victim) == ['keep']
         assert_verified(site, LAST, '00000700')
+
+
+def test_archive_failure_alerts_once_across_runs(site, caplog):
+    """htar keeps failing on run after run of ``--once`` (each a new process
+    for the alerts): one email, not one per run; success clears the count."""
+    caplog.set_level(logging.INFO)
+    site.exposure(LAST, '00000800')
+    site.write_config(backup='20')
+    site.hpss.fail('htar')
+    for n in range(1, 4):
+        assert site.run() == 0
+        assert 2 not in site.status_rows()[(LAST, 800)]
+    site.smtp.wait(1, timeout=10)
+    time.sleep(0.5)
+    assert len(site.smtp.messages) == 1
+    assert 'Archiving night 20261119' in site.smtp.messages[0].get_content()
+    assert '3 attempts failed' in caplog.text
+    site.hpss.heal()
+    assert site.run() == 0
+    assert site.status_rows()[(LAST, 800)] == {0: 1, 1: 1, 2: 1}
+    with open(os.path.join(os.path.dirname(site.staging), STATE)) as f:
+        assert json.load(f)['DESI_SPECTRO_DATA']['archive_failures'] == {}
+
+
+def test_no_retries_when_retries_is_zero(site, caplog):
+    caplog.set_level(logging.INFO)
+    site.exposure(LAST, '00000810', checksum=False)
+    site.write_config(retries='0')
+    assert site.run() == 0
+    assert site.run() == 0
+    assert site.status_rows()[(LAST, 810)] == {0: 1, 1: 0}
+    assert 'is not transferred again ([common] retries = 0)' in caplog.text
+    assert 'Transferring exposure 20261119/00000810 again' not in caplog.text
+    state_file = os.path.join(os.path.dirname(site.staging), STATE)
+    if os.path.exists(state_file):
+        with open(state_file) as f:
+            assert json.load(f)['DESI_SPECTRO_DATA']['retries'] == {}

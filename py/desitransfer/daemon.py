@@ -273,6 +273,7 @@ class TransferDaemon(object):
             s.setdefault('caught_up', [])
             s.setdefault('backed_up', [])
             s.setdefault('unreachable', 0)
+            s.setdefault('archive_failures', {})
         return state
 
     def _check_state(self, state):
@@ -297,6 +298,10 @@ class TransferDaemon(object):
                     raise ValueError(f'{d.name}: {key} is not a list of nights')
             if type(s.get('unreachable', 0)) is not int:
                 raise ValueError(f'{d.name}: unreachable is not a count')
+            failures = s.get('archive_failures', {})
+            if not (isinstance(failures, dict) and
+                    all(valid_night(k) and type(v) is int for k, v in failures.items())):
+                raise ValueError(f'{d.name}: archive_failures is not NIGHT: count')
 
     def _save_state(self):
         if self.test:
@@ -594,20 +599,25 @@ class TransferDaemon(object):
         """Install a staged exposure; alert and schedule retries if it had errors."""
         link = f'{night}/{expid}'
         destination = os.path.join(d.destination, night, expid)
+        failed = not self.test and (code not in (0, 24) or bool(errors))
+        if failed and self.conf['retries'] > 0:
+            # Scheduled before the install: once installed, an exposure is no longer
+            # new, so a daemon killed in between would otherwise never retry it.
+            self.state[d.name]['retries'][link] = 0
+            self._save_state()
         self._install(os.path.join(d.staging, night, expid), destination)
         if self.test:
             return
-        if code in (0, 24) and not errors:
+        if not failed:
             log.info("Exposure %s is installed in %s and verified.", link, destination)
             return
         problems = ([] if code in (0, 24) else [f'rsync failed with return code {code}']
                     ) + (errors.splitlines() if errors else [])
-        log.critical("Exposure %s has errors: %s. It is installed in %s anyway and will be "
-                     "transferred and verified again on the next %d passes.",
+        retries = self.conf['retries']
+        log.critical("Exposure %s has errors: %s. It is installed in %s anyway and %s.",
                      link, '; '.join(p.rstrip('.') for p in problems), destination,
-                     self.conf['retries'])
-        self.state[d.name]['retries'][link] = 0
-        self._save_state()
+                     f'will be transferred and verified again on the next {retries} passes'
+                     if retries else 'is not transferred again ([common] retries = 0)')
 
     def exposure(self, d, link, status):
         """Data transfer operations for a single exposure.
@@ -790,7 +800,7 @@ class TransferDaemon(object):
             errors = self._verify(os.path.join(destination, expid,
                                                d.checksum_file.format(exposure=expid)))
             records += self._records(night, expid, result.returncode, errors)
-            if errors:
+            if errors and self.conf['retries'] > 0:
                 self.state[d.name]['retries'][f'{night}/{expid}'] = 0
         self._record_many(status, records)
         self._save_state()
@@ -896,12 +906,19 @@ class TransferDaemon(object):
         if self.test:
             return False
         self._hpss_listing.pop(d.hpss, None)
+        failures = self.state[d.name]['archive_failures']
         if result.returncode == 0 and self._on_tape(d, archive):
             log.info("Night %s is archived as %s/%s.", night, d.hpss, archive)
+            failures.pop(night, None)
             return True
-        log.critical("Archiving night %s to HPSS as %s/%s failed (htar returned %d); "
-                     "will try again on a later pass.", night, d.hpss, archive,
-                     result.returncode)
+        # Counted in the state file: emailed once per night, also when cron starts
+        # each pass with --once (the de-duplication of alerts lasts one process).
+        failures[night] = failures.get(night, 0) + 1
+        (log.critical if failures[night] == 1 else log.error)(
+            "Archiving night %s to HPSS as %s/%s failed (htar returned %d; %d attempts "
+            "failed); will try again on a later pass.", night, d.hpss, archive,
+            result.returncode, failures[night])
+        self._save_state()
         return False
 
     def run(self):
