@@ -9,7 +9,6 @@ import logging
 import os
 import shlex
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -17,8 +16,7 @@ import time
 import pytest
 
 from desitransfer.mountain import exposure_files, make_exposure
-from test_daemon import (LAST, EARLIER, clock, mode, reset_log, site,  # noqa: F401
-                         write_config)
+from test_daemon import LAST, EARLIER, clock, mode, reset_log, site  # noqa: F401
 
 STATE = 'desi_transfer_daemon_state.json'
 
