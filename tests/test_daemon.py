@@ -449,3 +449,46 @@ def test_lock_unlock(tmp_path):
 def test_verify_checksum_exported():
     from desitransfer import checksum
     assert daemon.verify_checksum is checksum.verify_checksum
+
+
+def test_batches_and_outcome_times(site, caplog, monkeypatch):
+    """A backlog is copied in batches; each status row carries the time of its outcome."""
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(daemon, 'BATCH', 2)
+    for j in range(5):
+        site.exposure(LAST, f'{1000 + j:08d}')
+    assert site.run() == 0
+    copies = [r.getMessage() for r in caplog.records
+              if r.getMessage().startswith('Running: /bin/rsync') and '--include' in
+              r.getMessage()]
+    assert len(copies) == 3
+    with open(os.path.join(site.status_dir, 'desi_transfer_status_2026.json')) as f:
+        night = json.load(f)[LAST]
+    for j in range(5):
+        rows = {stage: (ok, ms) for stage, ok, ms in night[str(1000 + j)]}
+        assert rows[0][0] == rows[1][0] == 1
+        assert rows[0][1] <= rows[1][1]  # rsync finished before the verification
+
+
+def test_connection_lost_during_copy(site, caplog):
+    """If rsync loses the mountain, nothing is installed or recorded; the next pass converges."""
+    caplog.set_level(logging.INFO)
+    flag = os.path.join(site.top, 'break-rsync')
+    wrapper = os.path.join(site.top, 'flaky-ssh')
+    with open(wrapper, 'w') as f:
+        f.write(f'#!/bin/sh\ncase "$*" in *"rsync --server"*) [ -e {flag} ] && exit 255;; '
+                f'esac\nexec {site.ssh} "$@"\n')
+    os.chmod(wrapper, 0o755)
+    site.write_config(ssh=wrapper)
+    for j in range(3):
+        site.exposure(LAST, f'{1100 + j:08d}')
+    open(flag, 'w').close()
+    assert site.run() == 0
+    assert not os.path.exists(site.dest(LAST))
+    assert site.status_rows() == {}
+    assert 'Could not copy exposures of night 20261119' in caplog.text
+    assert site.smtp.messages == []
+    os.remove(flag)
+    assert site.run() == 0
+    assert sorted(os.listdir(site.dest(LAST))) == ['00001100', '00001101', '00001102']
+    assert all(rows == {0: 1, 1: 1} for rows in site.status_rows().values())

@@ -467,3 +467,23 @@ def test_configure_log_twice(alerts, smtp_server, tmp_path):
     common.configure_log()
     assert common.log.handlers == [h for h in before if not getattr(h, '_desitransfer', False)]
     assert common.log.level == logging.INFO
+
+
+def test_alert_memory_spans_runs(alerts, smtp_server, tmp_path):
+    """With a memory file, a new process (a new handler) does not repeat an alert."""
+    memory = tmp_path / 'alerts.json'
+    for run in range(3):
+        log = common.configure_log(to=['a@example.org'], mailhost=smtp_server.hostport,
+                                   program='desi_transfer_daemon', memory=str(memory))
+        log.critical("HPSS archive of night %s failed.", '20201231')
+    assert smtp_server.wait(1)
+    assert not smtp_server.wait(2, timeout=0.3)
+    log.critical("Another problem.")
+    assert smtp_server.wait(2)
+    assert set(json.loads(memory.read_text())) == {"HPSS archive of night 20201231 failed.",
+                                                   "Another problem."}
+    memory.write_text('not json')
+    log = common.configure_log(to=['a@example.org'], mailhost=smtp_server.hostport,
+                               program='desi_transfer_daemon', memory=str(memory))
+    log.critical("Another problem.")
+    assert smtp_server.wait(3)

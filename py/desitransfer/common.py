@@ -9,6 +9,7 @@ its output, night and time helpers, permission constants, the logging and
 alert set-up, and the one subprocess runner every module uses.
 """
 import datetime as dt
+import json
 import logging
 import logging.handlers
 import os
@@ -390,9 +391,13 @@ class AlertHandler(logging.handlers.SMTPHandler):
         Name of the program, used in the sender and subject.
     repeat : :class:`float`, optional
         Seconds before the same message is emailed again.
+    memory : :class:`str`, optional
+        JSON file remembering when each message was last emailed, so that
+        runs started one after another (cron with ``--once``) do not repeat
+        an alert either.
     """
 
-    def __init__(self, mailhost, recipients, program, repeat=6*3600):
+    def __init__(self, mailhost, recipients, program, repeat=6*3600, memory=None):
         host, _, port = mailhost.rpartition(':')
         if not host:
             host, port = port, '25'
@@ -402,7 +407,30 @@ class AlertHandler(logging.handlers.SMTPHandler):
                          f'{program} on {self.hostname}: critical problem', timeout=30)
         self.setLevel(logging.CRITICAL)
         self.repeat = repeat
+        self.memory = memory
         self._sent = {}
+        if memory:
+            try:
+                with open(memory) as f:
+                    sent = json.load(f)
+                self._sent = {str(k): float(t) for k, t in sent.items()}
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError, TypeError, AttributeError) as err:
+                # Forgetting costs at most one repeated email.
+                log.warning("Alert memory %s is unreadable (%s); starting afresh.", memory, err)
+
+    def _remember(self):
+        if not self.memory:
+            return
+        try:
+            tmp = f'{self.memory}.{os.getpid()}.tmp'
+            with open(tmp, 'w') as f:
+                json.dump(self._sent, f)
+            os.replace(tmp, self.memory)
+        except OSError as err:
+            import sys
+            sys.stderr.write(f"desitransfer: could not write {self.memory}: {err}\n")
 
     def emit(self, record):
         try:
@@ -413,14 +441,15 @@ class AlertHandler(logging.handlers.SMTPHandler):
             record.msg = f"{record.msg} (bad log arguments {record.args!r})"
             record.args = ()
             key = record.msg
-        now = time.monotonic()
+        now = time.time()
         last = self._sent.get(key)
-        if last is not None and now - last < self.repeat:
+        if last is not None and 0 <= now - last < self.repeat:
             return
         # Forget messages not seen for a long time: years of distinct alerts add up.
-        self._sent = {k: t for k, t in self._sent.items() if now - t < self.repeat}
+        self._sent = {k: t for k, t in self._sent.items() if 0 <= now - t < self.repeat}
         self._sent[key] = now
         super().emit(record)
+        self._remember()
 
     def handleError(self, record):
         # A broken mail server must not stop transfers; say so where it is seen.
@@ -431,10 +460,11 @@ class AlertHandler(logging.handlers.SMTPHandler):
             self._sent.pop(record.getMessage(), None)
         except Exception:
             pass
+        self._remember()
 
 
 def configure_log(debug=False, filename=None, size=100_000_000, backups=10,
-                  to=None, mailhost='localhost:25', program='desitransfer'):
+                  to=None, mailhost='localhost:25', program='desitransfer', memory=None):
     """Re-configure the shared logger: level, rotating log file, alert emails.
 
     Calling it again replaces the file and email handlers set before.
@@ -455,6 +485,8 @@ def configure_log(debug=False, filename=None, size=100_000_000, backups=10,
         SMTP server as ``host:port``.
     program : :class:`str`, optional
         Program name for alert emails.
+    memory : :class:`str`, optional
+        File remembering the alerts sent, see :class:`AlertHandler`.
 
     Returns
     -------
@@ -476,7 +508,7 @@ def configure_log(debug=False, filename=None, size=100_000_000, backups=10,
         fh._desitransfer = True
         log.addHandler(fh)
     if to:
-        ah = AlertHandler(mailhost, list(to), program)
+        ah = AlertHandler(mailhost, list(to), program, memory=memory)
         ah.setFormatter(logging.Formatter('%(asctime)s %(levelname)s '
                                           '%(module)s.%(funcName)s: %(message)s',
                                           datefmt='%Y-%m-%dT%H:%M:%S%z'))

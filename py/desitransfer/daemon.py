@@ -53,6 +53,13 @@ HSI_TIMEOUT = 600
 REMOTE_TIMEOUT = 300
 HPSS_STATUS_TIMEOUT = 30
 
+#: New exposures copied by one rsync: a stop waits for at most one batch.
+BATCH = 25
+
+#: rsync return codes meaning the connection to the mountain failed: ssh (255),
+#: protocol stream (12), socket I/O (10), timeouts (30, 35) and our own kill (-9).
+LOST_CONNECTION = (255, 12, 10, 30, 35, -9)
+
 _expid = re.compile(r'[0-9]{8}')
 
 
@@ -246,9 +253,12 @@ class TransferDaemon(object):
             If ``True`` set the log level to DEBUG.
         """
         c = self.log_conf
+        # Test mode changes nothing: no log file, no alert email.
+        memory = os.path.join(os.path.dirname(self.directories[0].staging),
+                              'desi_transfer_daemon_alerts.json')
         configure_log(debug=debug, filename=None if self.test else c['filename'],
-                      size=c['size'], backups=c['backups'], to=c['to'],
-                      mailhost=c['smtp'], program='desi_transfer_daemon')
+                      size=c['size'], backups=c['backups'], to=[] if self.test else c['to'],
+                      mailhost=c['smtp'], program='desi_transfer_daemon', memory=memory)
 
     # ------------------------------------------------------------------
     # State kept between passes and between runs.
@@ -539,37 +549,52 @@ class TransferDaemon(object):
         its status is recorded, so a daemon killed at any point finds the
         rest in staging on its next pass.
         """
+        log.info("Transferring %d exposures of night %s from %s.", len(expids), night,
+                 d.source)
+        for first in range(0, len(expids), BATCH):
+            if self._stopping() or not self._new_batch(d, night, expids[first:first + BATCH],
+                                                       status):
+                return
+
+    def _new_batch(self, d, night, expids, status):
+        """Transfer `expids` of `night` with one rsync; ``False`` if the mountain was lost."""
         staging = os.path.join(d.staging, night)
         if not self.test:
             os.makedirs(staging, exist_ok=True)
             for expid in expids:
                 unlock_directory(os.path.join(staging, expid))
-        log.info("Transferring %d exposures of night %s from %s.", len(expids), night,
-                 d.source)
         extra = [f'--include=/{e}/***' for e in expids] + ['--exclude=*']
         bulk = run(self._rsync(os.path.join(d.source, night), staging, extra=extra),
                    timeout=RSYNC_TIMEOUT, test=self.test, ok=(0, 24))
+        if bulk.returncode in LOST_CONNECTION:
+            # Nothing is installed: the exposures stay in staging for the next pass,
+            # rather than being installed empty and counted as failures one by one.
+            self._mountain_unreachable(d, f'copy exposures of night {night}', bulk)
+            return False
         if bulk.returncode not in (0, 24):
             log.warning("rsync of %d exposures of night %s failed; each is transferred on "
                         "its own.", len(expids), night)
             bulk = None
+        bulk_time = _milliseconds()
         staged = []
         for expid in expids:
             if self._stopping():
                 break
-            staged.append((expid,) + self._stage(d, night, expid, bulk))
-        self._record_many(status, [r for expid, code, errors in staged
-                                   for r in self._records(night, expid, code, errors)])
-        for expid, code, errors in staged:
+            staged.append((expid,) + self._stage(d, night, expid, bulk, bulk_time))
+        self._record_many(status, [r for expid, code, errors, times in staged
+                                   for r in self._records(night, expid, code, errors, times)])
+        for expid, code, errors, _ in staged:
             self._conclude(d, night, expid, code, errors)
             if night in self.state[d.name]['backed_up']:
                 log.critical("Exposure %s/%s arrived after night %s was archived to HPSS; "
                              "the night must be archived again by hand.", night, expid, night)
+        return True
 
-    def _stage(self, d, night, expid, bulk=None):
-        """rsync (unless `bulk` did), lock and verify one exposure in staging.
+    def _stage(self, d, night, expid, bulk=None, bulk_time=None):
+        """rsync (unless `bulk` did, at `bulk_time`), lock and verify one exposure in staging.
 
-        Returns the rsync return code and the checksum errors.
+        Returns the rsync return code, the checksum errors and the times (Unix
+        milliseconds) at which rsync and the verification finished.
         """
         staging = os.path.join(d.staging, night, expid)
         result = bulk
@@ -584,16 +609,21 @@ class TransferDaemon(object):
                 unlock_directory(staging)
             result = run(self._rsync(os.path.join(d.source, night, expid), staging),
                          timeout=RSYNC_TIMEOUT, test=self.test, ok=(0, 24))
+            bulk_time = _milliseconds()
         lock_directory(staging, self.test)
         errors = self._verify(os.path.join(staging, d.checksum_file.format(exposure=expid)),
                               alert=False)
-        return result.returncode, errors
+        return result.returncode, errors, (bulk_time, _milliseconds())
 
     @staticmethod
-    def _records(night, expid, code, errors):
-        """Status records of an exposure after rsync returned `code` and verification `errors`."""
-        return [(night, expid, 'rsync', code not in (0, 24)),
-                (night, expid, 'checksum', bool(errors))]
+    def _records(night, expid, code, errors, times=(None, None)):
+        """Status records of an exposure after rsync returned `code` and verification
+        `errors`, with the times (Unix milliseconds) of both outcomes if known."""
+        rsync_time, checksum_time = times
+        return [(night, expid, 'rsync', code not in (0, 24))
+                + ((rsync_time,) if rsync_time else ()),
+                (night, expid, 'checksum', bool(errors))
+                + ((checksum_time,) if checksum_time else ())]
 
     def _conclude(self, d, night, expid, code, errors):
         """Install a staged exposure; alert and schedule retries if it had errors."""
@@ -638,8 +668,8 @@ class TransferDaemon(object):
         """
         night, expid = link.split('/')
         log.info("Transferring exposure %s from %s.", link, d.source)
-        code, errors = self._stage(d, night, expid)
-        self._record_many(status, self._records(night, expid, code, errors))
+        code, errors, times = self._stage(d, night, expid)
+        self._record_many(status, self._records(night, expid, code, errors, times))
         self._conclude(d, night, expid, code, errors)
 
     def _install(self, staging, destination):
@@ -670,9 +700,9 @@ class TransferDaemon(object):
             shutil.rmtree(staging)
 
     def _record_many(self, status, records):
-        """Record ``(night, expid, stage, failure)`` tuples (only log them in test mode)."""
+        """Record ``(night, expid, stage, failure[, ms])`` tuples (only log them in test mode)."""
         if status is None:
-            for night, expid, stage, failure in records:
+            for night, expid, stage, failure, *_ in records:
                 log.info("Test mode, would record %s %s %s %s.", night, expid, stage,
                          'failure' if failure else 'success')
         elif records:
@@ -955,6 +985,11 @@ def _valid_link(link):
     parts = link.split('/') if isinstance(link, str) else []
     return (len(parts) == 2 and valid_night(parts[0]) and
             _expid.fullmatch(parts[1]) is not None)
+
+
+def _milliseconds():
+    """Now, in Unix milliseconds, as recorded in the status store."""
+    return int(time.time() * 1000)
 
 
 def _remove_stale_control_directories():
