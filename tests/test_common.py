@@ -261,3 +261,22 @@ def test_commands_version(command):
     assert p.stdout.strip() == f'{command} {__version__}'
     p = subprocess.run([exe, '--help'], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and 'usage:' in p.stdout
+
+
+def test_run_stop_event(tmp_path):
+    """A stop request terminates a running command and the processes it started."""
+    import threading
+    marker = tmp_path / 'child'
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    t0 = time.monotonic()
+    r = run(['sh', '-c', f'(sleep 30; touch {marker}) & sleep 30'], stop=stop)
+    assert time.monotonic() - t0 < 5
+    assert r.returncode == -15
+    assert 'Stopped on request' in r.stderr
+    out = subprocess.run(['pgrep', '-f', f'touch {marker}'], capture_output=True, text=True)
+    assert out.stdout.strip() == ''
+    # Without a stop request, output is complete however long the command takes.
+    r = run([sys.executable, '-c', 'import time; print("a"); time.sleep(1.5); print("b")'],
+            stop=threading.Event())
+    assert r == (0, 'a\nb\n', '')

@@ -492,3 +492,35 @@ def test_connection_lost_during_copy(site, caplog):
     assert site.run() == 0
     assert sorted(os.listdir(site.dest(LAST))) == ['00001100', '00001101', '00001102']
     assert all(rows == {0: 1, 1: 1} for rows in site.status_rows().values())
+
+
+def test_sigterm_interrupts_copy(site):
+    """SIGTERM stops a long copy at once; the next run converges."""
+    wrapper = os.path.join(site.top, 'slow-ssh')
+    with open(wrapper, 'w') as f:
+        f.write(f'#!/bin/sh\ncase "$*" in *"rsync --server"*) sleep 20;; esac\n'
+                f'exec {site.ssh} "$@"\n')
+    os.chmod(wrapper, 0o755)
+    site.write_config(ssh=wrapper)
+    for j in range(3):
+        site.exposure(LAST, f'{1200 + j:08d}')
+    command, env = site.command('--once')
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while not os.path.isdir(os.path.join(site.staging, LAST)):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert time.monotonic() - t0 < 5
+    assert proc.returncode == 0, out
+    assert 'stay in staging' in out
+    assert not os.path.exists(site.dest(LAST))
+    assert site.status_rows() == {}
+    site.write_config()
+    assert site.run() == 0
+    assert all(rows == {0: 1, 1: 1} for rows in site.status_rows().values())
+    assert len(site.status_rows()) == 3

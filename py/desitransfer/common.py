@@ -57,7 +57,7 @@ def _utcnow():
 
 
 def run(command, timeout=DEFAULT_TIMEOUT, cwd=None, env=None, ok=(0,),
-        test=False, quiet=False):
+        test=False, quiet=False, stop=None):
     """Run an external command: the one subprocess runner of the package.
 
     The command is an argument list, never passed to a shell.  It is logged
@@ -80,12 +80,15 @@ def run(command, timeout=DEFAULT_TIMEOUT, cwd=None, env=None, ok=(0,),
         If ``True``, log what would run and run nothing.
     quiet : :class:`bool`, optional
         If ``True``, log the command at DEBUG level instead of INFO.
+    stop : :class:`threading.Event`, optional
+        If this is set while the command runs, terminate it (SIGTERM to it
+        and every process it started) and return -15.
 
     Returns
     -------
     :class:`Result`
-        Return code (-9 after a timeout, 127 if the program does not exist),
-        standard output and standard error.
+        Return code (-9 after a timeout, -15 after `stop`, 127 if the program
+        does not exist), standard output and standard error.
     """
     command = [str(c) for c in command]
     quoted = shlex.join(command)
@@ -102,18 +105,28 @@ def run(command, timeout=DEFAULT_TIMEOUT, cwd=None, env=None, ok=(0,),
     except OSError as err:
         log.error("Could not start %s: %s", quoted, err)
         return Result(127, '', str(err))
-    try:
-        out, err = proc.communicate(timeout=timeout)
-        code = proc.returncode
-    except subprocess.TimeoutExpired:
-        # The command runs in its own session; kill ssh & co. started by it too.
+    deadline = time.monotonic() + timeout
+    while True:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        out, err = proc.communicate()
-        err += f"\nTimed out after {timeout} seconds and was killed."
-        code = -signal.SIGKILL
+            # Wake up every second to notice `stop`; no output is lost by retrying.
+            out, err = proc.communicate(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            code = proc.returncode
+            break
+        except subprocess.TimeoutExpired:
+            stopped = stop is not None and stop.is_set()
+            if not stopped and time.monotonic() < deadline:
+                continue
+            # The command runs in its own session; stop ssh & co. started by it too.
+            how = signal.SIGTERM if stopped else signal.SIGKILL
+            try:
+                os.killpg(proc.pid, how)
+            except ProcessLookupError:
+                pass
+            out, err = proc.communicate()
+            err += ("\nStopped on request." if stopped else
+                    f"\nTimed out after {timeout} seconds and was killed.")
+            code = -how
+            break
     if code not in ok:
         log.error("Command failed with return code %d%s: %s", code, where, quoted)
         if out.strip():

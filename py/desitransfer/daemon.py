@@ -53,8 +53,8 @@ HSI_TIMEOUT = 600
 REMOTE_TIMEOUT = 300
 HPSS_STATUS_TIMEOUT = 30
 
-#: New exposures copied by one rsync: a stop waits for at most one batch.
-BATCH = 25
+#: Most new exposures copied by one rsync (a bound on its argument list).
+BATCH = 200
 
 #: rsync return codes meaning the connection to the mountain failed: ssh (255),
 #: protocol stream (12), socket I/O (10), timeouts (30, 35) and our own kill (-9).
@@ -565,7 +565,11 @@ class TransferDaemon(object):
                 unlock_directory(os.path.join(staging, expid))
         extra = [f'--include=/{e}/***' for e in expids] + ['--exclude=*']
         bulk = run(self._rsync(os.path.join(d.source, night), staging, extra=extra),
-                   timeout=RSYNC_TIMEOUT, test=self.test, ok=(0, 24))
+                   timeout=RSYNC_TIMEOUT, test=self.test, ok=(0, 24), stop=self.stop)
+        if self.stop.is_set() and bulk.returncode not in (0, 24):
+            log.info("Stopped while copying night %s; its new exposures stay in staging "
+                     "for the next run.", night)
+            return False
         if bulk.returncode in LOST_CONNECTION:
             # Nothing is installed: the exposures stay in staging for the next pass,
             # rather than being installed empty and counted as failures one by one.
