@@ -62,6 +62,10 @@ LOST_CONNECTION = (255, 12, 10, 30, 35, -9)
 
 _expid = re.compile(r'[0-9]{8}')
 
+#: What the mountain answers instead of the links while checksums are being computed.
+_LOCKED = 'desi_transfer_daemon: checksum lock present'
+
+
 
 class ConfigurationError(Exception):
     """A fatal problem with the configuration: one line naming the file and key."""
@@ -351,16 +355,22 @@ class TransferDaemon(object):
         self._control = None
 
     def _remote(self, command, ok=(0,)):
-        """Run `command` at the mountain (or locally if no host is configured)."""
+        """Run `command` at the mountain (or locally if no host is configured).
+
+        `command` is an argument list; at the mountain, a :class:`str` is a
+        command for the remote shell (ssh always runs one), quoted by the caller.
+        """
         if not self.host:
             return run(command, timeout=REMOTE_TIMEOUT, ok=ok, quiet=True)
-        result = run(self._ssh() + [self.host, shlex.join(command)],
+        if not isinstance(command, str):
+            command = shlex.join(command)
+        result = run(self._ssh() + [self.host, command],
                      timeout=REMOTE_TIMEOUT, ok=ok + (255,), quiet=True)
         if result.returncode == 255:
             # The shared connection may have died: try once on a plain connection.
             log.warning("ssh to %s failed (%s); trying again without connection sharing.",
                         self.host, result.stderr.strip()[-300:])
-            result = run(ssh_command(self.conf['ssh']) + [self.host, shlex.join(command)],
+            result = run(ssh_command(self.conf['ssh']) + [self.host, command],
                          timeout=REMOTE_TIMEOUT, ok=ok, quiet=True)
         return result
 
@@ -402,10 +412,34 @@ class TransferDaemon(object):
               state['unreachable'], result.stderr.strip()[-300:])
         self._save_state()
 
-    def _links(self, d):
-        """Valid ``NIGHT/EXPID`` links at the mountain, or ``None`` on failure."""
-        result = self._remote(['find', d.source, '-mindepth', '1', '-maxdepth', '2',
-                               '-type', 'l'])
+    def _survey(self, d):
+        """Ask the mountain, in one round trip, for the checksum lock and the links.
+
+        Returns
+        -------
+        :class:`tuple`
+            ``(True, result)`` if checksums are being computed, ``(None,
+            result)`` if the mountain cannot be asked, else ``(False, result)``
+            where ``result.stdout`` lists the links.
+        """
+        find = ['find', d.source, '-mindepth', '1', '-maxdepth', '2', '-type', 'l']
+        if not self.host:
+            locked, result = self._checksum_lock()
+            return (locked, result) if locked is not False else (False, self._remote(find))
+        result = self._remote(f"if test -f {shlex.quote(self.conf['checksum_lock'])}; "
+                              f"then echo {_LOCKED}; else {shlex.join(find)}; fi")
+        if result.returncode != 0:
+            return None, result
+        return result.stdout.startswith(_LOCKED + '\n'), result
+
+    def _links(self, d, result=None):
+        """Valid ``NIGHT/EXPID`` links at the mountain, or ``None`` on failure.
+
+        `result` is the outcome of a ``find`` already run at the mountain.
+        """
+        if result is None:
+            result = self._remote(['find', d.source, '-mindepth', '1', '-maxdepth', '2',
+                                   '-type', 'l'])
         if result.returncode != 0:
             self._mountain_unreachable(d, f'list exposures in {d.source}', result)
             return None
@@ -490,15 +524,17 @@ class TransferDaemon(object):
             Configuration for the destination directory.
         """
         log.debug("Looking for new exposures in %s.", d.source)
-        locked, result = self._checksum_lock()
+        locked, result = self._survey(d)
         if locked is None:
-            self._mountain_unreachable(d, f"check {self.conf['checksum_lock']}", result)
+            self._mountain_unreachable(
+                d, f"check {self.conf['checksum_lock']} and list exposures in {d.source}",
+                result)
             return
         if locked:
             log.info("Checksums are being computed at %s (%s exists); waiting for "
                      "the next pass.", self.host or 'localhost', self.conf['checksum_lock'])
             return
-        links = self._links(d)
+        links = self._links(d, result)
         if links is None:
             return
         status = None if self.test else self._status(d)
