@@ -23,6 +23,7 @@ system_packages() {
     [ -x /usr/sbin/sshd ] || need+=(openssh-server)
     command -v sha256sum >/dev/null || need+=(coreutils)
     command -v git >/dev/null || need+=(git)
+    command -v pgrep >/dev/null || need+=(procps)
     command -v python3 >/dev/null || need+=(python3)
     python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
     if [ "${1:-}" = test ]; then
