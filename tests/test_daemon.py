@@ -524,3 +524,22 @@ def test_sigterm_interrupts_copy(site):
     assert site.run() == 0
     assert all(rows == {0: 1, 1: 1} for rows in site.status_rows().values())
     assert len(site.status_rows()) == 3
+
+
+def test_final_catchup_errors_delay_archive(site, caplog):
+    caplog.set_level(logging.INFO)
+    site.exposure(LAST, '00000750')
+    site.clock(2026, 11, 20, 10, 0, 0)
+    site.write_config(backup='20')
+    assert site.run() == 0
+    assert site.status_rows()[(LAST, 750)] == {0: 1, 1: 1}
+    # A file appears at the mountain that the checksum file does not list: the
+    # final catch-up copies it and verification fails, so the night must not be
+    # archived with the bad exposure while it is being transferred again.
+    with open(os.path.join(site.data, LAST, '00000750', 'stray.txt'), 'w') as f:
+        f.write('not listed\n')
+    site.clock(*NOW)
+    assert site.run() == 0
+    assert not [c for c in site.hpss.calls() if os.path.basename(c[0]) == 'htar']
+    assert site.status_rows()[(LAST, 750)] == {0: 1, 1: 0}
+    assert 'exposures 20261119/00000750' in caplog.text

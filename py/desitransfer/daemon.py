@@ -964,6 +964,13 @@ class TransferDaemon(object):
             return True
         if not self.catchup(d, night, status, backup=True):
             return False
+        # The final catch-up may have found errors: archive only once they are resolved.
+        waiting = sorted(link for link in self.state[d.name]['retries']
+                         if link.startswith(night + '/'))
+        if waiting:
+            log.info("Night %s is not archived yet: exposures %s have errors and are being "
+                     "transferred again.", night, ', '.join(waiting))
+            return False
         night_dir = os.path.join(d.destination, night)
         if self.test:
             log.info("Test mode, would remove user write permission in %s.", night_dir)
