@@ -543,3 +543,17 @@ def test_final_catchup_errors_delay_archive(site, caplog):
     assert not [c for c in site.hpss.calls() if os.path.basename(c[0]) == 'htar']
     assert site.status_rows()[(LAST, 750)] == {0: 1, 1: 0}
     assert 'exposures 20261119/00000750' in caplog.text
+
+
+def test_corrupted_state_files_are_all_kept(site, caplog):
+    caplog.set_level(logging.INFO)
+    state = os.path.join(os.path.dirname(site.staging), 'desi_transfer_daemon_state.json')
+    for n, junk in enumerate(('{not json', '[]')):
+        with open(state, 'w') as f:
+            f.write(junk)
+        TransferDaemon(site.options())
+        configure_log()
+        kept = state + '.bad' + (f'.{n:d}' if n else '')
+        with open(kept) as f:
+            assert f.read() == junk
+        assert f'kept as {kept}' in caplog.text

@@ -275,11 +275,17 @@ class TransferDaemon(object):
         except FileNotFoundError:
             state = {}
         except (OSError, ValueError) as err:
-            log.error("State file %s is unreadable (%s); it is kept as %s.bad and the "
-                      "daemon starts afresh: nights are checked on tape again.",
-                      self.state_file, err, self.state_file)
+            # Never replace an earlier .bad: each one is kept for analysis.
+            bad, n = self.state_file + '.bad', 0
+            while os.path.lexists(bad):
+                n += 1
+                bad = f'{self.state_file}.bad.{n:d}'
+            log.error("State file %s is unreadable (%s); it is kept as %s and the daemon "
+                      "starts afresh: nights are checked on tape again, and exposures "
+                      "waiting to be transferred again are not retried.",
+                      self.state_file, err, bad)
             if not self.test:
-                os.replace(self.state_file, self.state_file + '.bad')
+                os.replace(self.state_file, bad)
             state = {}
         for d in self.directories:
             s = state.setdefault(d.name, {})
