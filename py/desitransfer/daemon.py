@@ -438,14 +438,11 @@ class TransferDaemon(object):
             return None, result
         return result.stdout.startswith(_LOCKED + '\n'), result
 
-    def _links(self, d, result=None):
+    def _links(self, d, result):
         """Valid ``NIGHT/EXPID`` links at the mountain, or ``None`` on failure.
 
-        `result` is the outcome of a ``find`` already run at the mountain.
+        `result` is the outcome of the ``find`` run at the mountain by :meth:`_survey`.
         """
-        if result is None:
-            result = self._remote(['find', d.source, '-mindepth', '1', '-maxdepth', '2',
-                                   '-type', 'l'])
         if result.returncode != 0:
             self._mountain_unreachable(d, f'list exposures in {d.source}', result)
             return None
