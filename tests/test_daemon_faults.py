@@ -508,18 +508,21 @@ def test_corrupted_state_file(site, caplog):
     with open(os.path.join(victim, 'keep'), 'w') as f:
         f.write('keep\n')
     os.chmod(victim, 0o700)
-    for content in ('{"DESI_SPECTRO_DATA": {"ret',
+    for n, content in enumerate(('{"DESI_SPECTRO_DATA": {"ret',
                     '{"DESI_SPECTRO_DATA": []}',
                     '{"DESI_SPECTRO_DATA": {"retries": {"../x": 0}}}',
                     '{"DESI_SPECTRO_DATA": {"retries": {"20261119/00000700": "x"}}}',
-                    '{"DESI_SPECTRO_DATA": {"caught_up": 3}}'):
+                    '{"DESI_SPECTRO_DATA": {"caught_up": 3}}')):
         with open(state_file, 'w') as f:
             f.write(content)
         caplog.clear()
         assert site.run() == 0, content
         assert 'Transfer pass failed' not in caplog.text, content
         assert 'unreadable' in caplog.text, content
-        with open(state_file + '.bad') as f:
+        # Each unreadable state file is kept: .bad, then .bad.1, .bad.2, ...
+        kept = state_file + '.bad' + (f'.{n:d}' if n else '')
+        assert f'kept as {kept}' in caplog.text, content
+        with open(kept) as f:
             assert f.read() == content
         if os.path.exists(state_file):
             with open(state_file) as f:
