@@ -557,3 +557,62 @@ def test_corrupted_state_files_are_all_kept(site, caplog):
         with open(kept) as f:
             assert f.read() == junk
         assert f'kept as {kept}' in caplog.text
+
+
+def test_overdue_archive_alerts_once(site, caplog):
+    """A night still not on tape a day after it was due is emailed once."""
+    caplog.set_level(logging.INFO)
+    site.exposure(EARLIER, '00001300')  # due 20261119 20:00 UTC, now 20261120 21:00
+    site.exposure(LAST, '00001301')     # due 20261120 20:00 UTC: only one hour late
+    site.write_config(backup='20')
+    site.hpss_status.set_status('down')
+    for _ in range(2):
+        assert site.run() == 0
+    assert site.smtp.wait(1)
+    assert not site.smtp.wait(2, timeout=0.3)
+    body = site.smtp.messages[0].get_content()
+    assert f'Night {EARLIER} is still not archived to HPSS 25 hours after it was due' in body
+    assert LAST not in body
+    site.hpss_status.set_status('active')
+    assert site.run() == 0
+    rows = site.status_rows()
+    assert rows[(EARLIER, 1300)][2] == 1 and rows[(LAST, 1301)][2] == 1
+    with open(os.path.join(os.path.dirname(site.staging),
+                           'desi_transfer_daemon_state.json')) as f:
+        assert json.load(f)['DESI_SPECTRO_DATA']['overdue'] == []
+
+
+def test_night_unlinked_before_archive_is_archived(site):
+    """A night removed from the mountain's transfer area is still archived."""
+    site.exposure(LAST, '00001400')
+    assert site.run('--no-backup') == 0
+    os.remove(os.path.join(site.source, LAST, '00001400'))
+    os.rmdir(os.path.join(site.source, LAST))
+    site.write_config(catchup='14', backup='20')
+    assert site.run() == 0
+    assert site.status_rows()[(LAST, 1400)] == {0: 1, 1: 1, 2: 1}
+    assert site.hpss.members(f'desi/spectro/data/desi_spectro_data_{LAST}.tar')
+
+
+def test_documented_methods(site):
+    """checksum_lock, exposure and checksum, as documented, on their own."""
+    site.exposure(LAST, '00001500')
+    d = TransferDaemon(site.options())
+    try:
+        assert d.checksum_lock() is False
+        open(os.path.join(site.top, 'mountain', 'checksum-running'), 'w').close()
+        assert d.checksum_lock() is True
+        status = d._status(d.directories[0])
+        d.exposure(d.directories[0], f'{LAST}/00001500', status)
+        assert status.find(LAST, '00001500', 'checksum')[0][1] == 1
+        assert mode(site.dest(LAST, '00001500')) == 0o2750
+        target = site.dest(LAST, '00001500', sorted(exposure_files('00001500'))[0])
+        os.chmod(target, 0o640)
+        with open(target, 'ab') as f:
+            f.write(b'more')
+        assert d.checksum(site.dest(LAST, '00001500', 'checksum-00001500.sha256sum'),
+                          status) is None
+        assert status.find(LAST, '00001500', 'checksum')[0][1] == 0
+    finally:
+        d._close_ssh()
+        configure_log()

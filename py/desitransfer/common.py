@@ -120,9 +120,16 @@ def run(command, timeout=DEFAULT_TIMEOUT, cwd=None, env=None, ok=(0,),
             how = signal.SIGTERM if stopped else signal.SIGKILL
             try:
                 os.killpg(proc.pid, how)
+                out, err = proc.communicate(timeout=30)
             except ProcessLookupError:
-                pass
-            out, err = proc.communicate()
+                out, err = proc.communicate()
+            except subprocess.TimeoutExpired:
+                # It ignored SIGTERM: do not wait for ever.
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                out, err = proc.communicate()
             err += ("\nStopped on request." if stopped else
                     f"\nTimed out after {timeout} seconds and was killed.")
             code = -how

@@ -37,7 +37,7 @@ from .checksum import verify_checksum
 from . import common
 from .common import (configure_log, dir_perm, empty_rsync, ensure_scratch, file_perm, log,
                      new_exposures, rsync, rsync_ssh, run, ssh_command, valid_night)
-from .status import TransferStatus
+from .status import TransferStatus, _milliseconds
 
 #: Configuration of one destination directory.
 DirectoryConfig = namedtuple('DirectoryConfig', ['name', 'source', 'staging',
@@ -52,6 +52,13 @@ HTAR_TIMEOUT = 12 * 3600
 HSI_TIMEOUT = 600
 REMOTE_TIMEOUT = 300
 HPSS_STATUS_TIMEOUT = 30
+
+#: Nights in the destination from this many days back are archived even if no
+#: longer linked at the mountain.
+RECENT = 30
+
+#: A night not archived this long after its backup hour is alerted (once).
+OVERDUE = dt.timedelta(days=1)
 
 #: Most new exposures copied by one rsync (a bound on its argument list).
 BATCH = 200
@@ -241,6 +248,7 @@ class TransferDaemon(object):
         self.stop = threading.Event()
         self._control = None
         self._warned = set()
+        self._linked = set()
         self._hpss_active = None
         self._hpss_listing = {}
         top = os.path.dirname(self.directories[0].staging)
@@ -294,6 +302,7 @@ class TransferDaemon(object):
             s.setdefault('backed_up', [])
             s.setdefault('unreachable', 0)
             s.setdefault('archive_failures', {})
+            s.setdefault('overdue', [])
         return state
 
     def _check_state(self, state):
@@ -312,7 +321,7 @@ class TransferDaemon(object):
             if not (isinstance(retries, dict) and
                     all(_valid_link(k) and type(v) is int for k, v in retries.items())):
                 raise ValueError(f'{d.name}: retries is not NIGHT/EXPID: count')
-            for key in ('caught_up', 'backed_up'):
+            for key in ('caught_up', 'backed_up', 'overdue'):
                 nights = s.get(key, [])
                 if not (isinstance(nights, list) and all(valid_night(n) for n in nights)):
                     raise ValueError(f'{d.name}: {key} is not a list of nights')
@@ -552,19 +561,22 @@ class TransferDaemon(object):
             if self.stop.is_set():
                 return
         self._retry(d, status, earlier_errors)
-        nights = sorted({link.split('/')[0] for link in links})
-        pending = [n for n in nights if n not in state['backed_up'] and
-                   os.path.isdir(os.path.join(d.destination, n))]
+        linked = self._linked = {link.split('/')[0] for link in links}
+        # Nights no longer linked at the mountain are still archived.
+        pending = sorted(n for n in linked | self._recent_nights(d)
+                         if n not in state['backed_up'] and
+                         os.path.isdir(os.path.join(d.destination, n)))
         for night in pending:
-            if (self._due(night, self.conf['catchup']) and night not in state['caught_up']
-                    and not self._stopping()):
+            if (night in linked and self._due(night, self.conf['catchup'])
+                    and night not in state['caught_up'] and not self._stopping()):
                 if self.catchup(d, night, status):
                     state['caught_up'].append(night)
                     self._save_state()
         if self.tape:
-            for night in pending:
-                if not self._due(night, self.conf['backup']):
-                    continue
+            due = [night for night in pending if self._due(night, self.conf['backup'])]
+            for night in due:
+                self._overdue(d, night)
+            for night in due:
                 if self._stopping() or not self._hpss_available():
                     break
                 waiting = [link for link in state['retries'] if link.startswith(night + '/')]
@@ -577,7 +589,32 @@ class TransferDaemon(object):
                         status.update(night, 'all', 'backup')
                     state['backed_up'].append(night)
                     state['caught_up'] = [n for n in state['caught_up'] if n != night]
+                    state['overdue'] = [n for n in state['overdue'] if n != night]
                     self._save_state()
+
+    def _recent_nights(self, d):
+        """Nights in the destination from the last :data:`RECENT` days."""
+        oldest = (common._utcnow() - dt.timedelta(days=RECENT)).strftime('%Y%m%d')
+        try:
+            names = os.listdir(d.destination)
+        except OSError:
+            return set()
+        return {n for n in names if valid_night(n) and n >= oldest}
+
+    def _overdue(self, d, night):
+        """Alert once if `night` is still not on tape a day after it was due."""
+        state = self.state[d.name]
+        due = (dt.datetime.strptime(night, '%Y%m%d').replace(tzinfo=dt.timezone.utc) +
+               dt.timedelta(days=1, hours=self.conf['backup']))
+        late = common._utcnow() - due
+        if late < OVERDUE or night in state['overdue'] or self.test:
+            return
+        log.critical("Night %s is still not archived to HPSS %d hours after it was due "
+                     "(see the log for HPSS status, hsi, htar or catch-up problems); the "
+                     "daemon keeps trying on every pass.", night,
+                     late.total_seconds() // 3600)
+        state['overdue'].append(night)
+        self._save_state()
 
     def _new_night(self, d, night, expids, status):
         """Transfer the new exposures of one night.
@@ -965,7 +1002,10 @@ class TransferDaemon(object):
         if on_tape:
             log.info("Night %s is already archived as %s/%s.", night, d.hpss, archive)
             return True
-        if not self.catchup(d, night, status, backup=True):
+        if night not in self._linked:
+            log.info("Night %s is no longer linked at %s; archiving it without a final "
+                     "catch-up.", night, self.host or 'localhost')
+        elif not self.catchup(d, night, status, backup=True):
             return False
         # The final catch-up may have found errors: archive only once they are resolved.
         waiting = sorted(link for link in self.state[d.name]['retries']
@@ -1035,11 +1075,6 @@ def _valid_link(link):
     parts = link.split('/') if isinstance(link, str) else []
     return (len(parts) == 2 and valid_night(parts[0]) and
             _expid.fullmatch(parts[1]) is not None)
-
-
-def _milliseconds():
-    """Now, in Unix milliseconds, as recorded in the status store."""
-    return int(time.time() * 1000)
 
 
 def _remove_stale_control_directories():
