@@ -18,6 +18,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections import namedtuple
 
@@ -141,6 +142,29 @@ def run(command, timeout=DEFAULT_TIMEOUT, cwd=None, env=None, ok=(0,),
         if err.strip():
             log.error("Standard error of %s: %s", command[0], err.strip()[-4000:])
     return Result(code, out, err)
+
+
+def write_json(path, data):
+    """Write `data` to `path` as JSON atomically: a temporary file beside it,
+    flushed and synced to disk, then renamed over `path`.
+
+    Parameters
+    ----------
+    path : :class:`str`
+        The file to write.
+    data : :class:`dict` or :class:`list`
+        What to write.
+    """
+    tmp = f'{path}.{os.getpid()}.tmp'
+    try:
+        with open(tmp, 'w') as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def ssh_command(ssh='ssh', control=None):
@@ -444,12 +468,8 @@ class AlertHandler(logging.handlers.SMTPHandler):
         if not self.memory:
             return
         try:
-            tmp = f'{self.memory}.{os.getpid()}.tmp'
-            with open(tmp, 'w') as f:
-                json.dump(self._sent, f)
-            os.replace(tmp, self.memory)
+            write_json(self.memory, self._sent)
         except OSError as err:
-            import sys
             sys.stderr.write(f"desitransfer: could not write {self.memory}: {err}\n")
 
     def emit(self, record):
@@ -473,7 +493,6 @@ class AlertHandler(logging.handlers.SMTPHandler):
 
     def handleError(self, record):
         # A broken mail server must not stop transfers; say so where it is seen.
-        import sys
         sys.stderr.write(f"desitransfer: could not email alert to {', '.join(self.toaddrs)} "
                          f"via {self.mailhost}:{self.mailport}: {sys.exc_info()[1]}\n")
         try:

@@ -27,7 +27,6 @@ import string
 import sys
 import tempfile
 import threading
-import time
 from argparse import ArgumentParser
 from collections import namedtuple
 from importlib.resources import files
@@ -36,7 +35,8 @@ from . import __version__ as dtVersion
 from .checksum import verify_checksum
 from . import common
 from .common import (configure_log, dir_perm, empty_rsync, ensure_scratch, file_perm, log,
-                     new_exposures, rsync, rsync_ssh, run, ssh_command, valid_night)
+                     new_exposures, rsync, rsync_ssh, run, ssh_command, valid_night,
+                     write_json)
 from .status import TransferStatus, _milliseconds
 
 #: Configuration of one destination directory.
@@ -336,12 +336,7 @@ class TransferDaemon(object):
         if self.test:
             return
         os.makedirs(os.path.dirname(self.state_file), exist_ok=True)
-        tmp = self.state_file + f'.{os.getpid()}.tmp'
-        with open(tmp, 'w') as f:
-            json.dump(self.state, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state_file)
+        write_json(self.state_file, self.state)
 
     # ------------------------------------------------------------------
     # Talking to the mountain.
