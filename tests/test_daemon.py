@@ -48,6 +48,16 @@ class Site(SimpleNamespace):
         return make_exposure(self.data, self.source, night, expid, files=files,
                              checksum=checksum)
 
+    def ssh_wrapper(self, name, rsync_first):
+        """Configure an ssh program that runs the shell line `rsync_first` before
+        connecting for rsync, then the real ``dts`` wrapper."""
+        wrapper = os.path.join(self.top, name)
+        with open(wrapper, 'w') as f:
+            f.write(f'#!/bin/sh\ncase "$*" in *"rsync --server"*) {rsync_first};; esac\n'
+                    f'exec {self.ssh} "$@"\n')
+        os.chmod(wrapper, 0o755)
+        self.write_config(ssh=wrapper)
+
     def dest(self, *parts):
         return os.path.join(self.destination, *parts)
 
@@ -474,12 +484,7 @@ def test_connection_lost_during_copy(site, caplog):
     """If rsync loses the mountain, nothing is installed or recorded; the next pass converges."""
     caplog.set_level(logging.INFO)
     flag = os.path.join(site.top, 'break-rsync')
-    wrapper = os.path.join(site.top, 'flaky-ssh')
-    with open(wrapper, 'w') as f:
-        f.write(f'#!/bin/sh\ncase "$*" in *"rsync --server"*) [ -e {flag} ] && exit 255;; '
-                f'esac\nexec {site.ssh} "$@"\n')
-    os.chmod(wrapper, 0o755)
-    site.write_config(ssh=wrapper)
+    site.ssh_wrapper('flaky-ssh', f'[ -e {flag} ] && exit 255')
     for j in range(3):
         site.exposure(LAST, f'{1100 + j:08d}')
     open(flag, 'w').close()
@@ -496,12 +501,7 @@ def test_connection_lost_during_copy(site, caplog):
 
 def test_sigterm_interrupts_copy(site):
     """SIGTERM stops a long copy at once; the next run converges."""
-    wrapper = os.path.join(site.top, 'slow-ssh')
-    with open(wrapper, 'w') as f:
-        f.write(f'#!/bin/sh\ncase "$*" in *"rsync --server"*) sleep 20;; esac\n'
-                f'exec {site.ssh} "$@"\n')
-    os.chmod(wrapper, 0o755)
-    site.write_config(ssh=wrapper)
+    site.ssh_wrapper('slow-ssh', 'sleep 20')
     for j in range(3):
         site.exposure(LAST, f'{1200 + j:08d}')
     command, env = site.command('--once')
