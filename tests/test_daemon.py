@@ -8,7 +8,6 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import time
 from types import SimpleNamespace
 
@@ -16,8 +15,8 @@ import pytest
 
 from desitransfer import common, daemon
 from desitransfer.common import configure_log
-from desitransfer.daemon import (TransferDaemon, _options, _read_configuration,
-                                 ConfigurationError, lock_directory, unlock_directory)
+from desitransfer.configuration import ConfigurationError, read_configuration
+from desitransfer.daemon import TransferDaemon, _options, lock_directory, unlock_directory
 from desitransfer.mountain import checksum_text, exposure_files, make_exposure
 
 #: The fake present: tonight is 20261120 (in progress), 20261119 and 20261118 are finished.
@@ -405,7 +404,7 @@ def test_killed_mid_pass_converges(site):
 def test_bad_configuration(tmp_path, monkeypatch):
     for var in ('DESI_ROOT', 'DESI_SPECTRO_DATA', 'SCRATCH'):
         monkeypatch.setenv(var, f'/global/{var.lower()}')
-    directories, conf, logging_ = _read_configuration()  # the shipped default
+    directories, conf, logging_ = read_configuration()  # the shipped default
     assert directories[0].staging == '/global/desi_root/spectro/staging/raw'
     assert directories[0].destination == '/global/desi_spectro_data'
     assert (conf['catchup'], conf['backup'], conf['host']) == (14, 20, 'dts')
@@ -426,7 +425,7 @@ def test_bad_configuration(tmp_path, monkeypatch):
         if text is not None:
             path.write_text(text)
         with pytest.raises(ConfigurationError, match=message):
-            _read_configuration(str(path))
+            read_configuration(str(path))
         p = subprocess.run(['desi_transfer_daemon', '--once', '-c', str(path)],
                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
         assert p.returncode == 1

@@ -167,6 +167,18 @@ def write_json(path, data):
             os.remove(tmp)
 
 
+def aside_name(path, suffix):
+    """A name to keep `path` aside for analysis: ``path + suffix``, or
+    ``path + suffix + '.N'`` with the first N that does not exist yet, so that
+    an earlier copy is never replaced.
+    """
+    name, n = path + suffix, 0
+    while os.path.lexists(name):
+        n += 1
+        name = f'{path}{suffix}.{n:d}'
+    return name
+
+
 def ssh_command(ssh='ssh', control=None):
     """The ssh client command, non-interactive, as an argument list.
 

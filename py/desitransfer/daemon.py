@@ -12,7 +12,6 @@ into the destination; the outcome of each stage is recorded in the status
 store.  In the morning whole nights are synced again to pick up late files,
 and after noon each finished night is archived to HPSS with :command:`htar`.
 """
-import configparser
 import datetime as dt
 import errno
 import fcntl
@@ -23,28 +22,19 @@ import shlex
 import shutil
 import signal
 import stat
-import string
 import sys
 import tempfile
 import threading
 from argparse import ArgumentParser
-from collections import namedtuple
-from importlib.resources import files
 
 from . import __version__ as dtVersion
 from .checksum import verify_checksum
 from . import common
-from .common import (configure_log, dir_perm, empty_rsync, ensure_scratch, file_perm, log,
+from .common import (aside_name, configure_log, dir_perm, empty_rsync, ensure_scratch, file_perm, log,
                      new_exposures, rsync, rsync_ssh, run, ssh_command, valid_night,
                      write_json)
+from .configuration import ConfigurationError, read_configuration
 from .status import TransferStatus, _milliseconds
-
-#: Configuration of one destination directory.
-DirectoryConfig = namedtuple('DirectoryConfig', ['name', 'source', 'staging',
-                                                 'destination', 'hpss', 'checksum_file'])
-
-#: Keys every destination section must have.
-_directory_keys = DirectoryConfig._fields[1:]
 
 #: Seconds before an rsync, htar or hsi command is killed.
 RSYNC_TIMEOUT = 2 * 3600
@@ -74,153 +64,6 @@ _LOCKED = 'desi_transfer_daemon: checksum lock present'
 
 
 
-class ConfigurationError(Exception):
-    """A fatal problem with the configuration: one line naming the file and key."""
-
-
-class _Environment(configparser.Interpolation):
-    """Replace ``${VAR}`` by the environment variable VAR; unset VAR is an error."""
-
-    def before_get(self, parser, section, option, value, defaults):
-        try:
-            return string.Template(value).substitute(os.environ)
-        except KeyError as err:
-            raise ConfigurationError(f"[{section}] {option}: environment variable "
-                                     f"{err.args[0]} is not set") from None
-        except ValueError as err:
-            raise ConfigurationError(f"[{section}] {option}: {err}") from None
-
-
-def _read_configuration(filename=None):
-    """Read and validate the daemon configuration.
-
-    Parameters
-    ----------
-    filename : :class:`str`, optional
-        Configuration file; the shipped default if not set.
-
-    Returns
-    -------
-    :class:`tuple`
-        The list of :class:`DirectoryConfig`, the ``[common]`` and ``[logging]``
-        settings as :class:`dict`.
-
-    Raises
-    ------
-    ConfigurationError
-        One line naming the file, the section and the key.
-    """
-    if filename is None:
-        resource = files('desitransfer') / 'data' / 'desi_transfer_daemon.ini'
-        filename, text = str(resource), resource.read_text()
-    else:
-        try:
-            with open(filename) as f:
-                text = f.read()
-        except OSError as err:
-            raise ConfigurationError(f"configuration file {filename} cannot be read: "
-                                     f"{err.strerror}") from None
-    parser = configparser.ConfigParser(interpolation=_Environment())
-    parser.optionxform = str
-    try:
-        parser.read_string(text, source=filename)
-        return _validate(parser)
-    except ConfigurationError as err:
-        raise ConfigurationError(f"configuration file {filename}: {err}") from None
-    except configparser.Error as err:
-        message = ' '.join(str(err).split())
-        raise ConfigurationError(f"configuration file {filename}: {message}") from None
-
-
-def _get(parser, section, key, convert=str, default=None):
-    """Get and convert one key; missing or bad values raise :class:`ConfigurationError`."""
-    if not parser.has_section(section):
-        raise ConfigurationError(f"section [{section}] is missing")
-    if not parser.has_option(section, key):
-        if default is not None:
-            return default
-        raise ConfigurationError(f"[{section}] {key} is missing")
-    value = parser.get(section, key).strip()
-    try:
-        return convert(value)
-    except ValueError as err:
-        raise ConfigurationError(f"[{section}] {key} = {value!r} is not valid: {err}") from None
-
-
-def _absolute(value):
-    if not os.path.isabs(value):
-        raise ValueError('an absolute path is required')
-    return os.path.normpath(value)
-
-
-def _positive(value):
-    v = float(value)
-    if not v > 0:
-        raise ValueError('a positive number is required')
-    return v
-
-
-def _count(value):
-    v = int(value)
-    if v < 0:
-        raise ValueError('a non-negative integer is required')
-    return v
-
-
-def _checksum_name(value):
-    try:
-        name = value.format(exposure='00000000')
-    except (KeyError, IndexError, ValueError, AttributeError):
-        name = None  # another {field}, or a bad format: it would fail on every exposure
-    if '{exposure}' not in value or not name or '/' in name or name in ('.', '..'):
-        raise ValueError("a file name containing '{exposure}' and no other {field} is required")
-    return value
-
-
-def _list(value):
-    return [v.strip() for v in value.split(',') if v.strip()]
-
-
-def _validate(parser):
-    directories = []
-    for section in parser.sections():
-        if section in ('common', 'logging'):
-            continue
-        source = _get(parser, section, 'source', _absolute)
-        staging = _get(parser, section, 'staging', _absolute)
-        destination = _get(parser, section, 'destination', _absolute)
-        hpss = _get(parser, section, 'hpss').strip('/')
-        if not hpss:
-            raise ConfigurationError(f"[{section}] hpss is empty")
-        checksum_file = _get(parser, section, 'checksum_file', _checksum_name)
-        directories.append(DirectoryConfig(section, source, staging, destination,
-                                           hpss, checksum_file))
-    if not directories:
-        raise ConfigurationError("no destination section (such as [DESI_SPECTRO_DATA])")
-    common = {'host': _get(parser, 'common', 'host', default=''),
-              'ssh': _get(parser, 'common', 'ssh'),
-              'temporary': _get(parser, 'common', 'temporary', _list),
-              'checksum_lock': _get(parser, 'common', 'checksum_lock', _absolute),
-              'catchup': _get(parser, 'common', 'catchup', int),
-              'backup': _get(parser, 'common', 'backup', int),
-              'sleep': _get(parser, 'common', 'sleep', _positive),
-              'retries': _get(parser, 'common', 'retries', _count, default=5),
-              'hpss': _get(parser, 'common', 'hpss'),
-              'hpss_status': _get(parser, 'common', 'hpss_status')}
-    if common['host'] and not common['ssh']:
-        raise ConfigurationError("[common] ssh is empty but host is set")
-    if not common['temporary']:
-        raise ConfigurationError("[common] temporary lists no directory")
-    logging_ = {'filename': _get(parser, 'logging', 'filename', _absolute),
-                'size': _get(parser, 'logging', 'size', _count),
-                'backups': _get(parser, 'logging', 'backups', _count),
-                'to': _get(parser, 'logging', 'to', _list),
-                'smtp': _get(parser, 'logging', 'smtp', default='localhost:25')}
-    if not re.fullmatch(r'[^:\s]+(:[0-9]+)?', logging_['smtp']):
-        raise ConfigurationError(f"[logging] smtp = {logging_['smtp']!r} is not host:port")
-    return directories, common, logging_
-
-
 class TransferDaemon(object):
     """Manage data transfer configuration, options, and operations.
 
@@ -239,7 +82,7 @@ class TransferDaemon(object):
         self.options = options
         self.test = options.test
         self.tape = not options.no_backup
-        self.directories, self.conf, self.log_conf = _read_configuration(options.configuration)
+        self.directories, self.conf, self.log_conf = read_configuration(options.configuration)
         try:
             self.scratch = ensure_scratch(self.conf['temporary'])
         except FileNotFoundError as err:
@@ -284,10 +127,7 @@ class TransferDaemon(object):
             state = {}
         except (OSError, ValueError) as err:
             # Never replace an earlier .bad: each one is kept for analysis.
-            bad, n = self.state_file + '.bad', 0
-            while os.path.lexists(bad):
-                n += 1
-                bad = f'{self.state_file}.bad.{n:d}'
+            bad = aside_name(self.state_file, '.bad')
             log.error("State file %s is unreadable (%s); it is kept as %s and the daemon "
                       "starts afresh: nights are checked on tape again, and exposures "
                       "waiting to be transferred again are not retried.",

@@ -38,7 +38,7 @@ from importlib.resources import files
 import fcntl
 
 from . import __version__ as dtVersion
-from .common import configure_log, log, valid_night
+from .common import aside_name, configure_log, log, valid_night
 
 #: Files of the status web page, installed from the package data.
 PAGE_FILES = ('index.html', 'desi_transfer_status.js', 'desi_transfer_status.css')
@@ -266,10 +266,7 @@ class TransferStatus(object):
     def _keep(path, suffix):
         """Keep `path` under a new name ending in `suffix`, never replacing one.
         """
-        name, n = path + suffix, 0
-        while os.path.lexists(name):
-            n += 1
-            name = f'{path}{suffix}.{n:d}'
+        name = aside_name(path, suffix)
         try:
             os.link(path, name)
         except OSError:
