@@ -30,9 +30,9 @@ from argparse import ArgumentParser
 from . import __version__ as dtVersion
 from .checksum import verify_checksum
 from . import common
-from .common import (aside_name, configure_log, dir_perm, empty_rsync, ensure_scratch, file_perm, log,
-                     new_exposures, rsync, rsync_ssh, run, ssh_command, valid_night,
-                     write_json)
+from .common import (aside_name, configure_log, dir_perm, empty_rsync, ensure_scratch,
+                     file_perm, log, new_exposures, rsync, rsync_ssh, run, ssh_command,
+                     valid_night, write_json)
 from .configuration import ConfigurationError, read_configuration
 from .status import TransferStatus, _milliseconds
 
