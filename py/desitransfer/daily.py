@@ -11,11 +11,7 @@ Transfer auxiliary data directories from KPNO to NERSC each morning and noon (ru
 This command is not available in this release: it answers ``--help`` and
 ``--version`` and refuses to run, so that nothing pretends to work.
 """
-import os
-import sys
-from argparse import ArgumentParser
-
-from . import __version__ as dtVersion
+from .common import unavailable, unavailable_options
 
 
 def _options(args=None):
@@ -31,12 +27,8 @@ def _options(args=None):
     :class:`argparse.Namespace`
         The parsed command-line options.
     """
-    prsr = ArgumentParser(prog=os.path.basename(sys.argv[0]),
-                          description="Transfer auxiliary data directories from KPNO to NERSC each morning and noon (run by cron). "
-                                      "Not available in this release of desitransfer.")
-    prsr.add_argument('-V', '--version', action='version',
-                      version='%(prog)s {0}'.format(dtVersion))
-    return prsr.parse_args(args)
+    return unavailable_options("Transfer auxiliary data directories from KPNO to NERSC each "
+                               "morning and noon (run by cron).", args)
 
 
 def main():
@@ -48,6 +40,4 @@ def main():
         An integer suitable for passing to :func:`sys.exit`.
     """
     _options()
-    print("desi_daily_transfer: not available in this release of desitransfer; nothing was done.",
-          file=sys.stderr)
-    return 2
+    return unavailable('desi_daily_transfer')
