@@ -414,10 +414,7 @@ class TransferDaemon(object):
             for night in due:
                 if self._stopping() or not self._hpss_available():
                     break
-                waiting = [link for link in state['retries'] if link.startswith(night + '/')]
-                if waiting:
-                    log.info("Night %s is not archived yet: exposures %s are being "
-                             "transferred again.", night, ', '.join(sorted(waiting)))
+                if self._retrying(d, night):
                     continue
                 if self.backup(d, night, status):
                     if status is not None:
@@ -808,6 +805,15 @@ class TransferDaemon(object):
         names = self._hpss_listing[d.hpss]
         return archive in names and archive + '.idx' in names
 
+    def _retrying(self, d, night):
+        """``True`` (and say so) if exposures of `night` have errors and are retried."""
+        waiting = sorted(link for link in self.state[d.name]['retries']
+                         if link.startswith(night + '/'))
+        if waiting:
+            log.info("Night %s is not archived yet: exposures %s have errors and are being "
+                     "transferred again.", night, ', '.join(waiting))
+        return bool(waiting)
+
     def backup(self, d, night, status):
         """Final sync and backup for a specific night.
 
@@ -843,11 +849,7 @@ class TransferDaemon(object):
         elif not self.catchup(d, night, status, backup=True):
             return False
         # The final catch-up may have found errors: archive only once they are resolved.
-        waiting = sorted(link for link in self.state[d.name]['retries']
-                         if link.startswith(night + '/'))
-        if waiting:
-            log.info("Night %s is not archived yet: exposures %s have errors and are being "
-                     "transferred again.", night, ', '.join(waiting))
+        if self._retrying(d, night):
             return False
         night_dir = os.path.join(d.destination, night)
         if self.test:
@@ -978,10 +980,14 @@ def _popen(command):
     return (str(result.returncode), result.stdout, result.stderr)
 
 
-def _chmod_tree(directory, dirs, files_, test):
+def _chmod_tree(directory, dirs, files_, test, what):
+    """Set the mode of `directory`, its subdirectories (`dirs`) and files (`files_`).
+
+    A mode is a number, or a function of the path returning it; `what` says
+    what is done, for test mode.
+    """
     if test:
-        log.info("Test mode, would set directories in %s to %s and files to %s.",
-                 directory, dirs, files_)
+        log.info("Test mode, would %s %s.", what, directory)
         return
     if not os.path.isdir(directory):
         return
@@ -1005,7 +1011,8 @@ def lock_directory(directory, test=False):
     test : :class:`bool`, optional
         If ``True``, only print the commands.
     """
-    _chmod_tree(directory, dir_perm, file_perm, test)
+    _chmod_tree(directory, dir_perm, file_perm, test,
+                f'lock (directories {dir_perm:#o}, files {file_perm:#o})')
 
 
 def unlock_directory(directory, test=False):
@@ -1020,7 +1027,7 @@ def unlock_directory(directory, test=False):
     """
     def writable(p):
         return stat.S_IMODE(os.lstat(p).st_mode) | stat.S_IWUSR
-    _chmod_tree(directory, writable, writable, test)
+    _chmod_tree(directory, writable, writable, test, 'add user write permission in')
 
 
 def rsync_night(source, destination, night, test=False, command=None):
