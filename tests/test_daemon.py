@@ -47,6 +47,27 @@ class Site(SimpleNamespace):
         return make_exposure(self.data, self.source, night, expid, files=files,
                              checksum=checksum)
 
+    def terminate_when(self, ready, *args, poll=0.01, settle=0.0):
+        """Start the daemon with `args`, send SIGTERM once ``ready()`` (and
+        `settle` seconds more); return its exit status, its output and the
+        seconds it took to stop."""
+        command, env = self.command(*args)
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not ready():
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(poll)
+            time.sleep(settle)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=60)
+            return proc.returncode, out, time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
     def ssh_wrapper(self, name, rsync_first):
         """Configure an ssh program that runs the shell line `rsync_first` before
         connecting for rsync, then the real ``dts`` wrapper."""
@@ -503,19 +524,10 @@ def test_sigterm_interrupts_copy(site):
     site.ssh_wrapper('slow-ssh', 'sleep 20')
     for j in range(3):
         site.exposure(LAST, f'{1200 + j:08d}')
-    command, env = site.command('--once')
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 30
-    while not os.path.isdir(os.path.join(site.staging, LAST)):
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.05)
-    time.sleep(0.5)
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
-    assert time.monotonic() - t0 < 5
-    assert proc.returncode == 0, out
+    code, out, seconds = site.terminate_when(
+        lambda: os.path.isdir(os.path.join(site.staging, LAST)), '--once', settle=0.5)
+    assert seconds < 5
+    assert code == 0, out
     assert 'stay in staging' in out
     assert not os.path.exists(site.dest(LAST))
     assert site.status_rows() == {}

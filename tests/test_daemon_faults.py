@@ -261,20 +261,9 @@ def test_unreachable_mountain_long_running(site):
     third alerts by email, once; SIGTERM still stops it cleanly."""
     site.exposure(LAST, '00000180')
     site.write_config(ssh=unreachable_ssh(site), sleep='0.005')
-    command, env = site.command()
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while '(6 passes in a row)' not in daemon_log(site):
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, out
+    code, out, _ = site.terminate_when(lambda: '(6 passes in a row)' in daemon_log(site),
+                                       poll=0.1)
+    assert code == 0, out
     assert 'Traceback' not in out and 'Checksums are being computed' not in out
     site.smtp.wait(1, timeout=10)
     time.sleep(0.5)
@@ -288,21 +277,10 @@ def test_sigterm_with_backlog_converges(site):
     size = 400_000
     for e in expids:
         site.exposure(LAST, e, files=exposure_files(e, nfiles=3, size=size))
-    command, env = site.command()  # a long-running daemon, not --once
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        staging = os.path.join(site.staging, LAST)
-        while not (os.path.isdir(staging) and os.listdir(staging)):
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, out
+    staging = os.path.join(site.staging, LAST)
+    # A long-running daemon, not --once.
+    code, out, _ = site.terminate_when(lambda: os.path.isdir(staging) and os.listdir(staging))
+    assert code == 0, out
     assert 'desi_transfer_daemon stops' in out and 'Traceback' not in out
     installed = sorted(os.listdir(site.dest(LAST))) if os.path.isdir(site.dest(LAST)) else []
     assert len(installed) < len(expids), 'SIGTERM did not stop the pass early'
