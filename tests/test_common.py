@@ -280,3 +280,81 @@ def test_run_stop_event(tmp_path):
     r = run([sys.executable, '-c', 'import time; print("a"); time.sleep(1.5); print("b")'],
             stop=threading.Event())
     assert r == (0, 'a\nb\n', '')
+
+
+def test_stop_kill_file_and_wait(tmp_path):
+    kill = tmp_path / 'stop'
+    stop = common.Stop(str(kill), interval=0.05)
+    assert not stop.is_set()
+    t0 = time.monotonic()
+    assert stop.wait(0.2) is False
+    assert time.monotonic() - t0 >= 0.2
+    # The kill file ends a long sleep within the interval.
+    import threading
+    threading.Timer(0.2, kill.touch).start()
+    t0 = time.monotonic()
+    assert stop.wait(60) is True
+    assert time.monotonic() - t0 < 2
+    assert stop.is_set() and str(kill) in stop.reason
+
+
+def test_stop_signal_and_run(tmp_path):
+    import signal as signal_
+    stop = common.Stop(str(tmp_path / 'stop'), interval=0.05)
+    old = signal_.getsignal(signal_.SIGTERM)
+    try:
+        stop.handle_signals()
+        os.kill(os.getpid(), signal_.SIGTERM)
+        assert stop.wait(5) is True
+        assert stop.reason == 'SIGTERM received'
+    finally:
+        signal_.signal(signal_.SIGTERM, old)
+    # A command under run() ends when the kill file appears.
+    stop = common.Stop(str(tmp_path / 'stop2'))
+    import threading
+    threading.Timer(0.3, (tmp_path / 'stop2').touch).start()
+    t0 = time.monotonic()
+    result = run(['sleep', '30'], stop=stop)
+    assert result.returncode == -15 and time.monotonic() - t0 < 5
+
+
+def test_single_instance(tmp_path):
+    path = str(tmp_path / 'sub' / 'x.lock')
+    lock, holder = common.single_instance(path)
+    assert lock is not None and holder is None
+    with open(path) as f:
+        assert f.read().strip() == str(os.getpid())
+    # Another process is refused while we hold it, and told our pid.
+    code = ('import sys; from desitransfer.common import single_instance; '
+            f'l, h = single_instance({path!r}); print(h); sys.exit(0 if l else 3)')
+    p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert p.returncode == 3 and p.stdout.strip() == str(os.getpid())
+    lock.close()
+    p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip() == 'None'
+
+
+def test_environment_ssh(monkeypatch):
+    monkeypatch.delenv('RSYNC_RSH', raising=False)
+    assert common.environment_ssh()[:3] == ['ssh', '-o', 'BatchMode=yes']
+    monkeypatch.setenv('RSYNC_RSH', '/x/ssh -F "/a b/config"')
+    c = common.environment_ssh(control='/tmp/c')
+    assert c[:3] == ['/x/ssh', '-F', '/a b/config'] and 'ControlPath=/tmp/c' in c
+
+
+def test_write_json_and_sweep(tmp_path):
+    path = str(tmp_path / 'state.json')
+    common.write_json(path, {'a': 1})
+    assert os.listdir(tmp_path) == ['state.json']
+    # A temporary file of a writer that is gone, and one of a live process.
+    dead = subprocess.Popen(['true'])
+    dead.wait()
+    stale = tmp_path / f'.state.json.{dead.pid}.tmp'
+    stale.write_text('{')
+    live = tmp_path / f'.state.json.{os.getpid()}.tmp'
+    live.write_text('{')
+    other = tmp_path / 'notes.tmp'
+    other.write_text('x')
+    assert common.sweep_temporary(str(tmp_path)) == [str(stale)]
+    assert sorted(os.listdir(tmp_path)) == sorted([live.name, 'notes.tmp', 'state.json'])
+    assert common.sweep_temporary(str(tmp_path / 'missing')) == []

@@ -376,7 +376,8 @@ def test_critical_is_emailed_once(alerts, smtp_server):
     assert smtp_server.wait(1)
     message = smtp_server.messages[0]
     assert 'desi_transfer_daemon' in message['Subject']
-    assert socket.getfqdn() in message['Subject']
+    assert message['Subject'] == 'Error reported by desi_transfer_daemon!'
+    assert socket.getfqdn() in message.get_content()
     assert message['To'] == 'desi-alarms@example.org'
     assert message['From'].endswith('@' + socket.getfqdn())
     body = message.get_content()

@@ -9,6 +9,7 @@ its output, night and time helpers, permission constants, the logging and
 alert set-up, and the one subprocess runner every module uses.
 """
 import datetime as dt
+import fcntl
 import json
 import logging
 import logging.handlers
@@ -19,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import namedtuple
 
@@ -155,7 +157,7 @@ def write_json(path, data):
     data : :class:`dict` or :class:`list`
         What to write.
     """
-    tmp = f'{path}.{os.getpid()}.tmp'
+    tmp = temporary_name(path)
     try:
         with open(tmp, 'w') as f:
             json.dump(data, f, indent=1, sort_keys=True)
@@ -165,6 +167,75 @@ def write_json(path, data):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+def fsync_directory(directory):
+    """Flush `directory` to disk, so that a rename in it survives a crash."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temporary_name(path):
+    """The name of a temporary file beside `path` for this process:
+    ``.NAME.PID.tmp`` in the same directory, which :func:`sweep_temporary`
+    recognises once this process is gone."""
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f'.{name}.{os.getpid():d}.tmp')
+
+
+_temporary = re.compile(r'\.(?P<name>.+)\.(?P<pid>[0-9]+)\.tmp')
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_temporary(directory):
+    """Remove temporary files left in `directory` by writers that were killed.
+
+    Only names made by :func:`temporary_name` are considered, and only those
+    of processes that no longer exist (a live writer's file is left alone).
+
+    Parameters
+    ----------
+    directory : :class:`str`
+        The directory to sweep; nothing happens if it does not exist.
+
+    Returns
+    -------
+    :class:`list`
+        The files removed.
+    """
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    removed = []
+    for name in sorted(names):
+        m = _temporary.fullmatch(name)
+        if m is None or _alive(int(m.group('pid'))):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if os.path.isfile(path) and not os.path.islink(path):
+                os.remove(path)
+                removed.append(path)
+        except OSError as err:
+            log.warning("Could not remove stale temporary file %s: %s.", path, err)
+    if removed:
+        log.info("Removed %d temporary file(s) left by killed writers in %s: %s.",
+                 len(removed), directory, ', '.join(os.path.basename(r) for r in removed))
+    return removed
 
 
 def aside_name(path, suffix):
@@ -219,13 +290,117 @@ def unavailable(command):
     return 2
 
 
+class Stop(object):
+    """A request to stop: SIGTERM (once :meth:`handle_signals` is called),
+    the kill file, or :meth:`set`.
+
+    It can be passed as `stop` to :func:`run`, which then notices the kill
+    file within a second too, and :meth:`wait` sleeps in short steps so that
+    the kill file ends a long sleep within `interval` seconds.
+
+    Parameters
+    ----------
+    kill : :class:`str`, optional
+        Stop when this file exists.
+    interval : :class:`float`, optional
+        Seconds between looks for the kill file while waiting.
+    """
+
+    def __init__(self, kill=None, interval=2.0):
+        self.kill = kill
+        self.interval = interval
+        self.event = threading.Event()
+        self.reason = None
+
+    def set(self, reason='stop requested'):
+        """Ask every loop and command using this object to stop."""
+        if not self.event.is_set():
+            self.reason = reason
+        self.event.set()
+
+    def handle_signals(self, *signums):
+        """Set this object when one of `signums` (default SIGTERM) arrives."""
+        for signum in signums or (signal.SIGTERM,):
+            signal.signal(signum, lambda n, frame: self.set(f'{signal.Signals(n).name} received'))
+
+    def is_set(self):
+        """``True`` once a stop was asked for; looks for the kill file."""
+        if self.event.is_set():
+            return True
+        if self.kill and os.path.exists(self.kill):
+            log.info("%s exists; stopping.", self.kill)
+            self.set(f'{self.kill} exists')
+            return True
+        return False
+
+    def wait(self, seconds):
+        """Sleep up to `seconds`, less if a stop is asked for.
+
+        Returns
+        -------
+        :class:`bool`
+            ``True`` if stopping.
+        """
+        deadline = time.monotonic() + seconds
+        while not self.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.event.wait(min(left, self.interval))
+        return True
+
+
+def single_instance(path):
+    """Take the single-instance lock `path`: an exclusive kernel lock
+    (:func:`fcntl.flock`) that dies with its process, so a crash never leaves
+    a stale lock behind, and a recycled pid never looks like a holder.
+
+    Parameters
+    ----------
+    path : :class:`str`
+        The lock file; created (with its directory) if missing.  The holder's
+        pid is written in it, for people.
+
+    Returns
+    -------
+    :class:`tuple`
+        ``(file, None)`` with the open lock file (keep it open to keep the
+        lock) or ``(None, pid)`` if another process holds it, `pid` being
+        what that process wrote (``'unknown'`` if nothing).
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    lock = open(path, 'a+')
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or 'unknown'
+        lock.close()
+        return None, holder
+    lock.seek(0)
+    lock.truncate(0)
+    lock.write(f'{os.getpid():d}\n')
+    lock.flush()
+    return lock, None
+
+
+def environment_ssh(control=None):
+    """The ssh command for rsync and remote commands, from :envvar:`RSYNC_RSH`
+    (rsync's own convention: a program and its options) or else ``ssh``, with
+    the non-interactive options of :func:`ssh_command`.
+    """
+    return ssh_command(shlex.split(os.environ.get('RSYNC_RSH', '').strip() or 'ssh'),
+                       control=control)
+
+
 def ssh_command(ssh='ssh', control=None):
     """The ssh client command, non-interactive, as an argument list.
 
     Parameters
     ----------
-    ssh : :class:`str`, optional
-        The ssh program (a wrapper that adds ``-F CONFIG`` is fine).
+    ssh : :class:`str` or :class:`list`, optional
+        The ssh program (a wrapper that adds ``-F CONFIG`` is fine), or a
+        program and its own options as a list.
     control : :class:`str`, optional
         Path of an OpenSSH control socket to share one connection.
 
@@ -234,7 +409,7 @@ def ssh_command(ssh='ssh', control=None):
     :class:`list`
         The ssh program and its options.
     """
-    command = [ssh] + list(SSH_OPTIONS)
+    command = ([ssh] if isinstance(ssh, str) else list(ssh)) + list(SSH_OPTIONS)
     if control:
         command += ['-o', 'ControlMaster=auto', '-o', f'ControlPath={control}',
                     '-o', 'ControlPersist=120']
@@ -484,7 +659,8 @@ class AlertHandler(logging.handlers.SMTPHandler):
     recipients : :class:`list`
         Email addresses.
     program : :class:`str`
-        Name of the program, used in the sender and subject.
+        Name of the program, used in the subject, ``Error reported by
+        PROGRAM!`` as mail filters of the collaboration expect.
     repeat : :class:`float`, optional
         Seconds before the same message is emailed again.
     memory : :class:`str`, optional
@@ -500,7 +676,7 @@ class AlertHandler(logging.handlers.SMTPHandler):
         user = os.environ.get('USER', 'desi')
         self.hostname = socket.getfqdn()
         super().__init__((host, int(port)), f'{user}@{self.hostname}', recipients,
-                         f'{program} on {self.hostname}: critical problem', timeout=30)
+                         f'Error reported by {program}!', timeout=30)
         self.setLevel(logging.CRITICAL)
         self.repeat = repeat
         self.memory = memory
@@ -600,8 +776,10 @@ def configure_log(debug=False, filename=None, size=100_000_000, backups=10,
         log.addHandler(fh)
     if to:
         ah = AlertHandler(mailhost, list(to), program, memory=memory)
-        ah.setFormatter(logging.Formatter('%(asctime)s %(levelname)s '
-                                          '%(module)s.%(funcName)s: %(message)s',
+        ah.setFormatter(logging.Formatter(f'At %(asctime)s, {program} on {ah.hostname} '
+                                          'reported this serious error:\n\n'
+                                          '%(levelname)s %(module)s.%(funcName)s: '
+                                          '%(message)s\n',
                                           datefmt='%Y-%m-%dT%H:%M:%S%z'))
         ah._desitransfer = True
         log.addHandler(ah)
