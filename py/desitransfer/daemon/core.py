@@ -113,6 +113,10 @@ class TransferDaemon(object):
         with lock:
             for directory in [self.top] + [self._status_directory(d) for d in self.directories]:
                 sweep_temporary(directory)
+            try:
+                self.actions.save(self.state)
+            except OSError as err:
+                log.error("Could not write the state file %s: %s.", self.state.path, err)
             self.transfer()
         return 1 if self.options.once and self.failed else 0
 

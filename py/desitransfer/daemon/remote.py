@@ -66,27 +66,27 @@ class Survey(namedtuple('Survey', ['answer', 'links', 'refused', 'unknown_nights
         return sorted({link.night for link in self.links.values()})
 
 
-#: The survey, run by ``sh -c SCRIPT sh SOURCE LOCK NIGHT...`` at the mountain.
-SURVEY_SCRIPT = r'''
-export LC_ALL=C
-src=$1 lock=$2
-shift 2
-if [ -e "$lock" ]; then printf '#locked\0#end\0'; exit 0; fi
-if [ ! -d "$src" ]; then echo "$src is not a directory" >&2; exit 3; fi
-find "$src" -mindepth 1 -maxdepth 1 -regextype posix-extended \( ! -type d -o ! -regex \
-    '.*/20[0-9]{2}(0[1-9]|1[0-2])(0[1-9]|[12][0-9]|3[01])' \) -printf '!%P\0'
-for n in "$@"; do
-    shift
-    if [ -e "$src/$n" ] || [ -L "$src/$n" ]; then set -- "$@" "$src/$n"; fi
-done
-if [ $# -gt 0 ]; then
-    find "$@" -mindepth 1 -maxdepth 1 -type l -printf '@%p\0%T@\0' \( -xtype d -exec sh -c \
-        'for l; do if cd -P -- "$l" 2>/dev/null; then printf "=%s\0" "$l"; pwd -P; printf "\0"; fi; done' \
-        sh {} + \)
-    printf '#find %d\0' $?
-fi
-printf '#end\0'
-'''
+#: The survey, run by ``sh -c SCRIPT sh SOURCE LOCK NIGHT...`` at the mountain
+#: (one line, so that it is logged on one line).
+SURVEY_SCRIPT = '; '.join([
+    'export LC_ALL=C',
+    'src=$1 lock=$2',
+    'shift 2',
+    """if [ -e "$lock" ]; then printf '#locked\\0#end\\0'; exit 0; fi""",
+    'if [ ! -d "$src" ]; then echo "$src is not a directory" >&2; exit 3; fi',
+    # Entries of SOURCE that are not night directories, to be reported.
+    """find "$src" -mindepth 1 -maxdepth 1 -regextype posix-extended \\( ! -type d -o ! """
+    """-regex '.*/20[0-9]{2}(0[1-9]|1[0-2])(0[1-9]|[12][0-9]|3[01])' \\) -printf '!%P\\0'""",
+    # The nights of the window that exist.
+    """for n in "$@"; do shift; if [ -e "$src/$n" ] || [ -L "$src/$n" ]; then """
+    """set -- "$@" "$src/$n"; fi; done""",
+    # Each link, its time, and for a link to a directory its physical path.
+    """if [ $# -gt 0 ]; then find "$@" -mindepth 1 -maxdepth 1 -type l -printf '@%p\\0%T@\\0' """
+    """\\( -xtype d -exec sh -c 'for l; do if cd -P -- "$l" 2>/dev/null; then """
+    """printf "=%s\\0" "$l"; pwd -P; printf "\\0"; fi; done' sh {} + \\); """
+    """printf '#find %d\\0' $?; fi""",
+    """printf '#end\\0'""",
+])
 
 _find_error = re.compile(r"^find: [‘'`\"](?P<path>.*?)[’'\"]?: (?P<why>.+)$")
 
