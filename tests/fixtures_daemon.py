@@ -183,7 +183,7 @@ import json, os, shlex, subprocess, sys
 args = sys.argv[1:]
 with open({calls!r}, 'a') as f:
     f.write(json.dumps(args) + '\\n')
-rsync = any('rsync --server' in a for a in args)
+rsync = 'rsync --server' in ' '.join(args)
 control = '-O' in args
 line = {before_rsync!r} if rsync else {before_command!r}
 if line and not control:

@@ -16,6 +16,7 @@ listing was unreadable.
 import os
 import re
 import tempfile
+import threading
 
 from ..common import log
 
@@ -76,11 +77,32 @@ class Archive(object):
             self._available = self._ask_status()
         return self._available
 
-    def _ask_status(self):
+    def _get(self, url):
+        """GET `url` in a thread, so that a stop does not wait for the timeout."""
         import requests  # Only needed after noon: keep start-up quick.
+        answer = {}
+
+        def get():
+            try:
+                answer['response'] = requests.get(url, timeout=HPSS_STATUS_TIMEOUT)
+            except BaseException as err:
+                answer['error'] = err
+
+        thread = threading.Thread(target=get, name='hpss-status', daemon=True)
+        thread.start()
+        while thread.is_alive() and not self.actions.stop.is_set():
+            thread.join(0.2)
+        if 'error' in answer:
+            raise answer['error']
+        if 'response' not in answer:
+            raise requests.Timeout('stopped')
+        return answer['response']
+
+    def _ask_status(self):
+        import requests
         url = self.status_url
         try:
-            response = requests.get(url, timeout=HPSS_STATUS_TIMEOUT)
+            response = self._get(url)
             response.raise_for_status()
             answer = response.json()
         except requests.Timeout:

@@ -74,6 +74,7 @@ class TransferDaemon(object):
                            [d.name for d in self.directories], keep_bad=not self.test)
         self.failed = False
         self._surveys = {}
+        self._caught_up_now = set()
 
     def _configure_log(self, debug):
         """Re-configure the default logger returned by ``desiutil.log``.
@@ -144,6 +145,7 @@ class TransferDaemon(object):
         self.failed = False
         self.archive.new_pass()
         self._surveys = {}
+        self._caught_up_now = set()
         self.state.forget_before(self._oldest())
         for d in self.directories:
             if self.stop.is_set():
@@ -232,7 +234,9 @@ class TransferDaemon(object):
         survey = self.mountain.survey(d.source, self.conf['checksum_lock'], self._window(),
                                       d.data_root)
         if survey.answer == 'unknown':
-            self._unreachable(d, f"list the exposures in {d.source}", survey.result.stderr)
+            if not self.stop.is_set():
+                self._unreachable(d, f"list the exposures in {d.source}",
+                                  survey.result.stderr)
             return
         if survey.answer == 'locked':
             log.info("Checksums are being computed at %s (%s exists); waiting for the next "
@@ -240,6 +244,10 @@ class TransferDaemon(object):
             return
         self._reachable(d)
         self._surveys[d.name] = survey
+        for night, why in sorted(survey.unknown_nights.items()):
+            self.failed = True
+            log.error("Night %s could not be listed in %s at %s (%s); its exposures wait "
+                      "until it can be.", night, d.source, self.mountain.name, why)
         self._report(d, survey)
         state = self.state[d.name]
         todo = [link for name, link in sorted(survey.links.items())
@@ -247,6 +255,10 @@ class TransferDaemon(object):
                 (name in state['retries'] or not self._installed(d, link))]
         if todo and not self._copy(d, todo, status):
             return
+        due = self._due_for_archive(d)
+        if due:
+            # Nights already on tape (a new deployment) need no catch-up.
+            self._archive(d, status, due, on_tape_only=True)
         for night in self._recent_nights(d):
             if self.stop.is_set():
                 return
@@ -255,9 +267,11 @@ class TransferDaemon(object):
                 if not self.catchup(d, night, status):
                     return
                 state['caught_up'].append(night)
+                self._caught_up_now.add(night)
                 self.actions.save(self.state)
-        if self.tape:
-            self._archive(d, status)
+        due = self._due_for_archive(d)
+        if due:
+            self._archive(d, status, due)
 
     def _copy(self, d, links, status):
         """Copy-verify `links`, then settle their outcomes; ``False`` if the
@@ -277,6 +291,9 @@ class TransferDaemon(object):
                          retries[name], self.conf['retries'])
         outcomes = copy_verify(links, self.mountain, d.staging, d.checksum_file,
                                self.actions, basis=d.destination)
+        for o in outcomes:
+            if o.copy in FATAL and o.name in retries:
+                retries[o.name] -= 1  # Not the exposure's fault: the try does not count.
         return self._settle(d, outcomes, status)
 
     def _settle(self, d, outcomes, status):
@@ -519,30 +536,37 @@ class TransferDaemon(object):
         self.archive.new_pass()
         return self.archive.available()
 
-    def _archive(self, d, status):
-        """Archive the finished nights of the recent window that are not on tape."""
-        state = self.state[d.name]
-        due = [n for n in self._recent_nights(d)
-               if n not in state['backed_up'] and self._due(n, self.conf['backup'])]
-        if not due:
-            return
+    def _due_for_archive(self, d):
+        """Finished nights of the recent window not known to be on tape."""
+        if not self.tape:
+            return []
+        done = self.state[d.name]['backed_up']
+        return [n for n in self._recent_nights(d)
+                if n not in done and self._due(n, self.conf['backup'])]
+
+    def _archive(self, d, status, due, on_tape_only=False):
+        """Archive the nights `due` that are not on tape; with `on_tape_only`,
+        only take note of those that are."""
         if not self.archive.available():
-            self._hpss_unavailable(d, due)
+            if not on_tape_only:
+                self._hpss_unavailable(d, due, 'its status service does not say it is active')
             return
-        state['hpss_unavailable'] = None
         for night in due:
             if self.stop.is_set():
                 return
             on_tape = self.archive.on_tape(d.hpss, night)
             if on_tape is None:
+                # Unknown: wait, never write the archive again.
                 self.failed = True
-                self._overdue(d, night, known=False)
+                if not on_tape_only:
+                    self._hpss_unavailable(d, due, 'hsi could not list the archive')
                 return
+            self.state[d.name]['hpss_unavailable'] = None
             if on_tape:
                 log.info("Night %s is on tape as %s/%s.", night, d.hpss,
                          _archive_name(d, night))
                 self._archived(d, night, status)
-            elif not self.backup(d, night, status):
+            elif not on_tape_only and not self.backup(d, night, status):
                 self._overdue(d, night)
 
     def backup(self, d, night, status):
@@ -576,7 +600,9 @@ class TransferDaemon(object):
         survey = self._surveys.get(d.name)
         if survey is not None and night in survey.unknown_nights:
             return False
-        if survey is not None and night in survey.nights:
+        if night in self._caught_up_now:
+            log.info("Night %s was caught up in this pass; archiving it.", night)
+        elif survey is not None and night in survey.nights:
             if not self.catchup(d, night, status, backup=True):
                 return False
         else:
@@ -643,21 +669,22 @@ class TransferDaemon(object):
         self.actions.save(self.state)
         return True
 
-    def _overdue(self, d, night, known=True):
-        """Alert once if `night` is still not on tape a day after it was due."""
+    def _overdue(self, d, night):
+        """Alert once if `night` is still not on tape a day after it was due
+        (called only once the tape was listed and the archive is absent)."""
         state = self.state[d.name]
         late = common._utcnow() - _due_time(night, self.conf['backup'])
-        if late < OVERDUE or night in state['overdue'] or self.test:
-            return
-        log.critical("Night %s is still %s HPSS %d hours after it was due (see the log for "
-                     "hsi, htar or catch-up problems); the daemon keeps trying on every pass.",
-                     night, 'not archived to' if known else 'not known to be archived to',
-                     late.total_seconds() // 3600)
+        if (late < OVERDUE or night in state['overdue'] or self.test or
+                state['archive_failures'].get(night)):
+            return  # Not late yet, said already, or its archive failure was emailed.
+        log.critical("Night %s is still not archived to HPSS %d hours after it was due (see "
+                     "the log for htar or catch-up problems); the daemon keeps trying on "
+                     "every pass.", night, late.total_seconds() // 3600)
         state['overdue'].append(night)
         self.actions.save(self.state)
 
-    def _hpss_unavailable(self, d, due):
-        """Alert once if HPSS has not been available for a day while nights wait."""
+    def _hpss_unavailable(self, d, due, why):
+        """Alert once if HPSS has not been usable for a day while nights wait."""
         state = self.state[d.name]
         now = common._utcnow()
         since = state['hpss_unavailable']
@@ -668,9 +695,9 @@ class TransferDaemon(object):
         start = dt.datetime.fromtimestamp(since / 1000, dt.timezone.utc)
         key = f'hpss unavailable {since:d}'
         if now - start >= OVERDUE and key not in state['reported'] and not self.test:
-            log.critical("HPSS has not been available for archiving since %s UTC; nights %s "
-                         "wait to be archived.", start.strftime('%Y-%m-%d %H:%M'),
-                         ', '.join(due))
+            log.critical("HPSS has not been available for archiving since %s UTC (now: %s); "
+                         "nights %s wait to be archived.", start.strftime('%Y-%m-%d %H:%M'),
+                         why, ', '.join(due))
             state['reported'].append(key)
             self.actions.save(self.state)
 

@@ -53,9 +53,9 @@ class Survey(namedtuple('Survey', ['answer', 'links', 'refused', 'unknown_nights
         ``'NIGHT/EXPID'`` -> :class:`Link`, the links that may be copied.
     refused : :class:`dict`
         Entry at the mountain -> why it is not transferred.
-    unknown_nights : :class:`set`
-        Nights that could not be listed (for example unreadable): nothing
-        about them is concluded in this pass.
+    unknown_nights : :class:`dict`
+        Nights that could not be listed (for example unreadable) -> why:
+        nothing about them is concluded in this pass.
     result : :class:`desitransfer.common.Result`
         The remote command's outcome, for messages.
     """
@@ -70,6 +70,7 @@ class Survey(namedtuple('Survey', ['answer', 'links', 'refused', 'unknown_nights
 #: (one line, so that it is logged on one line).
 SURVEY_SCRIPT = '; '.join([
     'export LC_ALL=C',
+    'cd /',
     'src=$1 lock=$2',
     'shift 2',
     """if [ -e "$lock" ]; then printf '#locked\\0#end\\0'; exit 0; fi""",
@@ -186,7 +187,7 @@ class Mountain(object):
 
 def parse_survey(result, source, data_root=None):
     """Read the answer of :data:`SURVEY_SCRIPT` (see :meth:`Mountain.survey`)."""
-    unknown = Survey('unknown', {}, {}, set(), result)
+    unknown = Survey('unknown', {}, {}, {}, result)
     if result.returncode != 0:
         return unknown
     tokens = result.stdout.split('\0')
@@ -195,7 +196,7 @@ def parse_survey(result, source, data_root=None):
     if not tokens or tokens[-1] != '#end':
         return unknown
     if tokens[0] == '#locked':
-        return Survey('locked', {}, {}, set(), result)
+        return Survey('locked', {}, {}, {}, result)
     prefix = source.rstrip('/') + '/'
     mtimes, targets, refused = {}, {}, {}
     i = 0
@@ -221,7 +222,7 @@ def parse_survey(result, source, data_root=None):
     except (ValueError, IndexError) as err:
         log.error("The survey of %s returned an unreadable answer (%s).", source, err)
         return unknown
-    unknown_nights = set()
+    unknown_nights = {}
     for line in result.stderr.splitlines():
         if not line.startswith('find:'):
             if line.strip():
@@ -233,7 +234,7 @@ def parse_survey(result, source, data_root=None):
         if not valid_night(night):
             log.error("The survey of %s failed: %s", source, line.strip())
             return unknown
-        unknown_nights.add(night)
+        unknown_nights[night] = m.group('why')
     links = {}
     for path, mtime in sorted(mtimes.items()):
         name = path[len(prefix):] if path.startswith(prefix) else path
