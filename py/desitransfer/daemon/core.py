@@ -75,6 +75,7 @@ class TransferDaemon(object):
         self.failed = False
         self._surveys = {}
         self._caught_up_now = set()
+        self._copied_now = set()
 
     def _configure_log(self, debug):
         """Re-configure the default logger returned by ``desiutil.log``.
@@ -146,6 +147,7 @@ class TransferDaemon(object):
         self.archive.new_pass()
         self._surveys = {}
         self._caught_up_now = set()
+        self._copied_now = set()
         self.state.forget_before(self._oldest())
         for d in self.directories:
             if self.stop.is_set():
@@ -316,6 +318,7 @@ class TransferDaemon(object):
         self.actions.record(status, [r for o in outcomes for r in o.records()])
         for o in complete:
             del state['pending'][o.name]
+            self._copied_now.add(o.name)
         for o in outcomes:
             self._conclude(d, o)
         self.actions.save(self.state)
@@ -488,8 +491,13 @@ class TransferDaemon(object):
         survey = self._surveys.get(d.name)
         if survey is None or night in survey.unknown_nights:
             return False
+        # An exposure copied in this very pass is as fresh as a catch-up would make it.
         links = [link for link in survey.links.values()
-                 if link.night == night and self._installed(d, link)]
+                 if link.night == night and self._installed(d, link) and
+                 f'{night}/{link.expid}' not in self._copied_now]
+        if not links:
+            log.info("Night %s is up to date: every exposure was copied in this pass.", night)
+            return True
         log.info("%s of night %s: looking for late or changed files.",
                  'Final catch-up' if backup else 'Catch-up', night)
         groups = {}
