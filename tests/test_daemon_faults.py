@@ -10,11 +10,10 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 
 import pytest
 
-from desitransfer.mountain import exposure_files, make_exposure
+from desitransfer.mountain import exposure_files
 from fixtures_daemon import EARLIER, LAST, snapshot
 
 
@@ -132,19 +131,21 @@ def test_master_closed_and_directory_removed_after_once(site):
 
 def test_every_connection_uses_configured_ssh(site):
     wrapper, calls, _ = make_ssh_wrapper(site)
-    site.write_config(ssh=wrapper, catchup='14', backup='20')
     for e in ('00000160', '00000161'):
         site.exposure(LAST, e)
-    command, env = site.command('--once', '--debug')
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # A pass that copies, then one that catches up and archives.
+    for catchup in ('30', '14'):
+        site.write_config(ssh=wrapper, catchup=catchup, backup='20' if catchup == '14' else '30')
+        command, env = site.command('--once', '--debug')
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
     site.assert_verified(LAST, '00000160', dir_mode=0o2550)  # archived: no user write
     assert site.status_rows()[(LAST, 160)][2] == 1
     # Every command the daemon ran, from its own log.
     ran = [shlex.split(line.split('Running: ', 1)[1])
            for line in site.log_text().splitlines() if 'Running: ' in line]
     rsyncs = [r for r in ran if r[0] == '/bin/rsync']
-    # New exposures and the catch-up's dry run (the same pass: no final catch-up).
+    # New exposures, then the catch-up's dry run (no final catch-up in the same pass).
     assert len(rsyncs) == 2, ran
     assert '--dry-run' in rsyncs[1] and '--dry-run' not in rsyncs[0]
     for r in rsyncs:
@@ -161,7 +162,7 @@ def test_every_connection_uses_configured_ssh(site):
     seen = calls()
     remote = [' '.join(c) for c in seen]
     assert any('rsync --server --sender' in c for c in remote), remote
-    assert len([c for c in remote if 'sh -c' in c and 'find' in c]) == 1, remote
+    assert len([c for c in remote if 'sh -c' in c and 'find' in c]) == 2, remote
     for c in seen:
         options = [c[i + 1] for i, a in enumerate(c[:-1]) if a == '-o']
         assert 'BatchMode=yes' in options, c

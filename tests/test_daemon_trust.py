@@ -19,7 +19,7 @@ import pytest
 
 from desitransfer.daemon import actions
 from desitransfer.mountain import exposure_files, make_exposure
-from fixtures_daemon import EARLIER, LAST, NOW, TONIGHT, mode, snapshot
+from fixtures_daemon import EARLIER, LAST, NOW, snapshot
 
 ROOT = os.geteuid() == 0
 
@@ -253,7 +253,7 @@ def test_unreadable_tape_listing_means_wait(site, caplog, trouble):
     assert site.htar_calls() == [['htar', '-cvhf', str(archive.relative_to(site.hpss.root)),
                                   '-H', 'crc:verify=all', EARLIER]]  # only the first run's
     assert snapshot(str(site.hpss.root)) == tape
-    assert f'Could not list desi/spectro/data on HPSS' in caplog.text
+    assert 'Could not list desi/spectro/data on HPSS' in caplog.text
     assert site.status_rows() == rows
     assert site.smtp.messages == []
 

@@ -21,6 +21,14 @@ from ..checksum import verify_checksum
 from ..common import dir_perm, file_perm, log, run
 
 
+def listdir(directory):
+    """Sorted names in `directory`; none if it cannot be read."""
+    try:
+        return sorted(os.listdir(directory))
+    except OSError:
+        return []
+
+
 def _chmod_tree(directory, dirs, files_):
     """Set the mode of `directory`, its subdirectories and files, never
     following a symbolic link.  A mode is a number or a function of the old one.
