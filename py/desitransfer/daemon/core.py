@@ -29,7 +29,7 @@ from .nights import Nights, due_time
 from .remote import Mountain
 from .settle import Settling
 from .state import STATE_FILE, State
-from .transfer import COPIED, FAILED, FATAL, copy_verify
+from .transfer import COPIED, FATAL, copy_verify
 
 
 class TransferDaemon(Settling, Nights):
@@ -239,10 +239,7 @@ class TransferDaemon(Settling, Nights):
             return
         self._reachable(d)
         self._surveys[d.name] = survey
-        for night, why in sorted(survey.unknown_nights.items()):
-            self.failed = True
-            log.error("Night %s could not be listed in %s at %s (%s); its exposures wait "
-                      "until it can be.", night, d.source, self.mountain.name, why)
+        self._unlisted(d, survey)
         self._report(d, survey)
         state = self.state[d.name]
         todo = [link for name, link in sorted(survey.links.items())
@@ -339,7 +336,7 @@ class TransferDaemon(Settling, Nights):
         log.info("Transferring exposure %s from %s.", link, d.source)
         outcomes = copy_verify([survey.links[link]], self.mountain, d.staging,
                                d.checksum_file, self.actions, basis=d.destination)
-        return self._settle(d, outcomes, status) and outcomes[0].copy in (COPIED, FAILED)
+        return self._settle(d, outcomes, status) and outcomes[0].copy == COPIED
 
     def checksum(self, checksum_file, status):
         """Verify checksum associated with `checksum_file` and report status.

@@ -198,6 +198,13 @@ class Nights(object):
             log.info("Night %s is not archived yet: exposures %s have errors and are being "
                      "transferred again.", night, ', '.join(waiting))
             return False
+        linked = survey.links if survey is not None else {}
+        staged = [f'{night}/{e}' for e in listdir(os.path.join(d.staging, night))
+                  if f'{night}/{e}' in linked and f'{night}/{e}' not in state['given_up']]
+        if staged:
+            log.info("Night %s is not archived yet: exposures %s are still in staging.",
+                     night, ', '.join(staged))
+            return False
         night_dir = os.path.join(d.destination, night)
         self.actions.remove_user_write(night_dir)
         result = self.archive.create(d.destination, d.hpss, night)

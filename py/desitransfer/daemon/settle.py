@@ -171,6 +171,23 @@ class Settling(object):
               self.mountain.name, _passes(n), ' '.join(detail.split())[-300:] or 'no answer')
         self.actions.save(self.state)
 
+    def _unlisted(self, d, survey):
+        """Count passes in a row on which a night could not be listed at the
+        mountain; alert on the third."""
+        unlisted = self.state[d.name]['unlisted']
+        for night in sorted(set(unlisted) - set(survey.unknown_nights)):
+            log.info("Night %s can be listed again at %s.", night, self.mountain.name)
+            del unlisted[night]
+        for night, why in sorted(survey.unknown_nights.items()):
+            self.failed = True
+            unlisted[night] = n = unlisted.get(night, 0) + 1
+            level = log.critical if n == UNREACHABLE_ALERT else log.error
+            level("Night %s could not be listed in %s at %s (%s, %s in a row); its exposures "
+                  "wait until it can be.", night, d.source, self.mountain.name, why,
+                  _passes(n))
+        if survey.unknown_nights or unlisted:
+            self.actions.save(self.state)
+
     def _reachable(self, d):
         state = self.state[d.name]
         if state['unreachable']:

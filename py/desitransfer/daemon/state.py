@@ -28,6 +28,8 @@ Per destination section it holds:
     ``{"NIGHT": n}``: failed archive attempts.
 ``unreachable``
     Passes in a row that could not reach the mountain.
+``unlisted``
+    ``{"NIGHT": n}``: passes in a row on which a night could not be listed.
 ``hpss_unavailable``
     Unix time (ms) since which HPSS has not been available, or ``null``.
 ``reported``
@@ -80,6 +82,8 @@ _FIELDS = {
     'archive_failures': (dict, lambda v: isinstance(v, dict) and
                          all(valid_night(k) and _is_count(n) for k, n in v.items())),
     'unreachable': (int, _is_count),
+    'unlisted': (dict, lambda v: isinstance(v, dict) and
+                 all(valid_night(k) and _is_count(n) for k, n in v.items())),
     'hpss_unavailable': (type(None), lambda v: v is None or _is_count(v)),
     'reported': (list, lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v)),
 }
@@ -140,8 +144,8 @@ class State(object):
         for section in self.data.values():
             for key in ('caught_up', 'backed_up', 'overdue'):
                 section[key] = [n for n in section[key] if n >= oldest]
-            section['archive_failures'] = {n: c for n, c in section['archive_failures'].items()
-                                           if n >= oldest}
+            for key in ('archive_failures', 'unlisted'):
+                section[key] = {n: c for n, c in section[key].items() if n >= oldest}
             for key in ('retries', 'pending'):
                 section[key] = {k: v for k, v in section[key].items() if k[:8] >= oldest}
             section['given_up'] = [k for k in section['given_up'] if k[:8] >= oldest]
