@@ -17,14 +17,11 @@ Prints the times and the ratios to the floor; exits non-zero if the daemon
 takes more than 2x the floor.
 """
 import datetime as dt
-import http.server
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from argparse import ArgumentParser
 
@@ -34,25 +31,10 @@ sys.path.insert(0, os.path.join(TOP, 'py'))
 
 from loopback import start_sshd  # noqa: E402
 from desitransfer.common import rsync, rsync_ssh, ssh_command  # noqa: E402
-from desitransfer.mountain import make_mountain  # noqa: E402
+from desitransfer.mountain import make_mountain, serve_archive_status  # noqa: E402
 
 #: Two days ago: finished, due for catch-up and archive, in the recent window.
 NIGHT = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=2)).strftime('%Y%m%d')
-
-
-class ArchiveStatus(http.server.BaseHTTPRequestHandler):
-    """The NERSC status API: the archive is active."""
-
-    def do_GET(self):
-        body = json.dumps({'name': 'archive', 'status': 'active'}).encode()
-        self.send_response(200)
-        self.send_header('Content-Type', 'application/json')
-        self.send_header('Content-Length', str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
 
 
 def timed(command, **kwargs):
@@ -71,9 +53,7 @@ def main():
     options = prsr.parse_args()
     work = tempfile.mkdtemp(prefix='bench_backlog.')
     dts = None
-    status = http.server.ThreadingHTTPServer(('127.0.0.1', 0), ArchiveStatus)
-    threading.Thread(target=status.serve_forever, daemon=True).start()
-    status_url = f'http://127.0.0.1:{status.server_address[1]}/'
+    status, status_url = serve_archive_status()
     try:
         os.makedirs(os.path.join(work, 'sshd'))
         dts = start_sshd(os.path.join(work, 'sshd'))

@@ -16,35 +16,17 @@ hour, and an HPSS status service answering "active" on 127.0.0.1.
 Run it again: the second pass finds nothing to do.
 """
 import datetime as dt
-import http.server
-import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 from argparse import ArgumentParser
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(TOP, 'py'))
 
 from desitransfer.common import today  # noqa: E402
-from desitransfer.mountain import make_mountain  # noqa: E402
-
-
-class ArchiveStatus(http.server.BaseHTTPRequestHandler):
-    """Imitate the NERSC status API: the archive is active."""
-
-    def do_GET(self):
-        body = json.dumps({'name': 'archive', 'status': 'active'}).encode()
-        self.send_response(200)
-        self.send_header('Content-Type', 'application/json')
-        self.send_header('Content-Length', str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+from desitransfer.mountain import make_mountain, serve_archive_status  # noqa: E402
 
 
 def main():
@@ -70,8 +52,7 @@ def main():
     for d in ('staging', 'spectro/data', 'scratch', 'logs'):
         os.makedirs(os.path.join(nersc, d), exist_ok=True)
     os.makedirs(os.path.join(root, 'hpss'), exist_ok=True)
-    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), ArchiveStatus)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, status_url = serve_archive_status()
     configuration = os.path.join(root, 'desi_transfer_daemon.ini')
     with open(configuration, 'w') as f:
         f.write(f"""[DESI_SPECTRO_DATA]
@@ -91,7 +72,7 @@ backup = 0
 sleep = 1
 retries = 3
 hpss = {TOP}/tests/hpss
-hpss_status = http://127.0.0.1:{server.server_address[1]}/status/archive
+hpss_status = {status_url}
 
 [logging]
 filename = {nersc}/logs/desi_transfer_daemon.log
