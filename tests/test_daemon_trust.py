@@ -212,6 +212,9 @@ def test_disk_full(site, caplog):
         recorded = {e for (_, e) in site.status_rows()}
         assert recorded <= {int(e) for e in installed}
         assert 'Transfer pass of' not in caplog.text
+        # The pass stopped at the full disk: no exposure was tried on its own.
+        assert 'copying each on its own' not in caplog.text
+        assert 'has errors' not in caplog.text
         subprocess.run(['mount', '-o', 'remount,size=30m', nersc], check=True)
         assert site.run() == 0
         for e in expids:
@@ -537,6 +540,7 @@ def test_overdue_when_listed_absent(site, caplog):
     mountain) is emailed as overdue once, after the tape was listed."""
     caplog.set_level(logging.INFO)
     site.exposure(EARLIER, '00002300')
+    site.exposure(LAST, '00002301')  # due one hour ago: not late yet
     assert site.run('--no-backup') == 0
     counting_ssh(site, 0)  # no rsync gets through: the final catch-up fails
     site.write_config(ssh=site.top + '/counting-ssh', backup='20')
@@ -546,6 +550,7 @@ def test_overdue_when_listed_absent(site, caplog):
     assert not site.smtp.wait(2, timeout=0.5)
     body = site.smtp.messages[0].get_content()
     assert f'Night {EARLIER} is still not archived to HPSS 25 hours after it was due' in body
+    assert LAST not in body
     hsi = [c for c in site.hpss.calls() if os.path.basename(c[0]) == 'hsi']
     assert hsi, 'the tape was listed before the alert'
 
