@@ -567,3 +567,20 @@ def test_stale_temporary_files_swept(site):
             f.write('{')
     assert site.run() == 0
     assert not any(os.path.exists(p) for p in stale)
+
+
+def test_forgotten_kill_file_is_emailed_once_a_day(site):
+    site.exposure(LAST, '00002400')
+    open(site.kill, 'w').close()
+    for _ in range(3):  # cron, every few minutes
+        assert site.run() == 0
+    assert not os.path.exists(site.dest(LAST))
+    assert site.smtp.wait(1, timeout=10)
+    assert not site.smtp.wait(2, timeout=0.5)
+    assert f'{site.kill} exists' in site.smtp.messages[0].get_content()
+    site.clock(2026, 11, 21, 21, 0, 0)
+    assert site.run() == 0
+    assert site.smtp.wait(2, timeout=10)
+    os.remove(site.kill)
+    assert site.run() == 0
+    site.assert_verified(LAST, '00002400')

@@ -112,6 +112,8 @@ class TransferDaemon(Settling, Nights):
                 self.actions.save(self.state)
             except OSError as err:
                 log.error("Could not write the state file %s: %s.", self.state.path, err)
+            if self.stop.is_set():
+                self._kill_file_left()
             self.transfer()
         return 1 if self.options.once and self.failed else 0
 
@@ -158,6 +160,20 @@ class TransferDaemon(Settling, Nights):
                 self.failed = True
                 log.critical("Transfer pass of %s failed: %s: %s; the next pass will try "
                              "again.", d.name, type(err).__name__, err, exc_info=True)
+
+    def _kill_file_left(self):
+        """Say once a day, by email, that the kill file keeps the daemon from working:
+        a kill file forgotten after maintenance would stop transfers silently."""
+        now = common._utcnow()
+        key = f"{now:%Y%m%d} kill file"
+        reported = self.state[self.directories[0].name]['reported']
+        if key in reported:
+            return
+        log.critical("On %s UTC %s exists, so desi_transfer_daemon stops as soon as it starts "
+                     "and transfers nothing; remove it to let transfers resume.",
+                     f"{now:%Y-%m-%d}", self.options.kill)
+        reported.append(key)
+        self.actions.save(self.state)
 
     def _first_start(self):
         """Say once how many settled nights a new deployment leaves alone."""
