@@ -4,9 +4,12 @@ import datetime as dt
 import json
 import logging
 import os
+import pathlib
+import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -180,15 +183,28 @@ def test_night_goes_to_its_own_year(store, tmp_path, monkeypatch):
     assert '20241231' not in store.status
 
 
-def test_backup_is_previous_version(store, tmp_path):
+def names_of_year(d, year=2023):
+    """Names of the files of `year` in `d`, temporary files included."""
+    return sorted(p.name for p in d.iterdir() if f'desi_transfer_status_{year:d}' in p.name)
+
+
+def test_files_after_updates(store, tmp_path):
+    """After an update: the file, a copy on its own inode, the previous version."""
     d = tmp_path / 'status'
     store.update(NIGHT, '1', 'rsync')
     first = year_file(d).read_bytes()
     store.update(NIGHT, '2', 'rsync')
+    current = year_file(d).read_bytes()
     assert (d / 'desi_transfer_status_2023.json.bak').read_bytes() == first
-    assert sorted(p.name for p in d.iterdir() if 'desi_transfer_status_2023' in p.name) == \
-        ['.desi_transfer_status_2023.lock', 'desi_transfer_status_2023.json',
-         'desi_transfer_status_2023.json.bak']
+    assert (d / 'desi_transfer_status_2023.json.copy').read_bytes() == current
+    assert os.stat(d / 'desi_transfer_status_2023.json.copy').st_ino != \
+        os.stat(year_file(d)).st_ino
+    assert os.stat(d / 'desi_transfer_status_2023.json.copy').st_mode == \
+        os.stat(year_file(d)).st_mode
+    assert names_of_year(d) == ['.desi_transfer_status_2023.lock',
+                                'desi_transfer_status_2023.json',
+                                'desi_transfer_status_2023.json.bak',
+                                'desi_transfer_status_2023.json.copy']
 
 
 def test_other_writers_are_seen(tmp_path):
@@ -201,53 +217,102 @@ def test_other_writers_are_seen(tmp_path):
     assert sorted(on_disk(tmp_path)[NIGHT]) == ['1', '2', '3']
 
 
-def test_truncated_file_restored_from_backup(tmp_path, caplog, monkeypatch):
+def damage(path, how):
+    """Damage `path` in place (same inode), as a full disk or a stray write would."""
+    size = os.path.getsize(path)
+    if how == 'truncated':
+        os.truncate(path, size // 2)
+    elif how == 'emptied':
+        os.truncate(path, 0)
+    elif how == 'overwritten':
+        with open(path, 'r+b') as f:
+            f.seek(size // 3)
+            f.write(b'\0garbage\0' * 4)
+    elif how == 'reshaped':
+        with open(path, 'r+b') as f:
+            f.truncate(0)
+            f.write(b'["not", "the status format"]')
+    elif how == 'removed':
+        os.remove(path)
+    else:
+        raise ValueError(how)
+
+
+@pytest.mark.parametrize('how', ['truncated', 'emptied', 'overwritten', 'reshaped', 'removed'])
+def test_damaged_file_loses_nothing(tmp_path, caplog, monkeypatch, how):
+    """Every update survives a damage of the status file: it is in the copy."""
     d = tmp_path / 'status'
     s = TransferStatus(str(d), year=2023)
     clock(monkeypatch, 1, 2, 3, 4, 5)
     for e in ('1', '2', '3'):
         s.update(NIGHT, e, 'rsync')
-    good = on_disk(d)
-    bak = (d / 'desi_transfer_status_2023.json.bak').read_bytes()
-    truncated = year_file(d).read_bytes()[:40]
-    year_file(d).write_bytes(truncated)
+    good = year_file(d).read_bytes()
+    inode = os.stat(year_file(d)).st_ino
+    damage(year_file(d), how)
+    damaged = None if how == 'removed' else year_file(d).read_bytes()
     caplog.set_level(logging.INFO)
     r = TransferStatus(str(d), year=2023)
-    assert (d / 'desi_transfer_status_2023.json.bad').read_bytes() == truncated
-    assert year_file(d).read_bytes() == bak
-    assert (d / 'desi_transfer_status_2023.json.bak').read_bytes() == bak
-    assert r.status == {NIGHT: {'1': good[NIGHT]['1'], '2': good[NIGHT]['2']}}
-    errors = [m for m in caplog.records if m.levelno == logging.ERROR]
-    assert errors and str(year_file(d)) in errors[-1].getMessage()
-    assert 'restored 1 nights' in errors[-1].getMessage()
+    assert r.status == json.loads(good)
+    assert year_file(d).read_bytes() == good
+    if damaged is not None:
+        assert os.stat(year_file(d)).st_ino != inode
+        assert (d / 'desi_transfer_status_2023.json.bad').read_bytes() == damaged
+    errors = [m.getMessage() for m in caplog.records if m.levelno == logging.ERROR]
+    assert errors and 'desi_transfer_status_2023.json.copy' in errors[-1]
+    assert 'restored 1 night from' in errors[-1] and 'no record is lost' in errors[-1]
     assert not [m for m in caplog.records if m.levelno == logging.CRITICAL]
     # The store carries on, and the old object re-reads the repaired file.
-    assert s.update(NIGHT, '3', 'rsync') == 1
-    assert r.update(NIGHT, '4', 'rsync') == 1
-    assert sorted(on_disk(d)[NIGHT]) == ['1', '2', '3', '4']
+    assert s.update(NIGHT, '4', 'rsync') == 1
+    assert r.update(NIGHT, '5', 'rsync') == 1
+    assert sorted(on_disk(d)[NIGHT]) == ['1', '2', '3', '4', '5']
 
 
-def test_malformed_file_found_during_update(store, tmp_path, caplog):
+def test_damage_found_during_update(store, tmp_path, caplog):
     d = tmp_path / 'status'
     store.update(NIGHT, '1', 'rsync')
     store.update(NIGHT, '2', 'rsync')
-    year_file(d).write_text('["not", "the status format"]')
+    damage(year_file(d), 'reshaped')
     caplog.set_level(logging.ERROR)
     assert store.update(NIGHT, '3', 'rsync') == 1
-    assert sorted(on_disk(d)[NIGHT]) == ['1', '3']
+    assert sorted(on_disk(d)[NIGHT]) == ['1', '2', '3']
     assert (d / 'desi_transfer_status_2023.json.bad').read_text() == '["not", "the status format"]'
     assert 'top level is list' in caplog.text
 
 
-def test_missing_file_restored_from_backup(store, tmp_path, caplog):
+@pytest.mark.parametrize('how', ['truncated', 'overwritten', 'removed'])
+def test_damaged_copy(store, tmp_path, caplog, how):
+    """A damaged copy is rewritten by the next update, and serves again."""
+    d = tmp_path / 'status'
+    copy = d / 'desi_transfer_status_2023.json.copy'
+    store.update(NIGHT, '1', 'rsync')
+    store.update(NIGHT, '2', 'rsync')
+    damage(copy, how)
+    caplog.set_level(logging.WARNING)
+    assert TransferStatus(str(d), year=2023).find(NIGHT, '2')  # The file itself is good.
+    assert store.update(NIGHT, '3', 'rsync') == 1
+    assert copy.read_bytes() == year_file(d).read_bytes()
+    assert caplog.records == []
+    damage(year_file(d), 'truncated')
+    assert sorted(TransferStatus(str(d), year=2023).find(NIGHT)) == ['1', '2', '3']
+
+
+def test_file_and_copy_damaged(store, tmp_path, caplog):
+    """Two damaged files: the previous version serves, with a CRITICAL message."""
     d = tmp_path / 'status'
     store.update(NIGHT, '1', 'rsync')
     store.update(NIGHT, '2', 'rsync')
-    year_file(d).unlink()
-    caplog.set_level(logging.ERROR)
-    assert TransferStatus(str(d), year=2023).status == {NIGHT: {'1': [[0, 1, pytest.approx(
-        time.time() * 1000, abs=60000)]]}}
-    assert 'is missing but' in caplog.text
+    damage(d / 'desi_transfer_status_2023.json.copy', 'overwritten')
+    copy = (d / 'desi_transfer_status_2023.json.copy').read_bytes()
+    damage(year_file(d), 'truncated')
+    caplog.set_level(logging.INFO)
+    assert sorted(TransferStatus(str(d), year=2023).status[NIGHT]) == ['1']
+    critical = [m.getMessage() for m in caplog.records if m.levelno == logging.CRITICAL]
+    assert len(critical) == 1 and 'THE LAST UPDATE MAY BE LOST' in critical[0]
+    assert 'desi_transfer_status_2023.json.bak' in critical[0]
+    assert (d / 'desi_transfer_status_2023.json.copy.bad').read_bytes() == copy
+    assert (d / 'desi_transfer_status_2023.json.bad').exists()
+    # The copy is good again.
+    assert json.loads((d / 'desi_transfer_status_2023.json.copy').read_text()) == on_disk(d)
 
 
 def test_no_good_copy_starts_empty(tmp_path, caplog):
@@ -262,21 +327,78 @@ def test_no_good_copy_starts_empty(tmp_path, caplog):
     critical = [m.getMessage() for m in caplog.records if m.levelno == logging.CRITICAL]
     assert len(critical) == 1 and str(year_file(d)) in critical[0]
     assert 'EMPTY' in critical[0]
-    # A second incident keeps the first .bad and keeps the malformed backup too.
+    # A second incident keeps the first .bad and every malformed spare too.
     s.update(NIGHT, '1', 'rsync')
     (d / 'desi_transfer_status_2023.json.bak').write_text('garbage')
+    (d / 'desi_transfer_status_2023.json.copy').write_text('rubbish')
     year_file(d).write_text('more garbage')
     assert TransferStatus(str(d), year=2023).status == {}
     assert (d / 'desi_transfer_status_2023.json.bad').read_text() == '{"20230101": {"1": [[0, 1, 16'
     assert (d / 'desi_transfer_status_2023.json.bad.1').read_text() == 'more garbage'
     assert (d / 'desi_transfer_status_2023.json.bak.bad').read_text() == 'garbage'
+    assert (d / 'desi_transfer_status_2023.json.copy.bad').read_text() == 'rubbish'
 
 
 def test_handle_malformed_directly(store, tmp_path):
     store.update(NIGHT, '1', 'rsync')
     store.update(NIGHT, '2', 'rsync')
-    assert store._handle_malformed() == {NIGHT: {'1': store.find(NIGHT, '1')}}
+    assert store._handle_malformed() == {NIGHT: {'1': store.find(NIGHT, '1'),
+                                                 '2': store.find(NIGHT, '2')}}
     assert (tmp_path / 'status' / 'desi_transfer_status_2023.json.bad').exists()
+
+
+def test_full_disk_changes_nothing(store, tmp_path, monkeypatch):
+    """A write that fails (disk full) leaves every file as it was, and no temporary file."""
+    d = tmp_path / 'status'
+    store.update(NIGHT, '1', 'rsync')
+    store.update(NIGHT, '2', 'rsync')
+    before = {name: snapshot(d / name) for name in names_of_year(d)}
+    write_file = TransferStatus._write_file
+    for failing in (1, 2):
+        calls = []
+
+        def full(path, text, mode):
+            calls.append(path)
+            if len(calls) == failing:
+                with open(path, 'xb') as f:
+                    f.write(text[:100])
+                raise OSError(28, 'No space left on device')
+            return write_file(path, text, mode)
+
+        monkeypatch.setattr(TransferStatus, '_write_file', staticmethod(full))
+        with pytest.raises(OSError):
+            store.update(NIGHT, '3', 'rsync')
+        assert len(calls) == failing
+        assert {name: snapshot(d / name) for name in names_of_year(d)} == before
+    monkeypatch.setattr(TransferStatus, '_write_file', staticmethod(write_file))
+    assert store.update(NIGHT, '3', 'rsync') == 1
+
+
+def dead_pid():
+    """The process id of a process that has ended."""
+    p = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                       capture_output=True, text=True, check=True)
+    return int(p.stdout)
+
+
+def test_stale_temporary_files_swept(tmp_path, caplog):
+    """Temporary files of killed writers go at the first write, not at a read."""
+    d = tmp_path / 'status'
+    TransferStatus(str(d), year=2023).update(NIGHT, '1', 'rsync')
+    dead = dead_pid()
+    stale = [d / f'.desi_transfer_status_2023.json.{dead:d}.tmp',
+             d / f'.desi_transfer_status_2023.json.copy.{dead:d}.tmp',
+             d / f'.desi_transfer_status_2022.json.bak.{dead:d}.tmp']
+    live = d / f'.desi_transfer_status_2023.json.{os.getppid():d}.tmp'
+    for path in stale + [live]:
+        path.write_text('{"20230101": {"1": [[0, 1,')
+    s = TransferStatus(str(d), year=2023)
+    assert s.find(NIGHT, '1') and all(p.exists() for p in stale)
+    caplog.set_level(logging.INFO)
+    assert s.update(NIGHT, '2', 'rsync') == 1
+    assert not any(p.exists() for p in stale) and live.exists()
+    assert 'Removed 3 temporary file(s) left by killed writers' in caplog.text
+    assert sorted(on_disk(d)[NIGHT]) == ['1', '2']
 
 
 CHILD = """
@@ -287,31 +409,95 @@ s = TransferStatus(directory, year=2023)
 while not os.path.exists(os.path.join(directory, 'go')):
     time.sleep(0.001)
 for i in range(n):
-    s.update('20230101', worker * 1000 + i, 'rsync')
-    s.update('20230102', worker * 1000 + i, 'checksum', failure=bool(i % 2))
+    assert s.update('20230101', worker * 1000 + i, 'rsync') == 1
+    assert s.update('20230102', worker * 1000 + i, 'checksum', failure=bool(i % 2)) == 1
 """
 
 
-def test_concurrent_processes(tmp_path):
-    workers, n = 5, 30
+def test_concurrent_processes_then_damage(tmp_path, caplog):
+    """650 updates by 5 processes at once, the file damaged: not one record lost."""
+    workers, n = 5, 65
     d = tmp_path / 'status'
     TransferStatus(str(d), year=2023)
     procs = [subprocess.Popen([sys.executable, '-c', CHILD, str(d), str(w), str(n)],
                               stderr=subprocess.PIPE, text=True) for w in range(workers)]
-    time.sleep(1)
+    time.sleep(0.5)
     (d / 'go').touch()
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
-    data = on_disk(d)
     ids = {str(w * 1000 + i) for w in range(workers) for i in range(n)}
-    assert set(data['20230101']) == ids
-    assert set(data['20230102']) == ids
-    assert all(rows[0][:2] == [0, 1] for rows in data['20230101'].values())
-    assert all(rows[0][:2] == [1, int(e) % 1000 % 2 == 0]
-               for e, rows in data['20230102'].items())
-    json.loads((d / 'desi_transfer_status_2023.json.bak').read_text())
+
+    def check(data, extra=()):
+        assert set(data['20230101']) == ids | set(extra)
+        assert set(data['20230102']) == ids
+        assert sum(len(rows) for night in data.values() for rows in night.values()) == \
+            2 * workers * n + len(extra)
+        assert all(rows[0][:2] == [0, 1] for rows in data['20230101'].values())
+        assert all(rows[0][:2] == [1, int(e) % 1000 % 2 == 0]
+                   for e, rows in data['20230102'].items())
+
+    check(on_disk(d))
     assert not [p.name for p in d.iterdir() if p.name.endswith('.tmp')]
+    caplog.set_level(logging.ERROR)
+    damage(year_file(d), 'truncated')
+    assert TransferStatus(str(d), year=2023).update('20230101', 99999, 'rsync') == 1
+    check(on_disk(d), ['99999'])
+    damage(year_file(d), 'overwritten')
+    check(TransferStatus(str(d), year=2023).status, ['99999'])
+    assert not [m for m in caplog.records if m.levelno > logging.ERROR]
+
+
+CRASH = """
+import os, signal, sys
+from desitransfer.status import TransferStatus
+directory, k = sys.argv[1], int(sys.argv[2])
+s = TransferStatus(directory, year=2023)
+print(os.getpid(), flush=True)
+steps = []
+def crashing(name, function):
+    def step(*args, **kwargs):
+        steps.append(name)
+        if len(steps) == k:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return function(*args, **kwargs)
+    return step
+for name in ('fsync', 'link', 'replace'):
+    setattr(os, name, crashing(name, getattr(os, name)))
+s.update('20230101', 99, 'rsync')
+print(' '.join(steps))
+"""
+
+#: The steps of an update of an existing file, where a crash may happen.
+STEPS = 'fsync fsync replace link replace replace fsync'
+
+
+@pytest.mark.parametrize('crash', range(1, len(STEPS.split()) + 2))
+def test_crash_between_steps(tmp_path, crash):
+    """A writer killed at any step: earlier updates are all there, the next
+    writer sweeps its temporary files, and a damage afterwards loses nothing."""
+    d = tmp_path / 'status'
+    s = TransferStatus(str(d), year=2023)
+    for e in ('1', '2', '3'):
+        s.update(NIGHT, e, 'rsync')
+    p = subprocess.run([sys.executable, '-c', CRASH, str(d), str(crash)],
+                       capture_output=True, text=True, timeout=60)
+    if crash > len(STEPS.split()):
+        assert p.returncode == 0 and p.stdout.splitlines()[1] == STEPS, p.stderr
+    else:
+        assert p.returncode == -9, p.stderr
+    acknowledged = {'1', '2', '3'} | ({'99'} if p.returncode == 0 else set())
+    recorded = set(TransferStatus(str(d), year=2023).find(NIGHT))
+    assert acknowledged <= recorded <= acknowledged | {'99'}
+    pid = int(p.stdout.split()[0])
+    leftovers = [name for name in os.listdir(d) if name.endswith('.tmp')]
+    assert all(name.startswith('.desi_transfer_status_2023.json') and
+               name.endswith(f'.{pid:d}.tmp') for name in leftovers)
+    # The next object to write sweeps them.
+    assert TransferStatus(str(d), year=2023).update(NIGHT, '4', 'rsync') == 1
+    assert not [name for name in os.listdir(d) if name.endswith('.tmp')]
+    damage(year_file(d), 'truncated')
+    assert set(TransferStatus(str(d), year=2023).find(NIGHT)) == recorded | {'4'}
 
 
 def test_concurrent_threads_sharing_one_store(store, tmp_path):
@@ -374,11 +560,11 @@ def run_main(monkeypatch, *args):
 
 def test_options(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv('DESI_ROOT', str(tmp_path))
-    o = _options([NIGHT, '00012345', 'checksum', '-f'])
-    assert (o.night, o.expid, o.stage, o.failure, o.install, o.verbose) == \
-        (NIGHT, '00012345', 'checksum', True, False, False)
+    o = _options([NIGHT, '00012345', 'checksum', '-f', '--create'])
+    assert (o.night, o.expid, o.stage, o.failure, o.install, o.create, o.verbose) == \
+        (NIGHT, '00012345', 'checksum', True, False, True, False)
     assert o.directory == os.path.join(str(tmp_path), 'spectro', 'staging', 'status')
-    assert _options(['-d', '/x', NIGHT, 'all', 'backup']).expid == 'all'
+    assert _options(['-d', str(tmp_path), NIGHT, 'all', 'backup']).expid == 'all'
     monkeypatch.delenv('DESI_ROOT')
     with pytest.raises(SystemExit):
         _options([NIGHT, '1', 'rsync'])
@@ -387,11 +573,32 @@ def test_options(monkeypatch, tmp_path, capsys):
         _options(['-V'])
     assert e.value.code == 0
     assert capsys.readouterr().out.strip() == f'{os.path.basename(sys.argv[0])} {__version__}'
+    assert not os.listdir(tmp_path)
+
+
+def help_of_directory(capsys):
+    with pytest.raises(SystemExit) as e:
+        _options(['--help'])
+    assert e.value.code == 0
+    text = ' '.join(capsys.readouterr().out.split())
+    return text[text.index('-d DIR, --directory DIR'):text.index('-f, --failure')]
+
+
+def test_help_says_the_default_directory(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv('DESI_ROOT', '/global/cfs/cdirs/desi')
+    assert help_of_directory(capsys) == (
+        '-d DIR, --directory DIR Status directory (default '
+        '/global/cfs/cdirs/desi/spectro/staging/status, that is '
+        '$DESI_ROOT/spectro/staging/status). ')
+    monkeypatch.delenv('DESI_ROOT')
+    assert help_of_directory(capsys) == (
+        '-d DIR, --directory DIR Status directory (default '
+        '$DESI_ROOT/spectro/staging/status, but DESI_ROOT is not set). ')
 
 
 def test_cli_record_and_show(tmp_path, monkeypatch, capsys):
     d = str(tmp_path / 'status')
-    assert run_main(monkeypatch, '-d', d, NIGHT, '00012345', 'rsync') == 0
+    assert run_main(monkeypatch, '-d', d, '--create', NIGHT, '00012345', 'rsync') == 0
     assert run_main(monkeypatch, '-d', d, NIGHT, '12345', 'checksum', '-f') == 0
     assert run_main(monkeypatch, '-d', d, NIGHT, '12346', 'rsync') == 0
     assert run_main(monkeypatch, '-d', d, NIGHT, 'all', 'backup') == 0
@@ -413,9 +620,55 @@ def test_cli_record_and_show(tmp_path, monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[1].startswith('00012346')
     assert run_main(monkeypatch, '-d', d, '20230105') == 1
-    assert 'error: night 20230105 is not in' in capsys.readouterr().err
+    assert capsys.readouterr().err == (f'desi_transfer_status: error: night 20230105 is not '
+                                       f'in {year_file(tmp_path / "status")}.\n')
     assert run_main(monkeypatch, '-d', d, '20230105', 'all', 'backup') == 1
     assert snapshot(year_file(tmp_path / 'status')) == before
+
+
+def test_cli_unknown_exposure(tmp_path, monkeypatch, capsys):
+    """An exposure without records, of a known night, is said to be unknown."""
+    d = tmp_path / 'status'
+    TransferStatus(str(d), year=2023).update(NIGHT, '12345', 'rsync')
+    capsys.readouterr()
+    assert run_main(monkeypatch, '-d', str(d), NIGHT, '00012399') == 1
+    out, err = capsys.readouterr()
+    assert out == ''
+    assert err == (f'desi_transfer_status: error: exposure 00012399 of night {NIGHT} '
+                   f'is not recorded in {year_file(d)}.\n')
+    assert run_main(monkeypatch, '-d', str(d), NIGHT, '12345') == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith('00012345  ok ')
+
+
+def listing(top):
+    """Every path under `top`, to prove that nothing was created."""
+    return sorted(str(p.relative_to(top)) for p in top.rglob('*'))
+
+
+@pytest.mark.parametrize('args', [[NIGHT, '1', 'rsync'], [NIGHT, '1', 'rsync', '-f'],
+                                  [NIGHT, 'all', 'backup'], [NIGHT], [NIGHT, '1'],
+                                  [NIGHT, '--create'], [NIGHT, '-i']])
+def test_cli_refuses_missing_directory(tmp_path, monkeypatch, capsys, args):
+    """A typo in -d creates nothing: one error line, exit status 2."""
+    (tmp_path / 'status').mkdir()
+    before = listing(tmp_path)
+    typo = tmp_path / 'statsu' / 'status'
+    with pytest.raises(SystemExit) as e:
+        run_main(monkeypatch, '-d', str(typo), *args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(f'desi_transfer_status: error: status directory {typo} '
+                              'does not exist')
+    assert len([line for line in err if 'error' in line]) == 1
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize('option', ['--create', '-i', '--install'])
+def test_cli_creates_directory_on_request(tmp_path, monkeypatch, option):
+    d = tmp_path / 'new' / 'status'
+    assert run_main(monkeypatch, '-d', str(d), option, NIGHT, '1', 'rsync') == 0
+    assert list(on_disk(d)[NIGHT]) == ['1']
+    assert (d / 'index.html').exists()
 
 
 def test_cli_verbose(tmp_path, monkeypatch):
@@ -443,32 +696,81 @@ def test_cli_refuses_bad_input(tmp_path, monkeypatch, capsys, args):
     assert snapshot(year_file(d)) == before
 
 
-def test_cli_unwritable_directory(tmp_path, monkeypatch, capsys):
+def test_cli_directory_is_a_file(tmp_path, monkeypatch, capsys):
     (tmp_path / 'file').write_text('not a directory')
-    assert run_main(monkeypatch, '-d', str(tmp_path / 'file' / 'status'), NIGHT, '1', 'rsync') == 1
+    with pytest.raises(SystemExit) as e:
+        run_main(monkeypatch, '-d', str(tmp_path / 'file'), '--create', NIGHT, '1', 'rsync')
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f'desi_transfer_status: error: status directory {tmp_path / "file"} is not a '
+        'directory; nothing was recorded (check -d, or give --create to start a new '
+        'status directory).')
+    # Below a file, --create cannot create the directory: one error line.
+    assert run_main(monkeypatch, '-d', str(tmp_path / 'file' / 'status'), '--create',
+                    NIGHT, '1', 'rsync') == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith('desi_transfer_status: error: ') and '\n' not in err
+    assert err.endswith('nothing was recorded.')
     assert (tmp_path / 'file').read_text() == 'not a directory'
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason='permission bits do not stop root')
-def test_cli_read_only_directory(tmp_path, monkeypatch, capsys):
-    d = tmp_path / 'status'
-    TransferStatus(str(d), year=2023).update(NIGHT, '1', 'rsync')
-    before = snapshot(year_file(d))
-    d.chmod(0o555)
-    try:
-        assert run_main(monkeypatch, '-d', str(d), NIGHT, '2', 'rsync') == 1
-    finally:
-        d.chmod(0o755)
-    assert capsys.readouterr().err.startswith('desi_transfer_status: error: ')
-    assert snapshot(year_file(d)) == before
+@pytest.fixture
+def shared_tmp():
+    """A directory that an unprivileged user can reach (pytest's tmp_path is private)."""
+    top = tempfile.mkdtemp(prefix='desitransfer-test-')
+    os.chmod(top, 0o755)
+    yield pathlib.Path(top)
+    shutil.rmtree(top)
 
 
-def test_installed_command(tmp_path):
+def installed_command():
     command = shutil.which('desi_transfer_status',
                            path=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
     assert command, 'desi_transfer_status is not installed'
+    return command
+
+
+def test_cli_read_only_directory(shared_tmp):
+    """A user who may not write the status directory gets one error line."""
+    d = shared_tmp / 'status'
+    TransferStatus(str(d), year=2023).update(NIGHT, '1', 'rsync')
+    before = {name: snapshot(d / name) for name in names_of_year(d)}
+    user = ['setpriv', '--reuid=nobody', '--regid=nogroup', '--clear-groups']
+    if os.geteuid() != 0:
+        user = []
+        d.chmod(0o555)
+    try:
+        p = subprocess.run(user + [installed_command(), '-d', str(d), NIGHT, '2', 'rsync'],
+                           capture_output=True, text=True, timeout=60)
+    finally:
+        d.chmod(0o755)
+    assert p.returncode == 1
+    assert p.stderr.startswith('desi_transfer_status: error: [Errno 13] Permission denied')
+    assert p.stderr.count('\n') == 1 and p.stderr.endswith('; nothing was recorded.\n')
+    assert {name: snapshot(d / name) for name in names_of_year(d)} == before
+
+
+def test_cli_full_disk(tmp_path):
+    """A write that fails half-way (here: file size limit) changes nothing."""
+    d = tmp_path / 'status'
+    s = TransferStatus(str(d), year=2023)
+    s.update_many([(NIGHT, e, 'rsync', False) for e in range(20)])
+    before = {name: snapshot(d / name) for name in names_of_year(d)}
+    limit = os.path.getsize(year_file(d)) + 10
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    p = subprocess.run([installed_command(), '-d', str(d), NIGHT, '12345', 'checksum'],
+                       capture_output=True, text=True, timeout=60, preexec_fn=small_files)
+    assert p.returncode == 1
+    assert p.stderr.startswith('desi_transfer_status: error: [Errno 27] File too large')
+    assert p.stderr.count('\n') == 1
+    assert {name: snapshot(d / name) for name in names_of_year(d)} == before
+
+
+def test_installed_command(tmp_path):
+    command = installed_command()
     d = str(tmp_path / 'status')
 
     def run(*args):
@@ -476,14 +778,20 @@ def test_installed_command(tmp_path):
                               text=True, timeout=60)
 
     p = run(NIGHT, '00012345', 'rsync')
+    assert p.returncode == 2 and 'does not exist' in p.stderr
+    assert not os.path.exists(d)
+    p = run('--create', NIGHT, '00012345', 'rsync')
     assert p.returncode == 0, p.stderr
     assert 'Recorded rsync success of 20230101/00012345' in p.stdout
+    assert '(1 record changed)' in p.stdout
     p = run(NIGHT, '12345', 'checksum', '--failure')
     assert p.returncode == 0, p.stderr
     assert on_disk(tmp_path / 'status')[NIGHT]['12345'][0][:2] == [1, 0]
     before = snapshot(year_file(tmp_path / 'status'))
     p = run(NIGHT)
     assert p.returncode == 0 and p.stdout.splitlines()[1].startswith('00012345  ok ')
+    p = run(NIGHT, '12399')
+    assert p.returncode == 1 and p.stdout == '' and 'is not recorded' in p.stderr
     p = run('20230132', '12345', 'rsync')
     assert p.returncode == 2
     assert p.stderr.splitlines()[-1].startswith('desi_transfer_status: error: NIGHT')

@@ -16,11 +16,15 @@ first.  There is one row per exposure and stage.
 
 Every change is a read-modify-write of the whole file under an exclusive
 :func:`fcntl.flock` on a separate lock file, ``.desi_transfer_status_YYYY.lock``,
-so that several processes can record at once without losing an update.  The
-file is replaced atomically (temporary file, :func:`os.fsync`,
-:func:`os.replace`, fsync of the directory), and the version it replaces is
-kept as ``desi_transfer_status_YYYY.json.bak``.  A malformed file is kept as
-``.bad`` and the records are restored from the ``.bak``.
+so that several processes can record at once without losing an update.  Each
+update writes the new version twice, each time to a temporary file that is
+fsync'ed and then renamed (:func:`os.replace`): first a second complete copy,
+``desi_transfer_status_YYYY.json.copy``, then the status file itself, whose
+previous version is kept as ``desi_transfer_status_YYYY.json.bak``; the
+directory is fsync'ed before the update returns.  A malformed or missing
+status file is kept as ``.bad`` and restored from the copy, so that no
+acknowledged update is lost; only if the copy is bad too does the ``.bak``
+serve.
 """
 import datetime as dt
 import json
@@ -28,7 +32,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from argparse import ArgumentParser
@@ -38,7 +41,8 @@ from importlib.resources import files
 import fcntl
 
 from . import __version__ as dtVersion
-from .common import aside_name, configure_log, log, valid_night
+from .common import (aside_name, configure_log, fsync_directory, log, sweep_temporary,
+                     temporary_name, valid_night)
 
 #: Files of the status web page, installed from the package data.
 PAGE_FILES = ('index.html', 'desi_transfer_status.js', 'desi_transfer_status.css')
@@ -64,6 +68,11 @@ def _exposure_key(exposure):
     if isinstance(exposure, str) and re.fullmatch(r'[0-9]+', exposure):
         return str(int(exposure))
     raise ValueError(f"Exposure must be a non-negative integer, not {exposure!r}.")
+
+
+def _plural(n, word):
+    """``'1 night'``, ``'2 nights'``."""
+    return f"{n:d} {word}{'' if n == 1 else 's'}"
 
 
 def _malformed(data):
@@ -109,6 +118,7 @@ class TransferStatus(object):
         self.json = self._path(self.year)
         self._cache = {}
         self._locked = set()
+        self._swept = False
         if not os.path.isdir(self.directory):
             os.makedirs(self.directory)
             log.info("Created status directory %s.", self.directory)
@@ -191,10 +201,12 @@ class TransferStatus(object):
         try:
             data, stamp = self._read(path)
         except FileNotFoundError:
-            if not os.path.exists(path + '.bak'):
+            spares = [p for p in (path + '.copy', path + '.bak') if os.path.exists(p)]
+            if not spares:
                 self._cache[year] = (None, {})
                 return {}
-            log.error("Status file %s is missing but %s.bak exists; restoring it.", path, path)
+            log.error("Status file %s is missing; restoring it from %s.",
+                      path, ' or '.join(spares))
         except ValueError as err:
             log.error("Status file %s is malformed: %s; repairing it.", path, err)
         else:
@@ -220,11 +232,28 @@ class TransferStatus(object):
             return self._cache[year][1]
         return self._load(year)
 
-    def _write(self, year, data, backup=True):
-        """Replace the file of `year` atomically; keep the old one as ``.bak``.
-
-        The caller holds the lock of `year`.
+    @staticmethod
+    def _write_file(path, text, mode):
+        """Write `text` to the new file `path` with `mode`, synced to disk; its stamp.
         """
+        with open(path, 'xb') as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+            return TransferStatus._stamp(os.fstat(f.fileno()))
+
+    def _write(self, year, data, backup=True):
+        """Write the records of `year`: the copy, then the status file, whose
+        previous version is kept as ``.bak`` if `backup` is set.
+
+        Both new files are written and synced before either is renamed into
+        place, so that a full disk changes nothing.  The caller holds the lock
+        of `year`.
+        """
+        if not self._swept:
+            sweep_temporary(self.directory)
+            self._swept = True
         path = self._path(year)
         # Not escaping non-ASCII is twice as fast, and the same for the usual digits.
         text = json.dumps(data, separators=(',', ':'), ensure_ascii=False).encode('utf-8')
@@ -234,32 +263,27 @@ class TransferStatus(object):
             mask = os.umask(0)
             os.umask(mask)
             mode = 0o666 & ~mask
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix='.tmp',
-                                   prefix=f'.{os.path.basename(path)}.')
+        copy, tmp = temporary_name(path + '.copy'), temporary_name(path)
+        bak = temporary_name(path + '.bak')
         try:
-            with os.fdopen(fd, 'wb') as f:
-                os.fchmod(f.fileno(), mode)
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-                stamp = self._stamp(os.fstat(f.fileno()))
+            self._write_file(copy, text, mode)
+            stamp = self._write_file(tmp, text, mode)
+            # The copy is a file of its own (not a second name): a corruption
+            # of the status file in place cannot reach it.
+            os.replace(copy, path + '.copy')
             if backup and os.path.exists(path):
-                # A second name for the current, good file: cheaper than a copy.
+                # A second name for the version being replaced: cheaper than a copy.
                 try:
-                    os.link(path, tmp + '.bak')
+                    os.link(path, bak)
                 except OSError:
-                    shutil.copy2(path, tmp + '.bak')
-                os.replace(tmp + '.bak', path + '.bak')
+                    shutil.copy2(path, bak)
+                os.replace(bak, path + '.bak')
             os.replace(tmp, path)
         finally:
-            for leftover in (tmp, tmp + '.bak'):
-                if os.path.exists(leftover):
+            for leftover in (copy, tmp, bak):
+                if os.path.lexists(leftover):
                     os.remove(leftover)
-        dfd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_directory(self.directory)
         self._cache[year] = (stamp, data)
 
     @staticmethod
@@ -276,11 +300,15 @@ class TransferStatus(object):
     def _handle_malformed(self, year=None):
         """Handle malformed JSON files.
 
-        The malformed file is kept as ``.bad`` (``.bad.1``, ... if that exists)
-        for later analysis, and the last good records, from the ``.bak`` file,
-        are written to a new status file; an ERROR is logged.  Only if there is
-        no good ``.bak`` does the status file start empty (``{}``), with a
-        CRITICAL message; a malformed ``.bak`` is kept as ``.bak.bad``.
+        The malformed (or missing) status file is kept as ``.bad``
+        (``.bad.1``, ... if that exists) for later analysis, and the records
+        are restored from the copy written with the last update,
+        ``.json.copy``, with an ERROR message: no update is lost.  If the copy
+        is malformed or missing too, the version before the last update,
+        ``.json.bak``, is restored with a CRITICAL message, since the last
+        update may be lost.  Only if neither is good does the status file
+        start empty (``{}``), with a CRITICAL message.  A malformed copy or
+        ``.bak`` is kept as ``.copy.bad`` or ``.bak.bad``.
 
         Parameters
         ----------
@@ -295,22 +323,34 @@ class TransferStatus(object):
         year = self.year if year is None else int(year)
         path = self._path(year)
         with self._lock(year):
-            bad = self._keep(path, '.bad') if os.path.exists(path) else None
-            kept = f"kept it as {bad}" if bad else "it was missing"
-            try:
-                data, stamp = self._read(path + '.bak')
-            except (FileNotFoundError, ValueError) as err:
-                if os.path.exists(path + '.bak'):
-                    kept += f", kept malformed {self._keep(path + '.bak', '.bad')} ({err})"
-                log.critical("Status file %s is malformed and there is no good backup: "
-                             "%s; STARTING AN EMPTY STATUS FILE, records of %d are lost "
-                             "unless recovered by hand.", path, kept, year)
-                data = {}
+            if os.path.exists(path):
+                problem, kept = 'malformed', [f"kept it as {self._keep(path, '.bad')}"]
             else:
+                problem, kept = 'missing', []
+            for spare in (path + '.copy', path + '.bak'):
+                try:
+                    data, stamp = self._read(spare)
+                    break
+                except FileNotFoundError:
+                    kept.append(f"{spare} is missing")
+                except ValueError as err:
+                    kept.append(f"{spare} is malformed ({err}), kept as {self._keep(spare, '.bad')}")
+            else:
+                log.critical("Status file %s was %s and there is no good copy (%s); "
+                             "STARTING AN EMPTY STATUS FILE, records of %d are lost "
+                             "unless recovered by hand.", path, problem, '; '.join(kept), year)
+                data, spare = {}, None
+            if spare is not None:
                 when = dt.datetime.fromtimestamp(stamp[3] / 1e9, dt.timezone.utc)
-                log.error("Status file %s was malformed: %s and restored %d nights "
-                          "from %s.bak, written %s; later records may be in the .bad file.",
-                          path, kept, len(data), path, when.strftime('%Y-%m-%d %H:%M:%S UTC'))
+                kept.append(f"restored {_plural(len(data), 'night')} from {spare}, written "
+                            f"{when:%Y-%m-%d %H:%M:%S} UTC")
+                if spare.endswith('.copy'):
+                    log.error("Status file %s was %s: %s with the last update; "
+                              "no record is lost.", path, problem, '; '.join(kept))
+                else:
+                    log.critical("Status file %s was %s: %s, the version before the last "
+                                 "update: THE LAST UPDATE MAY BE LOST; look for it in the "
+                                 ".bad file.", path, problem, '; '.join(kept))
             self._write(year, data, backup=False)
         return data
 
@@ -488,15 +528,22 @@ def _options(args=None):
     """
     root = os.environ.get('DESI_ROOT')
     default = os.path.join(root, 'spectro', 'staging', 'status') if root else None
+    where = ("%(default)s, that is $DESI_ROOT/spectro/staging/status" if root else
+             "$DESI_ROOT/spectro/staging/status, but DESI_ROOT is not set")
     prsr = ArgumentParser(prog=os.path.basename(sys.argv[0]),
                           description="Record the transfer status of DESI raw exposures "
                                       "(NIGHT EXPID STAGE), or show it (NIGHT [EXPID]).")
     prsr.add_argument('-d', '--directory', metavar='DIR', default=default,
-                      help="Status directory (default %(default)s, from $DESI_ROOT).")
+                      help=f"Status directory (default {where}).")
     prsr.add_argument('-f', '--failure', action='store_true',
                       help="Record a failure instead of a success.")
     prsr.add_argument('-i', '--install', action='store_true',
-                      help="(Re-)install the status web page in the status directory.")
+                      help="(Re-)install the status web page in the status directory, "
+                           "creating the directory if needed.")
+    prsr.add_argument('--create', action='store_true',
+                      help="Create the status directory (and its parents) if it does not "
+                           "exist; without it (or -i), recording into a missing directory "
+                           "is refused, so that a typo in -d is not a new status tree.")
     prsr.add_argument('-v', '--verbose', action='store_true', help="Print extra information.")
     prsr.add_argument('-V', '--version', action='version',
                       version='%(prog)s {0}'.format(dtVersion))
@@ -513,24 +560,30 @@ def _options(args=None):
         prsr.error(f"EXPID must be a non-negative integer or 'all', not '{options.expid}'.")
     if options.directory is None:
         prsr.error("DESI_ROOT is not set: give the status directory with -d DIR.")
-    if options.stage is None:
-        if options.failure:
-            prsr.error("-f/--failure needs NIGHT EXPID STAGE: nothing to record.")
-        if not os.path.isdir(options.directory):
-            prsr.error(f"status directory {options.directory} does not exist.")
+    if options.stage is None and options.failure:
+        prsr.error("-f/--failure needs NIGHT EXPID STAGE: nothing to record.")
+    if not os.path.isdir(options.directory):
+        what = "is not a directory" if os.path.lexists(options.directory) else "does not exist"
+        if options.stage is None:
+            prsr.error(f"status directory {options.directory} {what}: nothing to show.")
+        if what != "does not exist" or not (options.create or options.install):
+            prsr.error(f"status directory {options.directory} {what}; nothing was recorded "
+                       "(check -d, or give --create to start a new status directory).")
     return options
 
 
 def _show(status, night, exposure=None):
     """Print the status of `night` (or of one exposure) as a table; 1 if unknown.
     """
+    where = status._path(int(night[:4]))
+    one = exposure not in (None, 'all')
     try:
-        records = status.find(night, None if exposure in (None, 'all') else exposure)
+        records = status.find(night, exposure if one else None)
     except KeyError:
-        print(f"desi_transfer_status: error: night {night} is not in "
-              f"{status._path(int(night[:4]))}.", file=sys.stderr)
-        return 1
-    if isinstance(records, list):
+        return _error(f"night {night} is not in {where}.")
+    if one:
+        if not records:
+            return _error(f"exposure {exposure} of night {night} is not recorded in {where}.")
         records = {str(int(exposure)): records}
     print(f"{'EXPID':8}  " + ''.join(f"{s:32}" for s in status.stages).rstrip())
     for e in sorted(records, key=int):
@@ -539,6 +592,24 @@ def _show(status, night, exposure=None):
             t = dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc)
             cells[code] = f"{'ok' if ok else 'FAILED':6} {t:%Y-%m-%d %H:%M:%S} UTC"
         print(f"{int(e):08d}  " + ''.join(f"{cells[c]:32}" for c in sorted(cells)).rstrip())
+    return 0
+
+
+def _error(message):
+    """Print one error line for :command:`desi_transfer_status`; return 1."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _record(status, options):
+    """Record the stage given on the command line; the exit status.
+    """
+    n = status.update(options.night, options.expid, options.stage, failure=options.failure)
+    if options.expid == 'all' and options.night not in status.status:
+        return 1  # Nothing to back up: update() has said so.
+    log.info("Recorded %s %s of %s/%s in %s (%s changed).", options.stage,
+             'failure' if options.failure else 'success', options.night, options.expid,
+             status._path(int(options.night[:4])), _plural(n, 'record'))
     return 0
 
 
@@ -558,13 +629,6 @@ def main():
                                 year=options.night[:4])
         if options.stage is None:
             return _show(status, options.night, options.expid)
-        n = status.update(options.night, options.expid, options.stage, failure=options.failure)
+        return _record(status, options)
     except OSError as err:
-        print(f"desi_transfer_status: error: {err}; nothing was recorded.", file=sys.stderr)
-        return 1
-    if options.expid == 'all' and options.night not in status.status:
-        return 1  # Nothing to back up: update() has said so.
-    log.info("Recorded %s %s of %s/%s in %s (%d record(s) changed).", options.stage,
-             'failure' if options.failure else 'success', options.night, options.expid,
-             status._path(int(options.night[:4])), n)
-    return 0
+        return _error(f"{err}; nothing was recorded.")
