@@ -102,23 +102,35 @@ def expected_summary(spec):
 
 
 @pytest.fixture(scope='module')
-def browser_page():
-    """One headless Chromium page for the module (each test navigates anew)."""
+def browser():
+    """One headless Chromium for the module."""
     if sync_playwright is None:
         pytest.fail('the playwright Python package is not installed (pip install playwright)')
     if not os.path.exists(CHROMIUM):
         pytest.fail(f'{CHROMIUM} is missing (apt-get install chromium)')
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        pg = browser.new_page(viewport={'width': 1200, 'height': 900})
-        pg.set_default_timeout(5000)
-        pg.requested, pg.errors = [], []
-        pg.on('request', lambda r: pg.requested.append(r.url))
-        pg.on('pageerror', lambda e: pg.errors.append(str(e)))
-        pg.on('console', lambda m: pg.errors.append(m.text)
-              if 'Content Security Policy' in m.text else None)
-        yield pg
+        yield browser
         browser.close()
+
+
+def watch(pg):
+    """Record the requests and script errors of page `pg`."""
+    pg.set_default_timeout(5000)
+    pg.requested, pg.errors = [], []
+    pg.on('request', lambda r: pg.requested.append(r.url))
+    pg.on('pageerror', lambda e: pg.errors.append(str(e)))
+    pg.on('console', lambda m: pg.errors.append(m.text)
+          if 'Content Security Policy' in m.text else None)
+    return pg
+
+
+@pytest.fixture(scope='module')
+def browser_page(browser):
+    """One page for the module (each test navigates anew)."""
+    pg = watch(browser.new_page(viewport={'width': 1200, 'height': 900}))
+    yield pg
+    pg.close()
 
 
 @pytest.fixture
@@ -355,3 +367,244 @@ def test_hostile_data(page, tmp_path, http_directory):
         f'Ignored because malformed in desi_transfer_status_{YEAR}.json: '
         '1 night entry, 1 exposure entry, 4 status rows.')
     assert_only_local(page, server)
+
+
+#
+# Phone and desktop widths, with the page's clock set.
+#
+#: A phone (390 px wide, as an iPhone 12 to 15) and a desktop.
+WIDTHS = {'phone': dict(viewport={'width': 390, 'height': 844}, is_mobile=True,
+                        has_touch=True, device_scale_factor=2),
+          'desktop': dict(viewport={'width': 1280, 'height': 900})}
+
+
+@pytest.fixture
+def screen(browser):
+    """``screen(width, now)``: a new page of that width (a key of
+    :data:`WIDTHS`) whose clock is fixed at `now`, an aware datetime."""
+    contexts = []
+
+    def open_page(width, now):
+        context = browser.new_context(**WIDTHS[width])
+        contexts.append(context)
+        pg = watch(context.new_page())
+        pg.clock.install(time=now)
+        pg.clock.pause_at(now)
+        return pg
+
+    yield open_page
+    for context in contexts:
+        context.close()
+
+
+#: Reads a table as a person does: the visible headers, and under each, the
+#: visible cells of the rows (innerText: what is shown, not hidden text).
+READ_TABLE = """(table, rowSelector) => {
+    const shown = e => { const r = e.getBoundingClientRect();
+                         return r.width > 0 && r.height > 0; };
+    const span = e => { const r = e.getBoundingClientRect(); return [r.left, r.right]; };
+    return {
+        headers: Array.from(table.tHead.rows[0].cells).filter(shown)
+            .map(h => ({text: h.innerText.trim(), span: span(h)})),
+        rows: Array.from(table.tBodies[0].rows).filter(r => r.matches(rowSelector))
+            .map(r => ({key: r.dataset.night || r.dataset.expid,
+                        cells: Array.from(r.cells).filter(shown)
+                            .map(c => ({text: c.innerText.trim(), span: span(c)}))}))
+    };
+}"""
+
+
+def read_table(table, row_selector):
+    """``({row key: {header text: cell text}}, [header texts])``; every cell
+    must lie under exactly one header, and every header over one cell per row."""
+    found = table.evaluate(READ_TABLE, row_selector)
+    headers = [h['text'] for h in found['headers']]
+    assert len(set(headers)) == len(headers), headers
+    rows = {}
+    for row in found['rows']:
+        cells = {}
+        for c in row['cells']:
+            centre = (c['span'][0] + c['span'][1]) / 2
+            over = [h['text'] for h in found['headers'] if h['span'][0] <= centre <= h['span'][1]]
+            assert len(over) == 1, (row['key'], c['text'], over)
+            assert over[0] not in cells, (row['key'], over[0])
+            cells[over[0]] = c['text']
+        assert list(cells) == headers, (row['key'], list(cells), headers)
+        rows[row['key']] = cells
+    return rows, headers
+
+
+def last_record(night):
+    """Unix milliseconds of the newest record of a night of THIS_YEAR."""
+    state, exposures = THIS_YEAR[night]
+    return max(row[2] for i, e in enumerate(exposures) for row in exposure_rows(night, i, e))
+
+
+def utc_short(ms):
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime('%m-%d %H:%M')
+
+
+def age(ms, now):
+    """What the page says of how long ago `ms` was, at `now` (ms)."""
+    minutes = (now - ms) // 60000
+    if minutes < -1:
+        return 'in the future'
+    if minutes < 1:
+        return 'just now'
+    if minutes < 60:
+        return f'{minutes} min ago'
+    if minutes < 24 * 60:
+        return f'{minutes // 60} h {minutes % 60} min ago'
+    return f'{minutes // 1440} d {minutes // 60 % 24} h ago'
+
+
+def night_ends(night):
+    """Unix milliseconds when `night` ends: 19:00 UTC (noon at Kitt Peak) the next day."""
+    return night_start(night) + 16 * 3600_000
+
+
+#: The page's clock in the tests of widths: mid-day after the night of the 13th.
+NOW = datetime(YEAR, 1, 15, 12, 0, 30, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize('width', ['phone', 'desktop'])
+def test_cells_under_their_headers(screen, tmp_path, http_directory, width):
+    """Each cell of both tables, as shown, lies under the header it belongs to."""
+    phone = width == 'phone'
+    this_year = make_year(THIS_YEAR, 12000)
+    server = http_directory(status_directory(tmp_path / 'status', {YEAR: this_year}))
+    pg = screen(width, NOW)
+    pg.goto(server.url)
+    expect(pg.locator('tr[data-night]')).to_have_count(10)
+    now = int(NOW.timestamp() * 1000)
+
+    rows, headers = read_table(pg.locator('#nights'), 'tr.night')
+    if phone:
+        assert headers == ['Night', 'State', 'Exp.', 'Last record']
+    else:
+        assert headers == ['Night', 'State', 'Exposures', 'Total', 'Complete', 'Incomplete',
+                           'Failed', 'Median rsync→checksum', 'Last record (UTC)']
+    assert list(rows) == sorted(THIS_YEAR, reverse=True)[:10]
+    for night, cells in rows.items():
+        state, exposures = THIS_YEAR[night]
+        assert cells['Night'].endswith(night)
+        assert cells['State'].split()[-1] == state
+        assert cells['Exp.' if phone else 'Total'] == str(len(exposures))
+        last = cells['Last record' if phone else 'Last record (UTC)'].splitlines()
+        assert last[0] == (utc_short if phone else utc)(last_record(night))
+        stale = state != C and now - night_ends(night) > 86400_000
+        assert last[1:] == ([] if state == C else
+                            [age(last_record(night), now)] + (['⚠ stale'] if stale else []))
+        if not phone:
+            assert cells['Exposures'] == ''
+            for s, label in ((C, 'Complete'), (I, 'Incomplete'), (F, 'Failed')):
+                assert cells[label] == str(exposures.count(s))
+            assert cells['Median rsync→checksum'] in ('20 s', '21 s', '22 s', '23 s')
+
+    night = f'{YEAR}0112'
+    night_row(pg, night).locator('button.expand').click()
+    rows, headers = read_table(pg.locator(f'tr[data-detail-for="{night}"] table.exposures'),
+                               'tr[data-expid]')
+    if phone:
+        assert headers == ['Exposure', 'rsync', 'checksum', 'backup']
+    else:
+        assert headers == ['Exposure', 'State', 'rsync', 'checksum', 'backup', 'rsync→checksum']
+    when = utc_short if phone else utc
+    assert list(rows) == sorted(this_year[night], key=int)
+    for (expid, cells), state in zip(rows.items(), THIS_YEAR[night][1]):
+        stages = {row[0]: row for row in this_year[night][expid]}
+        assert cells['Exposure'] == expid
+        assert cells['rsync'] == f'✓ {when(stages[RSYNC][2])}'
+        if state == F:
+            assert cells['checksum'].split() == ['✗', 'FAILED'] + when(stages[CHECKSUM][2]).split()
+            assert cells['backup'] == 'not yet'
+        else:
+            assert cells['checksum'] == f'✓ {when(stages[CHECKSUM][2])}'
+            assert cells['backup'] == f'✓ {when(stages[BACKUP][2])}'
+        if not phone:
+            assert cells['State'].split()[-1] == state
+            assert cells['rsync→checksum'] == f'{(stages[CHECKSUM][2] - stages[RSYNC][2]) // 1000} s'
+    pg.screenshot(path=str(tmp_path / f'{width}.png'), full_page=True)
+    assert_only_local(pg, server)
+
+
+@pytest.mark.parametrize('width', ['phone', 'desktop'])
+def test_important_columns_fit(screen, tmp_path, http_directory, width):
+    """No sideways scrolling: every header and cell lies within the screen."""
+    data = make_year(THIS_YEAR, 12000)
+    # The widest contents: a night of hundreds of exposures, incomplete, a long age.
+    night = f'{YEAR}0113'
+    data[night] = {str(20000 + i): exposure_rows(night, i % 12, I) for i in range(345)}
+    server = http_directory(status_directory(tmp_path / 'status', {YEAR: data}))
+    pg = screen(width, datetime(YEAR, 1, 15, 0, 55, 0, tzinfo=timezone.utc))
+    pg.goto(server.url)
+    expect(pg.locator('tr[data-night]')).to_have_count(10)
+    night_row(pg, f'{YEAR}0112').locator('button.expand').click()
+    expect(pg.locator('table.exposures')).to_be_visible()
+    expect(night_row(pg, f'{YEAR}0113').locator('.age')).to_have_text('20 h 59 min ago')
+    viewport = WIDTHS[width]['viewport']['width']
+    assert pg.evaluate('document.documentElement.clientWidth') == viewport
+    assert pg.evaluate('document.documentElement.scrollWidth') == viewport
+    scroll = pg.locator('.table-scroll')
+    assert scroll.evaluate('e => e.scrollWidth') <= scroll.evaluate('e => e.clientWidth')
+    right = pg.evaluate("""Math.max(...Array.from(document.querySelectorAll('#nights th, #nights td'))
+                           .map(e => e.getBoundingClientRect().right))""")
+    assert 0 < right <= viewport
+    pg.screenshot(path=str(tmp_path / f'{width}.png'), full_page=True)
+
+
+def test_ages_and_stale_nights(screen, tmp_path, http_directory):
+    """Nights not complete show how long ago their last record was; those not
+    complete a day after they ended are marked stale, and the marks follow
+    the clock."""
+    now = datetime(YEAR, 3, 10, 12, 0, 30, tzinfo=timezone.utc)
+    ms = int(now.timestamp() * 1000)
+    tonight, last_night, older = f'{YEAR}0309', f'{YEAR}0308', f'{YEAR}0307'
+    spec = {tonight: (I, [C, I, I]),      # last records at 03:05 and 03:10 UTC today
+            last_night: (F, [C, F]),      # ended 17 h ago
+            older: (I, [C, I]),           # ended 41 h ago: stale
+            f'{YEAR}0306': (C, [C])}      # complete: no age
+    data = make_year(spec, 100)
+    # A record ahead of the page's clock is not "just now".
+    future = f'{YEAR}0310'
+    data[future] = {'200': [[RSYNC, 1, ms + 2 * 3600_000]]}
+    # Tonight's first exposure is complete; its backup is old news, not the newest record.
+    data[tonight]['100'] = [row if row[0] != BACKUP else [BACKUP, 1, ms - 20 * 3600_000]
+                            for row in data[tonight]['100']]
+    server = http_directory(status_directory(tmp_path / 'status', {YEAR: data}))
+    pg = screen('desktop', now)
+    pg.goto(server.url)
+    expect(pg.locator('tr[data-night]')).to_have_count(5)
+
+    def newest(night):
+        return max(row[2] for rows in data[night].values() for row in rows)
+
+    def marks():
+        return {night: (night_row(pg, night).get_attribute('data-stale'),
+                        night_row(pg, night).locator('.age').all_inner_texts(),
+                        night_row(pg, night).locator('.stale-mark').is_visible())
+                for night in spec}
+
+    expect(night_row(pg, older)).to_have_attribute('data-stale', 'true')
+    assert marks() == {tonight: ('false', [age(newest(tonight), ms)], False),
+                       last_night: ('false', [age(newest(last_night), ms)], False),
+                       older: ('true', [age(newest(older), ms)], True),
+                       f'{YEAR}0306': ('false', [], False)}
+    assert age(newest(tonight), ms) == '8 h 50 min ago'
+    expect(night_row(pg, future).locator('.age')).to_have_text('in the future')
+    expect(pg.locator('[data-summary="nights-stale"]')).to_have_text('1')
+    expect(pg.locator('#stale-note')).to_have_text(
+        '⚠ 1 night is stale: not complete a day after the night ended.')
+    assert night_row(pg, older).evaluate('r => getComputedStyle(r.querySelector(".age")).color') \
+        == 'rgb(176, 31, 42)'
+    # A day later, without reloading: last night is stale too, tonight not yet.
+    pg.clock.run_for(24 * 3600_000)
+    later = ms + 24 * 3600_000
+    expect(night_row(pg, last_night)).to_have_attribute('data-stale', 'true')
+    assert marks() == {tonight: ('false', [age(newest(tonight), later)], False),
+                       last_night: ('true', [age(newest(last_night), later)], True),
+                       older: ('true', [age(newest(older), later)], True),
+                       f'{YEAR}0306': ('false', [], False)}
+    expect(pg.locator('#stale-note')).to_have_text(
+        '⚠ 2 nights are stale: not complete a day after the night ended.')
+    assert_only_local(pg, server)

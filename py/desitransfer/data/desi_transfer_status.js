@@ -15,6 +15,11 @@
  * are then probed, stopping at the first missing year (404).  If no year is
  * found, the search stops at FIRST_YEAR.
  *
+ * A night that is not complete shows how long ago its last record was; one
+ * that is still not complete a day after it ended (the night YYYYMMDD ends at
+ * noon at Kitt Peak, 19:00 UTC, on the next day) is marked stale.  Ages are
+ * computed from Date.now() and brought up to date every minute.
+ *
  * Every string that comes from the data is inserted with textContent or
  * setAttribute, never parsed as HTML.
  */
@@ -26,6 +31,8 @@
     var SYMBOLS = {complete: '✓', incomplete: '…', failed: '✗'};
     var FIRST_YEAR = 2019;
     var LAST_NIGHTS = 10;
+    var HOUR = 3600 * 1000;
+    var DAY = 24 * HOUR;
     var SVG = 'http://www.w3.org/2000/svg';
 
     var page = {
@@ -72,6 +79,53 @@
     /** Unix milliseconds to "YYYY-MM-DD HH:MM:SS" (UTC). */
     function utc(ms) {
         return new Date(ms).toISOString().slice(0, 19).replace('T', ' ');
+    }
+
+    /** Unix milliseconds to "MM-DD HH:MM" (UTC), for narrow screens. */
+    function shortUtc(ms) {
+        return new Date(ms).toISOString().slice(5, 16).replace('T', ' ');
+    }
+
+    /** Both forms of a time; the style sheet shows one, depending on the width. */
+    function times(parent, ms) {
+        parent.appendChild(el('span', 'time time-full', utc(ms)));
+        parent.appendChild(el('span', 'time time-short', shortUtc(ms)));
+    }
+
+    /** Unix milliseconds when `night` (YYYYMMDD) ends: 19:00 UTC the next day; null if not a date. */
+    function nightEnd(night) {
+        var m = /^(\d{4})(\d{2})(\d{2})$/.exec(night);
+        if (m === null) {
+            return null;
+        }
+        var end = Date.UTC(Number(m[1]), Number(m[2]) - 1, Number(m[3]) + 1, 19);
+        var day = new Date(end - DAY);
+        return day.getUTCDate() === Number(m[3]) && day.getUTCMonth() === Number(m[2]) - 1 ? end : null;
+    }
+
+    /** True if `n` is not complete a day after its night ended. */
+    function isStale(n, now) {
+        var end = nightEnd(n.night);
+        return n.state !== 'complete' && end !== null && now - end > DAY;
+    }
+
+    /** How long ago `ms` was, for people: two units at most, short enough for a phone. */
+    function ago(ms, now) {
+        var m = Math.floor((now - ms) / 60000);
+        if (m < -1) {
+            return 'in the future';  // A clock is wrong, here or where it was recorded.
+        }
+        if (m < 1) {
+            return 'just now';
+        }
+        if (m < 60) {
+            return m + ' min ago';
+        }
+        var h = Math.floor(m / 60);
+        if (h < 24) {
+            return h + ' h ' + (m % 60) + ' min ago';
+        }
+        return Math.floor(h / 24) + ' d ' + (h % 24) + ' h ago';
     }
 
     /** A duration in milliseconds, for people. */
@@ -479,6 +533,7 @@
             }
         });
         $('nights').hidden = false;
+        updateAges();
     }
 
     function renderSummary(nights) {
@@ -528,46 +583,54 @@
         return bar;
     }
 
+    /** A cell of column `column` (the data-column of its header). */
+    function cell(tag, column, className, text) {
+        var c = el(tag, className, text);
+        c.setAttribute('data-column', column);
+        return c;
+    }
+
     function nightRow(n, detailId) {
         var tr = el('tr', 'night ' + n.state);
         tr.setAttribute('data-night', n.night);
         tr.setAttribute('data-state', n.state);
         var expanded = page.expanded.has(n.night);
 
-        var cell = el('th');
-        cell.setAttribute('scope', 'row');
+        var cell0 = cell('th', 'night');
+        cell0.setAttribute('scope', 'row');
         var button = el('button', 'expand');
         button.type = 'button';
         button.setAttribute('aria-expanded', expanded ? 'true' : 'false');
         button.setAttribute('aria-controls', detailId);
         button.appendChild(el('span', 'arrow', expanded ? '▾' : '▸')).setAttribute('aria-hidden', 'true');
         button.appendChild(el('span', 'night-key', n.night));
-        cell.appendChild(button);
-        tr.appendChild(cell);
+        cell0.appendChild(button);
+        tr.appendChild(cell0);
 
-        var state = el('td');
+        var state = cell('td', 'state');
         state.appendChild(stateBadge(n.state));
         tr.appendChild(state);
 
         var total = n.exposures.length;
-        var bar = el('td', 'bar-cell');
+        var bar = cell('td', 'bar', 'bar-cell');
         if (total > 0) {
             bar.appendChild(countsBar(n.counts, total));
         }
         tr.appendChild(bar);
 
-        var t = el('td', 'num', total);
+        var t = cell('td', 'total', 'num', total);
         t.setAttribute('data-count', 'total');
         tr.appendChild(t);
         STATES.forEach(function (s) {
-            var c = el('td', 'num count-' + s + (n.counts[s] ? '' : ' zero'), n.counts[s]);
+            var c = cell('td', s, 'num count-' + s + (n.counts[s] ? '' : ' zero'), n.counts[s]);
             c.setAttribute('data-count', s);
             tr.appendChild(c);
         });
-        var med = el('td', 'num', n.medianRsyncToChecksum === null ? '—' : duration(n.medianRsyncToChecksum));
+        var med = cell('td', 'median', 'num', n.medianRsyncToChecksum === null ? '—' : duration(n.medianRsyncToChecksum));
         med.setAttribute('data-median', n.medianRsyncToChecksum === null ? '' : String(n.medianRsyncToChecksum));
         tr.appendChild(med);
-        tr.appendChild(el('td', 'time', n.last === null ? '—' : utc(n.last)));
+        tr.appendChild(lastCell(n));
+        markAge(tr, n, Date.now());
 
         tr.addEventListener('click', function (event) {
             // The button handles keyboard activation; a click anywhere on the row toggles.
@@ -575,6 +638,59 @@
             toggle(n, tr);
         });
         return tr;
+    }
+
+    /**
+     * The time of the newest record; for a night that is not complete, also
+     * how long ago it was (filled in by markAge) and the stale mark.
+     */
+    function lastCell(n) {
+        var td = cell('td', 'last', 'last');
+        if (n.last === null) {
+            td.textContent = '—';
+            return td;
+        }
+        times(td, n.last);
+        if (n.state !== 'complete') {
+            td.appendChild(el('span', 'age'));
+            td.appendChild(el('span', 'stale-mark', '⚠ stale'));
+        }
+        return td;
+    }
+
+    /** Bring the age and the stale mark of a night row up to date with `now`. */
+    function markAge(tr, n, now) {
+        var stale = isStale(n, now);
+        tr.setAttribute('data-stale', stale ? 'true' : 'false');
+        tr.classList.toggle('stale', stale);
+        var age = tr.querySelector('.age');
+        if (age !== null) {
+            age.textContent = ago(n.last, now);
+            age.setAttribute('data-ago', String(now - n.last));
+        }
+        var mark = tr.querySelector('.stale-mark');
+        if (mark !== null) {
+            mark.hidden = !stale;
+            mark.title = 'Not complete a day after the night ended (' +
+                (nightEnd(n.night) === null ? '?' : utc(nightEnd(n.night))) + ' UTC).';
+        }
+    }
+
+    /** Ages of the nights shown, and the count of stale nights, as of now. */
+    function updateAges() {
+        var now = Date.now();
+        var byNight = new Map(page.nights.map(function (n) { return [n.night, n]; }));
+        document.querySelectorAll('#night-rows > tr[data-night]').forEach(function (tr) {
+            var n = byNight.get(tr.getAttribute('data-night'));
+            if (n !== undefined) {
+                markAge(tr, n, now);
+            }
+        });
+        var stale = shownNights().filter(function (n) { return isStale(n, now); }).length;
+        document.querySelector('[data-summary="nights-stale"]').textContent = String(stale);
+        var unit = document.querySelector('[data-unit-for="nights-stale"]');
+        unit.textContent = unit.getAttribute(stale === 1 ? 'data-one' : 'data-many');
+        $('stale-note').hidden = stale === 0;
     }
 
     /** Show or hide the exposures of one night, in place, so focus stays put. */
@@ -596,7 +712,7 @@
     }
 
     function stageCell(stage, row) {
-        var td = el('td', 'stage');
+        var td = cell('td', STAGES[stage], 'stage');
         td.setAttribute('data-stage', STAGES[stage]);
         if (row === null) {
             td.classList.add('missing');
@@ -606,12 +722,12 @@
             td.classList.add('ok');
             td.setAttribute('data-ok', '1');
             td.appendChild(el('span', 'mark', '✓ ')).setAttribute('aria-hidden', 'true');
-            td.appendChild(el('span', 'time', utc(row.ms)));
+            times(td, row.ms);
         } else {
             td.classList.add('fail');
             td.setAttribute('data-ok', '0');
             td.appendChild(el('span', 'mark', '✗ FAILED '));
-            td.appendChild(el('span', 'time', utc(row.ms)));
+            times(td, row.ms);
         }
         return td;
     }
@@ -632,8 +748,9 @@
         var table = el('table', 'exposures');
         table.appendChild(el('caption', null, 'Exposures of night ' + n.night + ' (times UTC)'));
         var head = el('tr');
-        ['Exposure', 'State', 'rsync', 'checksum', 'backup', 'rsync→checksum'].forEach(function (h) {
-            var th = el('th', null, h);
+        [['expid', 'Exposure'], ['state', 'State'], ['rsync', 'rsync'], ['checksum', 'checksum'],
+         ['backup', 'backup'], ['duration', 'rsync→checksum']].forEach(function (h) {
+            var th = cell('th', h[0], null, h[1]);
             th.setAttribute('scope', 'col');
             head.appendChild(th);
         });
@@ -643,16 +760,16 @@
             var row = el('tr', 'exposure ' + e.state);
             row.setAttribute('data-expid', e.expid);
             row.setAttribute('data-state', e.state);
-            var th = el('th', 'expid', e.expid);
+            var th = cell('th', 'expid', 'expid', e.expid);
             th.setAttribute('scope', 'row');
             row.appendChild(th);
-            var state = el('td');
+            var state = cell('td', 'state');
             state.appendChild(stateBadge(e.state));
             row.appendChild(state);
             e.stages.forEach(function (s, stage) {
                 row.appendChild(stageCell(stage, s));
             });
-            row.appendChild(el('td', 'num', e.rsyncToChecksum === null ? '—' : duration(e.rsyncToChecksum)));
+            row.appendChild(cell('td', 'duration', 'num', e.rsyncToChecksum === null ? '—' : duration(e.rsyncToChecksum)));
             body.appendChild(row);
         });
         td.appendChild(table);
@@ -678,7 +795,9 @@
             ', longest ' + duration(Math.max.apply(null, points.map(function (e) { return e.rsyncToChecksum; }))) +
             ' (' + points.length + ' of ' + n.exposures.length + ' exposures have both times).';
 
-        var width = 760, height = 170;
+        // As wide as the screen allows, so that the labels stay legible on a phone.
+        var width = Math.max(300, Math.min(760, document.documentElement.clientWidth - 30));
+        var height = 170;
         var left = 56, right = 10, top = 10, bottom = 24;
         var plotW = width - left - right, plotH = height - top - bottom;
         var max = niceMax(Math.max.apply(null, points.map(function (e) { return e.rsyncToChecksum; })));
@@ -750,6 +869,7 @@
         });
         $('controls').addEventListener('submit', function (event) { event.preventDefault(); });
         discover();
+        setInterval(updateAges, 60 * 1000);
     }
 
     start();
