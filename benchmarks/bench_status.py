@@ -132,8 +132,10 @@ def main():
         print(f"json.loads + compact json.dumps:       {t_fastest * 1000:8.1f} ms")
         print(f"json.load + json.dump:                 {t_bare * 1000:8.1f} ms")
         print(f"TransferStatus.update (one record):    {t_update * 1000:8.1f} ms")
-        print(f"  its second complete copy alone:      {t_copy * 1000:8.1f} ms (write, fsync, rename)")
-        print(f"  a journal line instead would cost:   {t_journal * 1000:8.1f} ms (append, fsync)")
+        print(f"  its second complete copy alone:      {t_copy * 1000:8.1f} ms "
+              "(write, fsync, rename)")
+        print(f"  a journal line instead would cost:   {t_journal * 1000:8.1f} ms "
+              "(append, fsync)")
         print(f"ratio update / loads+compact dumps:    {ratio:8.2f} (limit {o.max_ratio:g})")
         print(f"ratio update / load+dump:              {t_update / t_bare:8.2f}")
     finally:

@@ -318,12 +318,13 @@ def test_file_and_copy_damaged(store, tmp_path, caplog):
 def test_no_good_copy_starts_empty(tmp_path, caplog):
     d = tmp_path / 'status'
     d.mkdir()
-    year_file(d).write_text('{"20230101": {"1": [[0, 1, 16')
+    truncated = '{"20230101": {"1": [[0, 1, 16'
+    year_file(d).write_text(truncated)
     caplog.set_level(logging.INFO)
     s = TransferStatus(str(d), year=2023)
     assert s.status == {}
     assert year_file(d).read_text() == '{}'
-    assert (d / 'desi_transfer_status_2023.json.bad').read_text() == '{"20230101": {"1": [[0, 1, 16'
+    assert (d / 'desi_transfer_status_2023.json.bad').read_text() == truncated
     critical = [m.getMessage() for m in caplog.records if m.levelno == logging.CRITICAL]
     assert len(critical) == 1 and str(year_file(d)) in critical[0]
     assert 'EMPTY' in critical[0]
@@ -333,7 +334,7 @@ def test_no_good_copy_starts_empty(tmp_path, caplog):
     (d / 'desi_transfer_status_2023.json.copy').write_text('rubbish')
     year_file(d).write_text('more garbage')
     assert TransferStatus(str(d), year=2023).status == {}
-    assert (d / 'desi_transfer_status_2023.json.bad').read_text() == '{"20230101": {"1": [[0, 1, 16'
+    assert (d / 'desi_transfer_status_2023.json.bad').read_text() == truncated
     assert (d / 'desi_transfer_status_2023.json.bad.1').read_text() == 'more garbage'
     assert (d / 'desi_transfer_status_2023.json.bak.bad').read_text() == 'garbage'
     assert (d / 'desi_transfer_status_2023.json.copy.bad').read_text() == 'rubbish'
@@ -399,6 +400,18 @@ def test_stale_temporary_files_swept(tmp_path, caplog):
     assert not any(p.exists() for p in stale) and live.exists()
     assert 'Removed 3 temporary file(s) left by killed writers' in caplog.text
     assert sorted(on_disk(d)[NIGHT]) == ['1', '2']
+
+
+def test_temporary_file_of_an_earlier_process_with_our_pid(store, tmp_path):
+    """Process ids are reused: a file left under ours does not block a write."""
+    d = tmp_path / 'status'
+    store.update(NIGHT, '1', 'rsync')
+    for name in ('json', 'json.copy', 'json.bak'):
+        (d / f'.desi_transfer_status_2023.{name}.{os.getpid():d}.tmp').write_text('left')
+    (d / f'.desi_transfer_status_2023.json.copy.{os.getpid():d}.tmp').chmod(0o400)
+    assert store.update(NIGHT, '2', 'rsync') == 1
+    assert sorted(on_disk(d)[NIGHT]) == ['1', '2']
+    assert not [p.name for p in d.iterdir() if p.name.endswith('.tmp')]
 
 
 CHILD = """

@@ -516,14 +516,16 @@ def test_cells_under_their_headers(screen, tmp_path, http_directory, width):
         assert cells['Exposure'] == expid
         assert cells['rsync'] == f'✓ {when(stages[RSYNC][2])}'
         if state == F:
-            assert cells['checksum'].split() == ['✗', 'FAILED'] + when(stages[CHECKSUM][2]).split()
+            failed = ['✗', 'FAILED', *when(stages[CHECKSUM][2]).split()]
+            assert cells['checksum'].split() == failed
             assert cells['backup'] == 'not yet'
         else:
             assert cells['checksum'] == f'✓ {when(stages[CHECKSUM][2])}'
             assert cells['backup'] == f'✓ {when(stages[BACKUP][2])}'
         if not phone:
             assert cells['State'].split()[-1] == state
-            assert cells['rsync→checksum'] == f'{(stages[CHECKSUM][2] - stages[RSYNC][2]) // 1000} s'
+            seconds = (stages[CHECKSUM][2] - stages[RSYNC][2]) // 1000
+            assert cells['rsync→checksum'] == f'{seconds} s'
     pg.screenshot(path=str(tmp_path / f'{width}.png'), full_page=True)
     assert_only_local(pg, server)
 
@@ -547,8 +549,9 @@ def test_important_columns_fit(screen, tmp_path, http_directory, width):
     assert pg.evaluate('document.documentElement.scrollWidth') == viewport
     scroll = pg.locator('.table-scroll')
     assert scroll.evaluate('e => e.scrollWidth') <= scroll.evaluate('e => e.clientWidth')
-    right = pg.evaluate("""Math.max(...Array.from(document.querySelectorAll('#nights th, #nights td'))
-                           .map(e => e.getBoundingClientRect().right))""")
+    right = pg.evaluate("""Math.max(...Array.from(
+        document.querySelectorAll('#nights th, #nights td'))
+        .map(e => e.getBoundingClientRect().right))""")
     assert 0 < right <= viewport
     pg.screenshot(path=str(tmp_path / f'{width}.png'), full_page=True)
 

@@ -266,6 +266,10 @@ class TransferStatus(object):
         copy, tmp = temporary_name(path + '.copy'), temporary_name(path)
         bak = temporary_name(path + '.bak')
         try:
+            for stale in (copy, tmp, bak):
+                # Left by a killed process that had our process id before us.
+                if os.path.lexists(stale):
+                    os.remove(stale)
             self._write_file(copy, text, mode)
             stamp = self._write_file(tmp, text, mode)
             # The copy is a file of its own (not a second name): a corruption
@@ -334,7 +338,8 @@ class TransferStatus(object):
                 except FileNotFoundError:
                     kept.append(f"{spare} is missing")
                 except ValueError as err:
-                    kept.append(f"{spare} is malformed ({err}), kept as {self._keep(spare, '.bad')}")
+                    bad = self._keep(spare, '.bad')
+                    kept.append(f"{spare} is malformed ({err}), kept as {bad}")
             else:
                 log.critical("Status file %s was %s and there is no good copy (%s); "
                              "STARTING AN EMPTY STATUS FILE, records of %d are lost "
