@@ -9,7 +9,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -727,15 +726,6 @@ def test_cli_directory_is_a_file(tmp_path, monkeypatch, capsys):
     assert (tmp_path / 'file').read_text() == 'not a directory'
 
 
-@pytest.fixture
-def shared_tmp():
-    """A directory that an unprivileged user can reach (pytest's tmp_path is private)."""
-    top = tempfile.mkdtemp(prefix='desitransfer-test-')
-    os.chmod(top, 0o755)
-    yield pathlib.Path(top)
-    shutil.rmtree(top)
-
-
 def installed_command():
     command = shutil.which('desi_transfer_status',
                            path=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
@@ -743,21 +733,26 @@ def installed_command():
     return command
 
 
-def test_cli_read_only_directory(shared_tmp):
+#: Runs desi_transfer_status's main() with the arguments given after ``-c CODE``.
+RUN_MAIN = ("import sys; sys.argv[0] = 'desi_transfer_status'; "
+            "from desitransfer.status import main; sys.exit(main())")
+
+
+def test_cli_read_only_directory(unprivileged):
     """A user who may not write the status directory gets one error line."""
-    d = shared_tmp / 'status'
+    top = pathlib.Path(unprivileged.directory())
+    d = top / 'status'
     TransferStatus(str(d), year=2023).update(NIGHT, '1', 'rsync')
+    for path in [top, d] + list(d.iterdir()):
+        os.chmod(path, 0o555 if path.is_dir() else 0o444)
     before = {name: snapshot(d / name) for name in names_of_year(d)}
-    user = ['setpriv', '--reuid=nobody', '--regid=nogroup', '--clear-groups']
-    if os.geteuid() != 0:
-        user = []
-        d.chmod(0o555)
     try:
-        p = subprocess.run(user + [installed_command(), '-d', str(d), NIGHT, '2', 'rsync'],
-                           capture_output=True, text=True, timeout=60)
+        p = subprocess.run(unprivileged.command('-c', RUN_MAIN, '-d', str(d), NIGHT, '2', 'rsync'),
+                           env=unprivileged.env(), capture_output=True, text=True, timeout=60)
     finally:
-        d.chmod(0o755)
-    assert p.returncode == 1
+        os.chmod(top, 0o755)
+        os.chmod(d, 0o755)
+    assert p.returncode == 1, p.stderr
     assert p.stderr.startswith('desi_transfer_status: error: [Errno 13] Permission denied')
     assert p.stderr.count('\n') == 1 and p.stderr.endswith('; nothing was recorded.\n')
     assert {name: snapshot(d / name) for name in names_of_year(d)} == before
