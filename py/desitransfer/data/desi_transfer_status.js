@@ -596,16 +596,16 @@
         tr.setAttribute('data-state', n.state);
         var expanded = page.expanded.has(n.night);
 
-        var cell0 = cell('th', 'night');
-        cell0.setAttribute('scope', 'row');
+        var nightCell = cell('th', 'night');
+        nightCell.setAttribute('scope', 'row');
         var button = el('button', 'expand');
         button.type = 'button';
         button.setAttribute('aria-expanded', expanded ? 'true' : 'false');
         button.setAttribute('aria-controls', detailId);
         button.appendChild(el('span', 'arrow', expanded ? '▾' : '▸')).setAttribute('aria-hidden', 'true');
         button.appendChild(el('span', 'night-key', n.night));
-        cell0.appendChild(button);
-        tr.appendChild(cell0);
+        nightCell.appendChild(button);
+        tr.appendChild(nightCell);
 
         var state = cell('td', 'state');
         state.appendChild(stateBadge(n.state));
@@ -630,7 +630,6 @@
         med.setAttribute('data-median', n.medianRsyncToChecksum === null ? '' : String(n.medianRsyncToChecksum));
         tr.appendChild(med);
         tr.appendChild(lastCell(n));
-        markAge(tr, n, Date.now());
 
         tr.addEventListener('click', function (event) {
             // The button handles keyboard activation; a click anywhere on the row toggles.
