@@ -323,11 +323,12 @@ def read_configuration(filename=None):
         directories = [_directory(parser, section) for section in parser.sections()]
         if not directories:
             raise ConfigurationError("no directory section")
-        destinations = [d.destination for d in directories]
+        seen = {}
         for d in directories:
-            if destinations.count(d.destination) > 1:
+            if d.destination in seen:
                 raise ConfigurationError(f"[{d.name}] destination {d.destination} is also "
-                                         "the destination of another section")
+                                         f"the destination of [{seen[d.destination]}]")
+            seen[d.destination] = d.name
     except OSError as err:
         raise ConfigurationError(f"configuration file {filename} cannot be read: "
                                  f"{err.strerror}") from None
@@ -384,7 +385,9 @@ class DailyTransfer(object):
     Raises
     ------
     ~desitransfer.configuration.ConfigurationError
-        If the configuration or the options cannot be used.
+        If the configuration cannot be used.
+    ValueError
+        If ``--only`` names no directory of the timeframe.
     """
 
     def __init__(self, options):
@@ -394,7 +397,7 @@ class DailyTransfer(object):
         if options.only:
             names = [d.name for d in self.directories]
             if options.only not in names:
-                raise ConfigurationError(f"--only {options.only}: no such {self.timeframe} "
+                raise ValueError(f"--only {options.only}: no such {self.timeframe} "
                                          f"directory; choose from {', '.join(names)}")
             self.directories = [d for d in self.directories if d.name == options.only]
         root = _desi_root('desi_daily_transfer')
@@ -450,7 +453,9 @@ class DailyTransfer(object):
         return status
 
     def _one(self, d, connection):
-        """Transfer one directory; ``None`` if stopped before it started."""
+        """Transfer one directory: the status of :command:`rsync` (0 if an
+        error stopped the transfer before it, see ``d.problems``), or ``None``
+        if stopped before it started."""
         if self.stop.is_set():
             return None
         d.ssh, d.stop, d.test = connection.ssh(), self.stop, self.options.test
@@ -583,4 +588,7 @@ def main():
     except ConfigurationError as err:
         log.critical("desi_daily_transfer %s cannot start: %s.", options.timeframe, err)
         return 1
+    except ValueError as err:
+        log.error("%s.", err)
+        return 2
     return transfer.run()
