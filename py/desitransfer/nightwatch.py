@@ -107,7 +107,7 @@ class NightwatchTransfer(object):
         self.log_file = os.path.join(top, 'desi_nightwatch_transfer.log')
         self.lock_file = os.path.join(top, 'desi_nightwatch_transfer.lock')
         self.exclude = _patterns('desi_nightwatch_transfer_exclude.txt')[0]
-        self.include, self.top_level = _patterns('desi_nightwatch_transfer_include.txt')
+        self.top_level = _patterns('desi_nightwatch_transfer_include.txt')[1]
         self.stop = Stop(options.kill)
         self.connection = SharedConnection()
         self.errors = 0
@@ -277,8 +277,9 @@ class NightwatchTransfer(object):
 
     def _sync_top_level(self):
         """Sync the top-level files of the include list; make them world-readable."""
-        command = ['/bin/rsync', '--verbose', '--links', '--times', '--files-from',
-                   self.include, f'dts:{SOURCE}/', f'{self.kpno}/']
+        # The names as sources: rsync does not skip comment lines in --files-from.
+        command = (['/bin/rsync', '--verbose', '--links', '--times'] +
+                   [f'dts:{SOURCE}/{name}' for name in self.top_level] + [f'{self.kpno}/'])
         result = self._rsync(command)
         if self._failed(result):
             self._error("Syncing the top-level files %s from dts:%s/ failed (rsync exit "
