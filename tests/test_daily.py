@@ -599,10 +599,11 @@ def test_full_disk(kpno, tmp_path):
     p = subprocess.run(['prlimit', '--fsize=100000', 'desi_daily_transfer', '--kill',
                         str(kpno.kill), '--alert-to', '', 'noon'],
                        capture_output=True, text=True, timeout=120)
-    assert p.returncode not in (0, 23)
+    assert p.returncode == 11, p.stdout + p.stderr
     eng = engineering(kpno, 'focalplane')
     lines = kpno.nersc('spectro', 'staging', 'status', 'daily.txt').read_text().splitlines()
-    assert lines[2].startswith('calibration: failed: rsync exit status ')
+    assert lines[2] == f'calibration: failed: rsync exit status 11; see {eng}/calibration.log'
+    assert 'big.fits": File too large' in (eng / 'calibration.log').read_text()
     assert lines[3:] == [f'{n}: ok' for n in NOON[2:]]
     assert not (eng / 'calibration' / 'big.fits').exists()
     assert str(eng / 'calibration') not in [c[0] for c in kpno.fix_calls()]
