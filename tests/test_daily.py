@@ -5,15 +5,14 @@ sshd from a mountain at the real absolute paths (``kpno`` fixture)."""
 import os
 import re
 import shlex
-import stat
 import subprocess
-import threading
 import time
 
 import pytest
+from fixtures_kpno import mode
 
-from desitransfer import __version__, common, daily
-from desitransfer.common import configure_log, single_instance
+from desitransfer import __version__, daily
+from desitransfer.common import single_instance
 from desitransfer.configuration import ConfigurationError
 from desitransfer.daily import DailyDirectory, _config, _options
 
@@ -22,16 +21,6 @@ STAMP = r'[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2} P[SD]T'
 
 #: The noon set, in order.
 NOON = ['lost+found', 'calibration', 'calib_logs', 'kpno', 'sequence_logs', 'hwtables']
-
-
-@pytest.fixture(autouse=True)
-def reset_log():
-    yield
-    configure_log()
-
-
-def mode(path):
-    return stat.S_IMODE(os.lstat(path).st_mode)
 
 
 def tree(top):

@@ -6,15 +6,15 @@ import datetime as dt
 import logging
 import os
 import signal
-import stat
 import subprocess
 import threading
 import time
 
 import pytest
+from fixtures_kpno import mode
 
 from desitransfer import common, nightwatch
-from desitransfer.common import configure_log, single_instance
+from desitransfer.common import single_instance
 from desitransfer.nightwatch import NightwatchTransfer, _options
 
 SOURCE = '/exposures/nightwatch'
@@ -30,16 +30,6 @@ EXCLUDED = ['nightwatch.log', 'nightwatch-debug.log', 'nightwatch-webapp.log', '
             'partial.tmp', 'redux/x.fits', 'test/t.html', '00001234/preproc-b1-00001234.fits',
             '00001234/qsky-b1-00001234.fits', '00001234/redux/y.fits', '00001234/a.tmp']
 TOP_LEVEL = ['nights.html', 'nightlinks.js', 'qa-lastexp.html']
-
-
-@pytest.fixture(autouse=True)
-def reset_log():
-    yield
-    configure_log()
-
-
-def mode(path):
-    return stat.S_IMODE(os.lstat(path).st_mode)
 
 
 def files_under(top):
