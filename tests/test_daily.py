@@ -316,12 +316,18 @@ def test_missing_fix_permissions_is_an_error_in_the_log(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------
 # desi_daily_transfer against the loopback mountain.
 # ----------------------------------------------------------------------
-def test_noon(kpno):
+def test_noon(kpno, monkeypatch):
     outside, outdir = noon_mountain(kpno)
     status_dir = kpno.nersc('spectro', 'staging', 'status')
     (status_dir / 'daily.txt').write_text('yesterday\n')
+    # While the run goes on, the completion file is gone: the mirror waits.
+    seen = kpno.top / 'completion-seen-during-the-run'
+    monkeypatch.setenv('RSYNC_RSH', kpno.wrapper(
+        'ssh-look', f"if [ -e {status_dir / 'daily.txt'} ]; then touch {seen}; fi",
+        match='/calibration/'))
     p = daily_cli(kpno, 'noon')
     assert p.returncode == 0, p.stdout + p.stderr
+    assert not seen.exists()
     eng = engineering(kpno, 'focalplane')
     # lost+found: links to exposure directories are followed (dirlinks), links to files skipped.
     assert tree(kpno.nersc('spectro', 'staging', 'lost+found')) == [

@@ -353,9 +353,14 @@ def test_kill_file_during_idle_sleep(kpno, clock):
     """The kill file ends the idle sleep (up to four hours) within seconds."""
     clock(2026, 11, 21, 16, 0)  # 09:00 MST
     t = transfer(kpno)
-    threading.Timer(0.5, kpno.kill.touch).start()
+    result = []
+    loop = threading.Thread(target=lambda: result.append(t.loop()), daemon=True)
+    loop.start()
+    time.sleep(0.5)
+    kpno.kill.touch()
     t0 = time.monotonic()
-    assert t.loop() == 0
+    loop.join(timeout=10)
+    assert not loop.is_alive() and result == [0]
     assert time.monotonic() - t0 < 5
 
 
