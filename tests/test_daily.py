@@ -362,7 +362,7 @@ def test_noon(kpno, monkeypatch):
     log = (eng / 'calibration.log').read_text().splitlines()
     assert log[0] == f'DEBUG: desi_daily_transfer {__version__}'
     command = shlex.split(log[1][len('DEBUG: '):])
-    assert command[0] == '/bin/rsync' and command[1].startswith(f'--rsh={kpno.ssh} ')
+    assert command[0] == '/bin/rsync' and command[1].startswith(f"--rsh={os.environ['RSYNC_RSH']} ")
     assert command[2:] == ['--timeout=600', '--verbose', '--recursive', '--links', '--times',
                            '--omit-dir-times', 'dts:/data/focalplane/calibration/',
                            f'{eng}/calibration/']
