@@ -239,11 +239,13 @@ def test_second_instance_refused(kpno):
 
 
 def test_sigterm_while_sleeping(kpno):
-    """SIGTERM ends the loop within seconds, even in a long sleep."""
+    """Started as operators do (nohup nice -19 ... &> /dev/null &), SIGTERM ends
+    the loop within seconds, even in a long sleep."""
     kpno.path(SOURCE).mkdir()
-    proc = subprocess.Popen(['desi_nightwatch_transfer', '--kill', str(kpno.kill),
-                             '--alert-to', '', '-s', '60'], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(['nohup', 'nice', '-19', 'desi_nightwatch_transfer', '--kill',
+                             str(kpno.kill), '--alert-to', '', '-s', '60'],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=kpno.top)
     try:
         deadline = time.monotonic() + 30
         while 'No nightwatch data for night' not in proc_log(kpno):
@@ -258,6 +260,7 @@ def test_sigterm_while_sleeping(kpno):
             proc.kill()
     assert proc.returncode == 0
     assert 'desi_nightwatch_transfer stops (SIGTERM received).' in log_text(kpno)
+    assert not (kpno.top / 'nohup.out').exists()
 
 
 def proc_log(kpno):
