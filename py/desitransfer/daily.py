@@ -398,7 +398,7 @@ class DailyTransfer(object):
             names = [d.name for d in self.directories]
             if options.only not in names:
                 raise ValueError(f"--only {options.only}: no such {self.timeframe} "
-                                         f"directory; choose from {', '.join(names)}")
+                                 f"directory; choose from {', '.join(names)}")
             self.directories = [d for d in self.directories if d.name == options.only]
         root = _desi_root('desi_daily_transfer')
         self.completion = options.completion
