@@ -392,6 +392,18 @@ def test_shared_connection(dts, monkeypatch):
     connection.close()
     # A connection never used leaves nothing behind.
     common.SharedConnection().close()
+    # The directory of a process killed before close() is removed by the next one.
+    dead = subprocess.Popen(['true'])
+    dead.wait()
+    import tempfile
+    stale = tempfile.mkdtemp(prefix=f'desitransfer-ssh-{dead.pid:d}-')
+    mine = tempfile.mkdtemp(prefix=f'desitransfer-ssh-{os.getpid():d}-')
+    connection = common.SharedConnection()
+    assert os.path.basename(os.path.dirname(control)).startswith(f'desitransfer-ssh-{os.getpid()}-')
+    connection.ssh()
+    assert not os.path.exists(stale) and os.path.isdir(mine)
+    connection.close()
+    os.rmdir(mine)
 
 
 def test_alert_options():

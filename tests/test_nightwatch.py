@@ -76,10 +76,20 @@ def clock(monkeypatch):
     return set_time
 
 
-def transfer(kpno, *args):
-    """A NightwatchTransfer in this process (no log file, no email)."""
-    return NightwatchTransfer(_options(['--kill', str(kpno.kill), '--alert-to', ''] +
-                                       list(args)))
+@pytest.fixture
+def transfer(kpno):
+    """Make NightwatchTransfer objects in this process (no log file, no email);
+    their ssh connections are closed at the end of the test."""
+    made = []
+
+    def make(*args):
+        made.append(NightwatchTransfer(_options(['--kill', str(kpno.kill), '--alert-to', '']
+                                                + list(args))))
+        return made[-1]
+
+    yield make
+    for t in made:
+        t.connection.close()
 
 
 # ----------------------------------------------------------------------
@@ -303,11 +313,11 @@ def test_errors_alert_once(kpno, smtp_server, monkeypatch):
     assert 'Logging error' not in out
 
 
-def test_error_count_decays(kpno, clock, caplog, monkeypatch):
+def test_error_count_decays(kpno, clock, caplog, monkeypatch, transfer):
     """Errors spread out over more than an hour never alert; more than N within
     an hour alert once; again only after an hour in which errors continued."""
     monkeypatch.setenv('RSYNC_RSH', kpno.wrapper('ssh-down', 'exit 255'))
-    t = transfer(kpno, '-e', '2')
+    t = transfer('-e', '2')
     start = dt.datetime(2026, 11, 21, 3, 0, tzinfo=dt.timezone.utc)  # 20:00 MST
 
     def fail_at(minutes):
@@ -322,13 +332,13 @@ def test_error_count_decays(kpno, clock, caplog, monkeypatch):
     assert t.errors == 9
 
 
-def test_idle_window(kpno, clock):
+def test_idle_window(kpno, clock, transfer):
     """Outside 08:00-12:00 MST tonight is synced; when the window starts the
     ending night is synced one last time; after noon, once more (files written
     in the morning), then the new night."""
     night, new_night = '20261120', '20261121'
     make_night(kpno, night)
-    t = transfer(kpno, '-P')
+    t = transfer('-P')
     clock(2026, 11, 21, 14, 59)  # 07:59 MST
     assert t.run_once() == (0, pytest.approx(60, abs=5))
     assert files_under(kpno_dir(kpno, night)) == sorted(ARRIVE)
@@ -352,10 +362,10 @@ def test_idle_window(kpno, clock):
     assert not kpno_dir(kpno, night, 'written-1201.html').exists()
 
 
-def test_kill_file_during_idle_sleep(kpno, clock):
+def test_kill_file_during_idle_sleep(kpno, clock, transfer):
     """The kill file ends the idle sleep (up to four hours) within seconds."""
     clock(2026, 11, 21, 16, 0)  # 09:00 MST
-    t = transfer(kpno)
+    t = transfer()
     result = []
     loop = threading.Thread(target=lambda: result.append(t.loop()), daemon=True)
     loop.start()
@@ -367,10 +377,10 @@ def test_kill_file_during_idle_sleep(kpno, clock):
     assert time.monotonic() - t0 < 5
 
 
-def test_hung_mountain_times_out(kpno, monkeypatch, caplog):
+def test_hung_mountain_times_out(kpno, monkeypatch, caplog, transfer):
     monkeypatch.setenv('RSYNC_RSH', kpno.wrapper('ssh-hang', 'sleep 30'))
     monkeypatch.setattr(nightwatch, 'LIST_TIMEOUT', 1)
-    t = transfer(kpno, '--night', '20240101')
+    t = transfer('--night', '20240101')
     t0 = time.monotonic()
     assert t.run_once()[0] == 1
     assert time.monotonic() - t0 < 10
@@ -378,10 +388,10 @@ def test_hung_mountain_times_out(kpno, monkeypatch, caplog):
         'status -9)' in caplog.text
 
 
-def test_garbage_from_the_mountain(kpno, monkeypatch, caplog):
+def test_garbage_from_the_mountain(kpno, monkeypatch, caplog, transfer):
     make_night(kpno, '20240101')
     monkeypatch.setenv('RSYNC_RSH', kpno.wrapper('ssh-garbage', "printf 'Welcome!\\n\\n'"))
-    t = transfer(kpno, '--night', '20240101')
+    t = transfer('--night', '20240101')
     assert t.run_once()[0] == 1
     assert 'Could not list dts:/exposures/nightwatch/' in caplog.text
     assert not kpno_dir(kpno).exists()

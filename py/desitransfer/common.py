@@ -827,7 +827,13 @@ class SharedConnection(object):
         """The ssh command (a list) that shares the connection; give it to
         :func:`rsync_ssh`.  The first command to use it opens the connection."""
         if self._directory is None:
-            self._directory = tempfile.mkdtemp(prefix='desitransfer-ssh-')
+            # Directories of processes that were killed before close().
+            top = tempfile.gettempdir()
+            for name in os.listdir(top):
+                m = re.fullmatch(r'desitransfer-ssh-([0-9]+)-\w+', name)
+                if m is not None and not _alive(int(m.group(1))):
+                    shutil.rmtree(os.path.join(top, name), ignore_errors=True)
+            self._directory = tempfile.mkdtemp(prefix=f'desitransfer-ssh-{os.getpid():d}-')
         return environment_ssh(control=os.path.join(self._directory, 'mux'))
 
     def close(self):
