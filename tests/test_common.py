@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -395,11 +396,11 @@ def test_shared_connection(dts, monkeypatch):
     # The directory of a process killed before close() is removed by the next one.
     dead = subprocess.Popen(['true'])
     dead.wait()
-    import tempfile
     stale = tempfile.mkdtemp(prefix=f'desitransfer-ssh-{dead.pid:d}-')
     mine = tempfile.mkdtemp(prefix=f'desitransfer-ssh-{os.getpid():d}-')
     connection = common.SharedConnection()
-    assert os.path.basename(os.path.dirname(control)).startswith(f'desitransfer-ssh-{os.getpid()}-')
+    assert os.path.basename(os.path.dirname(control)).startswith(
+        f'desitransfer-ssh-{os.getpid()}-')
     connection.ssh()
     assert not os.path.exists(stale) and os.path.isdir(mine)
     connection.close()
