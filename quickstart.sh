@@ -25,6 +25,9 @@ system_packages() {
     command -v git >/dev/null || need+=(git)
     command -v pgrep >/dev/null || need+=(procps)
     command -v python3 >/dev/null || need+=(python3)
+    # The unprivileged tests run the system's python3 as nobody.
+    [ -x /usr/bin/python3 ] || need+=(python3)
+    command -v setpriv >/dev/null || need+=(util-linux)
     python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
     if [ "${1:-}" = test ]; then
         command -v chromium >/dev/null || need+=(chromium)

@@ -6,14 +6,17 @@ A backlog of EXPOSURES exposures of FILES small files each waits at a mountain
 reached over a real sshd on 127.0.0.1.  Measured in the same run:
 
 * floor: one bulk rsync of the whole night over the same ssh;
-* daemon: one ``desi_transfer_daemon --once`` pass (transfer, lock, verify,
-  install and record every exposure), as cron would start it;
+* daemon: one ``desi_transfer_daemon --once`` pass, as cron would start it,
+  with catch-up and archive due: transfer, lock, verify, install and record
+  every exposure, catch up the night and archive it to HPSS (the emulator of
+  the tests, with an HTTP status service on 127.0.0.1 saying "active");
 * idle: a second ``--once`` pass with nothing new;
 * naive (optional): one rsync per exposure, each over a fresh ssh connection.
 
 Prints the times and the ratios to the floor; exits non-zero if the daemon
 takes more than 2x the floor.
 """
+import datetime as dt
 import os
 import shutil
 import subprocess
@@ -28,9 +31,10 @@ sys.path.insert(0, os.path.join(TOP, 'py'))
 
 from loopback import start_sshd  # noqa: E402
 from desitransfer.common import rsync, rsync_ssh, ssh_command  # noqa: E402
-from desitransfer.mountain import make_mountain  # noqa: E402
+from desitransfer.mountain import make_mountain, serve_archive_status  # noqa: E402
 
-NIGHT = '20261119'
+#: Two days ago: finished, due for catch-up and archive, in the recent window.
+NIGHT = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=2)).strftime('%Y%m%d')
 
 
 def timed(command, **kwargs):
@@ -49,6 +53,7 @@ def main():
     options = prsr.parse_args()
     work = tempfile.mkdtemp(prefix='bench_backlog.')
     dts = None
+    status, status_url = serve_archive_status()
     try:
         os.makedirs(os.path.join(work, 'sshd'))
         dts = start_sshd(os.path.join(work, 'sshd'))
@@ -81,11 +86,11 @@ host = dts
 ssh = {dts.ssh}
 temporary = {nersc}/scratch
 checksum_lock = {mountain}/checksum-running
-catchup = 30
-backup = 30
+catchup = 0
+backup = 0
 sleep = 1
-hpss =
-hpss_status = http://127.0.0.1:9/
+hpss = {os.path.join(TOP, 'tests', 'hpss')}
+hpss_status = {status_url}
 [logging]
 filename = {nersc}/daemon.log
 size = 100000000
@@ -93,10 +98,16 @@ backups = 1
 to =
 """)
             command = [daemon, '--once', '-c', config, '-k', os.path.join(run_dir, 'stop')]
-            passes.append(timed(command))
+            tape = os.path.join(run_dir, 'hpss')
+            os.makedirs(tape)
+            env = dict(os.environ, HPSS_EMULATOR_ROOT=tape)
+            passes.append(timed(command, env=env))
             installed = os.listdir(os.path.join(nersc, 'data', NIGHT))
             assert len(installed) == options.exposures, installed
-            idles.append(timed(command))
+            archive = os.path.join(tape, 'desi', 'spectro', 'data',
+                                   f'desi_spectro_data_{NIGHT}.tar.idx')
+            assert os.path.exists(archive), 'the night was not archived'
+            idles.append(timed(command, env=env))
             if not options.no_naive and r == 0:
                 naive_dir = os.path.join(run_dir, 'naive')
                 os.makedirs(naive_dir)
@@ -111,7 +122,8 @@ to =
         print(f"Backlog: {options.exposures} exposures x {options.files} files of "
               f"{options.size} bytes, best of {options.repeat}")
         print(f"  floor (one bulk rsync over ssh): {floor:7.3f} s   1.00x")
-        print(f"  desi_transfer_daemon --once:     {one_pass:7.3f} s  {one_pass / floor:5.2f}x")
+        print(f"  desi_transfer_daemon --once:     {one_pass:7.3f} s  {one_pass / floor:5.2f}x"
+              "   (with catch-up and archive)")
         print(f"  idle pass (nothing new):         {idle:7.3f} s  {idle / floor:5.2f}x")
         if naives:
             print(f"  naive (rsync per exposure):      {naives[0]:7.3f} s  "
@@ -120,6 +132,7 @@ to =
         print('PASS' if ok else 'FAIL', '(target: daemon pass within 2x the floor)')
         return 0 if ok else 1
     finally:
+        status.shutdown()
         if dts is not None:
             dts.process.terminate()
         shutil.rmtree(work, ignore_errors=True)

@@ -4,8 +4,8 @@
 Benchmark of checksum verification
 =====================================
 
-Compare :func:`desitransfer.checksum.verify_checksum` with a reference (two
-threads streaming each file through :mod:`hashlib`) and with
+Compare :func:`desitransfer.checksum.verify_checksum` with a reference (as
+many threads as it uses, each streaming whole files through :mod:`hashlib`) and with
 ``sha256sum -c``, on a simulated exposure of four large files and a few small
 ones, and measure the peak memory of a verification.
 
@@ -27,7 +27,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from desitransfer.checksum import verify_checksum
+from desitransfer.checksum import _workers, verify_checksum
 from desitransfer.mountain import checksum_text, exposure_files
 
 EXPID = '00012345'
@@ -89,8 +89,8 @@ def reference_digest(path):
 
 
 def reference(directory, names):
-    """Hash every file with two threads."""
-    with ThreadPoolExecutor(2) as pool:
+    """Hash every file with as many threads as verify_checksum uses."""
+    with ThreadPoolExecutor(_workers(len(names))) as pool:
         return list(pool.map(reference_digest, [os.path.join(directory, n) for n in names]))
 
 
@@ -166,12 +166,13 @@ def main():
         warm_up(directory, names)
         baseline, peak = peak_memory(checksum_file)
         times = best_times({'verify_checksum': lambda: verify(checksum_file),
-                            'reference (2 threads)': lambda: reference(directory, names),
+                            'reference': lambda: reference(directory, names),
                             'sha256sum -c': lambda: sha256sum(directory, checksum_file)},
                            opts.repeat)
     finally:
         shutil.rmtree(directory)
-    ref = times['reference (2 threads)']
+    ref = times['reference']
+    print(f'Threads: {_workers(len(names)):d} for verify_checksum and the reference')
     print(f'Best of {opts.repeat:d} runs, warm page cache:')
     for name, t in times.items():
         print(f'  {name:<22s} {t:8.3f} s  {total / t:8.0f} MiB/s  ratio {t / ref:5.2f}')

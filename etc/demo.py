@@ -2,7 +2,8 @@
 # Licensed under a 3-clause BSD style license - see LICENSE.rst
 """Run desi_transfer_daemon once against a simulated mountain on this machine.
 
-Builds, under DIRECTORY (default /tmp/desitransfer-demo):
+Builds, under DIRECTORY (default /tmp/desitransfer-demo), afresh on every run
+unless ``--keep`` is given:
 
 * ``mountain/``: three finished nights of raw exposures laid out as at KPNO
   (``data/NIGHT/EXPID`` directories, ``dts/NIGHT/EXPID`` links), plus one
@@ -12,53 +13,50 @@ Builds, under DIRECTORY (default /tmp/desitransfer-demo):
 
 then runs ``desi_transfer_daemon --once`` with a configuration whose empty
 ``host`` means "the source is local", with catch-up and backup enabled at any
-hour, and an HPSS status service answering "active" on 127.0.0.1.
-Run it again: the second pass finds nothing to do.
+hour, and an HPSS status service answering "active" on 127.0.0.1, and says
+what arrived.  With ``--keep`` the same site is used again: the second pass
+finds nothing new.
 """
 import datetime as dt
-import http.server
-import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 from argparse import ArgumentParser
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(TOP, 'py'))
 
 from desitransfer.common import today  # noqa: E402
-from desitransfer.mountain import make_mountain  # noqa: E402
+from desitransfer.mountain import make_mountain, serve_archive_status  # noqa: E402
 
 
-class ArchiveStatus(http.server.BaseHTTPRequestHandler):
-    """Imitate the NERSC status API: the archive is active."""
-
-    def do_GET(self):
-        body = json.dumps({'name': 'archive', 'status': 'active'}).encode()
-        self.send_response(200)
-        self.send_header('Content-Type', 'application/json')
-        self.send_header('Content-Length', str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+def inventory(nersc, tape):
+    """``{night: (installed exposures, archived)}`` of the demonstration site."""
+    data = os.path.join(nersc, 'spectro', 'data')
+    found = {}
+    for night in sorted(os.listdir(data)) if os.path.isdir(data) else []:
+        archive = os.path.join(tape, 'desi', 'spectro', 'data',
+                               f'desi_spectro_data_{night}.tar.idx')
+        found[night] = (len(os.listdir(os.path.join(data, night))), os.path.exists(archive))
+    return found
 
 
 def main():
     prsr = ArgumentParser(description=__doc__.split('\n')[0])
     prsr.add_argument('directory', nargs='?', default='/tmp/desitransfer-demo',
                       help="Work in this directory (default %(default)s).")
-    prsr.add_argument('--fresh', action='store_true',
-                      help="Remove the directory first.")
+    prsr.add_argument('--keep', action='store_true',
+                      help="Keep the site of an earlier run instead of building it afresh "
+                           "(a second pass then finds nothing new).")
     options = prsr.parse_args()
     root = os.path.abspath(options.directory)
-    if options.fresh and os.path.isdir(root):
+    if not options.keep and os.path.isdir(root):
+        subprocess.run(['chmod', '-R', 'u+w', root], check=False)
         shutil.rmtree(root)
     mountain = os.path.join(root, 'mountain')
     nersc = os.path.join(root, 'nersc')
+    tape = os.path.join(root, 'hpss')
     if not os.path.isdir(mountain):
         last = dt.datetime.strptime(today(), '%Y%m%d')
         nights = [(last - dt.timedelta(days=n)).strftime('%Y%m%d') for n in (3, 2, 1)]
@@ -69,9 +67,8 @@ def main():
               f"{', '.join(nights)} in {mountain}")
     for d in ('staging', 'spectro/data', 'scratch', 'logs'):
         os.makedirs(os.path.join(nersc, d), exist_ok=True)
-    os.makedirs(os.path.join(root, 'hpss'), exist_ok=True)
-    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), ArchiveStatus)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    os.makedirs(tape, exist_ok=True)
+    server, status_url = serve_archive_status()
     configuration = os.path.join(root, 'desi_transfer_daemon.ini')
     with open(configuration, 'w') as f:
         f.write(f"""[DESI_SPECTRO_DATA]
@@ -91,7 +88,7 @@ backup = 0
 sleep = 1
 retries = 3
 hpss = {TOP}/tests/hpss
-hpss_status = http://127.0.0.1:{server.server_address[1]}/status/archive
+hpss_status = {status_url}
 
 [logging]
 filename = {nersc}/logs/desi_transfer_daemon.log
@@ -100,24 +97,33 @@ backups = 3
 to =
 smtp = localhost:25
 """)
-    env = dict(os.environ, HPSS_EMULATOR_ROOT=os.path.join(root, 'hpss'))
+    env = dict(os.environ, HPSS_EMULATOR_ROOT=tape)
     daemon = shutil.which('desi_transfer_daemon', path=os.path.dirname(sys.executable))
     command = [daemon or os.path.join(TOP, 'bin', 'desi_transfer_daemon'),
                '--once', '--configuration', configuration, '--kill', os.path.join(root, 'stop')]
+    before = inventory(nersc, tape)
     print('Running:', ' '.join(command), flush=True)
     code = subprocess.call(command, env=env)
     server.shutdown()
+    after = inventory(nersc, tape)
     status = os.path.join(nersc, 'staging', 'status')
-    print(f"""
-desi_transfer_daemon exited with status {code}.
-  Raw data:       {nersc}/spectro/data/NIGHT/EXPID
-  Status JSON:    {status}/desi_transfer_status_YYYY.json
+    print(f"\ndesi_transfer_daemon exited with status {code}.")
+    if after == before:
+        print("Nothing new: every exposure is already at NERSC and every night on tape.")
+    for night, (exposures, archived) in after.items():
+        print(f"  Night {night}: {exposures} exposures in {nersc}/spectro/data/{night}, "
+              + ('archived as ' + os.path.join(tape, 'desi', 'spectro', 'data',
+                                               f'desi_spectro_data_{night}.tar')
+                 if archived else 'not archived'))
+    print(f"""  Status JSON:    {status}/desi_transfer_status_YYYY.json
   Status page:    {status}/index.html
-                  (serve it: python3 -m http.server -d {status} 8000)
-  Tape (HPSS):    {root}/hpss/desi/spectro/data
+                  serve it on this machine only:
+                  python3 -m http.server --bind 127.0.0.1 --directory {status} 8000
+                  then open http://127.0.0.1:8000/
   Log:            {nersc}/logs/desi_transfer_daemon.log
   Configuration:  {configuration}
-See a night:      {os.path.join(os.path.dirname(sys.executable), 'desi_transfer_status')} -d {status} NIGHT""")
+See a night:      {os.path.join(os.path.dirname(sys.executable), 'desi_transfer_status')} -d {status} {max(after, default='NIGHT')}
+Run again on the same site:  bash quickstart.sh demo --keep""")
     return code
 
 

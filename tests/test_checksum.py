@@ -173,11 +173,21 @@ def test_checksum_file_too_large(exposure, monkeypatch):
     assert exposure.verify().endswith('larger than 100 bytes.')
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason='root reads any file')
-def test_unreadable_file(exposure):
+def test_unreadable_file(unprivileged):
+    """Run as an unprivileged user (root reads any file)."""
+    import pathlib
+    root = pathlib.Path(unprivileged.directory())
+    exposure = Exposure(root)
     name = f'guide-{EXPID}.fits.fz'
+    for top, dirs, files in os.walk(root):
+        os.chmod(top, 0o755)
+        for f in files:
+            os.chmod(os.path.join(top, f), 0o644)
     os.chmod(exposure.path(name), 0)
-    assert problems(exposure.verify()) == [f'{name}: could not be read: Permission denied.']
+    p = unprivileged.run('import sys; from desitransfer.checksum import verify_checksum; '
+                         f'sys.stdout.write(verify_checksum({exposure.checksum!r}))')
+    assert p.returncode == 0, p.stderr
+    assert problems(p.stdout) == [f'{name}: could not be read: Permission denied.']
 
 
 def test_absolute_path_never_read(exposure, tmp_path):

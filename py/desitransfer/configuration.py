@@ -17,10 +17,8 @@ from importlib.resources import files
 
 #: Configuration of one destination directory.
 DirectoryConfig = namedtuple('DirectoryConfig', ['name', 'source', 'staging',
-                                                 'destination', 'hpss', 'checksum_file'])
-
-#: Keys every destination section must have.
-_directory_keys = DirectoryConfig._fields[1:]
+                                                 'destination', 'hpss', 'checksum_file',
+                                                 'data_root'])
 
 class ConfigurationError(Exception):
     """A fatal problem with the configuration: one line naming the file and key."""
@@ -101,6 +99,10 @@ def _absolute(value):
     return os.path.normpath(value)
 
 
+def _optional_absolute(value):
+    return _absolute(value) if value else ''
+
+
 def _positive(value):
     v = float(value)
     if not v > 0:
@@ -125,6 +127,13 @@ def _checksum_name(value):
     return value
 
 
+def _days(value):
+    v = int(value)
+    if not 1 <= v <= 3660:
+        raise ValueError('a number of days from 1 to 3660 is required')
+    return v
+
+
 def _list(value):
     return [v.strip() for v in value.split(',') if v.strip()]
 
@@ -141,8 +150,9 @@ def _validate(parser):
         if not hpss:
             raise ConfigurationError(f"[{section}] hpss is empty")
         checksum_file = _get(parser, section, 'checksum_file', _checksum_name)
+        data_root = _get(parser, section, 'data_root', _optional_absolute, default='')
         directories.append(DirectoryConfig(section, source, staging, destination,
-                                           hpss, checksum_file))
+                                           hpss, checksum_file, data_root))
     if not directories:
         raise ConfigurationError("no destination section (such as [DESI_SPECTRO_DATA])")
     common = {'host': _get(parser, 'common', 'host', default=''),
@@ -153,6 +163,7 @@ def _validate(parser):
               'backup': _get(parser, 'common', 'backup', int),
               'sleep': _get(parser, 'common', 'sleep', _positive),
               'retries': _get(parser, 'common', 'retries', _count, default=5),
+              'recent': _get(parser, 'common', 'recent', _days, default=30),
               'hpss': _get(parser, 'common', 'hpss'),
               'hpss_status': _get(parser, 'common', 'hpss_status')}
     if common['host'] and not common['ssh']:

@@ -5,14 +5,18 @@ desitransfer.mountain
 =====================
 
 Build a simulated mountain: raw exposures laid out as at KPNO, for the
-quick-start demonstration, the tests and the benchmarks.
+quick-start demonstration, the tests and the benchmarks; and a stand-in for
+the NERSC status API of the archive.
 
 At KPNO each exposure is a directory ``DATA/NIGHT/EXPID`` holding its files
 and a checksum file ``checksum-EXPID.sha256sum``; the transfer area
 ``SOURCE/NIGHT/EXPID`` holds symbolic links to those directories.
 """
 import hashlib
+import http.server
+import json
 import os
+import threading
 
 
 def exposure_files(expid, nfiles=3, size=2048, seed=0):
@@ -124,3 +128,31 @@ def make_mountain(root, nights, exposures, nfiles=3, size=2048, first=1000):
             created.append((night, e))
             expid += 1
     return created
+
+
+class _ArchiveActive(http.server.BaseHTTPRequestHandler):
+    """Answer every GET like the NERSC status API: the archive is active."""
+
+    def do_GET(self):
+        body = json.dumps({'name': 'archive', 'status': 'active'}).encode()
+        self.send_response(200)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def serve_archive_status():
+    """Start, on 127.0.0.1 only, an HTTP server saying the HPSS archive is active.
+
+    Returns
+    -------
+    :class:`tuple`
+        The server (stop it with ``shutdown()``) and the URL of the status.
+    """
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _ArchiveActive)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f'http://127.0.0.1:{server.server_address[1]}/api/v1.2/status/archive'

@@ -1,0 +1,226 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+============================
+desitransfer.daemon.archive
+============================
+
+HPSS, the tape archive, as :command:`desi_transfer_daemon` uses it: the
+NERSC status API, the listing of an archive directory (:command:`hsi`), the
+archive of a night (:command:`htar`) and the list of what it holds.
+
+Every answer is a fact or *unknown*: an HPSS status that cannot be read, an
+:command:`hsi` that fails or answers something that is not a listing, means
+"wait", never "not on tape", so an archive is never written again because a
+listing was unreadable.
+"""
+import os
+import re
+import tempfile
+import threading
+
+from ..common import log
+
+#: Seconds before htar, hsi or the status request is given up.
+HTAR_TIMEOUT = 12 * 3600
+HSI_TIMEOUT = 600
+HPSS_STATUS_TIMEOUT = 30
+
+#: One line of ``hsi ls -l``: mode, links, owner, group, size, date, name.
+_ls_line = re.compile(r'[-dlcbps][-rwxsStT]{9}[+.@]?\s+[0-9]+\s+\S+\s+\S+\s+[0-9]+\s+'
+                      r'[A-Z][a-z]{2}\s+[0-9]{1,2}\s+(?:[0-9]{1,2}:[0-9]{2}|[0-9]{4})\s+(?P<name>.+)')
+
+#: hsi's words for a path that does not exist.
+_absent = ('HPSS_ENOENT', 'No such file or directory')
+
+
+def archive_name(hpss, night):
+    """The archive of `night` in HPSS directory `hpss`: ``hpss`` with ``/`` as
+    ``_``, then ``_NIGHT.tar``."""
+    return f"{hpss.replace('/', '_')}_{night}.tar"
+
+
+class Archive(object):
+    """HPSS for one daemon.
+
+    Parameters
+    ----------
+    bin : :class:`str`
+        Directory holding :command:`hsi` and :command:`htar`; empty: ``PATH``.
+    status_url : :class:`str`
+        The NERSC status API for the archive.
+    scratch : :class:`str`
+        Directory for temporary files (the listing written by ``hsi -O``).
+    actions : :class:`desitransfer.daemon.actions.Actions`
+        Runs the commands (htar only logged in test mode).
+    """
+
+    def __init__(self, bin, status_url, scratch, actions):
+        self.bin = bin
+        self.status_url = status_url
+        self.scratch = scratch
+        self.actions = actions
+        self.new_pass()
+
+    def new_pass(self):
+        """Forget what was learned: HPSS is asked again in the next pass."""
+        self._available = None
+        self._listings = {}
+
+    def program(self, name):
+        return os.path.join(self.bin, name) if self.bin else name
+
+    def available(self):
+        """``True`` if the status API says the archive is ``active`` (asked
+        once per pass); anything else, an error or no answer, means "not now".
+        """
+        if self._available is None:
+            self._available = self._ask_status()
+        return self._available
+
+    def _get(self, url):
+        """GET `url` in a thread, so that a stop does not wait for the timeout."""
+        import requests  # Only needed after noon: keep start-up quick.
+        answer = {}
+
+        def get():
+            try:
+                answer['response'] = requests.get(url, timeout=HPSS_STATUS_TIMEOUT)
+            except BaseException as err:
+                answer['error'] = err
+
+        thread = threading.Thread(target=get, name='hpss-status', daemon=True)
+        thread.start()
+        while thread.is_alive() and not self.actions.stop.is_set():
+            thread.join(0.2)
+        if 'error' in answer:
+            raise answer['error']
+        if 'response' not in answer:
+            raise requests.Timeout('stopped')
+        return answer['response']
+
+    def _ask_status(self):
+        import requests
+        url = self.status_url
+        try:
+            response = self._get(url)
+            response.raise_for_status()
+            answer = response.json()
+        except requests.Timeout:
+            reason = f'no answer within {HPSS_STATUS_TIMEOUT:d} s'
+        except requests.ConnectionError as err:
+            reason = f'connection failed: {_short(err)}'
+        except requests.HTTPError:
+            reason = f'HTTP {response.status_code:d} {response.reason}'
+        except (requests.RequestException, ValueError) as err:
+            reason = f'{type(err).__name__}: {_short(err)}'
+        else:
+            state = answer.get('status') if isinstance(answer, dict) else None
+            if state == 'active':
+                return True
+            log.info("HPSS status service at %s says the archive is %r, not 'active'; "
+                     "archiving waits.", url, state)
+            return False
+        log.warning("HPSS status service at %s did not answer (%s); archiving waits.",
+                    url, reason)
+        return False
+
+    def listing(self, hpss):
+        """Names in HPSS directory `hpss`; an empty set if the directory does
+        not exist; ``None`` if unknown (hsi failed or answered garbage)."""
+        if hpss not in self._listings:
+            self._listings[hpss] = self._list(hpss)
+        return self._listings[hpss]
+
+    def _list(self, hpss):
+        # hsi -O appends: a fresh private directory for each listing.  In test
+        # mode it is in the system temporary directory, so scratch is untouched.
+        with tempfile.TemporaryDirectory(prefix='desi_transfer_hsi.',
+                                         dir=None if self.actions.test else self.scratch) as tmp:
+            out = os.path.join(tmp, 'listing.txt')
+            result = self.actions.ask([self.program('hsi'), '-O', out, 'ls', '-l', hpss],
+                                      timeout=HSI_TIMEOUT, ok=(0, 64))
+            try:
+                with open(out, errors='replace') as f:
+                    text = f.read()
+            except OSError:
+                text = ''
+        if result.returncode == 64 and any(w in result.stderr for w in _absent) \
+                and hpss.rstrip('/') in result.stderr:
+            log.info("HPSS directory %s does not exist yet.", hpss)
+            return set()
+        why = ''
+        if result.returncode != 0:
+            why = f'hsi returned {result.returncode:d}'
+        else:
+            names, why = parse_listing(text)
+            if not why:
+                return names
+        log.error("Could not list %s on HPSS (%s); archiving waits for a later pass, "
+                  "and nothing is written to tape again.", hpss, why)
+        return None
+
+    def on_tape(self, hpss, night):
+        """``True`` if the archive of `night` and its index are listed in
+        `hpss`, ``False`` if not, ``None`` if unknown."""
+        names = self.listing(hpss)
+        if names is None:
+            return None
+        archive = archive_name(hpss, night)
+        return archive in names and archive + '.idx' in names
+
+    def create(self, destination, hpss, night):
+        """Archive ``DESTINATION/NIGHT`` as ``HPSS/ARCHIVE`` with htar.
+
+        Returns
+        -------
+        :class:`desitransfer.common.Result`
+            htar's outcome; the listing of `hpss` is asked again afterwards.
+        """
+        self._listings.pop(hpss, None)
+        return self.actions.run([self.program('htar'), '-cvhf',
+                                 f'{hpss}/{archive_name(hpss, night)}',
+                                 '-H', 'crc:verify=all', night],
+                                cwd=destination, timeout=HTAR_TIMEOUT)
+
+    def exposures(self, hpss, night):
+        """Exposures (``NIGHT/EXPID``) held by the archive of `night`, from its
+        index (``htar -t``), or ``None`` if it cannot be read."""
+        archive = f'{hpss}/{archive_name(hpss, night)}'
+        result = self.actions.ask([self.program('htar'), '-tvf', archive],
+                                  timeout=HSI_TIMEOUT, quiet=True)
+        if result.returncode != 0 or 'HTAR SUCCESSFUL' not in result.stdout:
+            log.error("Could not list the contents of %s (htar returned %d).", archive,
+                      result.returncode)
+            return None
+        found = set()
+        for line in result.stdout.splitlines():
+            words = line.split()
+            if len(words) >= 2 and words[0] == 'HTAR:':
+                parts = words[-1].strip('/').split('/')
+                if len(parts) >= 2 and parts[0] == night and re.fullmatch(r'[0-9]{8}', parts[1]):
+                    found.add(f'{parts[0]}/{parts[1]}')
+        return found
+
+
+def parse_listing(text):
+    """Names listed by ``hsi ls -l DIR``, and ``''``; or an empty set and why
+    `text` is not such a listing."""
+    names = set()
+    header = False
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        m = _ls_line.fullmatch(line.rstrip())
+        if m:
+            names.add(m.group('name').split('/')[-1])
+        elif line.startswith('/') and line.rstrip().endswith(':') and not header:
+            header = True
+        else:
+            return set(), f'not a listing: {line.strip()[:100]!r}'
+    if not header and not names:
+        return set(), 'empty answer'
+    return names, ''
+
+
+def _short(err):
+    return ' '.join(str(err).split())[:200]

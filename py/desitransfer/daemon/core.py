@@ -1,0 +1,380 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+=========================
+desitransfer.daemon.core
+=========================
+
+:class:`TransferDaemon`: the loop of :command:`desi_transfer_daemon` and one
+pass, which for each destination reads as survey → copy-verify → record →
+install → catch-up → archive.  The steps live in the sibling modules:
+:mod:`~desitransfer.daemon.remote` (survey), :mod:`~desitransfer.daemon.transfer`
+(copy-verify), :mod:`~desitransfer.daemon.settle` (record, install, retry,
+alert), :mod:`~desitransfer.daemon.nights` (catch-up, archive) with
+:mod:`~desitransfer.daemon.archive` (HPSS), and
+:mod:`~desitransfer.daemon.state`; every change goes through
+:mod:`~desitransfer.daemon.actions`, which is also test mode.
+"""
+import datetime as dt
+import errno
+import os
+
+from .. import common
+from ..common import (Stop, configure_log, ensure_scratch, log, single_instance,
+                      sweep_temporary, valid_night)
+from ..configuration import ConfigurationError, read_configuration
+from ..status import TransferStatus
+from .actions import Actions, DryRun, listdir
+from .archive import Archive
+from .nights import Nights, due_time
+from .remote import Mountain
+from .settle import Settling
+from .state import STATE_FILE, State
+from .transfer import COPIED, FATAL, copy_verify
+
+
+class TransferDaemon(Settling, Nights):
+    """Manage data transfer configuration, options, and operations.
+
+    Parameters
+    ----------
+    options : :class:`argparse.Namespace`
+        The parsed command-line options.
+
+    Raises
+    ------
+    ConfigurationError
+        If the configuration cannot be used.
+    """
+
+    def __init__(self, options):
+        self.options = options
+        self.test = options.test
+        self.tape = not options.no_backup
+        self.directories, self.conf, self.log_conf = read_configuration(options.configuration)
+        try:
+            self.scratch = ensure_scratch(self.conf['temporary'])
+        except FileNotFoundError as err:
+            raise ConfigurationError(f"[common] temporary: {err}") from None
+        self.top = os.path.dirname(self.directories[0].staging)
+        self._configure_log(options.debug)
+        self.stop = Stop(options.kill)
+        self.actions = DryRun(self.stop) if self.test else Actions(self.stop)
+        self.mountain = Mountain(self.conf['host'], self.conf['ssh'], self.stop)
+        self.archive = Archive(self.conf['hpss'], self.conf['hpss_status'], self.scratch,
+                               self.actions)
+        self.lock_file = os.path.join(self.top, 'desi_transfer_daemon.lock')
+        self.state = State(os.path.join(self.top, STATE_FILE),
+                           [d.name for d in self.directories], keep_bad=not self.test)
+        self.failed = False
+        self._surveys = {}
+        self._caught_up_now = set()
+        self._copied_now = set()
+
+    def _configure_log(self, debug):
+        """Re-configure the default logger returned by ``desiutil.log``.
+
+        Parameters
+        ----------
+        debug : :class:`bool`
+            If ``True`` set the log level to DEBUG.
+        """
+        c = self.log_conf
+        # Test mode changes nothing: no log file, no alert email.
+        configure_log(debug=debug, filename=None if self.test else c['filename'],
+                      size=c['size'], backups=c['backups'], to=[] if self.test else c['to'],
+                      mailhost=c['smtp'], program='desi_transfer_daemon',
+                      memory=os.path.join(self.top, 'desi_transfer_daemon_alerts.json'))
+
+    # ------------------------------------------------------------------
+    # The loop.
+    # ------------------------------------------------------------------
+    def run(self):
+        """Run the daemon: refuse a second copy, then :meth:`transfer`.
+
+        Returns
+        -------
+        :class:`int`
+            0; with ``--once``, 1 if the pass could not do its job.
+        """
+        if self.test:
+            log.info("Test mode: nothing is changed; commands are logged, not run.")
+            self.transfer()
+            return 0
+        lock, holder = single_instance(self.lock_file)
+        if lock is None:
+            log.info("desi_transfer_daemon is already running (pid %s, lock %s); "
+                     "nothing to do.", holder, self.lock_file)
+            return 0
+        with lock:
+            for directory in [self.top] + [self._status_directory(d) for d in self.directories]:
+                sweep_temporary(directory)
+            try:
+                self.actions.save(self.state)
+            except OSError as err:
+                log.error("Could not write the state file %s: %s.", self.state.path, err)
+            if self.stop.is_set():
+                self._kill_file_left()
+            self.transfer()
+        return 1 if self.options.once and self.failed else 0
+
+    def transfer(self):
+        """Loop over and transfer all configured directories.
+
+        With ``--once``, make one pass and return; otherwise pass, sleep and
+        pass again until SIGTERM or the kill file stops the loop.  A pass that
+        fails is logged with its traceback and the next pass still runs.
+        """
+        if self.state.new:
+            self._first_start()
+        try:
+            while not self.stop.is_set():
+                self._pass()
+                if self.options.once or self.stop.is_set():
+                    break
+                log.debug("Sleeping %g minutes.", self.conf['sleep'])
+                self.stop.wait(self.conf['sleep'] * 60)
+        finally:
+            self.mountain.close()
+        log.info("desi_transfer_daemon stops.")
+
+    def _pass(self):
+        self.failed = False
+        self.archive.new_pass()
+        self._surveys = {}
+        self._caught_up_now = set()
+        self._copied_now = set()
+        self.state.forget_before(self._oldest())
+        for d in self.directories:
+            if self.stop.is_set():
+                return
+            try:
+                self.directory(d)
+            except OSError as err:
+                self.failed = True
+                if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    self._disk_full(d, str(err))
+                else:
+                    log.critical("Transfer pass of %s failed: %s: %s; the next pass will "
+                                 "try again.", d.name, type(err).__name__, err, exc_info=True)
+            except Exception as err:
+                self.failed = True
+                log.critical("Transfer pass of %s failed: %s: %s; the next pass will try "
+                             "again.", d.name, type(err).__name__, err, exc_info=True)
+
+    def _kill_file_left(self):
+        """Say once a day, by email, that the kill file keeps the daemon from working:
+        a kill file forgotten after maintenance would stop transfers silently."""
+        now = common._utcnow()
+        key = f"{now:%Y%m%d} kill file"
+        reported = self.state[self.directories[0].name]['reported']
+        if key in reported:
+            return
+        log.critical("On %s UTC %s exists, so desi_transfer_daemon stops as soon as it starts "
+                     "and transfers nothing; remove it to let transfers resume.",
+                     f"{now:%Y-%m-%d}", self.options.kill)
+        reported.append(key)
+        self.actions.save(self.state)
+
+    def _first_start(self):
+        """Say once how many settled nights a new deployment leaves alone."""
+        oldest = self._oldest()
+        for d in self.directories:
+            old = sorted(n for n in listdir(d.destination) if valid_night(n) and n < oldest)
+            if old:
+                log.info("No state file yet (%s): the %d nights in %s before %s (%s to %s) "
+                         "are settled history and are not transferred, caught up, archived "
+                         "or alerted about.", self.state.path, len(old), d.destination,
+                         oldest, old[0], old[-1])
+
+    # ------------------------------------------------------------------
+    # Time.
+    # ------------------------------------------------------------------
+    def _oldest(self):
+        """The first night of the recent window."""
+        days = self.conf['recent']
+        return (common._utcnow() - dt.timedelta(days=days)).strftime('%Y%m%d')
+
+    def _window(self):
+        """Every night of the recent window, up to tomorrow (UTC)."""
+        now = common._utcnow()
+        return [(now - dt.timedelta(days=n)).strftime('%Y%m%d')
+                for n in range(self.conf['recent'], -2, -1)]
+
+    @staticmethod
+    def _due(night, hour):
+        """``True`` once it is `hour` UTC on the morning after `night` (or later).
+
+        An hour outside 0-23 disables the step.
+        """
+        if not 0 <= hour <= 23:
+            return False
+        return common._utcnow() >= due_time(night, hour)
+
+    # ------------------------------------------------------------------
+    # One destination.
+    # ------------------------------------------------------------------
+    def _status_directory(self, d):
+        return os.path.join(os.path.dirname(d.staging), 'status')
+
+    def _status(self, d):
+        """The status store of `d`; ``None`` in test mode if it does not exist yet."""
+        directory = self._status_directory(d)
+        if self.test and not os.path.isdir(directory):
+            return None
+        return TransferStatus(directory)
+
+    def _recent_nights(self, d):
+        """Nights in the destination from the recent window."""
+        oldest = self._oldest()
+        return sorted(n for n in listdir(d.destination) if valid_night(n) and n >= oldest)
+
+    def _installed(self, d, link):
+        return os.path.isdir(os.path.join(d.destination, link.night, link.expid))
+
+    def directory(self, d):
+        """Data transfer operations for a single destination directory.
+
+        Parameters
+        ----------
+        d : :func:`collections.namedtuple`
+            Configuration for the destination directory.
+        """
+        status = self._status(d)
+        self._replay_pending(d, status)
+        log.debug("Looking for new exposures in %s.", d.source)
+        survey = self.mountain.survey(d.source, self.conf['checksum_lock'], self._window(),
+                                      d.data_root)
+        if survey.answer == 'unknown':
+            if not self.stop.is_set():
+                self._unreachable(d, f"list the exposures in {d.source}",
+                                  survey.result.stderr)
+            return
+        if survey.answer == 'locked':
+            log.info("Checksums are being computed at %s (%s exists); waiting for the next "
+                     "pass.", self.mountain.name, self.conf['checksum_lock'])
+            return
+        self._reachable(d)
+        self._surveys[d.name] = survey
+        self._unlisted(d, survey)
+        self._report(d, survey)
+        state = self.state[d.name]
+        todo = [link for name, link in sorted(survey.links.items())
+                if name not in state['given_up'] and
+                (name in state['retries'] or not self._installed(d, link))]
+        if todo and not self._copy(d, todo, status):
+            return
+        due = self._due_for_archive(d)
+        if due:
+            # Nights already on tape (a new deployment) need no catch-up.
+            self._archive(d, status, due, on_tape_only=True)
+        for night in self._recent_nights(d):
+            if self.stop.is_set():
+                return
+            if (night not in state['caught_up'] and night not in state['backed_up'] and
+                    night in survey.nights and self._due(night, self.conf['catchup'])):
+                if not self.catchup(d, night, status):
+                    return
+                state['caught_up'].append(night)
+                self._caught_up_now.add(night)
+                self.actions.save(self.state)
+        due = self._due_for_archive(d)
+        if due:
+            self._archive(d, status, due)
+
+    def _copy(self, d, links, status):
+        """Copy-verify `links`, then settle their outcomes; ``False`` if the
+        pass must end (the mountain lost, a full disk, a stop)."""
+        retries = self.state[d.name]['retries']
+        new = [link for link in links if f'{link.night}/{link.expid}' not in retries]
+        if new:
+            nights = sorted({link.night for link in new})
+            log.info("%d new exposure%s in %s (night%s %s).", len(new),
+                     '' if len(new) == 1 else 's', d.source, '' if len(nights) == 1 else 's',
+                     ', '.join(nights))
+        for link in links:
+            name = f'{link.night}/{link.expid}'
+            if name in retries:
+                retries[name] += 1
+                log.info("Transferring exposure %s again (try %d of %d).", name,
+                         retries[name], self.conf['retries'])
+        outcomes = copy_verify(links, self.mountain, d.staging, d.checksum_file,
+                               self.actions, basis=d.destination)
+        for o in outcomes:
+            if o.copy in FATAL and o.name in retries:
+                retries[o.name] -= 1  # Not the exposure's fault: the try does not count.
+        return self._settle(d, outcomes, status)
+
+    # ------------------------------------------------------------------
+    # The documented single steps.
+    # ------------------------------------------------------------------
+    def checksum_lock(self):
+        """See if checksums are being computed at KPNO.
+
+        Returns
+        -------
+        :class:`bool`
+            ``True`` if checksums are being computed, or if the mountain
+            cannot be asked (then nothing is transferred either).
+        """
+        result = self.mountain.remote(['test', '!', '-e', self.conf['checksum_lock']])
+        return result.returncode != 0
+
+    def exposure(self, d, link, status):
+        """Data transfer operations for a single exposure.
+
+        The exposure is copied into staging, locked, verified, recorded and
+        installed, through the same step as every other.  A complete copy
+        is installed regardless of checksum errors (they are recorded,
+        alerted and retried); an incomplete one is never installed.
+
+        Parameters
+        ----------
+        d : :func:`collections.namedtuple`
+            Configuration for the destination directory.
+        link : :class:`str`
+            The exposure, ``NIGHT/EXPID``.
+        status : :class:`desitransfer.status.TransferStatus`
+            The status store.
+
+        Returns
+        -------
+        :class:`bool`
+            ``False`` if it was not copied: not linked at the mountain, or
+            the copy did not complete.
+        """
+        night = link.split('/')[0]
+        survey = self.mountain.survey(d.source, self.conf['checksum_lock'], [night],
+                                      d.data_root)
+        if link not in survey.links:
+            log.error("Exposure %s is not linked at %s (%s); nothing is transferred.", link,
+                      self.mountain.name, survey.refused.get(link, survey.answer))
+            return False
+        log.info("Transferring exposure %s from %s.", link, d.source)
+        outcomes = copy_verify([survey.links[link]], self.mountain, d.staging,
+                               d.checksum_file, self.actions, basis=d.destination)
+        return self._settle(d, outcomes, status) and outcomes[0].copy == COPIED
+
+    def checksum(self, checksum_file, status):
+        """Verify checksum associated with `checksum_file` and report status.
+
+        The status is reported via log messages and messages passed to the
+        status object, not via a return value.
+
+        Parameters
+        ----------
+        checksum_file : :class:`str`
+            The checksum file, ``.../NIGHT/EXPID/checksum-EXPID.sha256sum``.
+        status : :class:`desitransfer.status.TransferStatus`
+            The status store.
+        """
+        exposure = os.path.dirname(os.path.abspath(checksum_file))
+        night, expid = os.path.basename(os.path.dirname(exposure)), os.path.basename(exposure)
+        errors = self.actions.verify(checksum_file)
+        if errors is None:
+            return
+        if errors:
+            log.critical("Checksum verification of exposure %s/%s failed (%s): %s", night,
+                         expid, checksum_file, '; '.join(errors.splitlines()))
+        else:
+            log.info("Checksums of %s/%s verified.", night, expid)
+        self.actions.record(status, [(night, expid, 'checksum', bool(errors))])

@@ -1,0 +1,294 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+===========================
+desitransfer.daemon.nights
+===========================
+
+The end of a night's journey in :command:`desi_transfer_daemon`: the morning
+catch-up of late files and the archive to HPSS, with the alerts of a night
+that is late for tape.  These are methods of
+:class:`~desitransfer.daemon.core.TransferDaemon`.
+"""
+import datetime as dt
+import os
+
+from .. import common
+from ..common import log, new_exposures
+from .actions import listdir
+from .archive import archive_name
+from .remote import RSYNC_TIMEOUT
+from .transfer import COPIED, CONNECTION_LOST, classify, copy_verify
+
+#: A night not archived this long after its backup hour is alerted (once).
+OVERDUE = dt.timedelta(days=1)
+
+
+def due_time(night, hour):
+    """When `night` is due for a step at `hour` UTC: that hour the next day."""
+    start = dt.datetime.strptime(night, '%Y%m%d').replace(tzinfo=dt.timezone.utc)
+    return start + dt.timedelta(days=1, hours=hour)
+
+
+class Nights(object):
+    """Catch-up and archive (part of :class:`~desitransfer.daemon.core.TransferDaemon`)."""
+
+    # ------------------------------------------------------------------
+    # Catch-up.
+    # ------------------------------------------------------------------
+    def catchup(self, d, night, status, backup=False):
+        """Do a "catch-up" transfer to catch delayed files in the morning, rather than at noon.
+
+        A dry run of rsync from the mountain against the installed exposures
+        of `night` finds late or changed files; the exposures concerned go
+        through the same copy-verify step as new ones, on the basis of the
+        installed copy, and replace it.
+
+        Parameters
+        ----------
+        d : :func:`collections.namedtuple`
+            Configuration for the destination directory.
+        night : :class:`str`
+            Night to check.
+        status : :class:`desitransfer.status.TransferStatus`
+            The status store.
+        backup : :class:`bool`, optional
+            This is the final catch-up before the night is archived.
+
+        Returns
+        -------
+        :class:`bool`
+            ``True`` if the night is up to date.
+
+        Notes
+        -----
+        * 07:00 MST = 14:00 UTC.
+        * This script can do nothing about exposures that were never linked
+          into the DTS area at KPNO in the first place.
+        """
+        survey = self._surveys.get(d.name)
+        if survey is None or night in survey.unknown_nights:
+            return False
+        # An exposure copied in this very pass is as fresh as a catch-up would make it.
+        links = [link for link in survey.links.values()
+                 if link.night == night and self._installed(d, link) and
+                 f'{night}/{link.expid}' not in self._copied_now]
+        if not links:
+            log.info("Night %s is up to date: every exposure was copied in this pass.", night)
+            return True
+        log.info("%s of night %s: looking for late or changed files.",
+                 'Final catch-up' if backup else 'Catch-up', night)
+        groups = {}
+        for link in links:
+            groups.setdefault(os.path.dirname(link.target), []).append(link)
+        changed = []
+        for parent, members in sorted(groups.items()):
+            extra = [f'--include=/{link.expid}/***' for link in members] + ['--exclude=*']
+            dry = self.actions.ask(self.mountain.rsync(parent, os.path.join(d.destination, night),
+                                                       extra=extra, dry_run=True),
+                                   timeout=RSYNC_TIMEOUT, ok=(0, 24))
+            outcome = classify(dry, self.stop)
+            if outcome == CONNECTION_LOST:
+                self._unreachable(d, f'look for late files of night {night}', dry.stderr)
+                return False
+            if outcome != COPIED:
+                log.error("Catch-up of night %s could not compare it with %s (rsync "
+                          "returned %d); will try again next pass.", night,
+                          self.mountain.name, dry.returncode)
+                self.failed = True
+                return False
+            found = new_exposures(dry.stdout)
+            changed += [link for link in members if link.expid in found]
+        if not changed:
+            log.info("Night %s is up to date.", night)
+            return True
+        log.info("Night %s: late or changed files in exposures %s.", night,
+                 ', '.join(link.expid for link in changed))
+        outcomes = copy_verify(changed, self.mountain, d.staging, d.checksum_file,
+                               self.actions, basis=d.destination)
+        return self._settle(d, outcomes, status)
+
+    # ------------------------------------------------------------------
+    # Archive.
+    # ------------------------------------------------------------------
+    def hpss_status(self):
+        """Check HPSS availability.
+
+        Returns
+        -------
+        :class:`bool`
+            ``True`` if HPSS is available.
+        """
+        self.archive.new_pass()
+        return self.archive.available()
+
+    def _due_for_archive(self, d):
+        """Finished nights of the recent window not known to be on tape."""
+        if not self.tape:
+            return []
+        done = self.state[d.name]['backed_up']
+        return [n for n in self._recent_nights(d)
+                if n not in done and self._due(n, self.conf['backup'])]
+
+    def _archive(self, d, status, due, on_tape_only=False):
+        """Archive the nights `due` that are not on tape; with `on_tape_only`,
+        only take note of those that are."""
+        if not self.archive.available():
+            if not on_tape_only:
+                self._hpss_unavailable(d, due, 'its status service does not say it is active')
+            return
+        for night in due:
+            if self.stop.is_set():
+                return
+            on_tape = self.archive.on_tape(d.hpss, night)
+            if on_tape is None:
+                # Unknown: wait, never write the archive again.
+                self.failed = True
+                if not on_tape_only:
+                    self._hpss_unavailable(d, due, 'hsi could not list the archive')
+                return
+            self.state[d.name]['hpss_unavailable'] = None
+            if on_tape:
+                log.info("Night %s is on tape as %s/%s.", night, d.hpss,
+                         archive_name(d.hpss, night))
+                self._archived(d, night, status)
+            elif not on_tape_only and not self.backup(d, night, status):
+                self._overdue(d, night)
+
+    def backup(self, d, night, status):
+        """Final sync and backup for a specific night.
+
+        The night is archived only when it is complete: its final catch-up
+        is done, no exposure of it is being transferred again, and none is
+        waiting in staging.  The stage ``backup`` is recorded only for
+        exposures that are installed and in the archive's index.
+
+        Parameters
+        ----------
+        d : :func:`collections.namedtuple`
+            Configuration for the destination directory.
+        night : :class:`str`
+            Night to back up.
+        status : :class:`desitransfer.status.TransferStatus`
+            The status store.
+
+        Returns
+        -------
+        :class:`bool`
+            ``True`` indicates the backup ran to completion and the transfer
+            status was updated to reflect that.
+
+        Notes
+        -----
+        * 12:00 MST = 19:00 UTC, plus one hour just to be safe, so after 20:00 UTC.
+        """
+        state = self.state[d.name]
+        survey = self._surveys.get(d.name)
+        if survey is not None and night in survey.unknown_nights:
+            return False
+        if night in self._caught_up_now:
+            log.info("Night %s was caught up in this pass; archiving it.", night)
+        elif survey is not None and night in survey.nights:
+            if not self.catchup(d, night, status, backup=True):
+                return False
+        else:
+            log.info("Night %s is no longer linked at %s; archiving it without a final "
+                     "catch-up.", night, self.mountain.name)
+        waiting = sorted(name for name in state['retries'] if name.startswith(night + '/'))
+        if waiting:
+            log.info("Night %s is not archived yet: exposures %s have errors and are being "
+                     "transferred again.", night, ', '.join(waiting))
+            return False
+        linked = survey.links if survey is not None else {}
+        staged = [f'{night}/{e}' for e in listdir(os.path.join(d.staging, night))
+                  if f'{night}/{e}' in linked and f'{night}/{e}' not in state['given_up']]
+        if staged:
+            log.info("Night %s is not archived yet: exposures %s are still in staging.",
+                     night, ', '.join(staged))
+            return False
+        night_dir = os.path.join(d.destination, night)
+        self.actions.remove_user_write(night_dir)
+        result = self.archive.create(d.destination, d.hpss, night)
+        if self.stop.is_set() and result.returncode != 0:
+            log.info("Stopped while archiving night %s; it is archived again next run.", night)
+            return False
+        if result.returncode == 0 and self.archive.on_tape(d.hpss, night):
+            log.info("Night %s is archived as %s/%s.", night, d.hpss, archive_name(d.hpss, night))
+            return self._archived(d, night, status)
+        if self.test:
+            return False
+        self.failed = True
+        failures = state['archive_failures']
+        failures[night] = failures.get(night, 0) + 1
+        # Emailed once per night, also when cron starts each pass with --once.
+        (log.critical if failures[night] == 1 else log.error)(
+            "Archiving night %s to HPSS as %s/%s failed (htar returned %d; %d attempt%s "
+            "failed); will try again on a later pass.", night, d.hpss,
+            archive_name(d.hpss, night), result.returncode, failures[night],
+            '' if failures[night] == 1 else 's')
+        self.actions.save(self.state)
+        return False
+
+    def _archived(self, d, night, status):
+        """The archive of `night` is on tape: record stage backup for the
+        installed exposures that its index holds; ``True`` when done."""
+        state = self.state[d.name]
+        installed = {f'{night}/{e}' for e in listdir(os.path.join(d.destination, night))
+                     if os.path.isdir(os.path.join(d.destination, night, e))}
+        recorded = set()
+        if status is not None:
+            try:
+                recorded = {f'{night}/{int(e):08d}'
+                            for e, rows in status.find(night, stage='backup').items() if rows}
+            except KeyError:
+                pass
+        if installed - recorded:
+            held = self.archive.exposures(d.hpss, night)
+            if held is None:
+                self.failed = True
+                return False
+            missing = sorted(installed - held)
+            if missing:
+                log.critical("The archive %s/%s of night %s lacks exposures %s that are "
+                             "installed in %s; archive the night again by hand.", d.hpss,
+                             archive_name(d.hpss, night), night, ', '.join(missing),
+                             d.destination)
+            self.actions.record(status, [(night, name.split('/')[1], 'backup', False)
+                                         for name in sorted((installed - recorded) & held)])
+        state['backed_up'].append(night)
+        state['caught_up'] = [n for n in state['caught_up'] if n != night]
+        state['overdue'] = [n for n in state['overdue'] if n != night]
+        state['archive_failures'].pop(night, None)
+        self.actions.save(self.state)
+        return True
+
+    def _overdue(self, d, night):
+        """Alert once if `night` is still not on tape a day after it was due
+        (called only once the tape was listed and the archive is absent)."""
+        state = self.state[d.name]
+        late = common._utcnow() - due_time(night, self.conf['backup'])
+        if (late < OVERDUE or night in state['overdue'] or self.test or
+                state['archive_failures'].get(night)):
+            return  # Not late yet, said already, or its archive failure was emailed.
+        log.critical("Night %s is still not archived to HPSS %d hours after it was due (see "
+                     "the log for htar or catch-up problems); the daemon keeps trying on "
+                     "every pass.", night, late.total_seconds() // 3600)
+        state['overdue'].append(night)
+        self.actions.save(self.state)
+
+    def _hpss_unavailable(self, d, due, why):
+        """Alert once if HPSS has not been usable for a day while nights wait."""
+        state = self.state[d.name]
+        now = common._utcnow()
+        since = state['hpss_unavailable']
+        if since is None:
+            state['hpss_unavailable'] = int(now.timestamp() * 1000)
+            self.actions.save(self.state)
+            return
+        start = dt.datetime.fromtimestamp(since / 1000, dt.timezone.utc)
+        key = f'hpss unavailable {since:d}'
+        if now - start >= OVERDUE and key not in state['reported'] and not self.test:
+            log.critical("HPSS has not been available for archiving since %s UTC (now: %s); "
+                         "nights %s wait to be archived.", start.strftime('%Y-%m-%d %H:%M'),
+                         why, ', '.join(due))
+            state['reported'].append(key)
+            self.actions.save(self.state)

@@ -1,0 +1,278 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+===========================
+desitransfer.daemon.remote
+===========================
+
+The mountain, as :command:`desi_transfer_daemon` sees it: one shared ssh
+connection, a survey of the exposure links with their targets resolved at
+the mountain, and the rsync commands that copy from there.
+
+A survey is one round trip: a small POSIX shell script, run at the
+mountain, answers whether checksums are being computed (the lock file) and
+otherwise lists, for the nights of the recent window only, every link
+``SOURCE/NIGHT/EXPID`` with its modification time and, for a link to a
+directory, the physical path it resolves to (``cd -P`` and ``pwd -P``: no
+program is started per link).  Entries of ``SOURCE`` that are not night
+directories are listed too, to be reported.  The answer is NUL-separated and
+ends with a marker, so that a truncated or garbled answer is recognised as
+*unknown*, never read as "no exposures".
+"""
+import os
+import re
+import shlex
+import shutil
+import tempfile
+from collections import namedtuple
+
+from ..common import log, run, ssh_command, valid_night
+from .state import valid_link
+
+#: Seconds before a remote command is killed.
+REMOTE_TIMEOUT = 300
+
+#: Seconds before an rsync is killed; ``--timeout`` stops an rsync that hears nothing.
+RSYNC_TIMEOUT = 2 * 3600
+RSYNC_IO_TIMEOUT = 600
+
+#: An exposure link at the mountain: its night and exposure, the physical
+#: directory it resolves to, and its modification time (Unix seconds).
+Link = namedtuple('Link', ['night', 'expid', 'target', 'mtime'])
+
+
+class Survey(namedtuple('Survey', ['answer', 'links', 'refused', 'unknown_nights',
+                                   'result'])):
+    """What the mountain answered.
+
+    Attributes
+    ----------
+    answer : :class:`str`
+        ``'links'``, ``'locked'`` (checksums are being computed) or
+        ``'unknown'`` (no usable answer: wait).
+    links : :class:`dict`
+        ``'NIGHT/EXPID'`` -> :class:`Link`, the links that may be copied.
+    refused : :class:`dict`
+        Entry at the mountain -> why it is not transferred.
+    unknown_nights : :class:`dict`
+        Nights that could not be listed (for example unreadable) -> why:
+        nothing about them is concluded in this pass.
+    result : :class:`desitransfer.common.Result`
+        The remote command's outcome, for messages.
+    """
+
+    @property
+    def nights(self):
+        """Nights with at least one link."""
+        return sorted({link.night for link in self.links.values()})
+
+
+#: The survey, run by ``sh -c SCRIPT sh SOURCE LOCK NIGHT...`` at the mountain
+#: (one line, so that it is logged on one line).
+SURVEY_SCRIPT = '; '.join([
+    'export LC_ALL=C',
+    'cd /',
+    'src=$1 lock=$2',
+    'shift 2',
+    """if [ -e "$lock" ]; then printf '#locked\\0#end\\0'; exit 0; fi""",
+    'if [ ! -d "$src" ]; then echo "$src is not a directory" >&2; exit 3; fi',
+    # Entries of SOURCE that are not night directories, to be reported.
+    """find "$src" -mindepth 1 -maxdepth 1 -regextype posix-extended \\( ! -type d -o ! """
+    """-regex '.*/20[0-9]{2}(0[1-9]|1[0-2])(0[1-9]|[12][0-9]|3[01])' \\) -printf '!%P\\0'""",
+    # The nights of the window that exist.
+    """for n in "$@"; do shift; if [ -e "$src/$n" ] || [ -L "$src/$n" ]; then """
+    """set -- "$@" "$src/$n"; fi; done""",
+    # Each link, its time, and for a link to a directory its physical path.
+    """if [ $# -gt 0 ]; then find "$@" -mindepth 1 -maxdepth 1 -type l -printf '@%p\\0%T@\\0' """
+    """\\( -xtype d -exec sh -c 'for l; do if cd -P -- "$l" 2>/dev/null; then """
+    """printf "=%s\\0" "$l"; pwd -P; printf "\\0"; fi; done' sh {} + \\); """
+    """printf '#find %d\\0' $?; fi""",
+    """printf '#end\\0'""",
+])
+
+_find_error = re.compile(r"^find: [‘'`\"](?P<path>.*?)[’'\"]?: (?P<why>.+)$")
+
+
+class Mountain(object):
+    """The mountain: a host reached over one shared ssh connection, or this
+    machine if `host` is empty.
+
+    Parameters
+    ----------
+    host : :class:`str`
+        ssh host alias (``dts``); empty for a source on this machine.
+    ssh : :class:`str`
+        The ssh program, used for every connection, including rsync's.
+    stop : :class:`desitransfer.common.Stop`
+        Interrupts every command.
+    """
+
+    def __init__(self, host, ssh, stop):
+        self.host = host
+        self.ssh = ssh
+        self.stop = stop
+        self._control = None
+
+    @property
+    def name(self):
+        return self.host or 'localhost'
+
+    def ssh_command(self):
+        """The ssh command, sharing one connection (an OpenSSH control master
+        kept between passes; ssh makes a new one if it died)."""
+        if self._control is None:
+            remove_stale_control_directories()
+            self._control = tempfile.mkdtemp(prefix=f'dtd-{os.getpid()}-')
+        return ssh_command(self.ssh, control=os.path.join(self._control, 'mux'))
+
+    def close(self):
+        """Stop the shared connection and remove its private directory."""
+        if self._control is None:
+            return
+        socket = os.path.join(self._control, 'mux')
+        if os.path.exists(socket):
+            run(ssh_command(self.ssh) + ['-o', f'ControlPath={socket}', '-O', 'exit',
+                                         self.host],
+                timeout=30, quiet=True, ok=(0, 255))
+        shutil.rmtree(self._control, ignore_errors=True)
+        self._control = None
+
+    def remote(self, words, timeout=REMOTE_TIMEOUT):
+        """Run the command `words` (a list) at the mountain; ssh's own failure is 255."""
+        if not self.host:
+            return run(words, timeout=timeout, ok=(0,), quiet=True, stop=self.stop)
+        return run(self.ssh_command() + [self.host, shlex.join(words)],
+                   timeout=timeout, ok=(0,), quiet=True, stop=self.stop)
+
+    def rsync(self, source, destination, extra=(), dry_run=False):
+        """The rsync command copying directory `source` at the mountain into
+        `destination`, with `extra` options.
+
+        Links are not followed (no ``--copy-dirlinks``): `source` is the
+        physical directory found by the survey, so nothing outside it is read.
+        """
+        command = ['/bin/rsync', '--verbose', '--recursive', '--times', '--omit-dir-times',
+                   f'--timeout={RSYNC_IO_TIMEOUT:d}'] + list(extra)
+        if dry_run:
+            command.insert(1, '--dry-run')
+        if self.host:
+            command.insert(1, '--rsh=' + shlex.join(self.ssh_command()))
+            command.append(f'{self.host}:{source}/')
+        else:
+            command.append(f'{source}/')
+        return command + [f'{destination}/']
+
+    def survey(self, source, checksum_lock, nights, data_root=None):
+        """Ask, in one round trip, for the checksum lock and the exposure links
+        of `nights` in `source`.
+
+        Parameters
+        ----------
+        source : :class:`str`
+            The transfer area at the mountain, holding ``NIGHT/EXPID`` links.
+        checksum_lock : :class:`str`
+            While this file exists, checksums are being computed.
+        nights : :class:`list`
+            The nights to list (the recent window).
+        data_root : :class:`str`, optional
+            If set, a link is transferred only if it resolves under it.
+
+        Returns
+        -------
+        :class:`Survey`
+        """
+        result = self.remote(['sh', '-c', SURVEY_SCRIPT, 'sh', source, checksum_lock]
+                             + list(nights))
+        return parse_survey(result, source, data_root)
+
+
+def parse_survey(result, source, data_root=None):
+    """Read the answer of :data:`SURVEY_SCRIPT` (see :meth:`Mountain.survey`)."""
+    unknown = Survey('unknown', {}, {}, {}, result)
+    if result.returncode != 0:
+        return unknown
+    tokens = result.stdout.split('\0')
+    if tokens[-1] == '':
+        tokens.pop()
+    if not tokens or tokens[-1] != '#end':
+        return unknown
+    if tokens[0] == '#locked':
+        return Survey('locked', {}, {}, {}, result)
+    prefix = source.rstrip('/') + '/'
+    mtimes, targets, refused = {}, {}, {}
+    i = 0
+    try:
+        while i < len(tokens) - 1:
+            token = tokens[i]
+            if token.startswith('!'):
+                refused[token[1:]] = 'not a night directory'
+                i += 1
+            elif token.startswith('@'):
+                mtimes[token[1:]] = float(tokens[i + 1])
+                i += 2
+            elif token.startswith('='):
+                target = tokens[i + 1]
+                if not target.endswith('\n'):
+                    raise ValueError(f'target of {token[1:]} not terminated')
+                targets[token[1:]] = target[:-1]
+                i += 2
+            elif re.fullmatch(r'#find [0-9]+', token):
+                i += 1
+            else:
+                raise ValueError(f'unexpected {token[:80]!r}')
+    except (ValueError, IndexError) as err:
+        log.error("The survey of %s returned an unreadable answer (%s).", source, err)
+        return unknown
+    unknown_nights = {}
+    for line in result.stderr.splitlines():
+        if not line.startswith('find:'):
+            if line.strip():
+                log.debug("The survey of %s said: %s", source, line.strip())
+            continue
+        m = _find_error.match(line.strip())
+        path = m.group('path') if m else ''
+        night = path[len(prefix):].split('/')[0] if path.startswith(prefix) else ''
+        if not valid_night(night):
+            log.error("The survey of %s failed: %s", source, line.strip())
+            return unknown
+        unknown_nights[night] = m.group('why')
+    links = {}
+    for path, mtime in sorted(mtimes.items()):
+        name = path[len(prefix):] if path.startswith(prefix) else path
+        if name.split('/')[0] in unknown_nights:
+            continue
+        why = _refusal(name, targets.get(path), data_root)
+        if why:
+            refused[name] = why
+        else:
+            night, expid = name.split('/')
+            links[name] = Link(night, expid, targets[path], mtime)
+    return Survey('links', links, refused, unknown_nights, result)
+
+
+def _refusal(name, target, data_root):
+    """Why link `name` (``NIGHT/EXPID``) resolving to `target` is not transferred,
+    or ``''``."""
+    if not valid_link(name):
+        return 'not NIGHT/EXPID'
+    if target is None:
+        return 'its target is not a directory that can be read'
+    if not target.startswith('/') or target.split('/')[-2:] != name.split('/'):
+        return f'its target {target} is not a directory {name}'
+    if data_root and not target.startswith(data_root.rstrip('/') + '/'):
+        return f'its target {target} is not under {data_root}'
+    return ''
+
+
+def remove_stale_control_directories():
+    """Remove ssh control directories left by daemons that were killed."""
+    top = tempfile.gettempdir()
+    for name in os.listdir(top):
+        m = re.fullmatch(r'dtd-([0-9]+)-\w+', name)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(top, name), ignore_errors=True)
+        except PermissionError:
+            pass

@@ -1,0 +1,203 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+===========================
+desitransfer.daemon.settle
+===========================
+
+What :command:`desi_transfer_daemon` does with the outcomes of the
+copy-verify step (:mod:`~desitransfer.daemon.transfer`): the one place that
+decides, for new exposures, retries and catch-up alike, what is recorded,
+installed, retried and alerted; and the trouble that ends a pass.  These are
+methods of :class:`~desitransfer.daemon.core.TransferDaemon`.
+"""
+import os
+
+from ..common import log, valid_night
+from .actions import listdir
+from .transfer import COPIED, DISK_FULL, FATAL, SOURCE_CHANGED, STOPPED
+
+#: The third pass in a row that cannot reach the mountain is emailed.
+UNREACHABLE_ALERT = 3
+
+
+def _passes(n):
+    return f"{n:d} pass{'' if n == 1 else 'es'}"
+
+
+class Settling(object):
+    """Record, install, retry and alert after copy-verify (part of
+    :class:`~desitransfer.daemon.core.TransferDaemon`)."""
+
+    def _settle(self, d, outcomes, status):
+        """Record and install what :func:`~desitransfer.daemon.transfer.copy_verify`
+        did: the one place deciding install, wait, retry and alert.
+
+        Returns ``False`` if the pass must end.
+        """
+        state = self.state[d.name]
+        complete = [o for o in outcomes if o.copy == COPIED]
+        # Written ahead: a daemon killed after installing records them on its next start.
+        for o in complete:
+            state['pending'][o.name] = [[stage, failure, ms]
+                                        for _, _, stage, failure, ms in o.records()]
+        if complete:
+            self.actions.save(self.state)
+        for o in complete:
+            self.actions.install(os.path.join(d.staging, o.link.night, o.link.expid),
+                                 os.path.join(d.destination, o.link.night, o.link.expid))
+        self.actions.record(status, [r for o in outcomes for r in o.records()])
+        for o in complete:
+            del state['pending'][o.name]
+            self._copied_now.add(o.name)
+        for o in outcomes:
+            self._conclude(d, o)
+        self.actions.save(self.state)
+        fatal = next((o for o in outcomes if o.copy in FATAL), None)
+        if fatal is not None:
+            waiting = sum(1 for o in outcomes if o.copy == fatal.copy)
+            if fatal.copy == STOPPED:
+                log.info("Stopped; %d exposure%s stay in staging (or at the mountain) for "
+                         "the next run.", waiting, '' if waiting == 1 else 's')
+            elif fatal.copy == DISK_FULL:
+                self.failed = True
+                self._disk_full(d, fatal.detail)
+            else:
+                self._unreachable(d, f'copy exposures of night {fatal.link.night}',
+                                  fatal.detail)
+            return False
+        return True
+
+    def _conclude(self, d, o):
+        """Messages, alerts and retries after the outcome `o` of one exposure."""
+        state = self.state[d.name]
+        retries = state['retries']
+        where = os.path.join(d.destination, o.link.night, o.link.expid)
+        if o.copy in FATAL:
+            return
+        if o.copy == SOURCE_CHANGED:
+            log.warning("Exposure %s was not found at %s when it was copied; it is looked "
+                        "for again next pass.", o.name, self.mountain.name)
+            return
+        if o.copy == COPIED and o.errors is None:
+            return  # Test mode.
+        if o.copy == COPIED and o.verified:
+            if o.name in retries:
+                log.info("Exposure %s is now transferred and verified.", o.name)
+                del retries[o.name]
+            else:
+                log.info("Exposure %s is installed in %s and verified.", o.name, where)
+            if o.link.night in state['backed_up']:
+                log.critical("Exposure %s arrived after night %s was archived to HPSS; the "
+                             "night must be archived again by hand.", o.name, o.link.night)
+            return
+        problems = '; '.join(p.rstrip('.') for p in o.problems)
+        installed = (f"It is installed in {where} anyway" if o.copy == COPIED else
+                     f"It is incomplete, kept in {d.staging} and not installed")
+        limit = self.conf['retries']
+        if o.name in retries:
+            if retries[o.name] < limit:
+                log.error("Exposure %s still has errors: %s.", o.name, problems)
+                return
+            del retries[o.name]
+            state['given_up'].append(o.name)
+            log.critical("Exposure %s still has errors after %d more transfers: %s. %s; "
+                         "giving up: it is not transferred again. Fix it by hand, then record "
+                         "it with desi_transfer_status.", o.name, limit, problems, installed)
+            return
+        if limit > 0:
+            retries[o.name] = 0
+            later = f"will be transferred and verified again on the next {limit:d} passes"
+        else:
+            state['given_up'].append(o.name)
+            later = "is not transferred again ([common] retries = 0)"
+        log.critical("Exposure %s has errors: %s. %s and %s.", o.name, problems, installed,
+                     later)
+
+    def _replay_pending(self, d, status):
+        """Record exposures installed by a daemon killed before it recorded them."""
+        pending = self.state[d.name]['pending']
+        if not pending:
+            return
+        records = []
+        for name, rows in sorted(pending.items()):
+            night, expid = name.split('/')
+            if (os.path.isdir(os.path.join(d.destination, night, expid)) and
+                    not os.path.lexists(os.path.join(d.staging, night, expid))):
+                records += [(night, expid, stage, failure, ms) for stage, failure, ms in rows]
+                log.info("Exposure %s was installed by a run that stopped before recording "
+                         "it; recording it now.", name)
+        self.actions.record(status, records)
+        pending.clear()
+        self.actions.save(self.state)
+
+    def _report(self, d, survey):
+        """Report, once each, what the mountain links but is not transferred, and
+        exposures left in staging whose link is gone."""
+        reported = self.state[d.name]['reported']
+        new = []
+        for name, why in sorted(survey.refused.items()):
+            key = f'link {name}'
+            if key not in reported:
+                log.warning("%s/%s at %s is not transferred: %s.", d.source, name,
+                            self.mountain.name, why)
+                new.append(key)
+        for night in listdir(d.staging):
+            if not valid_night(night) or night < self._oldest() or night in survey.unknown_nights:
+                continue
+            for expid in listdir(os.path.join(d.staging, night)):
+                name = f'{night}/{expid}'
+                key = f'staging {name}'
+                if name not in survey.links and key not in reported:
+                    log.critical("Exposure %s is in staging (%s) but no longer linked at %s: "
+                                 "it is not installed, recorded or archived. Check it, then "
+                                 "install it by hand or remove it.", name,
+                                 os.path.join(d.staging, night, expid), self.mountain.name)
+                    new.append(key)
+        if new:
+            reported += new
+            self.actions.save(self.state)
+
+    # ------------------------------------------------------------------
+    # Trouble that ends a pass.
+    # ------------------------------------------------------------------
+    def _unreachable(self, d, what, detail):
+        """Count passes in a row that could not reach the mountain; alert on the third."""
+        self.failed = True
+        state = self.state[d.name]
+        state['unreachable'] += 1
+        n = state['unreachable']
+        level = log.critical if n == UNREACHABLE_ALERT else log.error
+        level("Could not %s at %s (%s in a row): %s; will try again next pass.", what,
+              self.mountain.name, _passes(n), ' '.join(detail.split())[-300:] or 'no answer')
+        self.actions.save(self.state)
+
+    def _unlisted(self, d, survey):
+        """Count passes in a row on which a night could not be listed at the
+        mountain; alert on the third."""
+        unlisted = self.state[d.name]['unlisted']
+        for night in sorted(set(unlisted) - set(survey.unknown_nights)):
+            log.info("Night %s can be listed again at %s.", night, self.mountain.name)
+            del unlisted[night]
+        for night, why in sorted(survey.unknown_nights.items()):
+            self.failed = True
+            unlisted[night] = n = unlisted.get(night, 0) + 1
+            level = log.critical if n == UNREACHABLE_ALERT else log.error
+            level("Night %s could not be listed in %s at %s (%s, %s in a row); its exposures "
+                  "wait until it can be.", night, d.source, self.mountain.name, why,
+                  _passes(n))
+        if survey.unknown_nights or unlisted:
+            self.actions.save(self.state)
+
+    def _reachable(self, d):
+        state = self.state[d.name]
+        if state['unreachable']:
+            log.info("%s is reachable again after %s.", self.mountain.name,
+                     _passes(state['unreachable']))
+            state['unreachable'] = 0
+            self.actions.save(self.state)
+
+    def _disk_full(self, d, detail):
+        log.error("No space left (%s).", ' '.join(detail.split())[-300:])
+        log.critical("The disk of %s or %s is full: transfers stop for this pass, and copies "
+                     "already in staging are kept. Free some space; the daemon carries on by "
+                     "itself.", d.staging, d.destination)

@@ -1,0 +1,170 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""
+==========================
+desitransfer.daemon.state
+==========================
+
+The state that :command:`desi_transfer_daemon` keeps between passes and
+between runs (cron starting ``--once``), in
+``desi_transfer_daemon_state.json`` next to the staging directory.
+
+Per destination section it holds:
+
+``pending``
+    ``{"NIGHT/EXPID": [[stage, failure, ms], ...]}``: records of exposures
+    being installed, written *before* the install and removed once the
+    records are in the status store, so that a daemon killed in between
+    records exactly what was installed on its next start.
+``retries``
+    ``{"NIGHT/EXPID": n}``: exposures with errors, transferred again on later
+    passes; ``n`` passes so far.
+``given_up``
+    Exposures whose retries ran out: not transferred again until an
+    operator removes them from this list.
+``caught_up``, ``backed_up``, ``overdue``
+    Nights whose morning catch-up is done, that are on tape, and whose
+    overdue alert was sent.
+``archive_failures``
+    ``{"NIGHT": n}``: failed archive attempts.
+``unreachable``
+    Passes in a row that could not reach the mountain.
+``unlisted``
+    ``{"NIGHT": n}``: passes in a row on which a night could not be listed.
+``hpss_unavailable``
+    Unix time (ms) since which HPSS has not been available, or ``null``.
+``reported``
+    Problems already reported (malformed links, exposures left in staging),
+    so that each is reported once, also across ``--once`` runs.
+
+Only nights of the recent window are kept: older ones are settled history.
+A state file that is not JSON or not of this shape is kept as ``.bad``
+(``.bad.1``, ...) and the daemon starts afresh.
+"""
+import json
+import os
+import re
+
+from ..common import aside_name, log, valid_night, write_json
+
+#: Name of the state file, next to the staging directory.
+STATE_FILE = 'desi_transfer_daemon_state.json'
+
+_expid = re.compile(r'[0-9]{8}')
+
+
+def valid_link(link):
+    """``True`` if `link` is ``NIGHT/EXPID`` with a real date and an 8-digit exposure."""
+    parts = link.split('/') if isinstance(link, str) else []
+    return (len(parts) == 2 and valid_night(parts[0]) and
+            _expid.fullmatch(parts[1]) is not None)
+
+
+def _is_count(value):
+    return type(value) is int and value >= 0
+
+
+def _is_records(value):
+    return (isinstance(value, list) and
+            all(isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and
+                type(r[1]) is bool and (r[2] is None or _is_count(r[2])) for r in value))
+
+
+#: Every key of a section: (default, check of its value).
+_FIELDS = {
+    'pending': (dict, lambda v: isinstance(v, dict) and
+                all(valid_link(k) and _is_records(r) for k, r in v.items())),
+    'retries': (dict, lambda v: isinstance(v, dict) and
+                all(valid_link(k) and _is_count(n) for k, n in v.items())),
+    'given_up': (list, lambda v: isinstance(v, list) and all(valid_link(k) for k in v)),
+    'caught_up': (list, lambda v: isinstance(v, list) and all(valid_night(n) for n in v)),
+    'backed_up': (list, lambda v: isinstance(v, list) and all(valid_night(n) for n in v)),
+    'overdue': (list, lambda v: isinstance(v, list) and all(valid_night(n) for n in v)),
+    'archive_failures': (dict, lambda v: isinstance(v, dict) and
+                         all(valid_night(k) and _is_count(n) for k, n in v.items())),
+    'unreachable': (int, _is_count),
+    'unlisted': (dict, lambda v: isinstance(v, dict) and
+                 all(valid_night(k) and _is_count(n) for k, n in v.items())),
+    'hpss_unavailable': (type(None), lambda v: v is None or _is_count(v)),
+    'reported': (list, lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v)),
+}
+
+
+class State(object):
+    """The daemon's state file.
+
+    Parameters
+    ----------
+    path : :class:`str`
+        The state file.
+    names : :class:`list`
+        Names of the destination sections.
+    keep_bad : :class:`bool`, optional
+        If ``True`` (not in test mode), move an unreadable file aside.
+
+    Attributes
+    ----------
+    new : :class:`bool`
+        ``True`` if there was no state file (the first start of a deployment).
+    """
+
+    def __init__(self, path, names, keep_bad=True):
+        self.path = path
+        self.new = False
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            _check(data, names)
+        except FileNotFoundError:
+            self.new = True
+            data = {}
+        except (OSError, ValueError) as err:
+            bad = aside_name(path, '.bad')
+            log.error("State file %s is unreadable (%s); it is kept as %s and the daemon "
+                      "starts afresh: nights are looked up on tape again, and exposures "
+                      "waiting to be transferred again are not retried.", path, err, bad)
+            if keep_bad:
+                os.replace(path, bad)
+            data = {}
+        for name in names:
+            section = data.setdefault(name, {})
+            for key, (default, _) in _FIELDS.items():
+                section.setdefault(key, default())
+        self.data = data
+
+    def __getitem__(self, name):
+        return self.data[name]
+
+    def save(self):
+        """Write the state atomically."""
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        write_json(self.path, self.data)
+
+    def forget_before(self, oldest):
+        """Forget nights before `oldest` (YYYYMMDD): settled history."""
+        for section in self.data.values():
+            for key in ('caught_up', 'backed_up', 'overdue'):
+                section[key] = [n for n in section[key] if n >= oldest]
+            for key in ('archive_failures', 'unlisted'):
+                section[key] = {n: c for n, c in section[key].items() if n >= oldest}
+            for key in ('retries', 'pending'):
+                section[key] = {k: v for k, v in section[key].items() if k[:8] >= oldest}
+            section['given_up'] = [k for k in section['given_up'] if k[:8] >= oldest]
+            section['reported'] = [k for k in section['reported']
+                                   if not re.match(r'[0-9]{8}', k) or k[:8] >= oldest]
+
+
+def _check(data, names):
+    """Raise :exc:`ValueError` unless `data` has the shape :meth:`State.save` writes.
+
+    Names in it become paths: an exposure that is not ``NIGHT/EXPID`` or a
+    night that is not a date could lead out of the destination.
+    """
+    if not isinstance(data, dict):
+        raise ValueError('not a JSON object')
+    for name in names:
+        section = data.get(name, {})
+        if not isinstance(section, dict):
+            raise ValueError(f'{name} is not a JSON object')
+        for key, (_, valid) in _FIELDS.items():
+            if key in section and not valid(section[key]):
+                raise ValueError(f'{name}: {key} is not valid')
