@@ -405,6 +405,12 @@ def test_shared_connection(dts, monkeypatch):
     assert not os.path.exists(stale) and os.path.isdir(mine)
     connection.close()
     os.rmdir(mine)
+    # Another ssh program than RSYNC_RSH's.
+    monkeypatch.delenv('RSYNC_RSH')
+    connection = common.SharedConnection(program=[dts.ssh, '-q'])
+    ssh = connection.ssh()
+    assert ssh[:3] == [dts.ssh, '-q', '-o'] and run(ssh + ['dts', 'true']).returncode == 0
+    connection.close()
 
 
 def test_alert_options():

@@ -240,9 +240,11 @@ def test_second_instance_refused(kpno):
     lock, holder = single_instance(str(lock_file))
     try:
         p = nightwatch_cli(kpno, '--once')
-        assert p.returncode == 1
-        assert (f'desi_nightwatch_transfer is already running (pid {os.getpid()}, lock '
-                f'{lock_file}); this one exits.') in p.stdout
+        assert p.returncode == 0
+        (line,) = p.stdout.splitlines()
+        assert line.startswith('INFO:') and line.endswith(
+            f'desi_nightwatch_transfer is already running (pid {os.getpid()}, lock '
+            f'{lock_file}); nothing to do.')
         assert not kpno_dir(kpno).exists()
     finally:
         lock.close()

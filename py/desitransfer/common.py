@@ -811,17 +811,26 @@ def write_text(path, text):
 
 class SharedConnection(object):
     """One ssh connection to `host` shared by the commands of a run (OpenSSH
-    connection multiplexing), through the ssh program of :func:`environment_ssh`.
+    connection multiplexing).
 
     Parameters
     ----------
     host : :class:`str`, optional
         ssh host alias of the mountain.
+    program : :class:`str` or :class:`list`, optional
+        The ssh program (and its options); by default that of
+        :func:`environment_ssh` (:envvar:`RSYNC_RSH`, else ``ssh``).
     """
 
-    def __init__(self, host='dts'):
+    def __init__(self, host='dts', program=None):
         self.host = host
+        self.program = program
         self._directory = None
+
+    def _command(self, control=None):
+        if self.program:
+            return ssh_command(self.program, control=control)
+        return environment_ssh(control=control)
 
     def ssh(self):
         """The ssh command (a list) that shares the connection; give it to
@@ -834,7 +843,7 @@ class SharedConnection(object):
                 if m is not None and not _alive(int(m.group(1))):
                     shutil.rmtree(os.path.join(top, name), ignore_errors=True)
             self._directory = tempfile.mkdtemp(prefix=f'desitransfer-ssh-{os.getpid():d}-')
-        return environment_ssh(control=os.path.join(self._directory, 'mux'))
+        return self._command(control=os.path.join(self._directory, 'mux'))
 
     def close(self):
         """Stop the shared connection, if one is open, and remove its private directory."""
@@ -842,7 +851,7 @@ class SharedConnection(object):
             return
         control = os.path.join(self._directory, 'mux')
         if os.path.exists(control):
-            run(environment_ssh() + ['-o', f'ControlPath={control}', '-O', 'exit', self.host],
+            run(self._command() + ['-o', f'ControlPath={control}', '-O', 'exit', self.host],
                 timeout=30, quiet=True, ok=(0, 255))
         shutil.rmtree(self._directory, ignore_errors=True)
         self._directory = None

@@ -126,9 +126,10 @@ class NightwatchTransfer(object):
         """
         lock, holder = single_instance(self.lock_file)
         if lock is None:
-            log.error("desi_nightwatch_transfer is already running (pid %s, lock %s); "
-                      "this one exits.", holder, self.lock_file)
-            return 1
+            # As for the daemon: a start by a keep-alive cron line is no error.
+            log.info("desi_nightwatch_transfer is already running (pid %s, lock %s); "
+                     "nothing to do.", holder, self.lock_file)
+            return 0
         with lock:
             self.stop.handle_signals()
             log.info("desi_nightwatch_transfer %s starts: dts:%s/%s -> %s, every %g minute(s).",
