@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -358,3 +359,69 @@ def test_write_json_and_sweep(tmp_path):
     assert common.sweep_temporary(str(tmp_path)) == [str(stale)]
     assert sorted(os.listdir(tmp_path)) == sorted([live.name, 'notes.tmp', 'state.json'])
     assert common.sweep_temporary(str(tmp_path / 'missing')) == []
+
+
+def test_write_text(tmp_path):
+    path = tmp_path / 'daily.txt'
+    common.write_text(str(path), 'one\n')
+    common.write_text(str(path), 'two\nlines\n')
+    assert path.read_text() == 'two\nlines\n' and os.listdir(tmp_path) == ['daily.txt']
+    # A write that fails (here the rename over a directory) leaves no temporary file.
+    (tmp_path / 'taken').mkdir()
+    with pytest.raises(OSError):
+        common.write_text(str(tmp_path / 'taken'), 'x')
+    assert sorted(os.listdir(tmp_path)) == ['daily.txt', 'taken']
+    with pytest.raises(OSError):
+        common.write_text(str(tmp_path / 'missing' / 'x.txt'), 'x')
+
+
+def test_shared_connection(dts, monkeypatch):
+    """Commands share one ssh connection; close() ends it and removes its directory."""
+    monkeypatch.setenv('RSYNC_RSH', dts.ssh)
+    connection = common.SharedConnection()
+    ssh = connection.ssh()
+    assert ssh[0] == dts.ssh and 'ControlMaster=auto' in ssh
+    control = [o.split('=', 1)[1] for o in ssh if o.startswith('ControlPath=')][0]
+    assert connection.ssh() == ssh
+    assert run(ssh + ['dts', 'true']).returncode == 0
+    assert os.path.exists(control)
+    # The master answers a check on the same socket.
+    assert run(ssh + ['-O', 'check', 'dts']).returncode == 0
+    assert run(rsync_ssh(['rsync', '--list-only', 'dts:/'], ssh)).returncode == 0
+    connection.close()
+    assert not os.path.exists(os.path.dirname(control))
+    connection.close()
+    # A connection never used leaves nothing behind.
+    common.SharedConnection().close()
+    # The directory of a process killed before close() is removed by the next one.
+    dead = subprocess.Popen(['true'])
+    dead.wait()
+    stale = tempfile.mkdtemp(prefix=f'desitransfer-ssh-{dead.pid:d}-')
+    mine = tempfile.mkdtemp(prefix=f'desitransfer-ssh-{os.getpid():d}-')
+    connection = common.SharedConnection()
+    assert os.path.basename(os.path.dirname(control)).startswith(
+        f'desitransfer-ssh-{os.getpid()}-')
+    connection.ssh()
+    assert not os.path.exists(stale) and os.path.isdir(mine)
+    connection.close()
+    os.rmdir(mine)
+    # Another ssh program than RSYNC_RSH's.
+    monkeypatch.delenv('RSYNC_RSH')
+    connection = common.SharedConnection(program=[dts.ssh, '-q'])
+    ssh = connection.ssh()
+    assert ssh[:3] == [dts.ssh, '-q', '-o'] and run(ssh + ['dts', 'true']).returncode == 0
+    connection.close()
+
+
+def test_alert_options():
+    from argparse import ArgumentParser
+    parser = ArgumentParser()
+    common.alert_options(parser)
+    o = parser.parse_args([])
+    assert (o.alert_to, o.smtp) == (['desi-alarms-transfer@desi.lbl.gov'], 'localhost:25')
+    o = parser.parse_args(['--alert-to', 'a@b.org, c@d.org', '--smtp', 'mail:2525'])
+    assert (o.alert_to, o.smtp) == (['a@b.org', 'c@d.org'], 'mail:2525')
+    assert parser.parse_args(['--alert-to', '']).alert_to == []
+    for bad in (['--alert-to', 'nobody'], ['--smtp', 'a:b'], ['--smtp', 'a b']):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)

@@ -16,12 +16,15 @@ import logging.handlers
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from argparse import ArgumentTypeError
 from collections import namedtuple
 
 import pytz
@@ -157,17 +160,7 @@ def write_json(path, data):
     data : :class:`dict` or :class:`list`
         What to write.
     """
-    tmp = temporary_name(path)
-    try:
-        with open(tmp, 'w') as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    fsync_directory(os.path.dirname(os.path.abspath(path)))
+    write_text(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def fsync_directory(directory):
@@ -784,3 +777,115 @@ def configure_log(debug=False, filename=None, size=100_000_000, backups=10,
         ah._desitransfer = True
         log.addHandler(ah)
     return log
+
+
+def write_text(path, text):
+    """Write `text` to `path` atomically: a temporary file beside it, flushed
+    and synced to disk, then renamed over `path`, so that a reader sees the
+    old contents or the new, never a part.
+
+    Parameters
+    ----------
+    path : :class:`str`
+        The file to write.
+    text : :class:`str`
+        What to write.
+
+    Raises
+    ------
+    OSError
+        If it cannot be written (the temporary file is removed, `path` is unchanged).
+    """
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, 'w') as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+class SharedConnection(object):
+    """One ssh connection to `host` shared by the commands of a run (OpenSSH
+    connection multiplexing).
+
+    Parameters
+    ----------
+    host : :class:`str`, optional
+        ssh host alias of the mountain.
+    program : :class:`str` or :class:`list`, optional
+        The ssh program (and its options); by default that of
+        :func:`environment_ssh` (:envvar:`RSYNC_RSH`, else ``ssh``).
+    """
+
+    def __init__(self, host='dts', program=None):
+        self.host = host
+        self.program = program
+        self._directory = None
+
+    def _command(self, control=None):
+        if self.program:
+            return ssh_command(self.program, control=control)
+        return environment_ssh(control=control)
+
+    def ssh(self):
+        """The ssh command (a list) that shares the connection; give it to
+        :func:`rsync_ssh`.  The first command to use it opens the connection."""
+        if self._directory is None:
+            # Directories of processes that were killed before close().
+            top = tempfile.gettempdir()
+            for name in os.listdir(top):
+                m = re.fullmatch(r'desitransfer-ssh-([0-9]+)-\w+', name)
+                if m is not None and not _alive(int(m.group(1))):
+                    shutil.rmtree(os.path.join(top, name), ignore_errors=True)
+            self._directory = tempfile.mkdtemp(prefix=f'desitransfer-ssh-{os.getpid():d}-')
+        return self._command(control=os.path.join(self._directory, 'mux'))
+
+    def close(self):
+        """Stop the shared connection, if one is open, and remove its private directory."""
+        if self._directory is None:
+            return
+        control = os.path.join(self._directory, 'mux')
+        if os.path.exists(control):
+            run(self._command() + ['-o', f'ControlPath={control}', '-O', 'exit', self.host],
+                timeout=30, quiet=True, ok=(0, 255))
+        shutil.rmtree(self._directory, ignore_errors=True)
+        self._directory = None
+
+
+#: Where CRITICAL alerts are emailed unless a command is told otherwise.
+ALERT_TO = 'desi-alarms-transfer@desi.lbl.gov'
+
+
+def _addresses(value):
+    addresses = [a.strip() for a in value.split(',') if a.strip()]
+    for a in addresses:
+        if re.fullmatch(r'[^@\s]+@[^@\s]+', a) is None:
+            raise ArgumentTypeError(f"{a!r} is not an email address")
+    return addresses
+
+
+def _mailhost(value):
+    if re.fullmatch(r'[^:\s]+(:[0-9]+)?', value) is None:
+        raise ArgumentTypeError(f"{value!r} is not HOST or HOST:PORT")
+    return value
+
+
+def alert_options(parser):
+    """Add the options of alert emails, ``--alert-to ADDRESSES`` and
+    ``--smtp HOST:PORT``, to the :class:`argparse.ArgumentParser` `parser`.
+
+    ``--alert-to`` becomes a list of addresses (empty: no email), ``--smtp``
+    the `mailhost` of :func:`configure_log`.
+    """
+    parser.add_argument('--alert-to', metavar='ADDRESSES', type=_addresses, default=ALERT_TO,
+                        dest='alert_to',
+                        help="Email CRITICAL alerts to these comma-separated ADDRESSES; "
+                             "empty: no email (default %(default)s).")
+    parser.add_argument('--smtp', metavar='HOST:PORT', type=_mailhost, default='localhost:25',
+                        help="Send alert emails through this SMTP server "
+                             "(default %(default)s).")
