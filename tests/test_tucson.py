@@ -657,3 +657,29 @@ def test_parallel_priority_first(monkeypatch, tmp_path, clock):
             assert c[:4] == ['nice', '-n', '5', '/usr/bin/rsync']
     assert [o.directory for o in outcomes] == DYNAMIC
     assert all(o.status == 'ok' and o.files == 1234 and o.bytes == 5678901 for o in outcomes)
+
+
+def test_sigterm_stops_running_rsync(site, dts, tmp_path):
+    """SIGTERM stops the rsync commands under way (and what they started)
+    within seconds; the directories are reported stopped, exit status 1."""
+    make_nersc(site.nersc, static=False)
+    marker = tmp_path / 'connecting'
+    slow = tmp_path / 'slow-ssh'
+    slow.write_text(f'#!/bin/sh\ntouch {marker}\nsleep 30\nexec {dts.ssh} "$@"\n')
+    slow.chmod(0o755)
+    env = dict(site.env, RSYNC_RSH=str(slow), DESISYNC_HOSTNAME='dts', DESISYNC_ROOT=site.nersc)
+    proc = subprocess.Popen(['desi_tucson_transfer', '-l', site.logs, '-p', '2'], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while not marker.exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert time.monotonic() - t0 < 5
+    assert proc.returncode == 1
+    assert all(f'{d}: stopped in' in out for d in DYNAMIC), out
+    assert tree(site.mirror) == [] and site.smtp.messages == []
+    left = subprocess.run(['pgrep', '-f', f'{slow}'], capture_output=True, text=True)
+    assert left.stdout.strip() == ''

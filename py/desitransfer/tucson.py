@@ -537,9 +537,12 @@ class Mirror(object):
         copy = os.path.join(self.destination, d.name)
         state = self._source_state(d, source)
         if state not in ('ok', 'empty', 'missing'):
+            if self.stop.is_set():
+                log.warning("Listing %s stopped (%s).", source, self.stop.reason)
+                return 'stopped', none
             log.critical("Cannot list %s (%s); see %s. %s is left as it is; the other "
                          "directories continue.", source, state, self._log_file(d), copy)
-            return 'stopped' if self.stop.is_set() else 'failed', none
+            return 'failed', none
         if state != 'ok' and _holds_data(copy):
             log.critical("%s is %s at NERSC while its copy %s holds data: refusing to mirror "
                          "it, which would delete the copy. The copy is kept; check NERSC, and "
