@@ -1,6 +1,7 @@
 # Licensed under a 3-clause BSD style license - see LICENSE.rst
 """Tests of desitransfer.tucson against a real rsync daemon, sshd, HTTP and
 SMTP server on 127.0.0.1."""
+import contextlib
 import datetime as dt
 import os
 import signal
@@ -306,20 +307,28 @@ def test_command_refuses_missing_environment(site):
     assert not os.path.exists(os.path.join(site.mirror, 'missing'))
 
 
-def test_running(tmp_path):
-    """Only a process really holding the lock counts, whatever the pid file says."""
-    pid_file = str(tmp_path / 'logs' / 'desi_tucson_transfer.pid')
-    holder = subprocess.Popen([sys.executable, '-c', 'import sys, time\n'
+@contextlib.contextmanager
+def lock_held(pid_file):
+    """Another process holds the lock `pid_file` until the end of the block."""
+    holder = subprocess.Popen([sys.executable, '-c', 'import time\n'
                                'from desitransfer.common import single_instance\n'
                                f'lock, _ = single_instance({pid_file!r})\n'
                                'print("locked", flush=True)\ntime.sleep(60)\n'],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == 'locked'
-        assert running(pid_file) is True
+        yield holder
     finally:
         holder.kill()
         holder.wait()
+        holder.stdout.close()
+
+
+def test_running(tmp_path):
+    """Only a process really holding the lock counts, whatever the pid file says."""
+    pid_file = str(tmp_path / 'logs' / 'desi_tucson_transfer.pid')
+    with lock_held(pid_file) as holder:
+        assert running(pid_file) is True
     # The holder is gone; its pid is still in the file: not running.
     assert open(pid_file).read().strip() == str(holder.pid)
     assert running(pid_file) is False
@@ -334,17 +343,8 @@ def test_running(tmp_path):
 def test_command_refuses_to_run_twice(site):
     make_nersc(site.nersc, static=False)
     pid_file = os.path.join(site.logs, 'desi_tucson_transfer.pid')
-    holder = subprocess.Popen([sys.executable, '-c', 'import time\n'
-                               'from desitransfer.common import single_instance\n'
-                               f'lock, _ = single_instance({pid_file!r})\n'
-                               'print("locked", flush=True)\ntime.sleep(60)\n'],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == 'locked'
+    with lock_held(pid_file) as holder:
         code, out = site.command()
-    finally:
-        holder.kill()
-        holder.wait()
     assert code == 1
     assert f'Another desi_tucson_transfer (pid {holder.pid:d}) is running' in out
     assert tree(site.mirror) == [] and site.web.requests == []

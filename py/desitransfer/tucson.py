@@ -338,7 +338,7 @@ def _options(args=None):
                       help="Let each rsync delete at most N files (default %(default)s).")
     prsr.add_argument('-p', '--processes', metavar='N', type=_processes, default=MAX_PROCESSES,
                       dest='nproc',
-                      help="Run up to N rsync commands at once, at most %(default)s "
+                      help=f"Run up to N rsync commands at once, at most {MAX_PROCESSES:d} "
                            "(default %(default)s).")
     prsr.add_argument('-s', '--static', action='store_true', dest='static',
                       help="Also mirror the static data sets.")
