@@ -683,3 +683,14 @@ def test_sigterm_stops_running_rsync(site, dts, tmp_path):
     assert tree(site.mirror) == [] and site.smtp.messages == []
     left = subprocess.run(['pgrep', '-f', f'{slow}'], capture_output=True, text=True)
     assert left.stdout.strip() == ''
+
+
+def test_unusable_log_directory(site):
+    """The log directory cannot be created: an alert, nothing mirrored."""
+    make_nersc(site.nersc, static=False)
+    with open(site.logs, 'w') as f:
+        f.write('a file where the log directory should be\n')
+    code, out = site.command()
+    assert code == 1 and 'Cannot create the log directory' in out
+    assert tree(site.mirror) == [] and site.web.requests == []
+    assert site.subjects() == ['Error reported by desi_tucson_transfer!']

@@ -387,7 +387,7 @@ def _environment(options):
         source = f"{host}:{os.environ.get('DESISYNC_ROOT', '').strip() or REMOTE_ROOT}"
     else:
         source = f"rsync://{host}/desi"
-    return {'source': source, 'destination': destination.rstrip('/') or '/',
+    return {'source': source, 'destination': os.path.abspath(destination),
             'status_url': os.environ['DESISYNC_STATUS_URL'].strip()}
 
 
@@ -439,14 +439,16 @@ class Mirror(object):
         :class:`int`
             0 if every directory was mirrored, 1 otherwise.
         """
+        debug = self.options.debug or self.test
         if not self.test:
+            _configure_log(debug)
             try:
                 os.makedirs(self.options.log, exist_ok=True)
             except OSError as err:
                 log.critical("Cannot create the log directory %s: %s. Nothing was mirrored.",
                              self.options.log, err)
                 return 1
-        _configure_log(self.options.debug or self.test, self.options.log, self.test)
+        _configure_log(debug, self.options.log, self.test)
         if self.test:
             log.info("Test mode: commands are logged, not run; nothing is changed.")
         elif running(os.path.join(self.options.log, 'desi_tucson_transfer.pid')):
