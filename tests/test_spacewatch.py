@@ -377,6 +377,7 @@ def test_command_exit_status_on_failures(http_site, tmp_path):
     p = command('-s', site.hostport, '-D', '2023/11/01', str(tmp_path))
     assert p.returncode == 1
     assert 'CRITICAL' in p.stdout and 'HTTP status 404' in p.stdout
+    assert not (tmp_path / '2023' / '11').exists()
 
 
 def test_command_today_and_yesterday(http_site, tmp_path, monkeypatch):

@@ -336,6 +336,8 @@ def _fetch_jpg(session, url, path):
 def _download(files, destination, overwrite=False, test=False):
     """Like :func:`download_jpg`, returning :class:`Downloads`."""
     downloaded = present = failed = 0
+    if not files:
+        return Downloads(0, 0, 0)
     if not test:
         try:
             os.makedirs(destination, exist_ok=True)
