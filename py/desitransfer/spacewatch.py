@@ -475,7 +475,7 @@ def _options(args=None):
     prsr.add_argument('-s', '--server', metavar='SERVER', type=_server,
                       default=os.environ.get('SPACEWATCH_SERVER') or None,
                       help="Spacewatch server, HOST[:PORT] or http(s)://HOST[:PORT] "
-                           "(default %(default)s, from $SPACEWATCH_SERVER).")
+                           "(default $SPACEWATCH_SERVER, here %(default)s).")
     prsr.add_argument('-t', '--test', action='store_true',
                       help="Test mode: list what would be downloaded and write nothing; "
                            "implies --debug.")

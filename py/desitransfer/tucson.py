@@ -344,7 +344,7 @@ def _options(args=None):
                       help="Also mirror the static data sets.")
     prsr.add_argument('-S', '--sleep', metavar='TIME', type=_interval, default='15m',
                       help="Wait TIME (30s, 15m, 1h, 2d or seconds) between checks that "
-                           "the daily transfer is finished (default 15m).")
+                           "the daily transfer is finished (default %(default)s).")
     prsr.add_argument('-t', '--test', action='store_true',
                       help="Test mode: log every command, run none, change nothing. "
                            "Implies -d.")
