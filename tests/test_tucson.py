@@ -137,6 +137,26 @@ class Site(object):
                            env=environ, capture_output=True, text=True, timeout=120)
         return p.returncode, p.stdout + p.stderr
 
+    def terminate_when(self, ready, *args, settle=0.0):
+        """Start the command with `args`, send SIGTERM once ``ready()`` (and
+        `settle` seconds more): its exit status, output and seconds to stop."""
+        proc = subprocess.Popen(['desi_tucson_transfer', '-l', self.logs] + list(args),
+                                env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while not ready():
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+            time.sleep(settle)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=30)
+            return proc.returncode, out, time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
     def use_environment(self, monkeypatch, **env):
         for k in [k for k in os.environ if k not in self.env]:
             monkeypatch.delenv(k)
@@ -600,19 +620,8 @@ def test_wait_is_bounded(site, monkeypatch):
 
 def test_sigterm_while_waiting(site):
     site.web.route('/daily/finished.txt', Answer(503))
-    proc = subprocess.Popen(['desi_tucson_transfer', '-l', site.logs, '-S', '1h'],
-                            env=site.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    deadline = time.monotonic() + 30
-    while not site.web.requests:
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.05)
-    time.sleep(0.2)
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
-    assert time.monotonic() - t0 < 5
-    assert proc.returncode == 1
+    code, out, seconds = site.terminate_when(lambda: site.web.requests, '-S', '1h', settle=0.2)
+    assert seconds < 5 and code == 1
     assert 'Stopped (SIGTERM received) while waiting; nothing was mirrored.' in out
 
 
@@ -667,18 +676,9 @@ def test_sigterm_stops_running_rsync(site, dts, tmp_path):
     slow = tmp_path / 'slow-ssh'
     slow.write_text(f'#!/bin/sh\ntouch {marker}\nsleep 30\nexec {dts.ssh} "$@"\n')
     slow.chmod(0o755)
-    env = dict(site.env, RSYNC_RSH=str(slow), DESISYNC_HOSTNAME='dts', DESISYNC_ROOT=site.nersc)
-    proc = subprocess.Popen(['desi_tucson_transfer', '-l', site.logs, '-p', '2'], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 30
-    while not marker.exists():
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.05)
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
-    assert time.monotonic() - t0 < 5
-    assert proc.returncode == 1
+    site.env.update(RSYNC_RSH=str(slow), DESISYNC_HOSTNAME='dts', DESISYNC_ROOT=site.nersc)
+    code, out, seconds = site.terminate_when(marker.exists, '-p', '2')
+    assert seconds < 5 and code == 1
     assert all(f'{d}: stopped in' in out for d in DYNAMIC), out
     assert tree(site.mirror) == [] and site.smtp.messages == []
     left = subprocess.run(['pgrep', '-f', f'{slow}'], capture_output=True, text=True)
