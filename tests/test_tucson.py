@@ -1,0 +1,698 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""Tests of desitransfer.tucson against a real rsync daemon, sshd, HTTP and
+SMTP server on 127.0.0.1."""
+import contextlib
+import datetime as dt
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from desitransfer import common, tucson
+from desitransfer.common import SSH_OPTIONS, configure_log
+from desitransfer.tucson import (Mirror, _environment, _options, _rsync, read_directories,
+                                 running)
+from fixtures_http import Answer
+
+#: The present of most tests: 15 June 2026.
+NOW = dt.datetime(2026, 6, 15, 18, 0, tzinfo=dt.timezone.utc)
+
+DYNAMIC = ['spectro/data', 'spectro/nightwatch/kpno', 'spectro/staging/lost+found',
+           'spectro/redux/daily', 'spectro/redux/daily/exposures',
+           'spectro/redux/daily/preproc', 'spectro/redux/daily/tiles',
+           'engineering/focalplane', 'engineering/focalplane/hwtables',
+           'software/CiscoSecureClient']
+PRIORITY = ['spectro/data', 'spectro/redux/daily', 'spectro/redux/daily/exposures',
+            'spectro/redux/daily/preproc', 'spectro/redux/daily/tiles']
+
+#: Files at NERSC in most tests, and whether each is mirrored.
+NERSC = {
+    'spectro/data/20190101/00001234/desi-00001234.fits.fz': False,  # an old year
+    'spectro/data/20241231/00200000/desi-00200000.fits.fz': False,
+    'spectro/data/20251231/00250000/desi-00250000.fits.fz': True,   # last year
+    'spectro/data/20260614/00300000/desi-00300000.fits.fz': True,
+    'spectro/data/20260614/00300001/desi-00300001.fits.fz': True,
+    'spectro/nightwatch/kpno/20201231/qa.html': True,
+    'spectro/nightwatch/kpno/20210101/qa.html': False,
+    'spectro/nightwatch/kpno/20260614/qa.html': True,
+    'spectro/staging/lost+found/20260614/x.fits': True,
+    'spectro/redux/daily/calibnight/20260614/psf.fits': True,
+    'spectro/redux/daily/calibnight/20260614/psf.fits.tmp': False,
+    'spectro/redux/daily/attic/old.fits': False,
+    'spectro/redux/daily/dark_preproc/d.fits': False,
+    'spectro/redux/daily/temp/t.fits': False,
+    'spectro/redux/daily/exposures/20260614/00300000/frame.fits': True,
+    'spectro/redux/daily/exposures/20260614/00300000/frame.fits.tmp': False,
+    'spectro/redux/daily/preproc/20260614/00300000/fibermap-00300000.fits': True,
+    'spectro/redux/daily/preproc/20260614/00300000/preproc-b0-00300000.fits': False,
+    'spectro/redux/daily/preproc/20260614/00300000/preproc-b1-00300000.fits.gz': False,
+    'spectro/redux/daily/tiles/cumulative/1000/coadd.fits': True,
+    'spectro/redux/daily/tiles/temp/x.fits': False,
+    'engineering/focalplane/pos.ecsv': True,
+    'engineering/focalplane/archive/a.ecsv': False,
+    'engineering/focalplane/nb.ipynb': False,
+    'engineering/focalplane/.ipynb_checkpoints/nb.ipynb': False,
+    'engineering/focalplane/hwtables/table.csv': True,
+    'engineering/focalplane/hwtables/table.txt': False,
+    'software/CiscoSecureClient/client.tar.gz': True,
+    'target/catalogs/dr9/1.0.0/targets.fits': True,
+    'target/catalogs/dr10/x.fits': False,
+    'target/catalogs/README': False,
+    'spectro/templates/basis_templates/.svn/entries': False,
+    'spectro/templates/basis_templates/basis_templates_svn-old/x.fits': False,
+    'spectro/templates/basis_templates/v3.2/galaxy.fits': True,
+}
+
+
+@pytest.fixture(autouse=True)
+def reset_log():
+    yield
+    configure_log()
+    tucson._lock = None
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    monkeypatch.setattr(common, '_utcnow', lambda: NOW)
+
+
+def write(path, text='data'):
+    """Write a file readable by everyone (the rsync daemon reads as nobody)."""
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    with open(path, 'w') as f:
+        f.write(f'{text} {path}\n')
+    os.chmod(path, 0o644)
+
+
+def tree(top):
+    """Every file under `top`, relative to it."""
+    found = []
+    for root, _, names in os.walk(top):
+        found += [os.path.relpath(os.path.join(root, n), top) for n in names]
+    return sorted(found)
+
+
+def make_nersc(module, static=True):
+    """Every directory of the table (empty), and the files of :data:`NERSC`."""
+    for d in read_directories():
+        if static or not d.static:
+            os.makedirs(os.path.join(module, d.name), mode=0o755, exist_ok=True)
+    for name in NERSC:
+        if static or not name.startswith(('target/', 'spectro/templates/')):
+            write(os.path.join(module, name))
+    for root, dirs, _ in os.walk(module):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o755)
+
+
+class Site(object):
+    """NERSC (an rsync daemon), its status URL, a mail server and the Tucson mirror."""
+
+    def __init__(self, tmp_path, rsyncd, http_site, smtp_server):
+        self.rsyncd = rsyncd
+        self.nersc = str(rsyncd.module)
+        self.mirror = str(tmp_path / 'mirror')
+        os.mkdir(self.mirror)
+        self.logs = str(tmp_path / 'logs')
+        self.web = http_site()
+        self.web.route('/daily/finished.txt', Answer(200, b'done'))
+        self.smtp = smtp_server
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith(('DESISYNC_', 'MAIL', 'DESI_ROOT', 'RSYNC_RSH'))}
+        self.env.update(HOME=str(rsyncd.home), DESISYNC_HOSTNAME=rsyncd.hostname,
+                        DESISYNC_STATUS_URL=self.web.url + '/daily/finished.txt',
+                        MAILFROM='mirror@example.org', MAILTO='alerts@example.org',
+                        MAILHOST=smtp_server.hostport, DESI_ROOT=self.mirror)
+
+    def command(self, *args, env=None):
+        """Run desi_tucson_transfer as cron would: exit status and output."""
+        environ = dict(self.env)
+        environ.update(env or {})
+        p = subprocess.run(['desi_tucson_transfer', '-l', self.logs] + list(args),
+                           env=environ, capture_output=True, text=True, timeout=120)
+        return p.returncode, p.stdout + p.stderr
+
+    def terminate_when(self, ready, *args, settle=0.0):
+        """Start the command with `args`, send SIGTERM once ``ready()`` (and
+        `settle` seconds more): its exit status, output and seconds to stop."""
+        proc = subprocess.Popen(['desi_tucson_transfer', '-l', self.logs] + list(args),
+                                env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while not ready():
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+            time.sleep(settle)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=30)
+            return proc.returncode, out, time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+    def use_environment(self, monkeypatch, **env):
+        for k in [k for k in os.environ if k not in self.env]:
+            monkeypatch.delenv(k)
+        for k, v in dict(self.env, **env).items():
+            monkeypatch.setenv(k, v)
+
+    def subjects(self):
+        return [m['Subject'] for m in self.smtp.messages]
+
+    def bodies(self):
+        return '\n'.join(m.get_content() for m in self.smtp.messages)
+
+
+@pytest.fixture
+def site(tmp_path, rsyncd, http_site, smtp_server):
+    return Site(tmp_path, rsyncd, http_site, smtp_server)
+
+
+# ----------------------------------------------------------------------
+# The rsync command and the table of directories.
+# ----------------------------------------------------------------------
+def test_rsync_command(monkeypatch, clock):
+    monkeypatch.setenv('HOME', '/home/mirror')
+    monkeypatch.delenv('RSYNC_RSH', raising=False)
+    base = ['/usr/bin/rsync', '--archive', '--verbose', '--delete', '--delete-after',
+            '--no-motd', '--password-file', '/home/mirror/.desi']
+    assert _rsync('rsync://host/desi', '/m', 'spectro/redux/daily/tiles') == base + [
+        '--exclude', '*.tmp', '--exclude', 'temp',
+        'rsync://host/desi/spectro/redux/daily/tiles/', '/m/spectro/redux/daily/tiles/']
+    assert _rsync('S', 'D', 'sv', checksum=True) == (
+        base[:2] + ['--checksum'] + base[2:] + ['S/sv/', 'D/sv/'])
+    assert _rsync('S', 'D', 'engineering/focalplane')[8:-2] == [
+        '--exclude', 'archive', '--exclude', 'hwtables', '--exclude', '.ipynb_checkpoints',
+        '--exclude', '*.ipynb']
+    assert _rsync('S', 'D', 'engineering/focalplane/hwtables')[8:-2] == [
+        '--include', '*.csv', '--exclude', '*']
+    assert _rsync('S', 'D', 'spectro/redux/daily')[8:-2] == [
+        '--exclude', '*.tmp', '--exclude', 'attic', '--exclude', 'dark_preproc',
+        '--exclude', 'exposures', '--exclude', 'preproc', '--exclude', 'temp',
+        '--exclude', 'tiles']
+    assert _rsync('S', 'D', 'spectro/redux/daily/preproc')[8:-2] == [
+        '--exclude', '*.tmp', '--exclude', 'preproc-*.fits', '--exclude', 'preproc-*.fits.gz']
+    assert _rsync('S', 'D', 'survey/ops/surveyops/trunk')[8:-2] == [
+        '--exclude', '.svn', '--exclude', 'cronupdate.log']
+    assert _rsync('S', 'D', 'target/catalogs')[8:-2] == [
+        '--include', '/dr8/***', '--include', '/dr9/***', '--include', '/gaiadr2/***',
+        '--include', '/subpriority/***', '--exclude', '*']
+    assert _rsync('S', 'D', 'not/in/the/table') == base + ['S/not/in/the/table/',
+                                                          'D/not/in/the/table/']
+
+
+def test_rsync_old_years(monkeypatch):
+    """Years before the previous one are left out: last year stays mirrored,
+    through January and after."""
+    def years(d):
+        return [a for a in _rsync('S', 'D', d)[8:-2] if a != '--exclude']
+
+    monkeypatch.setattr(common, '_utcnow', lambda: NOW)
+    assert years('spectro/data') == [f'/{y}*' for y in range(2018, 2025)]
+    assert years('spectro/nightwatch/kpno') == ['/2021*', '/2022*', '/2023*', '/2024*']
+    # 03:00 UTC on 1 January 2026 is still 2025 at Kitt Peak.
+    monkeypatch.setattr(common, '_utcnow',
+                        lambda: dt.datetime(2026, 1, 1, 3, tzinfo=dt.timezone.utc))
+    assert years('spectro/data') == [f'/{y}*' for y in range(2018, 2024)]
+    monkeypatch.setattr(common, '_utcnow',
+                        lambda: dt.datetime(2026, 1, 31, 12, tzinfo=dt.timezone.utc))
+    assert years('spectro/data')[-1] == '/2024*'
+    monkeypatch.setattr(common, '_utcnow',
+                        lambda: dt.datetime(2022, 6, 1, tzinfo=dt.timezone.utc))
+    assert years('spectro/nightwatch/kpno') == []
+
+
+def test_rsync_ssh_form(monkeypatch, clock):
+    """With RSYNC_RSH, no password file: the non-interactive ssh program instead."""
+    monkeypatch.setenv('RSYNC_RSH', 'ssh -i /home/mirror/key')
+    command = _rsync('nersc:/global/cfs/cdirs/desi', '/m', 'sv')
+    assert '--password-file' not in command
+    assert command == ['/usr/bin/rsync', '--archive', '--verbose', '--delete',
+                       '--delete-after', '--no-motd',
+                       '--rsh=ssh -i /home/mirror/key ' + ' '.join(SSH_OPTIONS),
+                       'nersc:/global/cfs/cdirs/desi/sv/', '/m/sv/']
+
+
+def test_directory_table():
+    directories = read_directories()
+    assert [d.name for d in directories if not d.static] == DYNAMIC
+    assert [d.name for d in directories if d.static] == [
+        'cmx', 'datachallenge', 'engineering/2021_summer_illumination_checks',
+        'engineering/donut', 'engineering/fvc', 'engineering/fvc_distortion',
+        'engineering/gfa', 'engineering/pfa2positioner', 'engineering/platemaker',
+        'engineering/spectrograph', 'engineering/svn_export_focalplane_12302018',
+        'engineering/umdata', 'protodesi', 'public/epo', 'public/ets',
+        'spectro/desi_spectro_calib', 'spectro/redux/denali', 'spectro/redux/everest',
+        'spectro/templates/basis_templates', 'survey/ops/surveyops/trunk', 'sv',
+        'target/catalogs', 'target/secondary', 'target/cmx_files']
+    assert [d.name for d in directories if d.priority] == PRIORITY
+    assert {d.name: d.years for d in directories if d.years} == {
+        'spectro/data': 2018, 'spectro/nightwatch/kpno': 2021}
+    assert {d.name: d.filters for d in directories}['spectro/desi_spectro_calib'] == (
+        '--exclude', '.svn')
+
+
+@pytest.mark.parametrize('text, message', [
+    ('[a]\nset = dynamic\nsize = 3\n', 'unknown key(s) size'),
+    ('[a]\nset = sometimes\n', 'dynamic or static'),
+    ('[a]\n', 'dynamic or static'),
+    ('[a]\nset = static\npriority = maybe\n', 'yes or no'),
+    ('[a]\nset = static\nyears = 18\n', 'a year YYYY'),
+    ('[a]\nset = static\nfilter = exclude\n', "'include PATTERN' or 'exclude PATTERN'"),
+    ('[a]\nset = static\nfilter =\n    protect x\n', "'include PATTERN' or"),
+    ('[../etc]\nset = static\n', 'not a directory relative'),
+    ('[/abs]\nset = static\n', 'not a directory relative'),
+    ('[a]\nset = static\n[a]\nset = static\n', 'already exists'),
+    ('set = static\n', 'no section headers'),
+])
+def test_directory_table_errors(text, message):
+    with pytest.raises(ValueError) as err:
+        read_directories(text, source='table.ini')
+    assert message in str(err.value) and 'table.ini' in str(err.value)
+
+
+# ----------------------------------------------------------------------
+# Options, environment, lock.
+# ----------------------------------------------------------------------
+def test_options(monkeypatch, tmp_path):
+    monkeypatch.setenv('HOME', str(tmp_path))
+    options = _options([])
+    assert options.nproc == 10 and options.sleep == 900 and options.max_delete == 10000
+    assert options.log == str(tmp_path / 'Documents' / 'Logfiles')
+    assert not (options.static or options.checksum or options.test or options.force_delete)
+    assert options.exclude == []
+    options = _options(['-S', '2d', '-p', '3', '-e', 'spectro/data/', 'sv', '-e', 'cmx',
+                        '--force-delete', '-m', '0', '-s', '-c', '-t'])
+    assert options.sleep == 2 * 86400 and options.nproc == 3 and options.max_delete == 0
+    assert options.exclude == ['spectro/data', 'sv', 'cmx']
+    for value, seconds in [('30s', 30), ('15m', 900), ('1h', 3600), ('45', 45), ('0.5', 0.5)]:
+        assert _options(['-S', value]).sleep == seconds
+
+
+@pytest.mark.parametrize('args, message', [
+    (['-S', '10x'], 'is not a positive time'), (['-S', '0'], 'is not a positive time'),
+    (['-S', '-5m'], 'expected one argument'), (['-S', 'm'], 'is not a positive time'),
+    (['-p', '11'], 'from 1 to 10'), (['-p', '0'], 'from 1 to 10'), (['-p', 'x'], 'from 1'),
+    (['-e', 'spectro/dat'], 'not a mirrored directory: spectro/dat'),
+    (['-m', '-1'], 'is not a number of files'), (['--bogus'], 'unrecognized arguments'),
+])
+def test_command_refuses_bad_options(site, args, message):
+    code, out = site.command(*args)
+    assert code == 2
+    errors = [line for line in out.splitlines() if 'error:' in line]
+    assert len(errors) == 1 and message in errors[0], out
+    assert not os.path.exists(site.logs) and tree(site.mirror) == []
+    assert site.web.requests == []
+
+
+def test_command_refuses_missing_environment(site):
+    p = subprocess.run(['desi_tucson_transfer', '-l', site.logs],
+                       env={'PATH': os.environ['PATH'], 'HOME': site.env['HOME']},
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    lines = (p.stdout + p.stderr).strip().splitlines()
+    assert len(lines) == 5 and all('CRITICAL' in line for line in lines)
+    for name in ('DESISYNC_HOSTNAME', 'DESISYNC_STATUS_URL', 'MAILFROM', 'MAILTO', 'DESI_ROOT'):
+        assert sum(name in line for line in lines) == 1, name
+    assert not os.path.exists(site.logs) and site.web.requests == []
+    code, out = site.command(env={'DESI_ROOT': os.path.join(site.mirror, 'missing')})
+    assert code == 1 and 'is not a directory' in out
+    assert not os.path.exists(os.path.join(site.mirror, 'missing'))
+
+
+@contextlib.contextmanager
+def lock_held(pid_file):
+    """Another process holds the lock `pid_file` until the end of the block."""
+    holder = subprocess.Popen([sys.executable, '-c', 'import time\n'
+                               'from desitransfer.common import single_instance\n'
+                               f'lock, _ = single_instance({pid_file!r})\n'
+                               'print("locked", flush=True)\ntime.sleep(60)\n'],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
+def test_running(tmp_path):
+    """Only a process really holding the lock counts, whatever the pid file says."""
+    pid_file = str(tmp_path / 'logs' / 'desi_tucson_transfer.pid')
+    with lock_held(pid_file) as holder:
+        assert running(pid_file) is True
+    # The holder is gone; its pid is still in the file: not running.
+    assert open(pid_file).read().strip() == str(holder.pid)
+    assert running(pid_file) is False
+    assert open(pid_file).read().strip() == str(os.getpid())
+    tucson._lock.close()
+    # A pid file naming a live process that holds no lock (a recycled pid).
+    with open(pid_file, 'w') as f:
+        f.write(f'{os.getppid():d}\n')
+    assert running(pid_file) is False
+
+
+def test_command_refuses_to_run_twice(site):
+    make_nersc(site.nersc, static=False)
+    pid_file = os.path.join(site.logs, 'desi_tucson_transfer.pid')
+    with lock_held(pid_file) as holder:
+        code, out = site.command()
+    assert code == 1
+    assert f'Another desi_tucson_transfer (pid {holder.pid:d}) is running' in out
+    assert tree(site.mirror) == [] and site.web.requests == []
+    assert site.subjects() == ['Error reported by desi_tucson_transfer!']
+    # The holder died: the next run goes ahead although its pid is in the file.
+    code, out = site.command()
+    assert code == 0, out
+
+
+# ----------------------------------------------------------------------
+# Mirroring from a real rsync daemon.
+# ----------------------------------------------------------------------
+def expected(static=False):
+    return sorted(n for n, mirrored in NERSC.items()
+                  if mirrored and (static or not n.startswith(('target/', 'spectro/templates/'))))
+
+
+def test_mirror(site):
+    """The dynamic directories, in parallel; then the static ones too."""
+    make_nersc(site.nersc)
+    # Kept although no longer at NERSC: an old year is left alone.
+    write(os.path.join(site.mirror, 'spectro/data/20190102/00001300/desi-00001300.fits.fz'))
+    code, out = site.command('-S', '0.1')
+    assert code == 0, out
+    assert tree(site.mirror) == sorted(
+        expected() + ['spectro/data/20190102/00001300/desi-00001300.fits.fz'])
+    for name in expected():
+        with open(os.path.join(site.mirror, name)) as f:
+            assert f.read() == f'data {os.path.join(site.nersc, name)}\n'
+    for d in DYNAMIC:
+        assert f'{d}: ok in ' in out
+        log_file = os.path.join(site.logs, 'desi_tucson_transfer_' + d.replace('/', '_') + '.log')
+        with open(log_file) as f:
+            text = f.read()
+        assert '--max-delete=10000' in text and text.rstrip().endswith('# Exit status 0')
+    assert 'spectro/data: ok in ' in out and '2 files, ' in out
+    with open(os.path.join(site.logs, 'desi_tucson_transfer.log')) as f:
+        text = f.read()
+    # Priority directories at normal priority, the others under nice.
+    assert 'Running: /usr/bin/rsync --archive' in text
+    for d in DYNAMIC:
+        nice = f'Running: nice -n 5 /usr/bin/rsync ' in text.split(f'{d}/ ')[0].splitlines()[-1]
+        assert nice == (d not in PRIORITY), d
+    assert site.smtp.messages == []
+    # Static data sets too.
+    code, out = site.command('--static', '-p', '4')
+    assert code == 0, out
+    assert tree(site.mirror) == sorted(
+        expected(static=True) + ['spectro/data/20190102/00001300/desi-00001300.fits.fz'])
+    assert 'target/catalogs: ok in' in out and 'cmx: ok in' in out
+
+
+def test_mirror_deletes_what_nersc_deleted(site):
+    make_nersc(site.nersc, static=False)
+    assert site.command()[0] == 0
+    os.remove(os.path.join(site.nersc, 'spectro/data/20260614/00300001/desi-00300001.fits.fz'))
+    code, out = site.command()
+    assert code == 0, out
+    assert 'spectro/data/20260614/00300001/desi-00300001.fits.fz' not in tree(site.mirror)
+    assert 'spectro/data: ok in' in out and '1 deleted' in out
+
+
+def test_failing_directory(site):
+    """One directory fails: an alert names it and its log; the others finish."""
+    make_nersc(site.nersc, static=False)
+    secret = os.path.join(site.nersc, 'software/CiscoSecureClient/secret.key')
+    write(secret)
+    os.chmod(secret, 0)
+    code, out = site.command('-e', 'spectro/nightwatch/kpno')
+    assert code == 1
+    log_file = os.path.join(site.logs, 'desi_tucson_transfer_software_CiscoSecureClient.log')
+    assert 'software/CiscoSecureClient: failed in' in out and f'see {log_file}' in out
+    assert 'spectro/nightwatch/kpno skipped at user request' in out
+    assert 'spectro/nightwatch/kpno: excluded' in out
+    assert [d for d in DYNAMIC if f'{d}: ok in' in out] == [
+        d for d in DYNAMIC if d not in ('software/CiscoSecureClient', 'spectro/nightwatch/kpno')]
+    assert site.subjects() == ['Error reported by desi_tucson_transfer!']
+    assert 'rsync of software/CiscoSecureClient failed with status 23' in site.bodies()
+    assert log_file in site.bodies()
+    with open(log_file) as f:
+        assert 'Permission denied' in f.read()
+    assert not os.path.exists(os.path.join(site.mirror, 'spectro/nightwatch/kpno'))
+
+
+@pytest.mark.parametrize('how', ['empty', 'missing'])
+def test_empty_source_refused(site, how):
+    """A directory empty or missing at NERSC never wipes its copy."""
+    make_nersc(site.nersc, static=False)
+    assert site.command()[0] == 0
+    before = tree(site.mirror)
+    data = os.path.join(site.nersc, 'spectro', 'data')
+    for root, dirs, names in os.walk(data, topdown=False):
+        for n in names:
+            os.remove(os.path.join(root, n))
+        for d in dirs:
+            os.rmdir(os.path.join(root, d))
+    if how == 'missing':
+        os.rmdir(data)
+    code, out = site.command()
+    assert code == 1
+    assert tree(site.mirror) == before
+    assert 'spectro/data: refused in' in out
+    assert site.subjects() == ['Error reported by desi_tucson_transfer!']
+    assert f'/desi/spectro/data/ is {how} at NERSC while its copy' in site.bodies()
+    assert 'The copy is kept' in site.bodies()
+    assert 'spectro/redux/daily: ok in' in out
+
+
+def test_empty_source_without_copy(site):
+    """Empty at NERSC and here: nothing to protect, the run succeeds."""
+    make_nersc(site.nersc, static=False)
+    for name in list(NERSC):
+        if name.startswith('software/'):
+            os.remove(os.path.join(site.nersc, name))
+    code, out = site.command()
+    assert code == 0, out
+    assert os.path.isdir(os.path.join(site.mirror, 'software/CiscoSecureClient'))
+    # Missing at NERSC and here: a failure to look at, nothing deleted.
+    os.rmdir(os.path.join(site.nersc, 'software/CiscoSecureClient'))
+    os.rmdir(os.path.join(site.mirror, 'software/CiscoSecureClient'))
+    code, out = site.command()
+    assert code == 1
+    assert 'is missing at NERSC, and there is no copy' in site.bodies()
+
+
+def test_deletion_bound(site):
+    """Deletions stop at the bound (rsync 25) with an alert; --force-delete
+    lifts it for one run."""
+    make_nersc(site.nersc, static=False)
+    assert site.command()[0] == 0
+    tiles = os.path.join(site.nersc, 'spectro/redux/daily/tiles/cumulative')
+    for n in range(30):
+        write(os.path.join(tiles, f'{n:d}/coadd.fits'))
+    assert site.command()[0] == 0
+    copy = os.path.join(site.mirror, 'spectro/redux/daily/tiles/cumulative')
+    assert len(tree(copy)) == 31
+    for n in range(30):
+        os.remove(os.path.join(tiles, f'{n:d}/coadd.fits'))
+    code, out = site.command('--max-delete', '10')
+    assert code == 1
+    assert 'spectro/redux/daily/tiles: deletion bound reached in' in out
+    assert len(tree(copy)) == 21
+    assert site.subjects() == ['Error reported by desi_tucson_transfer!']
+    assert 'stopped at the bound of 10 files (rsync status 25)' in site.bodies()
+    assert '--force-delete' in site.bodies()
+    code, out = site.command('--force-delete')
+    assert code == 0, out
+    assert tree(copy) == ['1000/coadd.fits']
+    log_file = os.path.join(site.logs, 'desi_tucson_transfer_spectro_redux_daily_tiles.log')
+    with open(log_file) as f:
+        last = f.read().split('\n# ')[-2]
+    assert '--max-delete' not in last
+
+
+def test_nersc_unreachable(site):
+    """The rsync daemon is down, or the password is wrong: every directory
+    fails, with an alert; the copy is kept."""
+    make_nersc(site.nersc, static=False)
+    assert site.command()[0] == 0
+    before = tree(site.mirror)
+    with open(os.path.join(site.rsyncd.home, '.desi'), 'w') as f:
+        f.write('wrong\n')
+    code, out = site.command()
+    assert code == 1 and tree(site.mirror) == before
+    assert 'auth failed' in site.bodies()
+    assert all(f'{d}: failed in' in out for d in DYNAMIC)
+    site.rsyncd.process.terminate()
+    site.rsyncd.process.wait()
+    site.smtp.clear()
+    code, out = site.command()
+    assert code == 1 and tree(site.mirror) == before
+    assert len(site.smtp.messages) == len(DYNAMIC)
+    assert 'Cannot list rsync://' in site.bodies() and 'is left as it is' in site.bodies()
+    assert 'Connection refused' in site.bodies()
+    assert os.path.join(site.logs, 'desi_tucson_transfer_spectro_data.log') in site.bodies()
+
+
+def test_nersc_hangs(site, monkeypatch, clock):
+    """A server that accepts connections and never answers costs a bounded time."""
+    make_nersc(site.nersc, static=False)
+    with socket.socket() as hole:
+        hole.bind(('127.0.0.1', 0))
+        hole.listen(64)
+        site.use_environment(monkeypatch, DESISYNC_HOSTNAME=f'127.0.0.1:{hole.getsockname()[1]}')
+        monkeypatch.setattr(tucson, 'LIST_TIMEOUT', 1)
+        options = _options(['-l', site.logs])
+        t0 = time.monotonic()
+        assert Mirror(options, _environment(options)).run() == 1
+        assert time.monotonic() - t0 < 10
+    assert 'Timed out after 1 seconds' in site.bodies()
+    assert tree(site.mirror) == []
+
+
+def test_ssh_form(site, dts):
+    """With RSYNC_RSH, the same mirror over ssh, without the password file."""
+    make_nersc(site.nersc, static=False)
+    os.remove(os.path.join(site.rsyncd.home, '.desi'))
+    code, out = site.command(env={'RSYNC_RSH': dts.ssh, 'DESISYNC_HOSTNAME': 'dts',
+                                  'DESISYNC_ROOT': site.nersc})
+    assert code == 0, out
+    assert tree(site.mirror) == expected()
+    assert '--password-file' not in out and f'--rsh={dts.ssh} -o BatchMode=yes' in out
+    assert 'dts:' + site.nersc + '/spectro/data/' in out
+
+
+def test_test_mode(site):
+    make_nersc(site.nersc, static=False)
+    code, out = site.command('--test')
+    assert code == 0, out
+    assert out.count('Test mode, would run: ') == 2 * len(DYNAMIC)
+    assert f'Test mode, would wait until {site.env["DESISYNC_STATUS_URL"]} answers 200' in out
+    assert tree(site.mirror) == [] and not os.path.exists(site.logs)
+    assert site.web.requests == [] and site.smtp.messages == []
+    assert all(f'{d}: test mode in ' in out for d in DYNAMIC)
+
+
+# ----------------------------------------------------------------------
+# Waiting for the daily transfer at NERSC.
+# ----------------------------------------------------------------------
+def test_waits_for_the_daily_transfer(site):
+    make_nersc(site.nersc, static=False)
+    site.web.route('/daily/finished.txt', Answer(404), Answer(503), Answer(200, b'done'))
+    t0 = time.monotonic()
+    code, out = site.command('-S', '0.2')
+    assert code == 0, out
+    assert time.monotonic() - t0 >= 0.4
+    assert site.web.requests == ['/daily/finished.txt'] * 3
+    assert out.count('Daily transfer incomplete') == 2
+    assert tree(site.mirror) == expected()
+
+
+def test_wait_is_bounded(site, monkeypatch):
+    """After WAIT_LIMIT without a 200 (here: errors, a hang, refusals), one
+    alert and nothing mirrored."""
+    make_nersc(site.nersc, static=False)
+    site.web.route('/daily/finished.txt', Answer(500), Answer(200, delay=5), Answer(404))
+    clock = [NOW]
+
+    def now():
+        clock[0] += dt.timedelta(hours=1)
+        return clock[0]
+
+    monkeypatch.setattr(common, '_utcnow', now)
+    monkeypatch.setattr(tucson, 'STATUS_TIMEOUT', (1, 0.3))
+    site.use_environment(monkeypatch)
+    options = _options(['-l', site.logs, '-S', '0.01'])
+    assert Mirror(options, _environment(options)).run() == 1
+    assert 10 <= len(site.web.requests) <= 13
+    assert tree(site.mirror) == []
+    assert site.subjects() == ['Error reported by desi_tucson_transfer!']
+    assert 'has not answered 200' in site.bodies() and 'Nothing was mirrored' in site.bodies()
+
+
+def test_sigterm_while_waiting(site):
+    site.web.route('/daily/finished.txt', Answer(503))
+    code, out, seconds = site.terminate_when(lambda: site.web.requests, '-S', '1h', settle=0.2)
+    assert seconds < 5 and code == 1
+    assert 'Stopped (SIGTERM received) while waiting; nothing was mirrored.' in out
+
+
+# ----------------------------------------------------------------------
+# Scheduling, with a recorder instead of the runner.
+# ----------------------------------------------------------------------
+@pytest.mark.parametrize('processes', [1, 3])
+def test_parallel_priority_first(monkeypatch, tmp_path, clock, processes):
+    """Up to N commands at once; priority directories first (one at a time:
+    exactly in order) and at normal priority, the others under nice."""
+    started, lock = [], threading.Lock()
+    running_now, most = [0], [0]
+
+    def recorder(command, **kwargs):
+        if '--list-only' in command:
+            return common.Result(0, 'drwxr-xr-x 4,096 2026/06/15 12:00:00 .\n'
+                                    '-rw-r--r-- 4 2026/06/15 12:00:00 file\n', '')
+        with lock:
+            started.append(command)
+            running_now[0] += 1
+            most[0] = max(most[0], running_now[0])
+        time.sleep(0.2 if processes > 1 else 0.001)
+        with lock:
+            running_now[0] -= 1
+        return common.Result(0, 'Number of regular files transferred: 1,234\n'
+                                'Total transferred file size: 5,678,901 bytes\n', '')
+
+    monkeypatch.setattr(tucson, 'run', recorder)
+    monkeypatch.setenv('HOME', str(tmp_path))
+    monkeypatch.delenv('RSYNC_RSH', raising=False)
+    options = _options(['-p', str(processes), '-l', str(tmp_path / 'logs')])
+    mirror = Mirror(options, {'source': 'rsync://nersc/desi', 'destination': str(tmp_path),
+                              'status_url': 'http://unused/'})
+    outcomes = mirror.mirror()
+    assert most[0] == processes
+    names = [c[-1][len(str(tmp_path)) + 1:-1] for c in started]
+    assert sorted(names) == sorted(DYNAMIC)
+    if processes == 1:
+        assert names == PRIORITY + [d for d in DYNAMIC if d not in PRIORITY]
+    for name, c in zip(names, started):
+        if name in PRIORITY:
+            assert c[0] == '/usr/bin/rsync'
+        else:
+            assert c[:4] == ['nice', '-n', '5', '/usr/bin/rsync']
+    assert [o.directory for o in outcomes] == DYNAMIC
+    assert all(o.status == 'ok' and o.files == 1234 and o.bytes == 5678901 for o in outcomes)
+
+
+def test_sigterm_stops_running_rsync(site, dts, tmp_path):
+    """SIGTERM stops the rsync commands under way (and what they started)
+    within seconds; the directories are reported stopped, exit status 1."""
+    make_nersc(site.nersc, static=False)
+    marker = tmp_path / 'connecting'
+    slow = tmp_path / 'slow-ssh'
+    slow.write_text(f'#!/bin/sh\ntouch {marker}\nsleep 30\nexec {dts.ssh} "$@"\n')
+    slow.chmod(0o755)
+    site.env.update(RSYNC_RSH=str(slow), DESISYNC_HOSTNAME='dts', DESISYNC_ROOT=site.nersc)
+    code, out, seconds = site.terminate_when(marker.exists, '-p', '2')
+    assert seconds < 5 and code == 1
+    assert all(f'{d}: stopped in' in out for d in DYNAMIC), out
+    assert tree(site.mirror) == [] and site.smtp.messages == []
+    left = subprocess.run(['pgrep', '-f', f'{slow}'], capture_output=True, text=True)
+    assert left.stdout.strip() == ''
+
+
+def test_unusable_log_directory(site):
+    """The log directory cannot be created: an alert, nothing mirrored."""
+    make_nersc(site.nersc, static=False)
+    with open(site.logs, 'w') as f:
+        f.write('a file where the log directory should be\n')
+    code, out = site.command()
+    assert code == 1 and 'Cannot create the log directory' in out
+    assert tree(site.mirror) == [] and site.web.requests == []
+    assert site.subjects() == ['Error reported by desi_tucson_transfer!']
