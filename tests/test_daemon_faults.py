@@ -107,9 +107,9 @@ def test_master_connection_dies_mid_pass(site):
                                     expected_tree(EARLIER, ['00000090']))
     # Ours, not a leftover of the test: the daemon's pid named its control directory.
     used = {a.split('=', 1)[1] for c in calls() for a in c if a.startswith('ControlPath=')}
-    assert used and all(p.startswith(f'/tmp/dtd-{proc.pid}-') for p in used), used
-    assert glob.glob(f'/tmp/dtd-{proc.pid}-*') == []
-    assert processes_mentioning(f'/tmp/dtd-{proc.pid}-') == []
+    assert used and all(p.startswith(f'/tmp/desitransfer-ssh-{proc.pid}-') for p in used), used
+    assert glob.glob(f'/tmp/desitransfer-ssh-{proc.pid}-*') == []
+    assert processes_mentioning(f'/tmp/desitransfer-ssh-{proc.pid}-') == []
 
 
 def test_master_closed_and_directory_removed_after_once(site):
@@ -123,8 +123,8 @@ def test_master_closed_and_directory_removed_after_once(site):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     site.assert_verified(LAST, '00000150')
-    assert glob.glob(f'/tmp/dtd-{proc.pid}-*') == []
-    assert processes_mentioning(f'/tmp/dtd-{proc.pid}-') == []
+    assert glob.glob(f'/tmp/desitransfer-ssh-{proc.pid}-*') == []
+    assert processes_mentioning(f'/tmp/desitransfer-ssh-{proc.pid}-') == []
     # The connection was shared: one master, reused by the later commands.
     assert any('-O' in c and 'exit' in c for c in calls())
 

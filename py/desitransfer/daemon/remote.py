@@ -18,14 +18,11 @@ directories are listed too, to be reported.  The answer is NUL-separated and
 ends with a marker, so that a truncated or garbled answer is recognised as
 *unknown*, never read as "no exposures".
 """
-import os
 import re
 import shlex
-import shutil
-import tempfile
 from collections import namedtuple
 
-from ..common import log, run, ssh_command, valid_night
+from ..common import SharedConnection, log, run, valid_night
 from .state import valid_link
 
 #: Seconds before a remote command is killed.
@@ -110,7 +107,7 @@ class Mountain(object):
         self.host = host
         self.ssh = ssh
         self.stop = stop
-        self._control = None
+        self.connection = SharedConnection(host, program=ssh)
 
     @property
     def name(self):
@@ -119,22 +116,11 @@ class Mountain(object):
     def ssh_command(self):
         """The ssh command, sharing one connection (an OpenSSH control master
         kept between passes; ssh makes a new one if it died)."""
-        if self._control is None:
-            remove_stale_control_directories()
-            self._control = tempfile.mkdtemp(prefix=f'dtd-{os.getpid()}-')
-        return ssh_command(self.ssh, control=os.path.join(self._control, 'mux'))
+        return self.connection.ssh()
 
     def close(self):
         """Stop the shared connection and remove its private directory."""
-        if self._control is None:
-            return
-        socket = os.path.join(self._control, 'mux')
-        if os.path.exists(socket):
-            run(ssh_command(self.ssh) + ['-o', f'ControlPath={socket}', '-O', 'exit',
-                                         self.host],
-                timeout=30, quiet=True, ok=(0, 255))
-        shutil.rmtree(self._control, ignore_errors=True)
-        self._control = None
+        self.connection.close()
 
     def remote(self, words, timeout=REMOTE_TIMEOUT):
         """Run the command `words` (a list) at the mountain; ssh's own failure is 255."""
@@ -261,18 +247,3 @@ def _refusal(name, target, data_root):
     if data_root and not target.startswith(data_root.rstrip('/') + '/'):
         return f'its target {target} is not under {data_root}'
     return ''
-
-
-def remove_stale_control_directories():
-    """Remove ssh control directories left by daemons that were killed."""
-    top = tempfile.gettempdir()
-    for name in os.listdir(top):
-        m = re.fullmatch(r'dtd-([0-9]+)-\w+', name)
-        if m is None or int(m.group(1)) == os.getpid():
-            continue
-        try:
-            os.kill(int(m.group(1)), 0)
-        except ProcessLookupError:
-            shutil.rmtree(os.path.join(top, name), ignore_errors=True)
-        except PermissionError:
-            pass
