@@ -243,46 +243,6 @@ def aside_name(path, suffix):
     return name
 
 
-def unavailable_options(description, args=None):
-    """Parse the options of a command not available in this release.
-
-    It answers ``--help`` and ``--version`` like every command.
-
-    Parameters
-    ----------
-    description : :class:`str`
-        What the command is for.
-    args : :class:`list`, optional
-        Command-line arguments; ``sys.argv[1:]`` if not set.
-
-    Returns
-    -------
-    :class:`argparse.Namespace`
-        The parsed command-line options.
-    """
-    from argparse import ArgumentParser
-    from . import __version__
-    prsr = ArgumentParser(prog=os.path.basename(sys.argv[0]),
-                          description=description +
-                          " Not available in this release of desitransfer.")
-    prsr.add_argument('-V', '--version', action='version',
-                      version='%(prog)s {0}'.format(__version__))
-    return prsr.parse_args(args)
-
-
-def unavailable(command):
-    """Say that `command` is not available in this release, and do nothing.
-
-    Returns
-    -------
-    :class:`int`
-        2, the exit status of a command that refuses to run.
-    """
-    sys.stderr.write(f"{command}: not available in this release of desitransfer; "
-                     "nothing was done.\n")
-    return 2
-
-
 class Stop(object):
     """A request to stop: SIGTERM (once :meth:`handle_signals` is called),
     the kill file, or :meth:`set`.
