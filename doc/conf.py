@@ -16,7 +16,20 @@ napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 napoleon_use_rtype = True
 autodoc_default_options = {'members': True, 'undoc-members': False,
-                           'private-members': True, 'show-inheritance': True}
+                           'private-members': False, 'show-inheritance': True}
+
+
+def _skip_field_aliases(app, what, name, obj, skip, options):
+    """Leave out the generated 'Alias for field number N' of named tuples."""
+    doc = getattr(obj, '__doc__', None) or ''
+    if doc.startswith('Alias for field number'):
+        return True
+    return None
+
+
+def setup(app):
+    app.connect('autodoc-skip-member', _skip_field_aliases)
+
 intersphinx_mapping = {}
 templates_path = []
 exclude_patterns = ['_build']
