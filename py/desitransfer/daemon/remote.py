@@ -31,6 +31,9 @@ from .state import valid_link
 #: Seconds before a remote command is killed.
 REMOTE_TIMEOUT = 300
 
+#: Seconds before the question of the sizes of a backlog is abandoned.
+SIZES_TIMEOUT = 120
+
 #: Seconds before an rsync is killed; ``--timeout`` stops an rsync that hears nothing.
 RSYNC_TIMEOUT = 2 * 3600
 RSYNC_IO_TIMEOUT = 600
@@ -88,6 +91,13 @@ SURVEY_SCRIPT = '; '.join([
     """printf '#find %d\\0' $?; fi""",
     """printf '#end\\0'""",
 ])
+
+#: The sizes of files in exposure directories, run by ``sh -c SCRIPT sh
+#: DIRECTORY...`` at the mountain: the directory and size of each file.
+SIZES_SCRIPT = """cd / || exit 3; find "$@" -type f -printf '%H\\0%s\\0'; printf '#end\\0'"""
+
+#: Most directories in one question of sizes (a bound on its command line).
+SIZES_CHUNK = 1000
 
 _find_error = re.compile(r"^find: [‘'`\"](?P<path>.*?)[’'\"]?: (?P<why>.+)$")
 
@@ -160,6 +170,36 @@ class Mountain(object):
         else:
             command.append(f'{source}/')
         return command + [f'{destination}/']
+
+    def sizes(self, directories):
+        """Bytes in each of `directories` (physical exposure directories) at
+        the mountain, in one round trip; ``None`` if the answer is not usable
+        (then a backlog is shared out by count).
+
+        Parameters
+        ----------
+        directories : :class:`list`
+            Absolute paths.
+
+        Returns
+        -------
+        :class:`dict` or ``None``
+            Directory -> bytes.
+        """
+        sizes = {}
+        directories = list(directories)
+        for first in range(0, len(directories), SIZES_CHUNK):
+            chunk = directories[first:first + SIZES_CHUNK]
+            result = self.remote(['sh', '-c', SIZES_SCRIPT, 'sh'] + list(chunk),
+                                 timeout=SIZES_TIMEOUT)
+            found = parse_sizes(result.stdout, chunk) if result.returncode == 0 else None
+            if found is None:
+                log.info("The sizes of %d exposures at %s are unknown (return code %d); "
+                         "they are shared out among the streams by count.",
+                         len(directories), self.name, result.returncode)
+                return None
+            sizes.update(found)
+        return sizes
 
     def survey(self, source, checksum_lock, nights, data_root=None):
         """Ask, in one round trip, for the checksum lock and the exposure links
@@ -247,6 +287,21 @@ def parse_survey(result, source, data_root=None):
             night, expid = name.split('/')
             links[name] = Link(night, expid, targets[path], mtime)
     return Survey('links', links, refused, unknown_nights, result)
+
+
+def parse_sizes(answer, directories):
+    """Read the answer of :data:`SIZES_SCRIPT` for `directories`: bytes in
+    each (0 if nothing was found in it); ``None`` unless the answer is
+    complete and names only those directories."""
+    tokens = answer.split('\0')
+    if len(tokens) % 2 or tokens[-2:] != ['#end', '']:
+        return None
+    sizes = dict.fromkeys(directories, 0)
+    for directory, size in zip(tokens[:-2:2], tokens[1:-2:2]):
+        if directory not in sizes or not (size.isascii() and size.isdigit()):
+            return None
+        sizes[directory] += int(size)
+    return sizes
 
 
 def _refusal(name, target, data_root):
