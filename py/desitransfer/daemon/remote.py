@@ -92,10 +92,6 @@ SURVEY_SCRIPT = '; '.join([
     """printf '#end\\0'""",
 ])
 
-#: The sizes of files in exposure directories, run by ``sh -c SCRIPT sh
-#: DIRECTORY...`` at the mountain: the directory and size of each file.
-SIZES_SCRIPT = """cd / || exit 3; find "$@" -type f -printf '%H\\0%s\\0'; printf '#end\\0'"""
-
 #: Most directories in one question of sizes (a bound on its command line).
 SIZES_CHUNK = 1000
 
@@ -190,7 +186,7 @@ class Mountain(object):
         directories = list(directories)
         for first in range(0, len(directories), SIZES_CHUNK):
             chunk = directories[first:first + SIZES_CHUNK]
-            result = self.remote(['sh', '-c', SIZES_SCRIPT, 'sh'] + list(chunk),
+            result = self.remote(['du', '--summarize', '--bytes', '--'] + chunk,
                                  timeout=SIZES_TIMEOUT)
             found = parse_sizes(result.stdout, chunk) if result.returncode == 0 else None
             if found is None:
@@ -290,18 +286,16 @@ def parse_survey(result, source, data_root=None):
 
 
 def parse_sizes(answer, directories):
-    """Read the answer of :data:`SIZES_SCRIPT` for `directories`: bytes in
-    each (0 if nothing was found in it); ``None`` unless the answer is
-    complete and names only those directories."""
-    tokens = answer.split('\0')
-    if len(tokens) % 2 or tokens[-2:] != ['#end', '']:
-        return None
-    sizes = dict.fromkeys(directories, 0)
-    for directory, size in zip(tokens[:-2:2], tokens[1:-2:2]):
-        if directory not in sizes or not (size.isascii() and size.isdigit()):
+    """Read the answer of :command:`du --summarize --bytes` for `directories`:
+    bytes in each; ``None`` unless it names each of them, and nothing else,
+    with a size."""
+    sizes = {}
+    for line in answer.split('\n')[:-1] if answer.endswith('\n') else [None]:
+        size, _, directory = (line or '').partition('\t')
+        if not (size.isascii() and size.isdigit()) or directory in sizes:
             return None
-        sizes[directory] += int(size)
-    return sizes
+        sizes[directory] = int(size)
+    return sizes if sorted(sizes) == sorted(directories) else None
 
 
 def _refusal(name, target, data_root):
