@@ -88,18 +88,22 @@ class DelayProxy(object):
         self.thread.join(timeout=10)
 
     async def _connection(self, client_reader, client_writer):
-        await asyncio.sleep(2 * self.delay)  # SYN, SYN-ACK
         try:
+            await asyncio.sleep(2 * self.delay)  # SYN, SYN-ACK
             server_reader, server_writer = await asyncio.open_connection('127.0.0.1',
                                                                          self.target)
-        except OSError:
+        except (OSError, asyncio.CancelledError):
             client_writer.close()
             return
-        await asyncio.gather(self._forward(client_reader, server_writer),
-                             self._forward(server_reader, client_writer),
-                             return_exceptions=True)
-        for writer in (client_writer, server_writer):
-            writer.close()
+        try:
+            await asyncio.gather(self._forward(client_reader, server_writer),
+                                 self._forward(server_reader, client_writer),
+                                 return_exceptions=True)
+        except asyncio.CancelledError:
+            pass  # The proxy is closing.
+        finally:
+            for writer in (client_writer, server_writer):
+                writer.close()
 
     async def _forward(self, reader, writer):
         """Copy `reader` to `writer`, each chunk `delay` seconds later."""
