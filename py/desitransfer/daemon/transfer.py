@@ -54,6 +54,10 @@ BATCH = 200
 #: of an rsync, a few round trips, costs more than the streams gain).
 MIN_BATCH_BYTES = 8 << 20
 
+#: Largest batch, in bytes, so that the first exposures of a long backlog
+#: are installed early (the start of an rsync costs about 1% of it).
+MAX_BATCH_BYTES = 1 << 30
+
 #: Batches are cut to at most the bytes left over this many times the
 #: number of streams: large first, small at the end, when streams finish.
 SPLIT = 2
@@ -175,18 +179,17 @@ def copy_verify(links, mountain, staging, checksum_file, actions, basis=None,
     """
     if not links:
         return []
-    sizes = mountain.sizes(sorted({link.target for link in links})) \
-        if streams > 1 and len(links) > 1 else None
+    sizes = mountain.sizes(sorted({link.target for link in links})) if len(links) > 1 else None
     batches = plan(links, sizes, streams)
     for night in sorted({link.night for link in links}):
         actions.makedirs(os.path.join(staging, night))
     copy = _Copy(mountain, staging, checksum_file, actions, basis, batches)
+    streams = min(streams, len(batches))
     if sizes:
-        log.info("Copying %d exposure%s (%.1f MB) in %d rsync%s at once.", len(links),
-                 '' if len(links) == 1 else 's',
-                 sum(sizes.get(link.target, 0) for link in links) / 1e6,
-                 min(streams, len(batches)), '' if min(streams, len(batches)) == 1 else 's')
-    outcomes = copy.run(min(streams, len(batches)), settle)
+        log.info("Copying %d exposures (%.1f MB) in %d rsync%s, %d at a time.", len(links),
+                 sum(sizes.get(link.target, 0) for link in links) / 1e6, len(batches),
+                 '' if len(batches) == 1 else 's', streams)
+    outcomes = copy.run(streams, settle)
     return [outcomes[link] for link in links]
 
 
@@ -200,11 +203,12 @@ def plan(links, sizes, streams):
 
     Exposures of one night and one directory at the mountain go together,
     at most :data:`BATCH` at a time.  With `sizes` (bytes of each target),
-    each batch holds at most the bytes left divided by ``SPLIT * streams``
-    (but at least :data:`MIN_BATCH_BYTES`, and at least one exposure): large
-    batches first, single exposures at the end, so that the streams end
-    together and the last verification is short.  Without `sizes` each
-    exposure counts as one byte.
+    each batch holds at most the bytes left divided by ``SPLIT * streams``,
+    within :data:`MIN_BATCH_BYTES` and :data:`MAX_BATCH_BYTES` (and at least
+    one exposure): large batches first, single exposures at the end, so that
+    the streams end together and the last verification is short; even one
+    stream verifies a batch while it copies the next.  Without `sizes` each
+    exposure counts as one byte, and one stream copies a night at once.
 
     Parameters
     ----------
@@ -223,7 +227,7 @@ def plan(links, sizes, streams):
     def size(link):
         return max(1, sizes.get(link.target, 0)) if sizes else 1
 
-    smallest = MIN_BATCH_BYTES if sizes else 1
+    smallest, largest = (MIN_BATCH_BYTES, MAX_BATCH_BYTES) if sizes else (1, float('inf'))
     groups = {}
     for link in links:
         groups.setdefault((link.night, os.path.dirname(link.target)), []).append(link)
@@ -232,7 +236,8 @@ def plan(links, sizes, streams):
     for members in groups.values():
         i = 0
         while i < len(members):
-            most = max(smallest, left / (SPLIT * streams)) if streams > 1 else left
+            most = (min(largest, max(smallest, left / (SPLIT * streams)))
+                    if sizes or streams > 1 else left)
             batch, total = [members[i]], size(members[i])
             i += 1
             while (i < len(members) and len(batch) < BATCH and
@@ -252,12 +257,13 @@ class _Abort(object):
     def __init__(self, stop):
         self.stop = stop
         self.kind = None
+        self.detail = ''
         self._lock = threading.Lock()
 
-    def set(self, kind):
+    def set(self, kind, detail=''):
         with self._lock:
             if self.kind is None:
-                self.kind = kind
+                self.kind, self.detail = kind, detail
 
     def is_set(self):
         return self.kind is not None or self.stop.is_set()
@@ -351,8 +357,8 @@ class _Copy(object):
             self._copy(batch, n)
 
     def _skip(self, batch):
-        self.results.put([Outcome(link, self.abort.outcome(), 0, '', None, None, None)
-                          for link in batch])
+        self.results.put([Outcome(link, self.abort.outcome(), 0, self.abort.detail, None,
+                                  None, None) for link in batch])
 
     def _copy(self, batch, n):
         if self.abort.is_set():
@@ -374,9 +380,11 @@ class _Copy(object):
                                   timeout=RSYNC_TIMEOUT, ok=(0, 24), stop=self.abort)
         rsync_ms = _milliseconds()
         copy = classify(result, self.actions.stop)
+        detail = _tail(result.stderr)
         if copy != COPIED and self.abort.is_set():
             # Stopped because another stream lost the connection or filled the disk.
             copy = self.abort.outcome()
+            detail = self.abort.detail or detail
         log.debug("rsync of %s (stream %d): %s in %.1f s.", what, n, copy,
                   time.monotonic() - t0)
         if copy == COPIED:
@@ -388,8 +396,7 @@ class _Copy(object):
                 self._copy([link], n)
         else:
             if copy in FATAL:
-                self.abort.set(copy)
-            detail = _tail(result.stderr)
+                self.abort.set(copy, detail)
             self.results.put([Outcome(link, copy, result.returncode, detail, None, rsync_ms,
                                       None) for link in batch])
 
