@@ -102,6 +102,21 @@ def test_streams_validated(site, value):
     assert read_configuration(site.config)[1]['streams'] == 3
 
 
+def test_bad_streams_one_line_and_nothing_changed(site):
+    """The real command refuses a bad number of streams with one CRITICAL
+    line naming the file and key, exit status 1, and changes nothing."""
+    site.exposure(LAST, '00002900')
+    site.write_config(streams='100')
+    before = snapshot(site.top)
+    command, env = site.command('--once')
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith('CRITICAL'), lines
+    assert site.config in lines[0] and '[common] streams' in lines[0]
+    assert snapshot(site.top) == before
+
+
 def test_verification_yields_the_cpu():
     """The verification thread runs at a lower CPU priority than the copy."""
     seen = []

@@ -24,7 +24,7 @@ DirectoryConfig = namedtuple('DirectoryConfig', ['name', 'source', 'staging',
 MAX_STREAMS = 16
 
 #: Streams when ``[common] streams`` is not set.
-DEFAULT_STREAMS = 4
+DEFAULT_STREAMS = 8
 
 
 class ConfigurationError(Exception):

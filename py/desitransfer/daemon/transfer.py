@@ -140,9 +140,10 @@ def copy_verify(links, mountain, staging, checksum_file, actions, basis=None,
     """Copy exposures into staging, lock and verify them.
 
     Exposures of a night whose targets share a directory at the mountain
-    may be copied by one rsync (at most :data:`BATCH` at a time).  With
-    several `streams`, batches are cut by size (as the mountain reports it)
-    and copied by that many rsyncs at once.  If a batch fails for another
+    are copied in batches, each by one rsync, cut by size as the mountain
+    reports it (see :func:`plan`); up to `streams` rsyncs run at once.  Each
+    batch is verified as soon as its copy is complete, while the next ones
+    are copied, and handed to `settle`.  If a batch fails for another
     reason than the connection, the disk or a stop, each of its exposures is
     copied again on its own, so a failure stays with the exposures it
     touched.  After a fatal outcome in any stream nothing more is copied:
