@@ -40,6 +40,7 @@ TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(TOP, 'tests'))
 sys.path.insert(0, os.path.join(TOP, 'py'))
 
+from bench_backlog import configuration  # noqa: E402
 from loopback import start_sshd  # noqa: E402
 from desitransfer.common import rsync, rsync_ssh, ssh_command  # noqa: E402
 from desitransfer.configuration import DEFAULT_STREAMS  # noqa: E402
@@ -169,38 +170,6 @@ def timed(commands):
     return time.perf_counter() - t0
 
 
-def configuration(run_dir, source, ssh, streams):
-    nersc = os.path.join(run_dir, 'nersc')
-    for d in ('staging/raw', 'data', 'scratch'):
-        os.makedirs(os.path.join(nersc, d))
-    config = os.path.join(run_dir, 'daemon.ini')
-    with open(config, 'w') as f:
-        f.write(f"""[DESI_SPECTRO_DATA]
-source = {source}
-staging = {nersc}/staging/raw
-destination = {nersc}/data
-hpss = desi/spectro/data
-checksum_file = checksum-{{exposure}}.sha256sum
-[common]
-host = dts
-ssh = {ssh}
-temporary = {nersc}/scratch
-checksum_lock = {run_dir}/checksum-running
-catchup = -1
-backup = -1
-sleep = 1
-streams = {streams:d}
-hpss =
-hpss_status = http://127.0.0.1:9/
-[logging]
-filename = {nersc}/daemon.log
-size = 100000000
-backups = 1
-to =
-""")
-    return config, nersc
-
-
 def verified_moments(nersc, start_ms):
     """Seconds after `start_ms` at which each exposure was verified."""
     status = os.path.join(nersc, 'staging', 'status')
@@ -270,7 +239,9 @@ def main():
                 key = f'daemon, {s:d} stream{"s" if s > 1 else ""}'
                 pass_dir = os.path.join(run_dir, f'streams{s}')
                 os.makedirs(pass_dir)
-                config, nersc = configuration(pass_dir, source, ssh, s)
+                config, nersc = configuration(pass_dir, source, ssh, catchup=-1, backup=-1,
+                                              streams=s, hpss='',
+                                              hpss_status='http://127.0.0.1:9/')
                 start_ms = time.time() * 1000
                 times[key].append(timed([[daemon, '--once', '-c', config,
                                           '-k', os.path.join(pass_dir, 'stop')]]))
