@@ -49,20 +49,25 @@ from desitransfer.mountain import make_mountain  # noqa: E402
 #: Two days ago: a finished night in the recent window.
 NIGHT = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=2)).strftime('%Y%m%d')
 
-#: Most bytes a proxied connection holds in flight in each direction.
+#: Most bytes a proxied connection has in flight in each direction, by
+#: default: a TCP window much larger than ssh's (2 MiB per channel).
 WINDOW = 64 << 20
 
 
 class DelayProxy(object):
     """A TCP proxy on 127.0.0.1 to `port`, delaying every chunk by `delay`
-    seconds in each direction, and each new connection by a round trip.
+    seconds in each direction, and each new connection by a round trip; each
+    connection has at most `window` bytes in flight in each direction, a
+    byte counting from when it is read until a round trip later, when its
+    acknowledgement would be back (a TCP window).
 
     It runs its own event loop in a thread; :meth:`close` stops it.
     """
 
-    def __init__(self, port, delay):
+    def __init__(self, port, delay, window=WINDOW):
         self.target = port
         self.delay = delay
+        self.window = window
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()
         self.thread = threading.Thread(target=self._serve, args=(ready,), daemon=True)
@@ -126,9 +131,13 @@ class DelayProxy(object):
                     return
                 writer.write(data)
                 await writer.drain()
-                state['bytes'] -= len(data)
-                if state['bytes'] < WINDOW:
-                    room.set()
+                # The window opens again when the acknowledgement is back.
+                loop.call_later(self.delay, release, len(data))
+
+        def release(size):
+            state['bytes'] -= size
+            if state['bytes'] < self.window:
+                room.set()
 
         delivery = asyncio.create_task(deliver())
         try:
@@ -137,7 +146,7 @@ class DelayProxy(object):
                 data = await reader.read(1 << 16)
                 queue.put_nowait((loop.time() + self.delay, data))
                 state['bytes'] += len(data)
-                if state['bytes'] >= WINDOW:
+                if state['bytes'] >= self.window:
                     room.clear()
                 if not data:
                     break
@@ -190,6 +199,8 @@ def main():
     prsr.add_argument('--size', type=int, default=12 << 20, help="bytes per file")
     prsr.add_argument('--delay', type=float, default=0.035,
                       help="one-way delay in seconds; 0: loopback without proxy")
+    prsr.add_argument('--window', type=float, default=WINDOW / (1 << 20),
+                      help="MiB in flight per connection and direction, like a TCP window")
     prsr.add_argument('--streams', default='0',
                       help="comma-separated numbers of streams of the daemon passes; "
                       "0: the shipped default")
@@ -202,7 +213,7 @@ def main():
         dts = start_sshd(os.path.join(work, 'sshd'))
         ssh = dts.ssh
         if options.delay > 0:
-            proxy = DelayProxy(dts.port, options.delay)
+            proxy = DelayProxy(dts.port, options.delay, int(options.window * (1 << 20)))
             ssh = wan_ssh(dts, work, proxy.port)
         mountain = os.path.join(work, 'mountain')
         make_mountain(mountain, [NIGHT], options.exposures, nfiles=options.files,
@@ -253,8 +264,8 @@ def main():
                     moments[key] = seen
                 shutil.rmtree(pass_dir)
         megabytes = options.exposures * options.files * options.size / 1e6
-        where = (f'one-way delay {options.delay * 1000:g} ms' if options.delay > 0 else
-                 'loopback, no delay')
+        where = (f'one-way delay {options.delay * 1000:g} ms, window {options.window:g} MiB'
+                 if options.delay > 0 else 'loopback, no delay')
         print(f"Backlog: {options.exposures} exposures x {options.files} files of "
               f"{options.size / 1e6:g} MB ({megabytes:g} MB), {where}, best of "
               f"{options.repeat} (spread in brackets)")

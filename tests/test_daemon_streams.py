@@ -7,6 +7,7 @@ mountain cannot tell).
 
 Each integration test runs against the real sshd, rsync and SMTP server
 (fixtures in ``fixtures_daemon.py``)."""
+import glob
 import logging
 import os
 import subprocess
@@ -138,18 +139,19 @@ def test_verification_yields_the_cpu():
 def rsync_gate(site, name, line=''):
     """An ssh program that numbers rsync connections atomically (0, 1, ...),
     writes ``started.N``, then runs the shell `line` (``$n`` is the number)
-    before connecting; its ``(number of connections, directory)``."""
+    before connecting; its number of connections so far, its directory and
+    the arguments of every ssh it ran."""
     directory = os.path.join(site.top, name + '.d')
     os.makedirs(directory)
     counter = os.path.join(directory, 'count')
     script = (f'exec 9>>{directory}/lock; flock 9; n=$(cat {counter} 2>/dev/null || echo 0); '
               f'echo $((n + 1)) > {counter}; flock -u 9; touch {directory}/started.$n; '
               + (line or 'true'))
-    site.ssh_wrapper(name, before_rsync=script)
+    calls = site.ssh_wrapper(name, before_rsync=script)
 
     def count():
         return len([n for n in os.listdir(directory) if n.startswith('started.')])
-    return count, directory
+    return count, directory, calls
 
 
 def large_backlog(site, n, first=3000):
@@ -164,7 +166,7 @@ def test_exposures_installed_while_another_is_copied(site):
     exposures of the other streams are verified, recorded and installed
     meanwhile; then the held one completes too."""
     expids = large_backlog(site, 4)
-    count, _ = rsync_gate(site, 'held-ssh', line=(
+    count, _, calls = rsync_gate(site, 'held-ssh', line=(
         f'if [ "$n" = 0 ]; then i=0; while [ ! -e {site.top}/release ] && '
         f'[ $i -lt 600 ]; do sleep 0.05; i=$((i + 1)); done; fi'))
     site.write_config(ssh=os.path.join(site.top, 'held-ssh'), streams='4')
@@ -193,6 +195,13 @@ def test_exposures_installed_while_another_is_copied(site):
         site.assert_verified(LAST, e, nfiles=2, size=LARGE)
     assert os.listdir(os.path.join(site.staging, LAST)) == []
     assert site.smtp.messages == []
+    # Each stream has a connection of its own; all are closed at the end.
+    used = {os.path.basename(a.split('=', 1)[1]) for c in calls()
+            for a in c if a.startswith('ControlPath=')}
+    assert used == {'mux', 'mux1', 'mux2', 'mux3'}, used
+    assert glob.glob(f'/tmp/dtd-{proc.pid}-*') == []
+    assert not [p for p in os.listdir('/proc') if p.isdigit() and
+                f'/tmp/dtd-{proc.pid}-' in _cmdline(p)]
 
 
 def test_connection_lost_in_one_stream_stops_the_others(site, caplog):
@@ -203,7 +212,7 @@ def test_connection_lost_in_one_stream_stops_the_others(site, caplog):
     caplog.set_level(logging.INFO)
     expids = large_backlog(site, 4)
     gate = os.path.join(site.top, 'lossy-ssh.d')
-    count, _ = rsync_gate(site, 'lossy-ssh', line=(
+    count, _, _ = rsync_gate(site, 'lossy-ssh', line=(
         f'if [ "$n" = 0 ]; then while [ ! -e {gate}/started.1 ]; do sleep 0.02; done; '
         'sleep 60; fi; '
         'if [ "$n" = 1 ]; then echo "Connection reset by peer" >&2; exit 255; fi'))
@@ -232,7 +241,7 @@ def test_stop_in_the_middle_of_a_multi_stream_copy(site, how):
     the kill file comes: every stream stops within seconds, nothing is
     installed or recorded, no rsync or ssh is left; the next run converges."""
     expids = large_backlog(site, 6)
-    count, gate = rsync_gate(site, 'slow-ssh', line=(
+    count, gate, _ = rsync_gate(site, 'slow-ssh', line=(
         f'i=0; while [ ! -e {site.top}/release ] && [ $i -lt 1200 ]; do sleep 0.05; '
         'i=$((i + 1)); done'))
     site.write_config(ssh=os.path.join(site.top, 'slow-ssh'), streams='3')

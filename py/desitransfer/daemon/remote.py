@@ -122,20 +122,23 @@ class Mountain(object):
     def name(self):
         return self.host or 'localhost'
 
-    def ssh_command(self):
+    def ssh_command(self, stream=0):
         """The ssh command, sharing one connection (an OpenSSH control master
-        kept between passes; ssh makes a new one if it died)."""
+        kept between passes; ssh makes a new one if it died).  Each rsync
+        `stream` after the first has a connection of its own, kept the same
+        way, so that it has its own TCP window."""
         if self._control is None:
             remove_stale_control_directories()
             self._control = tempfile.mkdtemp(prefix=f'dtd-{os.getpid()}-')
-        return ssh_command(self.ssh, control=os.path.join(self._control, 'mux'))
+        name = f'mux{stream:d}' if stream else 'mux'
+        return ssh_command(self.ssh, control=os.path.join(self._control, name))
 
     def close(self):
-        """Stop the shared connection and remove its private directory."""
+        """Stop the shared connections and remove their private directory."""
         if self._control is None:
             return
-        socket = os.path.join(self._control, 'mux')
-        if os.path.exists(socket):
+        for name in sorted(os.listdir(self._control)):
+            socket = os.path.join(self._control, name)
             run(ssh_command(self.ssh) + ['-o', f'ControlPath={socket}', '-O', 'exit',
                                          self.host],
                 timeout=30, quiet=True, ok=(0, 255))
@@ -149,9 +152,9 @@ class Mountain(object):
         return run(self.ssh_command() + [self.host, shlex.join(words)],
                    timeout=timeout, ok=(0,), quiet=True, stop=self.stop)
 
-    def rsync(self, source, destination, extra=(), dry_run=False):
+    def rsync(self, source, destination, extra=(), dry_run=False, stream=0):
         """The rsync command copying directory `source` at the mountain into
-        `destination`, with `extra` options.
+        `destination`, with `extra` options, over the connection of `stream`.
 
         Links are not followed (no ``--copy-dirlinks``): `source` is the
         physical directory found by the survey, so nothing outside it is read.
@@ -161,7 +164,7 @@ class Mountain(object):
         if dry_run:
             command.insert(1, '--dry-run')
         if self.host:
-            command.insert(1, '--rsh=' + shlex.join(self.ssh_command()))
+            command.insert(1, '--rsh=' + shlex.join(self.ssh_command(stream)))
             command.append(f'{self.host}:{source}/')
         else:
             command.append(f'{source}/')

@@ -377,7 +377,8 @@ class _Copy(object):
         what = (f"exposure {night}/{batch[0].expid}" if len(batch) == 1 else
                 f"{len(batch):d} exposures of night {night}")
         t0 = time.monotonic()
-        result = self.actions.run(self.mountain.rsync(parent, staging_night, extra=extra),
+        result = self.actions.run(self.mountain.rsync(parent, staging_night, extra=extra,
+                                                      stream=n),
                                   timeout=RSYNC_TIMEOUT, ok=(0, 24), stop=self.abort)
         rsync_ms = _milliseconds()
         copy = classify(result, self.actions.stop)
