@@ -4,9 +4,10 @@
 desitransfer.daemon.remote
 ===========================
 
-The mountain, as :command:`desi_transfer_daemon` sees it: one shared ssh
-connection, a survey of the exposure links with their targets resolved at
-the mountain, and the rsync commands that copy from there.
+The mountain, as :command:`desi_transfer_daemon` sees it: shared ssh
+connections (one for the survey and the first rsync stream, one for each
+further stream), a survey of the exposure links with their targets resolved
+at the mountain, and the rsync commands that copy from there.
 
 A survey is one round trip: a small POSIX shell script, run at the
 mountain, answers whether checksums are being computed (the lock file) and
@@ -99,7 +100,7 @@ _find_error = re.compile(r"^find: [‘'`\"](?P<path>.*?)[’'\"]?: (?P<why>.+)$"
 
 
 class Mountain(object):
-    """The mountain: a host reached over one shared ssh connection, or this
+    """The mountain: a host reached over shared ssh connections, or this
     machine if `host` is empty.
 
     Parameters

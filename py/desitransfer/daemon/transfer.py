@@ -12,7 +12,7 @@ saying exactly what happened.  It installs and records nothing: the caller
 decides, from the outcomes, which it receives as soon as they are known.
 
 A backlog is copied in several rsync streams at once (``[common] streams``),
-each a thread running one rsync at a time over the shared ssh connection,
+each a thread running one rsync at a time over an ssh connection of its own,
 taking batches of exposures from one queue; batches are cut by size, large
 first and small last, so the streams finish together.  A batch copied is
 verified by one hashing thread at a lower CPU priority, while the streams
