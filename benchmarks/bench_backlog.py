@@ -43,6 +43,33 @@ def timed(command, **kwargs):
     return time.perf_counter() - t0
 
 
+def configuration(run_dir, source, ssh, **common):
+    """Write the configuration of a daemon copying from `source` (over `ssh`)
+    into a new NERSC tree in `run_dir`, with the ``[common]`` keys `common`;
+    the file and the tree."""
+    nersc = os.path.join(run_dir, 'nersc')
+    for d in ('staging/raw', 'data', 'scratch'):
+        os.makedirs(os.path.join(nersc, d))
+    common = dict({'host': 'dts', 'ssh': ssh, 'temporary': f'{nersc}/scratch',
+                   'checksum_lock': f'{run_dir}/checksum-running', 'sleep': 1}, **common)
+    config = os.path.join(run_dir, 'daemon.ini')
+    with open(config, 'w') as f:
+        f.write(f"""[DESI_SPECTRO_DATA]
+source = {source}
+staging = {nersc}/staging/raw
+destination = {nersc}/data
+hpss = desi/spectro/data
+checksum_file = checksum-{{exposure}}.sha256sum
+[common]
+""" + ''.join(f'{key} = {value}\n' for key, value in common.items()) + f"""[logging]
+filename = {nersc}/daemon.log
+size = 100000000
+backups = 1
+to =
+""")
+    return config, nersc
+
+
 def main():
     prsr = ArgumentParser(description=__doc__.split('\n')[1])
     prsr.add_argument('--exposures', type=int, default=100)
@@ -70,33 +97,9 @@ def main():
             os.makedirs(run_dir)
             floors.append(timed(rsync_ssh(rsync(os.path.join(source, NIGHT), floor_dir),
                                           ssh_command(dts.ssh))))
-            nersc = os.path.join(run_dir, 'nersc')
-            for d in ('staging/raw', 'data', 'scratch'):
-                os.makedirs(os.path.join(nersc, d))
-            config = os.path.join(run_dir, 'daemon.ini')
-            with open(config, 'w') as f:
-                f.write(f"""[DESI_SPECTRO_DATA]
-source = {source}
-staging = {nersc}/staging/raw
-destination = {nersc}/data
-hpss = desi/spectro/data
-checksum_file = checksum-{{exposure}}.sha256sum
-[common]
-host = dts
-ssh = {dts.ssh}
-temporary = {nersc}/scratch
-checksum_lock = {mountain}/checksum-running
-catchup = 0
-backup = 0
-sleep = 1
-hpss = {os.path.join(TOP, 'tests', 'hpss')}
-hpss_status = {status_url}
-[logging]
-filename = {nersc}/daemon.log
-size = 100000000
-backups = 1
-to =
-""")
+            config, nersc = configuration(run_dir, source, dts.ssh, catchup=0, backup=0,
+                                          hpss=os.path.join(TOP, 'tests', 'hpss'),
+                                          hpss_status=status_url)
             command = [daemon, '--once', '-c', config, '-k', os.path.join(run_dir, 'stop')]
             tape = os.path.join(run_dir, 'hpss')
             os.makedirs(tape)

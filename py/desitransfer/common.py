@@ -792,9 +792,12 @@ class SharedConnection(object):
             return ssh_command(self.program, control=control)
         return environment_ssh(control=control)
 
-    def ssh(self):
+    def ssh(self, stream=0):
         """The ssh command (a list) that shares the connection; give it to
-        :func:`rsync_ssh`.  The first command to use it opens the connection."""
+        :func:`rsync_ssh`.  The first command to use it opens the connection.
+        A `stream` other than 0 is a connection of its own, shared the same way
+        by the commands given the same `stream` (parallel rsyncs, each with its
+        own TCP window)."""
         if self._directory is None:
             # Directories of processes that were killed before close().
             top = tempfile.gettempdir()
@@ -803,14 +806,15 @@ class SharedConnection(object):
                 if m is not None and not _alive(int(m.group(1))):
                     shutil.rmtree(os.path.join(top, name), ignore_errors=True)
             self._directory = tempfile.mkdtemp(prefix=f'desitransfer-ssh-{os.getpid():d}-')
-        return self._command(control=os.path.join(self._directory, 'mux'))
+        name = f'mux{stream:d}' if stream else 'mux'
+        return self._command(control=os.path.join(self._directory, name))
 
     def close(self):
-        """Stop the shared connection, if one is open, and remove its private directory."""
+        """Stop the shared connections, if any is open, and remove their private directory."""
         if self._directory is None:
             return
-        control = os.path.join(self._directory, 'mux')
-        if os.path.exists(control):
+        for name in sorted(os.listdir(self._directory)):
+            control = os.path.join(self._directory, name)
             run(self._command() + ['-o', f'ControlPath={control}', '-O', 'exit', self.host],
                 timeout=30, quiet=True, ok=(0, 255))
         shutil.rmtree(self._directory, ignore_errors=True)

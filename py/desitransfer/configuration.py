@@ -20,6 +20,13 @@ DirectoryConfig = namedtuple('DirectoryConfig', ['name', 'source', 'staging',
                                                  'destination', 'hpss', 'checksum_file',
                                                  'data_root'])
 
+#: Most rsync streams copying from the mountain at once (``[common] streams``).
+MAX_STREAMS = 16
+
+#: Streams when ``[common] streams`` is not set.
+DEFAULT_STREAMS = 8
+
+
 class ConfigurationError(Exception):
     """A fatal problem with the configuration: one line naming the file and key."""
 
@@ -134,6 +141,13 @@ def _days(value):
     return v
 
 
+def _streams(value):
+    v = int(value)
+    if not 1 <= v <= MAX_STREAMS:
+        raise ValueError(f'a number of streams from 1 to {MAX_STREAMS:d} is required')
+    return v
+
+
 def _list(value):
     return [v.strip() for v in value.split(',') if v.strip()]
 
@@ -164,6 +178,8 @@ def _validate(parser):
               'sleep': _get(parser, 'common', 'sleep', _positive),
               'retries': _get(parser, 'common', 'retries', _count, default=5),
               'recent': _get(parser, 'common', 'recent', _days, default=30),
+              'streams': _get(parser, 'common', 'streams', _streams,
+                              default=DEFAULT_STREAMS),
               'hpss': _get(parser, 'common', 'hpss'),
               'hpss_status': _get(parser, 'common', 'hpss_status')}
     if common['host'] and not common['ssh']:

@@ -99,9 +99,10 @@ class Actions(object):
         """Run a command that only reads; in test mode too."""
         return run(command, stop=self.stop, **kwargs)
 
-    def run(self, command, **kwargs):
-        """Run a command that changes something."""
-        return run(command, stop=self.stop, **kwargs)
+    def run(self, command, stop=None, **kwargs):
+        """Run a command that changes something; `stop` (by default the
+        daemon's) interrupts it."""
+        return run(command, stop=self.stop if stop is None else stop, **kwargs)
 
     def copied(self, directory):
         """``True`` if a copy arrived as `directory`."""
@@ -200,7 +201,7 @@ class DryRun(Actions):
 
     test = True
 
-    def run(self, command, **kwargs):
+    def run(self, command, stop=None, **kwargs):
         return run(command, test=True, **kwargs)
 
     def copied(self, directory):

@@ -29,7 +29,7 @@ from .nights import Nights, due_time
 from .remote import Mountain
 from .settle import Settling
 from .state import STATE_FILE, State
-from .transfer import COPIED, FATAL, copy_verify
+from .transfer import COPIED, FATAL, fatal
 
 
 class TransferDaemon(Settling, Nights):
@@ -297,12 +297,13 @@ class TransferDaemon(Settling, Nights):
                 retries[name] += 1
                 log.info("Transferring exposure %s again (try %d of %d).", name,
                          retries[name], self.conf['retries'])
-        outcomes = copy_verify(links, self.mountain, d.staging, d.checksum_file,
-                               self.actions, basis=d.destination)
-        for o in outcomes:
-            if o.copy in FATAL and o.name in retries:
-                retries[o.name] -= 1  # Not the exposure's fault: the try does not count.
-        return self._settle(d, outcomes, status)
+
+        def settle(outcomes):
+            for o in outcomes:
+                if o.copy in FATAL and o.name in retries:
+                    retries[o.name] -= 1  # Not the exposure's fault: the try does not count.
+            self._settle(d, outcomes, status)
+        return fatal(self._copy_verify(d, links, status, settle)) is None
 
     # ------------------------------------------------------------------
     # The documented single steps.
@@ -350,9 +351,8 @@ class TransferDaemon(Settling, Nights):
                       self.mountain.name, survey.refused.get(link, survey.answer))
             return False
         log.info("Transferring exposure %s from %s.", link, d.source)
-        outcomes = copy_verify([survey.links[link]], self.mountain, d.staging,
-                               d.checksum_file, self.actions, basis=d.destination)
-        return self._settle(d, outcomes, status) and outcomes[0].copy == COPIED
+        outcomes = self._copy_verify(d, [survey.links[link]], status)
+        return fatal(outcomes) is None and outcomes[0].copy == COPIED
 
     def checksum(self, checksum_file, status):
         """Verify checksum associated with `checksum_file` and report status.

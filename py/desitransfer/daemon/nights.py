@@ -17,7 +17,7 @@ from ..common import log, new_exposures
 from .actions import listdir
 from .archive import archive_name
 from .remote import RSYNC_TIMEOUT
-from .transfer import COPIED, CONNECTION_LOST, classify, copy_verify
+from .transfer import COPIED, CONNECTION_LOST, classify, fatal
 
 #: A night not archived this long after its backup hour is alerted (once).
 OVERDUE = dt.timedelta(days=1)
@@ -103,9 +103,7 @@ class Nights(object):
             return True
         log.info("Night %s: late or changed files in exposures %s.", night,
                  ', '.join(link.expid for link in changed))
-        outcomes = copy_verify(changed, self.mountain, d.staging, d.checksum_file,
-                               self.actions, basis=d.destination)
-        return self._settle(d, outcomes, status)
+        return fatal(self._copy_verify(d, changed, status)) is None
 
     # ------------------------------------------------------------------
     # Archive.

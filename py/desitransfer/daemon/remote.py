@@ -4,9 +4,10 @@
 desitransfer.daemon.remote
 ===========================
 
-The mountain, as :command:`desi_transfer_daemon` sees it: one shared ssh
-connection, a survey of the exposure links with their targets resolved at
-the mountain, and the rsync commands that copy from there.
+The mountain, as :command:`desi_transfer_daemon` sees it: shared ssh
+connections (one for the survey and the first rsync stream, one for each
+further stream), a survey of the exposure links with their targets resolved
+at the mountain, and the rsync commands that copy from there.
 
 A survey is one round trip: a small POSIX shell script, run at the
 mountain, answers whether checksums are being computed (the lock file) and
@@ -27,6 +28,9 @@ from .state import valid_link
 
 #: Seconds before a remote command is killed.
 REMOTE_TIMEOUT = 300
+
+#: Seconds before the question of the sizes of a backlog is abandoned.
+SIZES_TIMEOUT = 120
 
 #: Seconds before an rsync is killed; ``--timeout`` stops an rsync that hears nothing.
 RSYNC_TIMEOUT = 2 * 3600
@@ -86,11 +90,14 @@ SURVEY_SCRIPT = '; '.join([
     """printf '#end\\0'""",
 ])
 
+#: Most directories in one question of sizes (a bound on its command line).
+SIZES_CHUNK = 1000
+
 _find_error = re.compile(r"^find: [‘'`\"](?P<path>.*?)[’'\"]?: (?P<why>.+)$")
 
 
 class Mountain(object):
-    """The mountain: a host reached over one shared ssh connection, or this
+    """The mountain: a host reached over shared ssh connections, or this
     machine if `host` is empty.
 
     Parameters
@@ -113,13 +120,15 @@ class Mountain(object):
     def name(self):
         return self.host or 'localhost'
 
-    def ssh_command(self):
+    def ssh_command(self, stream=0):
         """The ssh command, sharing one connection (an OpenSSH control master
-        kept between passes; ssh makes a new one if it died)."""
-        return self.connection.ssh()
+        kept between passes; ssh makes a new one if it died).  Each rsync
+        `stream` after the first has a connection of its own, kept the same
+        way, so that it has its own TCP window."""
+        return self.connection.ssh(stream)
 
     def close(self):
-        """Stop the shared connection and remove its private directory."""
+        """Stop the shared connections and remove their private directory."""
         self.connection.close()
 
     def remote(self, words, timeout=REMOTE_TIMEOUT):
@@ -129,9 +138,9 @@ class Mountain(object):
         return run(self.ssh_command() + [self.host, shlex.join(words)],
                    timeout=timeout, ok=(0,), quiet=True, stop=self.stop)
 
-    def rsync(self, source, destination, extra=(), dry_run=False):
+    def rsync(self, source, destination, extra=(), dry_run=False, stream=0):
         """The rsync command copying directory `source` at the mountain into
-        `destination`, with `extra` options.
+        `destination`, with `extra` options, over the connection of `stream`.
 
         Links are not followed (no ``--copy-dirlinks``): `source` is the
         physical directory found by the survey, so nothing outside it is read.
@@ -141,11 +150,41 @@ class Mountain(object):
         if dry_run:
             command.insert(1, '--dry-run')
         if self.host:
-            command.insert(1, '--rsh=' + shlex.join(self.ssh_command()))
+            command.insert(1, '--rsh=' + shlex.join(self.ssh_command(stream)))
             command.append(f'{self.host}:{source}/')
         else:
             command.append(f'{source}/')
         return command + [f'{destination}/']
+
+    def sizes(self, directories):
+        """Bytes in each of `directories` (physical exposure directories) at
+        the mountain, in one round trip; ``None`` if the answer is not usable
+        (then a backlog is shared out by count).
+
+        Parameters
+        ----------
+        directories : :class:`list`
+            Absolute paths.
+
+        Returns
+        -------
+        :class:`dict` or ``None``
+            Directory -> bytes.
+        """
+        sizes = {}
+        directories = list(directories)
+        for first in range(0, len(directories), SIZES_CHUNK):
+            chunk = directories[first:first + SIZES_CHUNK]
+            result = self.remote(['du', '--summarize', '--bytes', '--'] + chunk,
+                                 timeout=SIZES_TIMEOUT)
+            found = parse_sizes(result.stdout, chunk) if result.returncode == 0 else None
+            if found is None:
+                log.info("The sizes of %d exposures at %s are unknown (return code %d); "
+                         "they are shared out among the streams by count.",
+                         len(directories), self.name, result.returncode)
+                return None
+            sizes.update(found)
+        return sizes
 
     def survey(self, source, checksum_lock, nights, data_root=None):
         """Ask, in one round trip, for the checksum lock and the exposure links
@@ -233,6 +272,19 @@ def parse_survey(result, source, data_root=None):
             night, expid = name.split('/')
             links[name] = Link(night, expid, targets[path], mtime)
     return Survey('links', links, refused, unknown_nights, result)
+
+
+def parse_sizes(answer, directories):
+    """Read the answer of :command:`du --summarize --bytes` for `directories`:
+    bytes in each; ``None`` unless it names each of them, and nothing else,
+    with a size."""
+    sizes = {}
+    for line in answer.split('\n')[:-1] if answer.endswith('\n') else [None]:
+        size, _, directory = (line or '').partition('\t')
+        if not (size.isascii() and size.isdigit()) or directory in sizes:
+            return None
+        sizes[directory] = int(size)
+    return sizes if sorted(sizes) == sorted(directories) else None
 
 
 def _refusal(name, target, data_root):

@@ -14,7 +14,7 @@ import os
 
 from ..common import log, valid_night
 from .actions import listdir
-from .transfer import COPIED, DISK_FULL, FATAL, SOURCE_CHANGED, STOPPED
+from .transfer import COPIED, DISK_FULL, FATAL, SOURCE_CHANGED, STOPPED, copy_verify
 
 #: The third pass in a row that cannot reach the mountain is emailed.
 UNREACHABLE_ALERT = 3
@@ -27,6 +27,16 @@ def _passes(n):
 class Settling(object):
     """Record, install, retry and alert after copy-verify (part of
     :class:`~desitransfer.daemon.core.TransferDaemon`)."""
+
+    def _copy_verify(self, d, links, status, settle=None):
+        """Copy-verify `links` in up to ``[common] streams`` rsyncs at once, and
+        settle each batch as soon as it is verified (with :meth:`_settle`, or
+        `settle`); the outcomes."""
+        if settle is None:
+            def settle(outcomes):
+                self._settle(d, outcomes, status)
+        return copy_verify(links, self.mountain, d.staging, d.checksum_file, self.actions,
+                           basis=d.destination, streams=self.conf['streams'], settle=settle)
 
     def _settle(self, d, outcomes, status):
         """Record and install what :func:`~desitransfer.daemon.transfer.copy_verify`

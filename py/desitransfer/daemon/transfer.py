@@ -9,9 +9,18 @@ moves, whether it is new, retried or caught up: :func:`copy_verify` copies
 exposures from the mountain into staging with rsync, locks them and
 verifies their checksums, and returns one :class:`Outcome` per exposure
 saying exactly what happened.  It installs and records nothing: the caller
-decides once, from the outcome.
+decides, from the outcomes, which it receives as soon as they are known.
+
+A backlog is copied in several rsync streams at once (``[common] streams``),
+each a thread running one rsync at a time over an ssh connection of its own,
+taking batches of exposures from one queue; batches are cut by size, large
+first and small last, so the streams finish together.  A batch copied is
+verified by one hashing thread at a lower CPU priority, while the streams
+copy the next ones, and its outcomes go to the caller at once.
 """
 import os
+import queue
+import threading
 import time
 from collections import namedtuple
 
@@ -40,6 +49,21 @@ _FULL = ('No space left on device', 'Disk quota exceeded')
 
 #: Most exposures copied by one rsync (a bound on its argument list).
 BATCH = 200
+
+#: Smallest batch worth an rsync of its own, in bytes (below it, the start
+#: of an rsync, a few round trips, costs more than the streams gain).
+MIN_BATCH_BYTES = 8 << 20
+
+#: Largest batch, in bytes, so that the first exposures of a long backlog
+#: are installed early (the start of an rsync costs about 1% of it).
+MAX_BATCH_BYTES = 1 << 30
+
+#: Batches are cut to at most the bytes left over this many times the
+#: number of streams: large first, small at the end, when streams finish.
+SPLIT = 2
+
+#: How much lower the CPU priority of verification is than the copy's (nice).
+VERIFY_NICE = 5
 
 
 class Outcome(namedtuple('Outcome', ['link', 'copy', 'returncode', 'detail', 'errors',
@@ -111,15 +135,20 @@ def _tail(text, size=300):
     return '; '.join(lines)[-size:]
 
 
-def copy_verify(links, mountain, staging, checksum_file, actions, basis=None):
+def copy_verify(links, mountain, staging, checksum_file, actions, basis=None,
+                streams=1, settle=None):
     """Copy exposures into staging, lock and verify them.
 
     Exposures of a night whose targets share a directory at the mountain
-    are copied by one rsync (at most :data:`BATCH` at a time).  If it fails
-    for another reason than the connection, the disk or a stop, each is
+    are copied in batches, each by one rsync, cut by size as the mountain
+    reports it (see :func:`plan`); up to `streams` rsyncs run at once.  Each
+    batch is verified as soon as its copy is complete, while the next ones
+    are copied, and handed to `settle`.  If a batch fails for another
+    reason than the connection, the disk or a stop, each of its exposures is
     copied again on its own, so a failure stays with the exposures it
-    touched.  After a fatal outcome nothing more is copied: every remaining
-    exposure gets the same outcome.
+    touched.  After a fatal outcome in any stream nothing more is copied:
+    the other streams are stopped and every exposure not complete gets the
+    same outcome.  A batch whose copy completed is still verified.
 
     Parameters
     ----------
@@ -136,79 +165,263 @@ def copy_verify(links, mountain, staging, checksum_file, actions, basis=None):
     basis : :class:`str`, optional
         The destination: exposures installed there already serve as the
         basis of the copy (``--link-dest``), so only what changed is sent.
+    streams : :class:`int`, optional
+        Most rsyncs at once.
+    settle : callable, optional
+        Called in the calling thread with a list of :class:`Outcome` as soon
+        as they are known: each batch once verified, while other batches are
+        being copied; the fatal outcomes, if any, all together at the end.
+        If it raises, every stream is stopped and the exception propagates.
 
     Returns
     -------
     :class:`list`
         One :class:`Outcome` per exposure, in the order of `links`.
     """
-    groups = {}
-    for link in links:
-        groups.setdefault((link.night, os.path.dirname(link.target)), []).append(link)
-    outcomes = {}
-    for (night, parent), members in groups.items():
-        for first in range(0, len(members), BATCH):
-            batch = members[first:first + BATCH]
-            fatal = next((o.copy for o in outcomes.values() if o.copy in FATAL), None)
-            if fatal is None and actions.stop.is_set():
-                fatal = STOPPED
-            if fatal:
-                outcomes.update((link, Outcome(link, fatal, 0, '', None, None, None))
-                                for link in batch)
-                continue
-            for outcome in _copy_batch(batch, night, parent, mountain, staging,
-                                       checksum_file, actions, basis):
-                outcomes[outcome.link] = outcome
+    if not links:
+        return []
+    sizes = mountain.sizes(sorted({link.target for link in links})) if len(links) > 1 else None
+    batches = plan(links, sizes, streams)
+    for night in sorted({link.night for link in links}):
+        actions.makedirs(os.path.join(staging, night))
+    copy = _Copy(mountain, staging, checksum_file, actions, basis, batches)
+    streams = min(streams, len(batches))
+    if sizes:
+        log.info("Copying %d exposures (%.1f MB) in %d rsync%s, %d at a time.", len(links),
+                 sum(sizes.get(link.target, 0) for link in links) / 1e6, len(batches),
+                 '' if len(batches) == 1 else 's', streams)
+    outcomes = copy.run(streams, settle)
     return [outcomes[link] for link in links]
 
 
-def _copy_batch(batch, night, parent, mountain, staging, checksum_file, actions, basis):
-    staging_night = os.path.join(staging, night)
-    actions.makedirs(staging_night)
-    for link in batch:
-        # A copy left by an earlier pass is completed, not started again.
-        leftover = os.path.join(staging_night, link.expid)
-        if os.path.isdir(leftover):
-            actions.unlock(leftover)
-    extra = ([f'--link-dest={os.path.join(basis, night)}'] if basis else [])
-    extra += [f'--include=/{link.expid}/***' for link in batch] + ['--exclude=*']
-    what = f"exposure {night}/{batch[0].expid}" if len(batch) == 1 else \
-        f"{len(batch):d} exposures of night {night}"
-    t0 = time.monotonic()
-    result = actions.run(mountain.rsync(parent, staging_night, extra=extra),
-                         timeout=RSYNC_TIMEOUT, ok=(0, 24))
-    rsync_ms = _milliseconds()
-    copy = classify(result, actions.stop)
-    log.debug("rsync of %s: %s in %.1f s.", what, copy, time.monotonic() - t0)
-    if copy == FAILED and len(batch) > 1:
-        log.warning("rsync of %s failed (return code %d); copying each on its own.",
-                    what, result.returncode)
-        outcomes = []
-        for link in batch:
-            if actions.stop.is_set() or any(o.copy in FATAL for o in outcomes):
-                fatal = next((o.copy for o in outcomes if o.copy in FATAL), STOPPED)
-                outcomes.append(Outcome(link, fatal, 0, '', None, None, None))
-            else:
-                outcomes += _copy_batch([link], night, parent, mountain, staging,
-                                        checksum_file, actions, basis)
+def fatal(outcomes):
+    """The first outcome that ends the pass, or ``None``."""
+    return next((o for o in outcomes if o.copy in FATAL), None)
+
+
+def plan(links, sizes, streams):
+    """Cut `links` into batches to copy, in order.
+
+    Exposures of one night and one directory at the mountain go together,
+    at most :data:`BATCH` at a time.  With `sizes` (bytes of each target),
+    each batch holds at most the bytes left divided by ``SPLIT * streams``,
+    within :data:`MIN_BATCH_BYTES` and :data:`MAX_BATCH_BYTES` (and at least
+    one exposure): large batches first, single exposures at the end, so that
+    the streams end together and the last verification is short; even one
+    stream verifies a batch while it copies the next.  Without `sizes` each
+    exposure counts as one byte, and one stream copies a night at once.
+
+    Parameters
+    ----------
+    links : :class:`list`
+        :class:`~desitransfer.daemon.remote.Link` of the exposures, in order.
+    sizes : :class:`dict` or ``None``
+        Physical directory of an exposure -> bytes.
+    streams : :class:`int`
+        Rsyncs at once.
+
+    Returns
+    -------
+    :class:`list`
+        Lists of links.
+    """
+    def size(link):
+        return max(1, sizes.get(link.target, 0)) if sizes else 1
+
+    smallest, largest = (MIN_BATCH_BYTES, MAX_BATCH_BYTES) if sizes else (1, float('inf'))
+    groups = {}
+    for link in links:
+        groups.setdefault((link.night, os.path.dirname(link.target)), []).append(link)
+    left = sum(size(link) for link in links)
+    batches = []
+    for members in groups.values():
+        i = 0
+        while i < len(members):
+            most = (min(largest, max(smallest, left / (SPLIT * streams)))
+                    if sizes or streams > 1 else left)
+            batch, total = [members[i]], size(members[i])
+            i += 1
+            while (i < len(members) and len(batch) < BATCH and
+                   total + size(members[i]) <= most):
+                batch.append(members[i])
+                total += size(members[i])
+                i += 1
+            left -= total
+            batches.append(batch)
+    return batches
+
+
+class _Abort(object):
+    """The stop request of the daemon, or the first fatal outcome of a stream,
+    which stops the others: usable as `stop` of :func:`desitransfer.common.run`."""
+
+    def __init__(self, stop):
+        self.stop = stop
+        self.kind = None
+        self.detail = ''
+        self._lock = threading.Lock()
+
+    def set(self, kind, detail=''):
+        with self._lock:
+            if self.kind is None:
+                self.kind, self.detail = kind, detail
+
+    def is_set(self):
+        return self.kind is not None or self.stop.is_set()
+
+    def outcome(self):
+        """What an exposure not copied now gets."""
+        return STOPPED if self.stop.is_set() else self.kind
+
+
+def _lower_priority():
+    """Make the calling thread (and threads it starts) yield the CPU to the copy."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid,
+                       min(19, os.getpriority(os.PRIO_PROCESS, tid) + VERIFY_NICE))
+    except (AttributeError, OSError):
+        pass
+
+
+class _Copy(object):
+    """One :func:`copy_verify`: stream threads copying `batches`, one
+    verification thread, and the calling thread collecting the outcomes."""
+
+    def __init__(self, mountain, staging, checksum_file, actions, basis, batches):
+        self.mountain = mountain
+        self.staging = staging
+        self.checksum_file = checksum_file
+        self.actions = actions
+        self.basis = basis
+        self.abort = _Abort(actions.stop)
+        self.todo = queue.SimpleQueue()
+        for batch in batches:
+            self.todo.put(batch)
+        self.copied = queue.SimpleQueue()
+        self.results = queue.SimpleQueue()
+
+    def run(self, streams, settle):
+        threads = [threading.Thread(target=self._guard, args=(self._stream, n),
+                                    name=f'rsync-stream-{n:d}', daemon=True)
+                   for n in range(streams)]
+        verifier = threading.Thread(target=self._guard, args=(self._verifier,),
+                                    name='verify', daemon=True)
+        for t in threads + [verifier]:
+            t.start()
+        outcomes, fatal_outcomes, running = {}, [], len(threads) + 1
+        try:
+            while running:
+                try:
+                    item = self.results.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if item is None:
+                    running -= 1
+                    if running == 1:
+                        self.copied.put(None)  # The streams are done: so is the verifier.
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    outcomes.update((o.link, o) for o in item)
+                    done = [o for o in item if o.copy not in FATAL]
+                    fatal_outcomes += [o for o in item if o.copy in FATAL]
+                    if done and settle is not None:
+                        settle(done)
+        except BaseException:
+            self.abort.set(STOPPED)
+            self.copied.put(None)
+            raise
+        finally:
+            for t in threads + [verifier]:
+                t.join()
+        if fatal_outcomes and settle is not None:
+            settle(fatal_outcomes)
         return outcomes
-    detail = '' if copy == COPIED else _tail(result.stderr)
-    if copy != COPIED:
-        return [Outcome(link, copy, result.returncode, detail, None, rsync_ms, None)
-                for link in batch]
-    outcomes = []
-    for link in batch:
-        exposure = os.path.join(staging_night, link.expid)
-        if actions.stop.is_set():
-            outcomes.append(Outcome(link, STOPPED, result.returncode, '', None, None, None))
-        elif not actions.copied(exposure):
-            outcomes.append(Outcome(link, SOURCE_CHANGED, result.returncode,
-                                    'not found at the mountain when copied', None,
-                                    rsync_ms, None))
+
+    def _guard(self, work, *args):
+        """Run `work`, passing on an unexpected exception to the calling thread."""
+        try:
+            work(*args)
+        except BaseException as err:
+            self.abort.set(STOPPED)
+            self.results.put(err)
+        finally:
+            self.results.put(None)
+
+    def _stream(self, n):
+        while True:
+            try:
+                batch = self.todo.get_nowait()
+            except queue.Empty:
+                return
+            self._copy(batch, n)
+
+    def _skip(self, batch):
+        self.results.put([Outcome(link, self.abort.outcome(), 0, self.abort.detail, None,
+                                  None, None) for link in batch])
+
+    def _copy(self, batch, n):
+        if self.abort.is_set():
+            self._skip(batch)
+            return
+        night, parent = batch[0].night, os.path.dirname(batch[0].target)
+        staging_night = os.path.join(self.staging, night)
+        for link in batch:
+            # A copy left by an earlier pass is completed, not started again.
+            leftover = os.path.join(staging_night, link.expid)
+            if os.path.isdir(leftover):
+                self.actions.unlock(leftover)
+        extra = ([f'--link-dest={os.path.join(self.basis, night)}'] if self.basis else [])
+        extra += [f'--include=/{link.expid}/***' for link in batch] + ['--exclude=*']
+        what = (f"exposure {night}/{batch[0].expid}" if len(batch) == 1 else
+                f"{len(batch):d} exposures of night {night}")
+        t0 = time.monotonic()
+        result = self.actions.run(self.mountain.rsync(parent, staging_night, extra=extra,
+                                                      stream=n),
+                                  timeout=RSYNC_TIMEOUT, ok=(0, 24), stop=self.abort)
+        rsync_ms = _milliseconds()
+        copy = classify(result, self.actions.stop)
+        detail = _tail(result.stderr)
+        if copy != COPIED and self.abort.is_set():
+            # Stopped because another stream lost the connection or filled the disk.
+            copy = self.abort.outcome()
+            detail = self.abort.detail or detail
+        log.debug("rsync of %s (stream %d): %s in %.1f s.", what, n, copy,
+                  time.monotonic() - t0)
+        if copy == COPIED:
+            self.copied.put((batch, result.returncode, rsync_ms))
+        elif copy == FAILED and len(batch) > 1:
+            log.warning("rsync of %s failed (return code %d); copying each on its own.",
+                        what, result.returncode)
+            for link in batch:
+                self._copy([link], n)
         else:
-            actions.lock(exposure)
-            errors = actions.verify(os.path.join(exposure,
-                                                 checksum_file.format(exposure=link.expid)))
-            outcomes.append(Outcome(link, COPIED, result.returncode, '', errors, rsync_ms,
-                                    _milliseconds()))
-    return outcomes
+            if copy in FATAL:
+                self.abort.set(copy, detail)
+            self.results.put([Outcome(link, copy, result.returncode, detail, None, rsync_ms,
+                                      None) for link in batch])
+
+    def _verifier(self):
+        _lower_priority()
+        while True:
+            item = self.copied.get()
+            if item is None:
+                return
+            batch, returncode, rsync_ms = item
+            outcomes = []
+            for link in batch:
+                exposure = os.path.join(self.staging, link.night, link.expid)
+                if self.abort.outcome() == STOPPED:
+                    outcomes.append(Outcome(link, STOPPED, returncode, '', None, None, None))
+                elif not self.actions.copied(exposure):
+                    outcomes.append(Outcome(link, SOURCE_CHANGED, returncode,
+                                            'not found at the mountain when copied', None,
+                                            rsync_ms, None))
+                else:
+                    self.actions.lock(exposure)
+                    errors = self.actions.verify(os.path.join(
+                        exposure, self.checksum_file.format(exposure=link.expid)))
+                    outcomes.append(Outcome(link, COPIED, returncode, '', errors, rsync_ms,
+                                            _milliseconds()))
+            self.results.put(outcomes)

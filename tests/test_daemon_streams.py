@@ -1,0 +1,355 @@
+# Licensed under a 3-clause BSD style license - see LICENSE.rst
+"""desi_transfer_daemon copying a backlog in several rsync streams: batches
+cut by size, each exposure verified, recorded and installed while others
+are still being copied, and the rules of bad days with several streams at
+once (connection lost, SIGTERM and the kill file, a full disk, sizes the
+mountain cannot tell).
+
+Each integration test runs against the real sshd, rsync and SMTP server
+(fixtures in ``fixtures_daemon.py``)."""
+import glob
+import logging
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+
+from desitransfer.configuration import DEFAULT_STREAMS, ConfigurationError, read_configuration
+from desitransfer.daemon import transfer
+from desitransfer.daemon.remote import Link, parse_sizes
+from desitransfer.daemon.transfer import MIN_BATCH_BYTES, plan
+from fixtures_daemon import LAST, snapshot
+
+ROOT = os.geteuid() == 0
+
+#: Bytes of each file of an exposure large enough for a batch of its own.
+LARGE = MIN_BATCH_BYTES // 2 + 1
+
+
+def links(n, night=LAST, parent='/data', first=0):
+    return [Link(night, f'{first + i:08d}', f'{parent}/{night}/{first + i:08d}', 0.0)
+            for i in range(n)]
+
+
+def expids(batches):
+    return [[link.expid[-2:] for link in batch] for batch in batches]
+
+
+# ----------------------------------------------------------------------
+# Batches.
+# ----------------------------------------------------------------------
+def test_plan_balances_by_size_large_first():
+    """Batches hold at most the bytes left over twice the streams: large
+    first, single exposures at the end; never mixed across nights or
+    directories at the mountain."""
+    mb = 1 << 20
+    backlog = links(16)
+    sizes = {link.target: 48 * mb for link in backlog}
+    sizes[backlog[3].target] = 400 * mb  # one very large exposure
+    batches = plan(backlog, sizes, 2)
+    assert [link for batch in batches for link in batch] == backlog
+    totals = [sum(sizes[link.target] for link in batch) for batch in batches]
+    assert expids(batches)[:2] == [['00', '01', '02'], ['03']]
+    # Smaller and smaller: the last batches are single exposures.
+    assert totals[-3:] == [48 * mb] * 3
+    assert totals[2] >= totals[-1] and max(totals) == 400 * mb
+    # By count, balanced like sizes all equal.
+    assert expids(plan(backlog, None, 2))[:3] == [['00', '01', '02', '03'],
+                                                  ['04', '05', '06'], ['07', '08']]
+    # Even one stream verifies a batch while it copies the next.
+    assert expids(plan(backlog, sizes, 1)) == [
+        ['00', '01', '02', '03'], ['04', '05', '06', '07', '08', '09'], ['10', '11', '12'],
+        ['13'], ['14'], ['15']]
+    # A long backlog: no batch larger than MAX_BATCH_BYTES.
+    long = links(100)
+    assert max(len(b) for b in plan(long, {link.target: 100 * mb for link in long}, 1)) == 10
+    # One stream, sizes unknown: one rsync for the night, as many as BATCH allows.
+    assert expids(plan(backlog, None, 1)) == [[f'{i:02d}' for i in range(16)]]
+    two_nights = links(2) + links(2, night='20261118') + links(2, parent='/other', first=2)
+    assert two_nights[4].target == '/other/20261119/00000002'
+    assert [len(b) for b in plan(two_nights, None, 1)] == [2, 2, 2]
+
+
+def test_plan_small_exposures_share_an_rsync(monkeypatch):
+    """Exposures smaller than MIN_BATCH_BYTES in all are one rsync; BATCH
+    still bounds an rsync."""
+    backlog = links(7)
+    sizes = {link.target: 10_000 for link in backlog}
+    assert expids(plan(backlog, sizes, 8)) == [[f'{i:02d}' for i in range(7)]]
+    monkeypatch.setattr(transfer, 'BATCH', 3)
+    assert [len(b) for b in plan(backlog, sizes, 8)] == [3, 3, 1]
+
+
+def test_parse_sizes():
+    dirs = ['/d/20261119/00000001', '/d/20261119/00000002']
+    good = f'100\t{dirs[0]}\n2048\t{dirs[1]}\n'
+    assert parse_sizes(good, dirs) == {dirs[0]: 100, dirs[1]: 2048}
+    for bad in ('', 'garbage', good[:-1], f'100\t{dirs[0]}\n', good + '5\t/etc\n',
+                good.replace('2048', '-1'), good.replace('2048', '２'),
+                good + f'1\t{dirs[0]}\n', good.replace('\t', ' ')):
+        assert parse_sizes(bad, dirs) is None, bad
+
+
+@pytest.mark.parametrize('value', ['0', '17', 'four', '-1'])
+def test_streams_validated(site, value):
+    site.write_config(streams=value)
+    with pytest.raises(ConfigurationError, match=r'\[common\] streams'):
+        read_configuration(site.config)
+    site.write_config()
+    assert read_configuration(site.config)[1]['streams'] == DEFAULT_STREAMS
+    site.write_config(streams='3')
+    assert read_configuration(site.config)[1]['streams'] == 3
+
+
+def test_bad_streams_one_line_and_nothing_changed(site):
+    """The real command refuses a bad number of streams with one CRITICAL
+    line naming the file and key, exit status 1, and changes nothing."""
+    site.exposure(LAST, '00002900')
+    site.write_config(streams='100')
+    before = snapshot(site.top)
+    command, env = site.command('--once')
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith('CRITICAL'), lines
+    assert site.config in lines[0] and '[common] streams' in lines[0]
+    assert snapshot(site.top) == before
+
+
+def test_verification_yields_the_cpu():
+    """The verification thread runs at a lower CPU priority than the copy."""
+    seen = []
+
+    def verifier():
+        transfer._lower_priority()
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    t = threading.Thread(target=verifier)
+    t.start()
+    t.join()
+    assert seen == [min(19, before + transfer.VERIFY_NICE)]
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before
+
+
+# ----------------------------------------------------------------------
+# Several streams at work.
+# ----------------------------------------------------------------------
+def rsync_gate(site, name, line=''):
+    """An ssh program that numbers rsync connections atomically (0, 1, ...),
+    writes ``started.N``, then runs the shell `line` (``$n`` is the number)
+    before connecting; its number of connections so far, its directory and
+    the arguments of every ssh it ran."""
+    directory = os.path.join(site.top, name + '.d')
+    os.makedirs(directory)
+    counter = os.path.join(directory, 'count')
+    script = (f'exec 9>>{directory}/lock; flock 9; n=$(cat {counter} 2>/dev/null || echo 0); '
+              f'echo $((n + 1)) > {counter}; flock -u 9; touch {directory}/started.$n; '
+              + (line or 'true'))
+    calls = site.ssh_wrapper(name, before_rsync=script)
+
+    def count():
+        return len([n for n in os.listdir(directory) if n.startswith('started.')])
+    return count, directory, calls
+
+
+def large_backlog(site, n, first=3000):
+    expids = [f'{first + i:08d}' for i in range(n)]
+    for e in expids:
+        site.exposure(LAST, e, nfiles=2, size=LARGE)
+    return expids
+
+
+def test_exposures_installed_while_another_is_copied(site):
+    """One rsync connection of a multi-stream copy is held back: the
+    exposures of the other streams are verified, recorded and installed
+    meanwhile; then the held one completes too."""
+    expids = large_backlog(site, 4)
+    count, _, calls = rsync_gate(site, 'held-ssh', line=(
+        f'if [ "$n" = 0 ]; then i=0; while [ ! -e {site.top}/release ] && '
+        f'[ $i -lt 600 ]; do sleep 0.05; i=$((i + 1)); done; fi'))
+    site.write_config(ssh=os.path.join(site.top, 'held-ssh'), streams='4')
+    proc = site.start('--once')
+    try:
+        deadline = time.monotonic() + 60
+        while len(site.status_rows()) < 3:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.poll()
+            time.sleep(0.05)
+        # Three exposures are settled while the first connection is held.
+        assert not os.path.exists(os.path.join(site.top, 'release'))
+        assert count() == 4
+        installed = sorted(os.listdir(site.dest(LAST)))
+        assert len(installed) == 3
+        for e in installed:
+            site.assert_verified(LAST, e, nfiles=2, size=LARGE)
+        assert {e for (_, e) in site.status_rows()} == {int(e) for e in installed}
+        open(os.path.join(site.top, 'release'), 'w').close()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out
+    for e in expids:
+        site.assert_verified(LAST, e, nfiles=2, size=LARGE)
+    assert os.listdir(os.path.join(site.staging, LAST)) == []
+    assert site.smtp.messages == []
+    # Each stream has a connection of its own; all are closed at the end.
+    used = {os.path.basename(a.split('=', 1)[1]) for c in calls()
+            for a in c if a.startswith('ControlPath=')}
+    assert used == {'mux', 'mux1', 'mux2', 'mux3'}, used
+    assert glob.glob(f'/tmp/desitransfer-ssh-{proc.pid}-*') == []
+    assert not [p for p in os.listdir('/proc') if p.isdigit() and
+                f'/tmp/desitransfer-ssh-{proc.pid}-' in _cmdline(p)]
+
+
+def test_connection_lost_in_one_stream_stops_the_others(site, caplog):
+    """Two streams: one rsync connection hangs, the other is lost (ssh exit
+    255).  The hanging one is stopped at once, nothing more is copied, and
+    nothing is installed or recorded; one ERROR, and the next pass
+    converges."""
+    caplog.set_level(logging.INFO)
+    expids = large_backlog(site, 4)
+    gate = os.path.join(site.top, 'lossy-ssh.d')
+    count, _, _ = rsync_gate(site, 'lossy-ssh', line=(
+        f'if [ "$n" = 0 ]; then while [ ! -e {gate}/started.1 ]; do sleep 0.02; done; '
+        'sleep 60; fi; '
+        'if [ "$n" = 1 ]; then echo "Connection reset by peer" >&2; exit 255; fi'))
+    site.write_config(ssh=os.path.join(site.top, 'lossy-ssh'), streams='2')
+    t0 = time.monotonic()
+    assert site.run() == 1
+    assert time.monotonic() - t0 < 15
+    assert count() == 2  # No batch was started after the loss.
+    assert site.status_rows() == {}
+    assert not os.path.exists(site.dest(LAST))
+    errors = [r for r in caplog.records if r.getMessage().startswith('Could not copy')]
+    assert len(errors) == 1 and '(1 pass in a row)' in errors[0].getMessage()
+    assert 'Connection reset by peer' in errors[0].getMessage()
+    assert 'copying each on its own' not in caplog.text and 'has errors' not in caplog.text
+    assert not site.smtp.wait(1, timeout=0.3)
+    site.write_config(streams='2')
+    assert site.run() == 0
+    for e in expids:
+        site.assert_verified(LAST, e, nfiles=2, size=LARGE)
+    assert os.listdir(os.path.join(site.staging, LAST)) == []
+
+
+@pytest.mark.parametrize('how', ['SIGTERM', 'kill file'])
+def test_stop_in_the_middle_of_a_multi_stream_copy(site, how):
+    """Three streams are copying (their connections hang) when SIGTERM or
+    the kill file comes: every stream stops within seconds, nothing is
+    installed or recorded, no rsync or ssh is left; the next run converges."""
+    expids = large_backlog(site, 6)
+    count, gate, _ = rsync_gate(site, 'slow-ssh', line=(
+        f'i=0; while [ ! -e {site.top}/release ] && [ $i -lt 1200 ]; do sleep 0.05; '
+        'i=$((i + 1)); done'))
+    site.write_config(ssh=os.path.join(site.top, 'slow-ssh'), streams='3')
+    if how == 'SIGTERM':
+        code, out, seconds = site.terminate_when(lambda: count() == 3)
+    else:
+        proc = site.start()
+        try:
+            deadline = time.monotonic() + 60
+            while count() < 3:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.02)
+            t0 = time.monotonic()
+            open(site.kill, 'w').close()
+            out, _ = proc.communicate(timeout=60)
+            code, seconds = proc.returncode, time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        os.remove(site.kill)
+    assert code == 0 and seconds < 5, (seconds, out)
+    assert 'Stopped; 6 exposures stay in staging' in out, out
+    assert 'Traceback' not in out and count() == 3
+    assert site.status_rows() == {}
+    assert not os.path.exists(site.dest(LAST))
+    assert not [p for p in os.listdir('/proc') if p.isdigit() and
+                gate in _cmdline(p)]
+    open(os.path.join(site.top, 'release'), 'w').close()
+    assert site.run() == 0
+    for e in expids:
+        site.assert_verified(LAST, e, nfiles=2, size=LARGE)
+    assert site.smtp.messages == []
+
+
+def _cmdline(pid):
+    try:
+        with open(f'/proc/{pid}/cmdline', 'rb') as f:
+            return f.read().replace(b'\0', b' ').decode(errors='replace')
+    except OSError:
+        return ''
+
+
+@pytest.mark.parametrize('answer', ['exit 1', 'echo "999 /etc"; exit 0', 'sleep 600'])
+def test_sizes_unknown_means_by_count(site, caplog, answer):
+    """If the mountain cannot tell the sizes of a backlog (du fails, answers
+    garbage, or hangs until stopped), it is shared out by count, and every
+    exposure is still copied in several streams and verified."""
+    caplog.set_level(logging.INFO)
+    expids = [f'{3100 + i:08d}' for i in range(4)]
+    for e in expids:
+        site.exposure(LAST, e)
+    wrapper = os.path.join(site.top, 'no-du')
+    with open(wrapper, 'w') as f:
+        f.write(f'#!/bin/sh\ncase "$*" in *" du --summarize"*) {answer};; esac\n'
+                f'exec {site.ssh} "$@"\n')
+    os.chmod(wrapper, 0o755)
+    site.write_config(ssh=wrapper, streams='4')
+    if answer.startswith('sleep'):
+        # A hung question is given up after SIZES_TIMEOUT; here, a shorter one.
+        from desitransfer.daemon import remote
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(remote, 'SIZES_TIMEOUT', 1)
+            assert site.run() == 0
+    else:
+        assert site.run() == 0
+    assert 'are unknown' in caplog.text and 'shared out among the streams by count' \
+        in caplog.text
+    copies = [r.getMessage() for r in caplog.records
+              if r.getMessage().startswith('Running: /bin/rsync')]
+    assert len(copies) == 4, copies
+    for e in expids:
+        site.assert_verified(LAST, e)
+    assert site.smtp.messages == []
+
+
+@pytest.mark.skipif(not ROOT, reason='mounting a small file system needs root (CI is root)')
+def test_disk_full_in_several_streams(site, caplog):
+    """The disk fills up while four streams copy: one alert, nothing partial
+    installed or recorded, the other streams stop too; with space, the next
+    pass completes everything."""
+    caplog.set_level(logging.INFO)
+    expids = large_backlog(site, 8)
+    site.write_config(streams='4')
+    nersc = os.path.join(site.top, 'nersc')
+    subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={3 * MIN_BATCH_BYTES},mode=0755',
+                    'tmpfs', nersc], check=True)
+    try:
+        for d in (site.staging, site.destination):
+            os.makedirs(d)
+        assert site.run() == 1
+        assert site.smtp.wait(1, timeout=10)
+        assert not site.smtp.wait(2, timeout=0.5)
+        assert 'is full' in site.smtp.messages[0].get_content()
+        installed = os.listdir(site.dest(LAST)) if os.path.isdir(site.dest(LAST)) else []
+        assert len(installed) < len(expids)
+        for e in installed:
+            site.assert_verified(LAST, e, nfiles=2, size=LARGE)
+        assert {e for (_, e) in site.status_rows()} <= {int(e) for e in installed}
+        assert 'copying each on its own' not in caplog.text
+        assert 'has errors' not in caplog.text and 'Transfer pass of' not in caplog.text
+        staged = snapshot(site.staging)
+        subprocess.run(['mount', '-o', f'remount,size={20 * MIN_BATCH_BYTES}', nersc],
+                       check=True)
+        assert staged  # the copies in staging were kept for the next pass
+        assert site.run() == 0
+        for e in expids:
+            site.assert_verified(LAST, e, nfiles=2, size=LARGE)
+        assert os.listdir(os.path.join(site.staging, LAST)) == []
+    finally:
+        subprocess.run(['umount', '-l', nersc])
