@@ -278,7 +278,7 @@ def test_bad_configuration(tmp_path, monkeypatch):
     assert directories[0].destination == '/global/desi_spectro_data'
     assert directories[0].data_root == ''
     assert (conf['catchup'], conf['backup'], conf['host']) == (14, 20, 'dts')
-    assert (conf['sleep'], conf['recent'], conf['retries']) == (1, 30, 5)
+    assert (conf['sleep'], conf['recent'], conf['retries']) == (60, 30, 5)
     assert logging_['smtp'] == 'localhost:25'
     monkeypatch.delenv('NO_SUCH_VARIABLE', raising=False)
     cases = {

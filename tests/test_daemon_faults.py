@@ -362,6 +362,8 @@ BAD_VALUES = [
     ('checksum_file', 'checksum_file = checksum-{exposure}.sha256sum',
      'checksum_file = checksum-{exposure}-{expid}.sha256sum'),
     ('sleep', 'sleep = 0.02', 'sleep = 0'),
+    ('sleep', 'sleep = 0.02', 'sleep = 0s'),
+    ('sleep', 'sleep = 0.02', 'sleep = 10 seconds'),
     ('recent', 'sleep = 0.02', 'sleep = 0.02\nrecent = 0'),
     ('size', 'size = 1000000', 'size = -1'),
     ('staging', 'staging = {staging}', 'staging = nersc/staging/raw'),

@@ -370,7 +370,7 @@ def test_sigterm_during_survey_and_kill_file_during_sleep(site):
     proc = site.start('--debug')
     try:
         deadline = time.monotonic() + 60
-        while 'Sleeping 10 minutes' not in site.log_text():
+        while 'Sleeping 600 seconds' not in site.log_text():
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
         site.assert_verified(LAST, '00001800')
@@ -584,3 +584,38 @@ def test_forgotten_kill_file_is_emailed_once_a_day(site):
     os.remove(site.kill)
     assert site.run() == 0
     site.assert_verified(LAST, '00002400')
+
+
+def test_new_exposure_wakes_the_daemon(site, caplog):
+    """Between passes the daemon watches the mountain: an exposure linked
+    during a one-minute sleep is at NERSC seconds later, not a minute later."""
+    from desitransfer.configuration import read_configuration
+    site.write_config(sleep='1m')
+    assert read_configuration(site.config)[1]['sleep'] == 60
+    site.write_config(sleep='2h')
+    assert read_configuration(site.config)[1]['sleep'] == 7200
+    site.write_config(sleep='60s')
+    site.exposure(LAST, '00002500')
+    proc = site.start('--debug')
+    try:
+        deadline = time.monotonic() + 60
+        while 'Sleeping 60 seconds' not in site.log_text():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        site.assert_verified(LAST, '00002500')
+        time.sleep(1.5)  # the watch has started
+        t0 = time.monotonic()
+        site.exposure(LAST, '00002501')
+        while not os.path.isdir(site.dest(LAST, '00002501')):
+            assert time.monotonic() - t0 < 20, 'not woken by the new link'
+            time.sleep(0.05)
+        seconds = time.monotonic() - t0
+        assert seconds < 10, seconds
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        assert 'the next pass starts now' in site.log_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    site.assert_verified(LAST, '00002501')

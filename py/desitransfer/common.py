@@ -124,18 +124,7 @@ def run(command, timeout=DEFAULT_TIMEOUT, cwd=None, env=None, ok=(0,),
                 continue
             # The command runs in its own session; stop ssh & co. started by it too.
             how = signal.SIGTERM if stopped else signal.SIGKILL
-            try:
-                os.killpg(proc.pid, how)
-                out, err = proc.communicate(timeout=30)
-            except ProcessLookupError:
-                out, err = proc.communicate()
-            except subprocess.TimeoutExpired:
-                # It ignored SIGTERM: do not wait for ever.
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                out, err = proc.communicate()
+            out, err = _end(proc, how)
             err += ("\nStopped on request." if stopped else
                     f"\nTimed out after {timeout} seconds and was killed.")
             code = -how
@@ -147,6 +136,42 @@ def run(command, timeout=DEFAULT_TIMEOUT, cwd=None, env=None, ok=(0,),
         if err.strip():
             log.error("Standard error of %s: %s", command[0], err.strip()[-4000:])
     return Result(code, out, err)
+
+
+def _end(proc, how):
+    """Send `how` to the process group of `proc`, then SIGKILL if it is still
+    there after a few seconds; its output so far.
+
+    Once the process is gone its output is not waited for: a process outside
+    the group may hold the pipes (an OpenSSH control master is handed the
+    standard streams of the ssh client it serves, and keeps them until the
+    remote command ends).
+    """
+    for signum, wait in ((how, 3.0), (signal.SIGKILL, 2.0)):
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            gone = proc.poll() is not None
+            try:
+                return proc.communicate(timeout=0.5 if gone else 0.2)
+            except subprocess.TimeoutExpired:
+                if gone:
+                    return _abandon(proc)
+    return _abandon(proc)
+
+
+def _abandon(proc):
+    """Close the pipes of `proc` without reading them to their end."""
+    for stream in (proc.stdout, proc.stderr):
+        stream.close()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+    return '', '(output abandoned: the pipes were held by another process)'
 
 
 def write_json(path, data):

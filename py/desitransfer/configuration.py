@@ -110,11 +110,16 @@ def _optional_absolute(value):
     return _absolute(value) if value else ''
 
 
-def _positive(value):
-    v = float(value)
-    if not v > 0:
-        raise ValueError('a positive number is required')
-    return v
+def _interval(value):
+    """Seconds of an interval written ``10s``, ``1.5m``, ``1h``, or a number of minutes."""
+    m = re.fullmatch(r'([0-9]*\.?[0-9]+)\s*([smh]?)', value)
+    if m is None:
+        raise ValueError('a positive number of minutes, or a time such as 10s, 2m or 1h, '
+                         'is required')
+    seconds = float(m.group(1)) * {'s': 1, 'm': 60, 'h': 3600, '': 60}[m.group(2)]
+    if not seconds > 0:
+        raise ValueError('a positive interval is required')
+    return seconds
 
 
 def _count(value):
@@ -175,7 +180,7 @@ def _validate(parser):
               'checksum_lock': _get(parser, 'common', 'checksum_lock', _absolute),
               'catchup': _get(parser, 'common', 'catchup', int),
               'backup': _get(parser, 'common', 'backup', int),
-              'sleep': _get(parser, 'common', 'sleep', _positive),
+              'sleep': _get(parser, 'common', 'sleep', _interval),
               'retries': _get(parser, 'common', 'retries', _count, default=5),
               'recent': _get(parser, 'common', 'recent', _days, default=30),
               'streams': _get(parser, 'common', 'streams', _streams,

@@ -17,6 +17,7 @@ alert), :mod:`~desitransfer.daemon.nights` (catch-up, archive) with
 import datetime as dt
 import errno
 import os
+import time
 
 from .. import common
 from ..common import (Stop, configure_log, ensure_scratch, log, single_instance,
@@ -131,11 +132,29 @@ class TransferDaemon(Settling, Nights):
                 self._pass()
                 if self.options.once or self.stop.is_set():
                     break
-                log.debug("Sleeping %g minutes.", self.conf['sleep'])
-                self.stop.wait(self.conf['sleep'] * 60)
+                self._wait(self.conf['sleep'])
         finally:
             self.mountain.close()
         log.info("desi_transfer_daemon stops.")
+
+    def _wait(self, seconds):
+        """Wait `seconds` for the next pass, or less: while it waits, the
+        mountain is watched (over the shared connection) and the wait ends as
+        soon as a link is added to, or removed from, a night of the recent
+        window, or a night is created."""
+        log.debug("Sleeping %g seconds, or until a new exposure is linked.", seconds)
+        deadline = time.monotonic() + seconds
+        if seconds >= 2:
+            watched = []
+            for d in self.directories:
+                watched += [d.source] + [os.path.join(d.source, n) for n in self._window()]
+            changed = self.mountain.watch(watched, seconds - 1)
+            if changed:
+                log.debug("New at %s: the next pass starts now.", self.mountain.name)
+                return
+            if changed is None and not self.stop.is_set():
+                log.debug("Could not watch %s; sleeping.", self.mountain.name)
+        self.stop.wait(max(0.0, deadline - time.monotonic()))
 
     def _pass(self):
         self.failed = False
@@ -217,11 +236,13 @@ class TransferDaemon(Settling, Nights):
         return os.path.join(os.path.dirname(d.staging), 'status')
 
     def _status(self, d):
-        """The status store of `d`; ``None`` in test mode if it does not exist yet."""
+        """The status store of `d`, read only when it is first used (a pass with
+        nothing to record does not read a year of records); ``None`` in test
+        mode if it does not exist yet."""
         directory = self._status_directory(d)
         if self.test and not os.path.isdir(directory):
             return None
-        return TransferStatus(directory)
+        return _Lazy(lambda: TransferStatus(directory))
 
     def _recent_nights(self, d):
         """Nights in the destination from the recent window."""
@@ -378,3 +399,16 @@ class TransferDaemon(Settling, Nights):
         else:
             log.info("Checksums of %s/%s verified.", night, expid)
         self.actions.record(status, [(night, expid, 'checksum', bool(errors))])
+
+
+class _Lazy(object):
+    """An object made by `factory` the first time one of its attributes is used."""
+
+    def __init__(self, factory):
+        self._factory = factory
+        self._object = None
+
+    def __getattr__(self, name):
+        if self._object is None:
+            self._object = self._factory()
+        return getattr(self._object, name)

@@ -93,6 +93,22 @@ SURVEY_SCRIPT = '; '.join([
 #: Most directories in one question of sizes (a bound on its command line).
 SIZES_CHUNK = 1000
 
+#: The watch, run by ``sh -c SCRIPT sh SECONDS PATH...`` at the mountain: it
+#: answers ``changed`` as soon as the modification time of one of the
+#: directories PATH changes (a link added, a night created), or ``quiet``
+#: after SECONDS.  It looks once a second, at the mountain: no traffic.
+WATCH_SCRIPT = '; '.join([
+    'export LC_ALL=C',
+    'cd /',
+    'n=$1',
+    'shift',
+    's0=$(stat -c %y -- "$@" 2>/dev/null)',
+    'i=0',
+    'while [ $i -lt "$n" ]; do sleep 1; s=$(stat -c %y -- "$@" 2>/dev/null); '
+    'if [ "$s" != "$s0" ]; then echo changed; exit 0; fi; i=$((i + 1)); done',
+    'echo quiet',
+])
+
 _find_error = re.compile(r"^find: [‘'`\"](?P<path>.*?)[’'\"]?: (?P<why>.+)$")
 
 
@@ -185,6 +201,29 @@ class Mountain(object):
                 return None
             sizes.update(found)
         return sizes
+
+    def watch(self, directories, seconds):
+        """Wait up to `seconds` for a change at the mountain.
+
+        Parameters
+        ----------
+        directories : :class:`list`
+            Directories at the mountain whose modification time is watched
+            (a transfer area, tonight's directory in it).
+        seconds : :class:`int`
+            How long to wait at most.
+
+        Returns
+        -------
+        :class:`bool` or ``None``
+            ``True`` if one of them changed, ``False`` if nothing changed in
+            `seconds`, ``None`` if the mountain could not be asked (then the
+            caller waits on its own).
+        """
+        result = self.remote(['sh', '-c', WATCH_SCRIPT, 'sh', str(int(seconds))]
+                             + list(directories), timeout=seconds + 60)
+        answer = result.stdout.strip() if result.returncode == 0 else ''
+        return {'changed': True, 'quiet': False}.get(answer)
 
     def survey(self, source, checksum_lock, nights, data_root=None):
         """Ask, in one round trip, for the checksum lock and the exposure links
