@@ -293,52 +293,20 @@ class Auditor(object):
     def _section(self, d, nights):
         status_dir = self.directory or status_directory(d)
         host = self.conf['host'] or 'localhost'
-        mountain = Mountain(self.conf['host'], self.conf['ssh'], self.stop)
-        archive = Archive(self.conf['hpss'], self.conf['hpss_status'], None, DryRun(self.stop))
-        places = []
-        try:
-            with ThreadPoolExecutor(INDEX_THREADS) as pool:
-                asked = pool.submit(survey, mountain, d.source, nights, d.data_root)
-                tape, tape_why = tape_listing(archive, d.hpss)
-                indexes = {n: pool.submit(tape_index, archive, d.hpss, n) for n in nights
-                           if tape and archive_name(d.hpss, n) in tape and
-                           archive_name(d.hpss, n) + '.idx' in tape}
-                records, notes = {}, {}
-                for year in sorted({n[:4] for n in nights}):
-                    data, notes[year] = read_status(status_dir, int(year))
-                    records.update(data)
-                for night in nights:
-                    if self.stop.is_set():
-                        break
-                    places.append((night, nersc_night(d.destination, night),
-                                   status_rows(records, night)))
-                links = asked.result()
-                indexes = {n: f.result() for n, f in indexes.items()}
-        finally:
-            mountain.close()
-        known = links.answer == 'links'
-        mountain_why = '' if known else (
-            _tail(links.result.stderr) if links.result.stderr.strip() else
-            f"ssh returned {links.result.returncode:d} and an unreadable answer")
+        places = read_places(d, self.conf, nights, status_dir, self.stop)
         found, counts, seen = [], [0, 0, 0, 0], 0
         reported = set()
-        for night, (night_st, exposures), rows in places:
-            view = Night(self, d, night, status_dir, host, mountain_why=mountain_why,
-                         links={k.expid: k for k in links.links.values() if k.night == night},
-                         refused={name.split('/', 1)[1]: why
-                                  for name, why in links.refused.items()
-                                  if name.startswith(night + '/')},
-                         night_st=night_st, exposures=exposures, rows=rows, tape=tape,
-                         tape_why=tape_why, index=indexes.get(night, (None, ''))[0],
-                         index_why=indexes.get(night, (None, ''))[1])
-            if notes.get(night[:4]) and night[:4] not in reported and view.anything():
+        for night in places.nersc:
+            view = Night(self, d, night, status_dir, host, **places.night(night))
+            note = places.notes.get(night[:4])
+            if note and night[:4] not in reported and view.anything():
                 reported.add(night[:4])
-                found.append(Disagreement(night, None, 'status', notes[night[:4]],
-                                          "desi_transfer_status -d " + status_dir + " " + night
-                                          + " restores it from its copy; then audit again"))
+                found.append(Disagreement(night, None, 'status', note,
+                                          f"desi_transfer_status -d {status_dir} {night} "
+                                          "restores it from its copy; then audit again"))
             found += view.compare()
             seen += view.anything()
-            for i, n in enumerate((len(view.links), len(exposures), len(rows),
+            for i, n in enumerate((len(view.links), len(view.exposures), len(view.rows),
                                    len(view.index or {}))):
                 counts[i] += n
         how = ("every checksum verified" if self.deep else "names, modes, times and sizes "
@@ -346,14 +314,104 @@ class Auditor(object):
         self.summary.append(
             f"[{d.name}] {seen:d} night{'s' if seen != 1 else ''} with exposures "
             + (f"in {nights[0]}" if len(nights) == 1 else f"from {nights[0]} to {nights[-1]}")
-            + ": "
-            + (f"{counts[0]:d} exposures linked at {host}" if known else
-               f"the mountain ({host}) could not be asked") +
-            f", {counts[1]:d} at NERSC ({d.destination}), {counts[2]:d} recorded "
+            + ": " + (f"the mountain ({host}) could not be asked" if places.mountain_why else
+                      f"{counts[0]:d} exposures linked at {host}")
+            + f", {counts[1]:d} at NERSC ({d.destination}), {counts[2]:d} recorded "
             f"({status_dir}), " + (f"{counts[3]:d} in archives on tape ({d.hpss})"
-                                   if tape is not None else "the tape could not be listed")
-            + f"; {how}.")
+                                   if places.tape is not None else
+                                   "the tape could not be listed") + f"; {how}.")
         return found
+
+
+class Places(namedtuple('Places', ['mountain_why', 'links', 'refused', 'tape', 'tape_why',
+                                   'indexes', 'nersc', 'records', 'notes'])):
+    """What the places hold of some nights of one destination (see :func:`read_places`).
+
+    Attributes
+    ----------
+    mountain_why : :class:`str`
+        Why the mountain could not be asked, or ``''``.
+    links, refused : :class:`dict`
+        ``{NIGHT: {EXPID: Link}}`` and ``{NIGHT: {NAME: why}}`` from the survey.
+    tape, tape_why : :class:`dict`, :class:`str`
+        :func:`tape_listing` of the tape directory.
+    indexes : :class:`dict`
+        ``{NIGHT: (index, why)}`` (:func:`tape_index`) of the nights on tape.
+    nersc : :class:`dict`
+        ``{NIGHT: (stat, {EXPID: Exposure})}`` (:func:`nersc_night`).
+    records, notes : :class:`dict`
+        The status records of the years of the nights (``{NIGHT: ...}``), and
+        ``{YEAR: problem}`` of the status files read (:func:`desitransfer.status.read_status`).
+    """
+
+    __slots__ = ()
+
+    def night(self, night):
+        """The places of `night`, as keyword arguments of :class:`Night`."""
+        index, index_why = self.indexes.get(night, (None, ''))
+        night_st, exposures = self.nersc[night]
+        return dict(mountain_why=self.mountain_why, links=self.links.get(night, {}),
+                    refused=self.refused.get(night, {}), night_st=night_st,
+                    exposures=exposures, rows=status_rows(self.records, night),
+                    tape=self.tape, tape_why=self.tape_why, index=index, index_why=index_why)
+
+
+def read_places(d, conf, nights, status_dir=None, stop=None):
+    """Read what every place holds of `nights` for destination `d`: one survey
+    of the mountain, one listing of the tape directory and the index of each
+    night on tape (all of them while NERSC and the status are read), the
+    exposures at NERSC, and the status (if `status_dir` is set).
+
+    Parameters
+    ----------
+    d : :class:`desitransfer.configuration.DirectoryConfig`
+        The destination.
+    conf : :class:`dict`
+        The ``[common]`` settings.
+    nights : :class:`list`
+        Nights, YYYYMMDD.
+    status_dir : :class:`str`, optional
+        The status directory; not read if not set.
+    stop : :class:`desitransfer.common.Stop`, optional
+        Interrupts the commands; NERSC is not read further once it is set.
+
+    Returns
+    -------
+    :class:`Places`
+    """
+    stop = stop if stop is not None else Stop()
+    mountain = Mountain(conf['host'], conf['ssh'], stop)
+    archive = Archive(conf['hpss'], conf['hpss_status'], None, DryRun(stop))
+    records, notes, nersc = {}, {}, {}
+    try:
+        with ThreadPoolExecutor(INDEX_THREADS) as pool:
+            asked = pool.submit(survey, mountain, d.source, nights, d.data_root)
+            tape, tape_why = tape_listing(archive, d.hpss)
+            indexes = {n: pool.submit(tape_index, archive, d.hpss, n) for n in nights
+                       if tape and archive_name(d.hpss, n) in tape and
+                       archive_name(d.hpss, n) + '.idx' in tape}
+            for year in sorted({n[:4] for n in nights}) if status_dir else []:
+                data, notes[year] = read_status(status_dir, int(year))
+                records.update(data)
+            for night in nights:
+                if stop.is_set():
+                    break
+                nersc[night] = nersc_night(d.destination, night)
+            links = asked.result()
+            indexes = {n: f.result() for n, f in indexes.items()}
+    finally:
+        mountain.close()
+    why = '' if links.answer == 'links' else (
+        _tail(links.result.stderr) if links.result.stderr.strip() else
+        f"ssh returned {links.result.returncode:d} and an unreadable answer")
+    by_night, refused = {}, {}
+    for link in links.links.values():
+        by_night.setdefault(link.night, {})[link.expid] = link
+    for name, reason in links.refused.items():
+        if '/' in name:
+            night, rest = name.split('/', 1)
+            refused.setdefault(night, {})[rest] = reason
+    return Places(why, by_night, refused, tape, tape_why, indexes, nersc, records, notes)
 
 
 class Night(object):
@@ -543,33 +601,17 @@ class Night(object):
         for problem in exposure.problems:
             self.add(expid, 'nersc', problem, "look at the permissions, then audit again")
         name = self.d.checksum_file.format(exposure=expid)
-        path = os.path.join(exposure.path, name)
         if self.auditor.deep:
-            errors = verify_checksum(path)
+            errors = verify_checksum(os.path.join(exposure.path, name))
             if errors:
                 lines = errors.splitlines()
                 more = f' (and {len(lines) - SHOWN:d} more)' if len(lines) > SHOWN else ''
                 self.add(expid, 'nersc', '; '.join(lines[:SHOWN]) + more,
                          self.retransfer(True))
             return not errors
-        try:
-            digests, unverified, problems = _parse(_read_checksum_file(path), name)
-        except OSError as err:
-            self.add(expid, 'nersc', f"its checksum file {name} cannot be read: "
-                     f"{err.strerror or err}", self.retransfer(True))
-            return False
-        listed = set(digests) | unverified
-        present = {n for n, st in exposure.entries.items() if not stat.S_ISDIR(st.st_mode)}
-        parents = {os.path.dirname(n) for n in listed} - {''}
-        parents |= {p for n in parents for p in _ancestors(n)}
-        missing = listed - present
-        extra = {n for n in exposure.entries if n not in listed and n not in parents} - {name}
-        if problems or missing or extra:
-            what = problems[:SHOWN]
-            what += [f"listed in {name} but missing: {_some(missing)}"] if missing else []
-            what += [f"not listed in {name}: {_some(extra)}"] if extra else []
-            self.add(expid, 'nersc', '; '.join(p.rstrip('.') for p in what),
-                     self.retransfer(True))
+        problems = light_check(exposure, name)
+        if problems:
+            self.add(expid, 'nersc', '; '.join(problems), self.retransfer(True))
             return False
         rows = self.rows.get(expid, {})
         when = rows.get(_CHECKSUM, rows.get(_RSYNC))
@@ -633,6 +675,28 @@ class Night(object):
                      + ("not recorded" if backup is None else
                         f"recorded as failed at {_utc(backup[1])}"),
                      "record by hand: " + self.record(expid, 'backup'))
+
+
+def light_check(exposure, name):
+    """What is wrong with `exposure` (an :class:`Exposure`) that its checksum
+    file `name` tells without reading the data: the checksum file unreadable
+    or malformed, files listed but missing, files not listed.  The names
+    come from the directory listing: no listed name is ever opened."""
+    try:
+        digests, unverified, problems = _parse(
+            _read_checksum_file(os.path.join(exposure.path, name)), name)
+    except OSError as err:
+        return [f"its checksum file {name} cannot be read: {err.strerror or err}"]
+    listed = set(digests) | unverified
+    present = {n for n, st in exposure.entries.items() if not stat.S_ISDIR(st.st_mode)}
+    parents = {os.path.dirname(n) for n in listed} - {''}
+    parents |= {p for n in parents for p in _ancestors(n)}
+    missing = listed - present
+    extra = {n for n in exposure.entries if n not in listed and n not in parents} - {name}
+    found = [p.rstrip('.') for p in problems[:SHOWN]]
+    found += [f"listed in {name} but missing: {_some(missing)}"] if missing else []
+    found += [f"not listed in {name}: {_some(extra)}"] if extra else []
+    return found
 
 
 def _ancestors(name):

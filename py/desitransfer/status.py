@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import sys
 import threading
@@ -823,8 +824,28 @@ def _audit(options):
 
 def _rebuild(options):
     """:command:`desi_transfer_status --rebuild`; the exit status."""
-    from .rebuild import rebuild_command
-    return rebuild_command(options)
+    from .rebuild import rebuild, summary
+    code = 0
+    for rebuilt in rebuild((options.sections, options.common), options.rebuild,
+                           deep=options.deep, directory=options.directory):
+        current, problem = read_status(rebuilt.directory, rebuilt.year)
+        rebuilt.write()
+        print('\n'.join(summary(rebuilt, current, problem)))
+        if not options.replace:
+            again = ['desi_transfer_status'] + (['-c', options.configuration]
+                                                if options.configuration else [])
+            again += (['-d', options.directory] if options.directory else [])
+            again += ['--rebuild', options.rebuild] + (['--deep'] if options.deep else [])
+            print(f"To replace {rebuilt.path} by it (keeping the old file): "
+                  f"{shlex.join(again + ['--replace'])}")
+        elif rebuilt.unknown:
+            code = _error(f"{rebuilt.path} was not replaced: a place could not be read "
+                          "(see above); rebuild again when it can be.")
+        else:
+            kept = rebuilt.replace()
+            print(f"Replaced {rebuilt.path} by the rebuilt records" +
+                  (f"; the old file is kept as {kept}." if kept else "."))
+    return code
 
 
 def _statistics(options):
