@@ -562,15 +562,15 @@ def read_status(directory, year):
         return data, f"{problem}; read {name} instead"
     if problem.endswith('missing'):
         return {}, ''
-    return {}, f"{problem}, and so are its copy and .bak; read nothing"
+    return {}, f"{problem}, and neither its copy nor its .bak can be read; read nothing"
 
 
 #: Stages recorded by hand.  ``linked`` is when the link appeared at the
 #: mountain, which only the daemon knows.
 BY_HAND = ('rsync', 'checksum', 'backup')
 
-#: The order of the columns of :func:`_show`: the order of the stages in time.
-SHOWN = ('linked', 'rsync', 'checksum', 'backup')
+#: The columns of :func:`_show`: ``linked`` came last, after the others.
+SHOWN = ('rsync', 'checksum', 'backup', 'linked')
 
 #: The operator tools, options of :command:`desi_transfer_status`.
 TOOLS = ('audit', 'rebuild', 'statistics')
