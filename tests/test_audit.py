@@ -12,7 +12,7 @@ import pytest
 
 from desitransfer import audit as audit_module
 from desitransfer.audit import Disagreement, audit, format_table
-from desitransfer.configuration import read_configuration
+from desitransfer.configuration import DirectoryConfig, read_configuration
 from desitransfer.status import TransferStatus
 from fixtures_daemon import EARLIER, LAST, snapshot
 
@@ -271,7 +271,8 @@ def test_mountain_hangs(archived, monkeypatch):
     ('hsi', 'echo garbage; exit 0', 'could not be listed on HPSS: hsi answered empty answer'),
     ('hsi', 'sleep 60', 'could not be listed on HPSS: hsi returned -9'),
     ('htar', 'echo "HTAR: HTAR FAILED" >&2; exit 72', 'could not be read: htar returned 72'),
-    ('htar', 'echo "HTAR: HTAR SUCCESSFUL"; exit 7', 'could not be read: htar returned 7')])
+    ('htar', 'echo "HTAR: HTAR SUCCESSFUL"; exit 7', 'could not be read: htar returned 7'),
+    ('htar', 'sleep 60', 'could not be read: htar returned -9')])
 def test_hpss_unreadable(archived, monkeypatch, program, line, why):
     """HPSS down, hanging or answering garbage is said and is not clean."""
     site = archived
@@ -302,12 +303,20 @@ def test_malformed_links_and_status_file(archived):
     site = archived
     os.symlink(os.path.join(site.data, LAST, expid(LAST, 0)),
                os.path.join(site.source, LAST, 'abc'))
+    # A hostile link: the mountain's /etc, in the place of an exposure.
+    os.remove(os.path.join(site.source, LAST, expid(LAST, 1)))
+    os.symlink('/etc', os.path.join(site.source, LAST, expid(LAST, 1)))
     path = os.path.join(site.status_dir, 'desi_transfer_status_2026.json')
     with open(path, 'w') as f:
         f.write('{"truncated": ')
     before = snapshot(site.status_dir)
     found = audit(site.config, [LAST])
-    assert kinds(found) == {(LAST, None, 'mountain'), (LAST, None, 'status')}
+    assert kinds(found) == {(LAST, None, 'mountain'), (LAST, None, 'status'),
+                            (LAST, expid(LAST, 1), 'mountain')}
+    assert problem(found, LAST, expid(LAST, 1), 'mountain') == (
+        f'its link is not transferred: its target /etc is not a directory {LAST}/'
+        f'{expid(LAST, 1)} => nothing is lost (it is at NERSC); repair or remove the link at '
+        'the mountain')
     assert problem(found, LAST, None, 'mountain') == (
         f'{site.source}/{LAST}/abc is not transferred: not NIGHT/EXPID => rename or remove it '
         'at the mountain')
@@ -381,3 +390,35 @@ def test_configuration_as_read(archived):
     """The daemon passes its configuration as it read it."""
     site = archived
     assert audit(read_configuration(site.config), [LAST], directory=site.status_dir) == []
+
+
+def test_unreadable_night_at_nersc(unprivileged):
+    """A night directory that cannot be listed is said; nothing is called
+    missing at NERSC because of it."""
+    top = unprivileged.directory()
+    p = unprivileged.run(f"""import json, os
+from desitransfer.audit import nersc_night
+top = {top!r}
+os.makedirs(top + '/{LAST}/00000190')
+os.makedirs(top + '/{EARLIER}/00000180')
+os.chmod(top + '/{LAST}', 0o300)
+found = [nersc_night(top, n) for n in ('{LAST}', '{EARLIER}', '20261117')]
+print(json.dumps([[st is not None, sorted(e), why] for st, e, why in found]))
+""")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == [
+        [True, [], f'{top}/{LAST} cannot be listed: Permission denied'],
+        [True, ['00000180'], ''], [False, [], '']]
+    d = DirectoryConfig('DESI_SPECTRO_DATA', '/src', top + '/staging', top,
+                        'desi/spectro/data', 'checksum-{exposure}.sha256sum', '')
+    auditor = audit_module.Auditor(([d], {'recent': 30, 'backup': 20, 'host': 'dts'}))
+    view = audit_module.Night(auditor, d, LAST, '/status', 'dts', mountain_why='',
+                              links={'00000190': object()}, refused={},
+                              night_st=None, exposures={},
+                              nersc_why=f'{top}/{LAST} cannot be listed: Permission denied',
+                              rows={'00000190': {0: (True, 1000), 1: (True, 2000)}},
+                              tape={}, tape_why='', index=None, index_why='')
+    found = view.compare()
+    assert [(f.expid, f.place, f.problem) for f in found if f.place == 'nersc'] == [
+        (None, 'nersc', f'{top}/{LAST} cannot be listed: Permission denied')]
+    assert not [f for f in found if f.expid is not None]

@@ -170,23 +170,33 @@ def test_lost_status_file(recorded):
             for k, v in site.status_rows().items()} == rows
 
 
-def test_replace_refused_when_a_place_is_unknown(recorded):
+@pytest.mark.parametrize('place', ['hpss', 'mountain'])
+def test_replace_refused_when_a_place_is_unknown(recorded, place):
     site = recorded
-    site.hpss.fail('hsi')
+    if place == 'hpss':
+        site.hpss.fail('hsi')
+        why = 'Could not be read: desi/spectro/data could not be listed on HPSS (hsi returned 72: '
+        stage = BACKUP_STAGE
+    else:
+        site.ssh_wrapper('down', before_command='echo "ssh: connect to host dts: No route" >&2;'
+                                                ' exit 255')
+        why = ('Could not be read: the mountain could not be asked (ssh: connect to host dts: '
+               'No route): no linked rows.')
+        stage = LINKED
     before = snapshot(site.status_dir)
     p = status_command(site, '--rebuild', '2026', '--replace')
     assert p.returncode == 1
-    assert 'Could not be read: desi/spectro/data could not be listed on HPSS (hsi returned ' \
-           '72: ' in p.stdout
+    assert why in p.stdout
     assert p.stderr.splitlines() == [
         f'desi_transfer_status: error: {year_file(site)} was not replaced: a place could not '
         'be read (see above); rebuild again when it can be.']
     after = snapshot(site.status_dir)
     assert set(after) - set(before) == {year_file(site, '.rebuilt')}
     assert {p: s for p, s in after.items() if p in before} == before
-    # What was rebuilt has no backup rows: replacing would have lost them.
-    assert all(row[0] != BACKUP_STAGE for n in load(year_file(site, '.rebuilt')).values()
-               for rows in n.values() for row in rows)
+    # What was rebuilt lacks those rows: replacing would have lost them.
+    rows = [row for n in load(year_file(site, '.rebuilt')).values() for r in n.values()
+            for row in r]
+    assert rows and all(row[0] != stage for row in rows)
 
 
 def test_rebuild_full_disk(recorded):

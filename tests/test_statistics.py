@@ -176,6 +176,26 @@ def test_statistics_command(tree):
                                                                     'FY2026')))
 
 
+def test_unreadable_directories_are_noted(unprivileged):
+    """What cannot be read is said, not silently left out of the counts."""
+    top = unprivileged.directory()
+    p = unprivileged.run(f"""import json, os
+from desitransfer.statistics import destination_counts
+top = {top!r}
+for d in ('20260101/00000001/sub', '20260102/00000002'):
+    os.makedirs(os.path.join(top, d))
+    open(os.path.join(top, d, 'f'), 'w').close()
+os.chmod(top + '/20260101/00000001/sub', 0o300)
+os.chmod(top + '/20260102', 0o300)
+print(json.dumps(destination_counts(top, '20260101', '20261231')))
+""")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == [
+        {'20260101': [1, 0, 0]},
+        [f'{top}/20260101/00000001/sub cannot be listed: Permission denied',
+         f'{top}/20260102 cannot be listed: Permission denied']]
+
+
 @pytest.mark.parametrize('args, message', [
     (['--statistics', 'FY26'], "--statistics takes a year (YYYY) or a DOE fiscal year "
                                "(FYYYYY, such as FY2026), not 'FY26'."),

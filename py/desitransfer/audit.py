@@ -215,18 +215,21 @@ class Exposure(namedtuple('Exposure', ['path', 'st', 'entries', 'problems'])):
 
 def nersc_night(destination, night):
     """The night at NERSC: the :func:`os.lstat` of its directory (``None`` if
-    absent) and ``{EXPID: Exposure}`` of what is in it."""
+    absent), ``{EXPID: Exposure}`` of what is in it, and why it could not be
+    read (``''`` if it could: then what is not there is absent)."""
     path = os.path.join(destination, night)
     try:
         st = os.lstat(path)
-    except OSError:
-        return None, {}
+    except FileNotFoundError:
+        return None, {}, ''
+    except OSError as err:
+        return None, {}, f"{path} cannot be examined: {err.strerror or err}"
     if not stat.S_ISDIR(st.st_mode):
-        return st, {}
+        return st, {}, ''
     try:
         names = os.listdir(path)
-    except OSError:
-        return st, {}
+    except OSError as err:
+        return st, {}, f"{path} cannot be listed: {err.strerror or err}"
     found = {}
     for expid in names:
         if _expid.fullmatch(expid):
@@ -237,7 +240,7 @@ def nersc_night(destination, night):
                 continue
             entries, problems = lstat_tree(exposure) if stat.S_ISDIR(est.st_mode) else ({}, [])
             found[expid] = Exposure(exposure, est, entries, problems)
-    return st, found
+    return st, found, ''
 
 
 def status_rows(records, night):
@@ -338,7 +341,7 @@ class Places(namedtuple('Places', ['mountain_why', 'links', 'refused', 'tape', '
     indexes : :class:`dict`
         ``{NIGHT: (index, why)}`` (:func:`tape_index`) of the nights on tape.
     nersc : :class:`dict`
-        ``{NIGHT: (stat, {EXPID: Exposure})}`` (:func:`nersc_night`).
+        ``{NIGHT: (stat, {EXPID: Exposure}, why)}`` (:func:`nersc_night`).
     records, notes : :class:`dict`
         The status records of the years of the nights (``{NIGHT: ...}``), and
         ``{YEAR: problem}`` of the status files read (:func:`desitransfer.status.read_status`).
@@ -349,10 +352,11 @@ class Places(namedtuple('Places', ['mountain_why', 'links', 'refused', 'tape', '
     def night(self, night):
         """The places of `night`, as keyword arguments of :class:`Night`."""
         index, index_why = self.indexes.get(night, (None, ''))
-        night_st, exposures = self.nersc[night]
+        night_st, exposures, nersc_why = self.nersc[night]
         return dict(mountain_why=self.mountain_why, links=self.links.get(night, {}),
                     refused=self.refused.get(night, {}), night_st=night_st,
-                    exposures=exposures, rows=status_rows(self.records, night),
+                    exposures=exposures, nersc_why=nersc_why,
+                    rows=status_rows(self.records, night),
                     tape=self.tape, tape_why=self.tape_why, index=index, index_why=index_why)
 
 
@@ -419,7 +423,7 @@ class Night(object):
 
     The places are keyword arguments: ``mountain_why`` (why the mountain
     could not be asked, or ``''``), ``links`` and ``refused`` (the survey's,
-    by exposure), ``night_st`` and ``exposures`` (:func:`nersc_night`),
+    by exposure), ``night_st``, ``exposures`` and ``nersc_why`` (:func:`nersc_night`),
     ``rows`` (:func:`status_rows`), ``tape`` and ``tape_why``
     (:func:`tape_listing`), ``index`` and ``index_why`` (:func:`tape_index`).
     """
@@ -434,7 +438,7 @@ class Night(object):
     def anything(self):
         """``True`` if any place knows of this night."""
         return bool(self.links or self.refused or self.exposures or self.rows or self.index
-                    or self.night_st is not None)
+                    or self.night_st is not None or self.nersc_why)
 
     def add(self, expid, place, problem, todo):
         self.found.append(Disagreement(self.night, expid, place, problem, todo))
@@ -475,6 +479,11 @@ class Night(object):
     def compare(self):
         """Every disagreement of the night."""
         self._night()
+        if self.nersc_why:
+            # What NERSC holds is not known: nothing is said to be missing there.
+            self.add(None, 'nersc', self.nersc_why, "look at the permissions of the "
+                     "destination, then audit again")
+            return self.found
         on_index = self.index is not None
         expids = set(self.links) | set(self.exposures) | set(self.rows) | set(self.index or {})
         expids |= {name for name in self.refused if _expid.fullmatch(name)}
@@ -600,6 +609,8 @@ class Night(object):
                      "directories (2550 once the night is archived)")
         for problem in exposure.problems:
             self.add(expid, 'nersc', problem, "look at the permissions, then audit again")
+        if exposure.problems:
+            return None  # Not all of it could be seen: neither right nor wrong.
         name = self.d.checksum_file.format(exposure=expid)
         if self.auditor.deep:
             errors = verify_checksum(os.path.join(exposure.path, name))

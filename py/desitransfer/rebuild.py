@@ -169,7 +169,9 @@ def rebuild(configuration=None, year=None, deep=False, directory=None, stop=None
         if places.tape is None:
             rebuilt.unknown.append(f"{d.hpss} could not be listed on HPSS "
                                    f"({places.tape_why}): no backup rows")
-        for night, (_, exposures) in sorted(places.nersc.items()):
+        for night, (_, exposures, nersc_why) in sorted(places.nersc.items()):
+            if nersc_why:
+                rebuilt.unknown.append(f"{nersc_why}: no rows for night {night}")
             index, why = places.indexes.get(night, ({}, ''))
             if index is None:
                 rebuilt.unknown.append(f"the index of the archive of {night} could not be "
@@ -186,6 +188,9 @@ def _exposure(rebuilt, d, night, expid, exposure, deep, link, idx):
     """Add the rows of one exposure at NERSC."""
     if not os.path.isdir(exposure.path) or os.path.islink(exposure.path):
         rebuilt.notes.append(f"{exposure.path} is not a directory: not recorded")
+        return
+    if exposure.problems:
+        rebuilt.unknown += [f"{p}: no rows for {night}/{expid}" for p in exposure.problems]
         return
     name = d.checksum_file.format(exposure=expid)
     if deep:

@@ -148,40 +148,42 @@ def parse_period(value):
     return value, f'{year:d}0101', f'{year:d}1231'
 
 
-def exposure_size(directory):
-    """Files and bytes (apparent size) of the regular files in `directory`
-    and its subdirectories, never following a symbolic link."""
-    entries, _ = lstat_tree(directory)
-    sizes = [st.st_size for st in entries.values() if stat.S_ISREG(st.st_mode)]
-    return len(sizes), sum(sizes)
-
-
 def destination_counts(destination, first, last):
-    """``{NIGHT: [exposures, files, bytes]}`` of the nights from `first` to
-    `last` installed in `destination` (nights without exposures left out)."""
+    """What the nights from `first` to `last` hold in `destination`.
+
+    Returns
+    -------
+    :class:`tuple`
+        ``{NIGHT: [exposures, files, bytes]}`` (nights without exposures left
+        out; regular files, apparent sizes, symbolic links not followed), and
+        the directories that could not be read, one sentence each.
+    """
     try:
         nights = sorted(n for n in os.listdir(destination)
                         if valid_night(n) and first <= n <= last)
-    except OSError:
-        return {}
-    counts = {}
+    except OSError as err:
+        return {}, [f"{destination} cannot be listed: {err.strerror or err}"]
+    counts, problems = {}, []
     for night in nights:
         directory = os.path.join(destination, night)
         if os.path.islink(directory):
             continue
         try:
             names = sorted(os.listdir(directory))
-        except OSError:
+        except OSError as err:
+            problems.append(f"{directory} cannot be listed: {err.strerror or err}")
             continue
         for expid in names:
             path = os.path.join(directory, expid)
             if _expid.fullmatch(expid) and os.path.isdir(path) and not os.path.islink(path):
-                files, size = exposure_size(path)
+                entries, unread = lstat_tree(path)
+                sizes = [st.st_size for st in entries.values() if stat.S_ISREG(st.st_mode)]
+                problems += unread
                 total = counts.setdefault(night, [0, 0, 0])
                 total[0] += 1
-                total[1] += files
-                total[2] += size
-    return counts
+                total[1] += len(sizes)
+                total[2] += sum(sizes)
+    return counts, problems
 
 
 def _months(first, last):
@@ -227,7 +229,8 @@ def statistics(configuration=None, period=None, directory=None):
             records.update(data)
             if problem:
                 notes.append(problem)
-        counts = destination_counts(section.destination, first, last)
+        counts, unread = destination_counts(section.destination, first, last)
+        notes += [f"{u}: not counted" for u in unread]
         months = {m: {'nights': 0, 'exposures': 0, 'files': 0, 'bytes': 0, 'latency': []}
                   for m in _months(first, last)}
         for night, (exposures, files, size) in counts.items():
