@@ -247,7 +247,8 @@ def status_rows(records, night):
     """``{EXPID (8 digits): {stage code: (ok, ms)}}`` of `night` in the records
     of its year, the newest row of each stage."""
     found = {}
-    for key, rows in (records.get(night) or {}).items():
+    exposures = records.get(night)
+    for key, rows in exposures.items() if isinstance(exposures, dict) else ():
         if not (isinstance(key, str) and key.isdigit() and isinstance(rows, list)):
             continue
         stages = found.setdefault(f'{int(key):08d}', {})

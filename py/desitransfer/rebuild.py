@@ -38,7 +38,7 @@ import json
 import os
 
 from . import common
-from .audit import _some, light_check, read_places
+from .audit import _some, light_check, read_places, status_rows
 from .checksum import verify_checksum
 from .common import write_text
 from .statistics import configured
@@ -208,16 +208,8 @@ def _exposure(rebuilt, d, night, expid, exposure, deep, link, idx):
 
 def _rows(records):
     """``{(NIGHT, EXPID): {stage name: (ok, ms)}}`` of well-formed rows."""
-    found = {}
-    for night, exposures in records.items():
-        for expid, rows in exposures.items() if isinstance(exposures, dict) else ():
-            if not (isinstance(expid, str) and expid.isdigit()):
-                continue
-            stages = found.setdefault((night, f'{int(expid):08d}'), {})
-            for row in rows if isinstance(rows, list) else ():
-                if isinstance(row, list) and len(row) >= 3 and row[0] in _NAMES:
-                    stages[_NAMES[row[0]]] = (bool(row[1]), row[2])
-    return found
+    return {(night, expid): {_NAMES[c]: row for c, row in stages.items() if c in _NAMES}
+            for night in records for expid, stages in status_rows(records, night).items()}
 
 
 def differences(current, rebuilt):
