@@ -68,9 +68,9 @@ _RSYNC, _CHECKSUM, _BACKUP = (TransferStatus.stages[s] for s in ('rsync', 'check
 _expid = re.compile(r'[0-9]{8}')
 
 #: One line of ``hsi ls -l``: size, date and name.
-_ls_line = re.compile(r'\S{10}[+.@]?\s+[0-9]+\s+\S+\s+\S+\s+(?P<size>[0-9]+)\s+(?P<date>[A-Z][a-z]{2}'
-                      r'\s+[0-9]{1,2})\s+(?:(?P<hm>[0-9]{1,2}:[0-9]{2})|(?P<year>[0-9]{4}))\s+'
-                      r'(?P<name>.+)')
+_ls_line = re.compile(r'\S{10}[+.@]?\s+[0-9]+\s+\S+\s+\S+\s+(?P<size>[0-9]+)\s+'
+                      r'(?P<date>[A-Z][a-z]{2}\s+[0-9]{1,2})\s+'
+                      r'(?:(?P<hm>[0-9]{1,2}:[0-9]{2})|(?P<year>[0-9]{4}))\s+(?P<name>.+)')
 
 #: One member in ``htar -tvf``: mode, owner, size, date, time, name.
 _member = re.compile(r'HTAR: (?P<mode>[-dlcbps][-rwxsStT]{9})\s+\S+\s+(?P<size>[0-9]+)\s+'
@@ -455,16 +455,19 @@ class Night(object):
     def reverify(self):
         return f"re-verify: desi_transfer_status --audit {self.night} --deep"
 
-    def retransfer(self, installed):
-        oldest = (common._utcnow().timestamp() - self.auditor.conf['recent'] * 86400)
-        recent = self.night >= time.strftime('%Y%m%d', time.gmtime(oldest))
+    def retransfer(self, expid, installed):
+        """What to do to transfer `expid` again (`installed`: a copy is at NERSC)."""
         aside = ("move the installed copy aside (runbook: Transfer one exposure again); "
                  if installed else '')
-        return ("re-transfer: " + aside + ("the daemon then copies it on its next pass "
-                                           "(unless it gave up on it: given_up in its state file)"
-                                           if recent else "the night is older than the "
-                                           "recent window: copy it by hand (runbook: A night "
-                                           "older than the recent window)"))
+        if not self.mountain_why and expid not in self.links:
+            return (f"re-transfer: {aside}it is not linked at the mountain: copy it by hand "
+                    "from where it is there, or restore it from tape")
+        oldest = common._utcnow().timestamp() - self.auditor.conf['recent'] * 86400
+        if self.night >= time.strftime('%Y%m%d', time.gmtime(oldest)):
+            return (f"re-transfer: {aside}the daemon then copies it on its next pass (unless "
+                    "it gave up on it: given_up in its state file)")
+        return (f"re-transfer: {aside}the night is older than the recent window: copy it by "
+                "hand (runbook: A night older than the recent window)")
 
     def rearchive(self, on_tape):
         aside = (f"move {self.archive} and its .idx aside on HPSS (hsi mv), then " if on_tape
@@ -542,7 +545,8 @@ class Night(object):
                          "is among the recent ones")
         if len(held) < 2 and backed:
             self.add(None, 'status', f"backup recorded for {len(backed):d} exposure(s) "
-                     f"({_some(backed)}) but {archive} is not on tape", self.rearchive(False))
+                     f"({_some(backed)}) but {archive} is not on tape",
+                     self.rearchive(bool(held)))
         if len(held) == 2 and self.index is None:
             self.add(None, 'tape', f"the index of {archive} could not be read: "
                      f"{self.index_why}", f"check htar (htar -tvf {self.d.hpss}/{archive}) and "
@@ -563,11 +567,11 @@ class Night(object):
                      "find it elsewhere")
         if recorded:
             self.add(expid, 'status', f"recorded ({recorded}) but not at NERSC{waits}",
-                     self.retransfer(False) if link else
+                     self.retransfer(expid, False) if link else
                      "find the data (the records say it arrived), or restore it from tape")
         elif link is not None:
             self.add(expid, 'nersc', f"linked at the mountain since {_utc(link.mtime * 1000)} "
-                     f"but not at NERSC{waits}", self.retransfer(False))
+                     f"but not at NERSC{waits}", self.retransfer(expid, False))
         if self.index and expid in self.index:
             self.add(expid, 'nersc', f"in the archive {self.archive} but not at NERSC",
                      f"restore it from tape: cd {os.path.join(self.d.destination)} && htar "
@@ -585,7 +589,7 @@ class Night(object):
                      "mountain for why it is not linked")
         if not stat.S_ISDIR(exposure.st.st_mode):
             self.add(expid, 'nersc', f"{exposure.path} is not a directory",
-                     self.retransfer(True))
+                     self.retransfer(expid, True))
             return
         verified = self._nersc(expid, exposure)
         self._rows(expid, verified)
@@ -619,11 +623,11 @@ class Night(object):
                 lines = errors.splitlines()
                 more = f' (and {len(lines) - SHOWN:d} more)' if len(lines) > SHOWN else ''
                 self.add(expid, 'nersc', '; '.join(lines[:SHOWN]) + more,
-                         self.retransfer(True))
+                         self.retransfer(expid, True))
             return not errors
         problems = light_check(exposure, name)
         if problems:
-            self.add(expid, 'nersc', '; '.join(problems), self.retransfer(True))
+            self.add(expid, 'nersc', '; '.join(problems), self.retransfer(expid, True))
             return False
         rows = self.rows.get(expid, {})
         when = rows.get(_CHECKSUM, rows.get(_RSYNC))
@@ -650,12 +654,13 @@ class Night(object):
         if rsync is None and checksum is None:
             self.add(expid, 'status', "at NERSC but not recorded",
                      first + self.record(expid, 'rsync', 'checksum') if first else
-                     self.retransfer(True))
+                     self.retransfer(expid, True))
             return
         for name, row in (('rsync', rsync), ('checksum', checksum)):
             if row is None:
                 self.add(expid, 'status', f"{name} not recorded",
-                         first + self.record(expid, name) if first else self.retransfer(True))
+                         first + self.record(expid, name) if first else
+                         self.retransfer(expid, True))
             elif not row[0] and verified is not False:
                 self.add(expid, 'status', f"{name} recorded as failed at {_utc(row[1])}"
                          + (", but the exposure verifies" if verified else
