@@ -154,6 +154,10 @@ def test_rows_recorded_during_a_rebuild_are_kept(recorded):
     now = load(year_file(site))
     assert by_stage(now[TONIGHT][str(int(expid(TONIGHT, 1)))])[CHECKSUM][1] == 1
     assert '999' not in now[TONIGHT]  # older than the rebuild: replaced
+    # Everything else is as rebuilt.
+    del now[TONIGHT][str(int(expid(TONIGHT, 1)))]
+    del rebuilt.records[TONIGHT][str(int(expid(TONIGHT, 1)))]
+    assert now == rebuilt.records
 
 
 def test_lost_status_file(recorded):

@@ -41,8 +41,9 @@ from . import common
 from .audit import _some, light_check, read_places, status_rows
 from .checksum import verify_checksum
 from .common import write_text
+from .daemon.archive import archive_name
 from .statistics import configured
-from .status import TransferStatus, _dates, read_status, status_directory
+from .status import TransferStatus, _dates, _milliseconds, read_status, status_directory
 
 #: The stages, by code.
 _NAMES = {code: name for name, code in TransferStatus.stages.items()}
@@ -153,7 +154,7 @@ def rebuild(configuration=None, year=None, deep=False, directory=None, stop=None
     :class:`list`
         One :class:`Rebuilt` per status directory; nothing is written.
     """
-    started = int(common._utcnow().timestamp() * 1000)
+    started = _milliseconds()  # The clock of the records, to keep those made meanwhile.
     year = int(year)
     sections, conf = configured(configuration)
     today = common._utcnow().strftime('%Y%m%d')
@@ -176,7 +177,7 @@ def rebuild(configuration=None, year=None, deep=False, directory=None, stop=None
             if index is None:
                 rebuilt.unknown.append(f"the index of the archive of {night} could not be "
                                        f"read ({why}): no backup rows for it")
-            idx = (places.tape or {}).get(f"{d.hpss.replace('/', '_')}_{night}.tar.idx")
+            idx = (places.tape or {}).get(archive_name(d.hpss, night) + '.idx')
             for expid, exposure in sorted(exposures.items()):
                 _exposure(rebuilt, d, night, expid, exposure, deep,
                           places.links.get(night, {}).get(expid), idx if index and
