@@ -86,7 +86,7 @@ def test_clean_nights(archived):
     assert after == {p: s for p, s in before.items() if p != site.config}
 
 
-def test_each_kind_of_disagreement(archived, monkeypatch):
+def test_each_kind_of_disagreement(archived):
     site = archived
     status = TransferStatus(site.status_dir, year=2026)
     # A corrupted file: written over in place (bigger, and later than its checksum).

@@ -429,6 +429,8 @@ def test_alert_options():
 
 def test_lstat_tree(tmp_path, unprivileged):
     """Every entry below a directory, links not followed; unreadable parts said."""
+    import json
+    import stat
     top = tmp_path / 'exposure'
     (top / 'sub' / 'deeper').mkdir(parents=True)
     (top / 'a.fits').write_bytes(b'x' * 10)
@@ -439,8 +441,6 @@ def test_lstat_tree(tmp_path, unprivileged):
     assert sorted(entries) == ['a.fits', 'link', 'sub', 'sub/b.fits', 'sub/deeper',
                                'sub/deeper/c']
     assert entries['a.fits'].st_size == 10 and entries['sub/b.fits'].st_size == 3
-    import json
-    import stat
     assert stat.S_ISLNK(entries['link'].st_mode) and stat.S_ISDIR(entries['sub'].st_mode)
     assert problems == []
     assert common.lstat_tree(str(tmp_path / 'missing')) == (
