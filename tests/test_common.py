@@ -425,3 +425,34 @@ def test_alert_options():
     for bad in (['--alert-to', 'nobody'], ['--smtp', 'a:b'], ['--smtp', 'a b']):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
+
+
+def test_lstat_tree(tmp_path, unprivileged):
+    """Every entry below a directory, links not followed; unreadable parts said."""
+    import json
+    import stat
+    top = tmp_path / 'exposure'
+    (top / 'sub' / 'deeper').mkdir(parents=True)
+    (top / 'a.fits').write_bytes(b'x' * 10)
+    (top / 'sub' / 'b.fits').write_bytes(b'y' * 3)
+    (top / 'link').symlink_to('/etc')
+    (top / 'sub' / 'deeper' / 'c').write_text('c')
+    entries, problems = common.lstat_tree(str(top))
+    assert sorted(entries) == ['a.fits', 'link', 'sub', 'sub/b.fits', 'sub/deeper',
+                               'sub/deeper/c']
+    assert entries['a.fits'].st_size == 10 and entries['sub/b.fits'].st_size == 3
+    assert stat.S_ISLNK(entries['link'].st_mode) and stat.S_ISDIR(entries['sub'].st_mode)
+    assert problems == []
+    assert common.lstat_tree(str(tmp_path / 'missing')) == (
+        {}, [f'{tmp_path}/missing cannot be listed: No such file or directory'])
+    # A subdirectory that cannot be read, as an unprivileged user.
+    d = unprivileged.directory()
+    script = ("import json, os, sys; from desitransfer.common import lstat_tree; "
+              "os.makedirs(sys.argv[1] + '/e/locked'); open(sys.argv[1] + '/e/f', 'w').close(); "
+              "os.chmod(sys.argv[1] + '/e/locked', 0); "
+              "e, p = lstat_tree(sys.argv[1] + '/e'); print(json.dumps([sorted(e), p]))")
+    p = subprocess.run(unprivileged.command('-c', script, d), env=unprivileged.env(),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == [['f', 'locked'],
+                                    [f'{d}/e/locked cannot be listed: Permission denied']]

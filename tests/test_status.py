@@ -601,11 +601,13 @@ def test_help_says_the_default_directory(monkeypatch, tmp_path, capsys):
     assert help_of_directory(capsys) == (
         '-d DIR, --directory DIR Status directory (default '
         '/global/cfs/cdirs/desi/spectro/staging/status, that is '
-        '$DESI_ROOT/spectro/staging/status). ')
+        '$DESI_ROOT/spectro/staging/status; with --audit, --rebuild or --statistics, the '
+        'status directory of the configuration). ')
     monkeypatch.delenv('DESI_ROOT')
     assert help_of_directory(capsys) == (
         '-d DIR, --directory DIR Status directory (default '
-        '$DESI_ROOT/spectro/staging/status, but DESI_ROOT is not set). ')
+        '$DESI_ROOT/spectro/staging/status, but DESI_ROOT is not set; with --audit, --rebuild '
+        'or --statistics, the status directory of the configuration). ')
 
 
 def test_cli_record_and_show(tmp_path, monkeypatch, capsys):
@@ -621,12 +623,13 @@ def test_cli_record_and_show(tmp_path, monkeypatch, capsys):
     before = snapshot(year_file(tmp_path / 'status'))
     assert run_main(monkeypatch, '-d', d, NIGHT) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ['EXPID', 'rsync', 'checksum', 'backup']
+    assert lines[0].split() == ['EXPID', 'rsync', 'checksum', 'backup', 'linked']
     when = dt.datetime.fromtimestamp(data['12345'][1][2] / 1000, dt.timezone.utc)
     assert lines[1].startswith('00012345')
     assert f"FAILED {when:%Y-%m-%d %H:%M:%S} UTC" in lines[1]
     assert lines[2].startswith('00012346') and 'FAILED' not in lines[2]
     assert lines[2].split()[5] == '-'  # no checksum recorded
+    assert lines[2].split()[-1] == '-'  # no link time recorded
     assert len(lines) == 3
     assert run_main(monkeypatch, '-d', d, NIGHT, '12346') == 0
     lines = capsys.readouterr().out.splitlines()
@@ -837,3 +840,47 @@ def test_update_many_with_times(store, monkeypatch):
         with pytest.raises(ValueError):
             store.update_many([(NIGHT, '9', 'rsync', False, bad)])
     assert '9' not in store.find(NIGHT)
+
+
+def test_linked_stage(store, tmp_path, monkeypatch, capsys):
+    """Stage linked (3) is when the link appeared at the mountain: recorded
+    by the daemon with the link's time, shown last, not recorded by hand."""
+    assert store.stages['linked'] == 3
+    assert store.update_many([(NIGHT, '12345', 'linked', False, 1_672_628_300_000),
+                              (NIGHT, '12345', 'rsync', False, 1_672_628_400_000)]) == 2
+    assert store.find(NIGHT, '12345', 'linked') == [[3, 1, 1_672_628_300_000]]
+    capsys.readouterr()
+    assert run_main(monkeypatch, '-d', str(tmp_path / 'status'), NIGHT) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ['EXPID', 'rsync', 'checksum', 'backup', 'linked']
+    assert lines[1].split() == ['00012345', 'ok', '2023-01-02', '03:00:00', 'UTC', '-', '-',
+                                'ok', '2023-01-02', '02:58:20', 'UTC']
+    before = snapshot(year_file(tmp_path / 'status'))
+    with pytest.raises(SystemExit) as e:
+        run_main(monkeypatch, '-d', str(tmp_path / 'status'), NIGHT, '12345', 'linked')
+    assert e.value.code == 2
+    assert "invalid choice: 'linked'" in capsys.readouterr().err
+    assert snapshot(year_file(tmp_path / 'status')) == before
+
+
+def test_read_status_changes_nothing(store, tmp_path):
+    """read_status reads a damaged file from its copy, and repairs nothing."""
+    d = tmp_path / 'status'
+    assert status.read_status(str(d), 2023) == ({}, '')
+    store.update(NIGHT, '1', 'rsync')
+    store.update(NIGHT, '2', 'rsync')
+    assert list(status.read_status(str(d), 2023)[0][NIGHT]) == ['1', '2']
+    year_file(d).write_text('{"broken')
+    before = {name: snapshot(d / name) for name in names_of_year(d)}
+    data, problem = status.read_status(str(d), 2023)
+    assert list(data[NIGHT]) == ['1', '2']
+    assert problem.startswith(f'{year_file(d)} is malformed (not valid JSON (')
+    assert problem.endswith(f'; read {year_file(d)}.copy instead')
+    assert {name: snapshot(d / name) for name in names_of_year(d)} == before
+    (d / 'desi_transfer_status_2023.json.copy').write_text('[]')
+    data, problem = status.read_status(str(d), 2023)
+    assert list(data[NIGHT]) == ['1'] and problem.endswith('.json.bak instead')
+    (d / 'desi_transfer_status_2023.json.bak').unlink()
+    assert status.read_status(str(d), 2023) == ({}, problem.split(';')[0] + ', and neither '
+                                                'its copy nor its .bak can be read; read '
+                                                'nothing')

@@ -611,3 +611,88 @@ def test_ages_and_stale_nights(screen, tmp_path, http_directory):
     expect(pg.locator('#stale-note')).to_have_text(
         '⚠ 2 nights are stale: not complete a day after the night ended.')
     assert_only_local(pg, server)
+
+
+#
+# Latency: from the link at Kitt Peak to the verified checksum.
+#
+LINKED = 3
+
+
+def linked(rows, seconds):
+    """`rows` with a linked row `seconds` before the checksum."""
+    checksum = next(row[2] for row in rows if row[0] == CHECKSUM)
+    return rows + [[LINKED, 1, checksum - seconds * 1000]]
+
+
+@pytest.mark.parametrize('width', ['phone', 'desktop'])
+def test_latency(screen, tmp_path, http_directory, width):
+    """The latency of each exposure and the median of each night are shown
+    where link times exist; nights of older files show none."""
+    phone = width == 'phone'
+    data = make_year(THIS_YEAR, 12000)
+    tonight, failed, older = f'{YEAR}0113', f'{YEAR}0112', f'{YEAR}0111'
+    # Tonight: three exposures with link times, one without (recorded before).
+    for expid, seconds in zip(sorted(data[tonight], key=int), (12, 75, 30, None)):
+        if seconds is not None:
+            data[tonight][expid] = linked(data[tonight][expid], seconds)
+    # A failed checksum has no latency, and the night stays failed.
+    for expid, seconds in zip(sorted(data[failed], key=int), (8, 9, 10)):
+        data[failed][expid] = linked(data[failed][expid], seconds)
+    server = http_directory(status_directory(tmp_path / 'status', {YEAR: data}))
+    pg = screen(width, NOW)
+    pg.goto(server.url)
+    expect(pg.locator('tr[data-night]')).to_have_count(10)
+
+    rows, headers = read_table(pg.locator('#nights'), 'tr.night')
+    column = 'Lat.' if phone else 'Median latency'
+    if phone:
+        # The median latency takes the place of the number of exposures.
+        assert headers == ['Night', 'State', 'Lat.', 'Last record']
+    else:
+        assert headers == ['Night', 'State', 'Exposures', 'Total', 'Complete', 'Incomplete',
+                           'Failed', 'Median rsync→checksum', 'Median latency',
+                           'Last record (UTC)']
+    assert rows[tonight][column] == '30 s'
+    assert rows[failed][column] == '9 s'
+    assert rows[older][column] == '—'
+    assert rows[tonight]['State'].split()[-1] == I and rows[failed]['State'].split()[-1] == F
+    assert rows[older]['State'].split()[-1] == C
+
+    night_row(pg, tonight).locator('button.expand').click()
+    table = pg.locator(f'tr[data-detail-for="{tonight}"] table.exposures')
+    rows, headers = read_table(table, 'tr[data-expid]')
+    if phone:
+        # The latency takes the place of the backup time.
+        assert headers == ['Exposure', 'rsync', 'checksum', 'latency']
+    else:
+        # The latency takes the place of the time from rsync to checksum.
+        assert headers == ['Exposure', 'State', 'linked', 'rsync', 'checksum', 'backup',
+                           'latency']
+    expids = sorted(data[tonight], key=int)
+    assert [rows[e]['latency'] for e in expids] == ['12 s', '1 min 15 s', '30 s', '—']
+    if not phone:
+        link = {row[0]: row for row in data[tonight][expids[0]]}[LINKED][2]
+        assert rows[expids[0]]['linked'] == utc(link)
+        assert rows[expids[3]]['linked'] == '—'
+    night_row(pg, failed).locator('button.expand').click()
+    rows, _ = read_table(pg.locator(f'tr[data-detail-for="{failed}"] table.exposures'),
+                         'tr[data-expid]')
+    assert [r['latency'] for r in rows.values()] == ['8 s', '—', '10 s']
+    # A night without link times: no such columns.
+    night_row(pg, older).locator('button.expand').click()
+    _, headers = read_table(pg.locator(f'tr[data-detail-for="{older}"] table.exposures'),
+                            'tr[data-expid]')
+    assert 'latency' not in headers and 'linked' not in headers
+    # Everything fits the screen.
+    viewport = WIDTHS[width]['viewport']['width']
+    assert pg.evaluate('document.documentElement.scrollWidth') == viewport
+    scroll = pg.locator('.table-scroll')
+    assert scroll.evaluate('e => e.scrollWidth') <= scroll.evaluate('e => e.clientWidth')
+    right = pg.evaluate("""Math.max(...Array.from(
+        document.querySelectorAll('#nights th, #nights td'))
+        .filter(e => e.getBoundingClientRect().width > 0)
+        .map(e => e.getBoundingClientRect().right))""")
+    assert 0 < right <= viewport
+    pg.screenshot(path=str(tmp_path / f'latency-{width}.png'), full_page=True)
+    assert_only_local(pg, server)

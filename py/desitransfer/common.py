@@ -878,3 +878,36 @@ def alert_options(parser):
     parser.add_argument('--smtp', metavar='HOST:PORT', type=_mailhost, default='localhost:25',
                         help="Send alert emails through this SMTP server "
                              "(default %(default)s).")
+
+
+def lstat_tree(directory):
+    """Everything under `directory`, never following a symbolic link.
+
+    Parameters
+    ----------
+    directory : :class:`str`
+        The top directory.
+
+    Returns
+    -------
+    :class:`tuple`
+        ``{relative name: os.stat_result}`` of every entry below `directory`
+        (``sub/name`` in subdirectories, which are entries too), and the
+        problems met (a directory that cannot be listed), one sentence each.
+    """
+    import stat  # Here rather than above, so that this helper stays in one place.
+    entries, problems = {}, []
+    pending = ['']
+    while pending:
+        prefix = pending.pop()
+        try:
+            with os.scandir(os.path.join(directory, prefix)) as listing:
+                for entry in listing:
+                    st = entry.stat(follow_symlinks=False)
+                    entries[prefix + entry.name] = st
+                    if stat.S_ISDIR(st.st_mode):
+                        pending.append(prefix + entry.name + '/')
+        except OSError as err:
+            problems.append(f"{os.path.join(directory, prefix).rstrip('/')} cannot be listed: "
+                            f"{err.strerror or err}")
+    return entries, problems

@@ -6,8 +6,13 @@
  *
  *     {"NIGHT": {"EXPID": [[stage, ok, ms], ...]}}
  *
- * stage 0 = rsync, 1 = checksum, 2 = backup; ok 1 = success, 0 = failure;
- * ms = Unix time in milliseconds.  Unknown stages are ignored.
+ * stage 0 = rsync, 1 = checksum, 2 = backup, 3 = linked (when the exposure's
+ * link appeared at Kitt Peak); ok 1 = success, 0 = failure; ms = Unix time in
+ * milliseconds.  Unknown stages are ignored.
+ *
+ * The latency of an exposure is its checksum time (successful) minus its
+ * linked time.  Files written before the linked stage existed have no linked
+ * rows: then no latency is shown, and a night is complete without them.
  *
  * A static web server cannot list a directory, so years are discovered by
  * probing with HEAD requests: the current UTC year, then earlier years one by
@@ -27,6 +32,7 @@
     'use strict';
 
     var STAGES = ['rsync', 'checksum', 'backup'];
+    var LINKED = 3;
     var STATES = ['complete', 'incomplete', 'failed'];
     var SYMBOLS = {complete: '✓', incomplete: '…', failed: '✗'};
     var FIRST_YEAR = 2019;
@@ -212,7 +218,7 @@
             return null;
         }
         var stage = row[0], ok = row[1], ms = row[2];
-        if (!(stage === 0 || stage === 1 || stage === 2)) {
+        if (!(stage === 0 || stage === 1 || stage === 2 || stage === LINKED)) {
             return 'unknown';
         }
         if (!(ok === 0 || ok === 1 || ok === true || ok === false)) {
@@ -226,11 +232,17 @@
 
     function parseExposure(expid, rows, counter) {
         // One row per stage is expected; if there are more, the newest counts.
+        // The linked stage is not needed for an exposure to be complete.
         var stages = [null, null, null];
+        var linked = null;
         rows.forEach(function (raw) {
             var row = parseRow(raw);
             if (row === null) {
                 counter.rows += 1;
+            } else if (row !== 'unknown' && row.stage === LINKED) {
+                if (row.ok && (linked === null || row.ms > linked.ms)) {
+                    linked = row;
+                }
             } else if (row !== 'unknown') {
                 var old = stages[row.stage];
                 if (old === null || row.ms > old.ms) {
@@ -256,7 +268,11 @@
                 last = s.ms;
             }
         });
-        return {expid: expid, stages: stages, state: state,
+        var latency = null;
+        if (linked !== null && stages[1] !== null && stages[1].ok) {
+            latency = stages[1].ms - linked.ms;
+        }
+        return {expid: expid, stages: stages, state: state, linked: linked, latency: latency,
                 rsyncToChecksum: rsyncToChecksum, last: last};
     }
 
@@ -273,11 +289,15 @@
         list.sort(function (a, b) { return compareExpid(a.expid, b.expid); });
         var counts = {complete: 0, incomplete: 0, failed: 0};
         var durations = [];
+        var latencies = [];
         var last = null;
         list.forEach(function (e) {
             counts[e.state] += 1;
             if (e.rsyncToChecksum !== null) {
                 durations.push(e.rsyncToChecksum);
+            }
+            if (e.latency !== null) {
+                latencies.push(e.latency);
             }
             if (e.last !== null && (last === null || e.last > last)) {
                 last = e.last;
@@ -292,7 +312,8 @@
             state = 'incomplete';
         }
         return {night: night, exposures: list, counts: counts, state: state,
-                medianRsyncToChecksum: median(durations), last: last};
+                medianRsyncToChecksum: median(durations), medianLatency: median(latencies),
+                hasLinked: list.some(function (e) { return e.linked !== null; }), last: last};
     }
 
     /**
@@ -524,6 +545,10 @@
             return;
         }
         renderSummary(nights);
+        // Latency only where the year has link times (older files have none).
+        $('nights').classList.toggle('with-latency', page.nights.some(function (n) {
+            return n.hasLinked;
+        }));
         var body = $('night-rows');
         body.replaceChildren();
         nights.forEach(function (n, index) {
@@ -629,6 +654,9 @@
         var med = cell('td', 'median', 'num', n.medianRsyncToChecksum === null ? '—' : duration(n.medianRsyncToChecksum));
         med.setAttribute('data-median', n.medianRsyncToChecksum === null ? '' : String(n.medianRsyncToChecksum));
         tr.appendChild(med);
+        var lat = cell('td', 'latency', 'num', n.medianLatency === null ? '—' : duration(n.medianLatency));
+        lat.setAttribute('data-latency', n.medianLatency === null ? '' : String(n.medianLatency));
+        tr.appendChild(lat);
         tr.appendChild(lastCell(n));
 
         tr.addEventListener('click', function (event) {
@@ -731,12 +759,25 @@
         return td;
     }
 
+    /** The time the exposure's link appeared at Kitt Peak, or a dash. */
+    function linkedCell(row) {
+        var td = cell('td', 'linked', 'stage linked');
+        td.setAttribute('data-stage', 'linked');
+        if (row === null) {
+            td.classList.add('missing');
+            td.textContent = '—';
+        } else {
+            times(td, row.ms);
+        }
+        return td;
+    }
+
     function detailRow(n, detailId) {
         var tr = el('tr', 'detail');
         tr.id = detailId;
         tr.setAttribute('data-detail-for', n.night);
         var td = el('td');
-        td.colSpan = 9;
+        td.colSpan = 10;
         tr.appendChild(td);
         if (n.exposures.length === 0) {
             td.appendChild(el('p', 'empty', 'No exposures recorded for this night.'));
@@ -744,11 +785,18 @@
         }
         td.appendChild(chart(n));
 
-        var table = el('table', 'exposures');
+        var table = el('table', n.hasLinked ? 'exposures with-latency' : 'exposures');
         table.appendChild(el('caption', null, 'Exposures of night ' + n.night + ' (times UTC)'));
         var head = el('tr');
-        [['expid', 'Exposure'], ['state', 'State'], ['rsync', 'rsync'], ['checksum', 'checksum'],
-         ['backup', 'backup'], ['duration', 'rsync→checksum']].forEach(function (h) {
+        // Nights with link times show the link time and the latency, from the
+        // link to the checksum, instead of the time from rsync to checksum
+        // (which the chart still shows).
+        var columns = n.hasLinked ?
+            [['expid', 'Exposure'], ['state', 'State'], ['linked', 'linked'], ['rsync', 'rsync'],
+             ['checksum', 'checksum'], ['backup', 'backup'], ['latency', 'latency']] :
+            [['expid', 'Exposure'], ['state', 'State'], ['rsync', 'rsync'], ['checksum', 'checksum'],
+             ['backup', 'backup'], ['duration', 'rsync→checksum']];
+        columns.forEach(function (h) {
             var th = cell('th', h[0], null, h[1]);
             th.setAttribute('scope', 'col');
             head.appendChild(th);
@@ -765,10 +813,19 @@
             var state = cell('td', 'state');
             state.appendChild(stateBadge(e.state));
             row.appendChild(state);
+            if (n.hasLinked) {
+                row.appendChild(linkedCell(e.linked));
+            }
             e.stages.forEach(function (s, stage) {
                 row.appendChild(stageCell(stage, s));
             });
-            row.appendChild(cell('td', 'duration', 'num', e.rsyncToChecksum === null ? '—' : duration(e.rsyncToChecksum)));
+            if (n.hasLinked) {
+                var lat = cell('td', 'latency', 'num', e.latency === null ? '—' : duration(e.latency));
+                lat.setAttribute('data-latency', e.latency === null ? '' : String(e.latency));
+                row.appendChild(lat);
+            } else {
+                row.appendChild(cell('td', 'duration', 'num', e.rsyncToChecksum === null ? '—' : duration(e.rsyncToChecksum)));
+            }
             body.appendChild(row);
         });
         td.appendChild(table);
