@@ -87,15 +87,17 @@ class Site(SimpleNamespace):
         with open(path) as f:
             return f.read()
 
-    def status_rows(self):
-        """``{(night, expid): {stage: ok}}`` from the status files."""
+    def status_rows(self, linked=False):
+        """``{(night, expid): {stage: ok}}`` from the status files; stage 3
+        (``linked``) only if `linked`."""
         rows = {}
         for name in sorted(os.listdir(self.status_dir)) if os.path.isdir(self.status_dir) else []:
             if name.startswith('desi_transfer_status_') and name.endswith('.json'):
                 with open(os.path.join(self.status_dir, name)) as f:
                     for night, exposures in json.load(f).items():
                         for expid, r in exposures.items():
-                            rows[(night, int(expid))] = {row[0]: row[1] for row in r}
+                            rows[(night, int(expid))] = {row[0]: row[1] for row in r
+                                                         if linked or row[0] != 3}
                             assert len({row[0] for row in r}) == len(r), 'duplicate rows'
         return rows
 

@@ -435,3 +435,17 @@ def test_documented_methods(site):
     finally:
         d.mountain.close()
         configure_log()
+
+
+def test_link_time_recorded_for_latency(site):
+    """The time a link appeared at the mountain is recorded (stage linked), so
+    that latency runs from it to the verification."""
+    directory = site.exposure(LAST, '00001600')
+    link = os.path.join(site.source, LAST, '00001600')
+    os.utime(link, (1795000000.25, 1795000000.25), follow_symlinks=False)
+    assert site.run() == 0
+    assert site.status_rows(linked=True)[(LAST, 1600)] == {0: 1, 1: 1, 3: 1}
+    with open(os.path.join(site.status_dir, 'desi_transfer_status_2026.json')) as f:
+        rows = {stage: ms for stage, ok, ms in json.load(f)[LAST]['1600']}
+    assert rows[3] == 1795000000250 and rows[0] <= rows[1]
+    assert os.path.isdir(directory)

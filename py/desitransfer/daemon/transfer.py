@@ -105,13 +105,18 @@ class Outcome(namedtuple('Outcome', ['link', 'copy', 'returncode', 'detail', 'er
         return found + (self.errors.splitlines() if self.errors else [])
 
     def records(self):
-        """Status records ``(night, expid, stage, failure, ms)`` of what happened."""
+        """Status records ``(night, expid, stage, failure, ms)`` of what happened:
+        ``linked`` (the time of the link at the mountain), ``rsync`` and
+        ``checksum``."""
         night, expid = self.link.night, self.link.expid
-        if self.copy == FAILED:
-            return [(night, expid, 'rsync', True, self.rsync_ms)]
-        if self.copy != COPIED:
+        if self.copy not in (COPIED, FAILED):
             return []
-        records = [(night, expid, 'rsync', False, self.rsync_ms)]
+        # When the link appeared at the mountain: latency is measured from it.
+        records = ([(night, expid, 'linked', False, int(self.link.mtime * 1000))]
+                   if self.link.mtime and self.link.mtime > 0 else [])
+        if self.copy == FAILED:
+            return records + [(night, expid, 'rsync', True, self.rsync_ms)]
+        records.append((night, expid, 'rsync', False, self.rsync_ms))
         if self.errors is not None:
             records.append((night, expid, 'checksum', bool(self.errors), self.checksum_ms))
         return records
