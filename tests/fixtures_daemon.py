@@ -230,6 +230,7 @@ def write_config(site, **common_overrides):
             'hpss': site.hpss.bin, 'hpss_status': site.hpss_status.url}
     conf.update(common_overrides)
     data_root = conf.pop('data_root', '')
+    report = conf.pop('report', 'no')
     with open(site.config, 'w') as f:
         f.write(f"""[DESI_SPECTRO_DATA]
 source = {site.source}
@@ -247,6 +248,7 @@ size = 1000000
 backups = 2
 to = desi-alarms@example.org
 smtp = {site.smtp.hostport}
+report = {report}
 """)
 
 

@@ -619,3 +619,71 @@ def test_new_exposure_wakes_the_daemon(site, caplog):
         if proc.poll() is None:
             proc.kill()
     site.assert_verified(LAST, '00002501')
+
+
+def test_morning_report(site, caplog):
+    """Once the backup hour of a night has passed, one email says how it went:
+    exposures, failures and retries, late files, the archive, the latency, the
+    audit; not as an alarm, once per night, not in test mode."""
+    caplog.set_level(logging.INFO)
+    for j in range(3):
+        site.exposure(LAST, f'{2600 + j:08d}')
+    broken = site.exposure(LAST, '00002603', checksum=False)
+    site.write_config(report='yes')
+    site.clock(2026, 11, 20, 10, 0, 0)  # the night is still going on: no report
+    assert site.run() == 0
+    assert not site.smtp.wait(2, timeout=0.5)  # only the alert of 00002603
+    site.smtp.clear()
+    # A late file for the morning catch-up, listed in the checksum file.
+    from desitransfer.mountain import checksum_text
+    files = exposure_files('00002600')
+    files['late.json'] = b'{}\n'
+    for name in ('late.json', 'checksum-00002600.sha256sum'):
+        with open(os.path.join(site.data, LAST, '00002600', name), 'wb') as f:
+            f.write(files[name] if name in files else checksum_text(files).encode())
+    site.clock(2026, 11, 20, 15, 0, 0)
+    site.write_config(report='yes', catchup='14', backup='20')
+    assert site.run() == 0
+    assert not site.smtp.wait(1, timeout=0.5)  # before the backup hour
+    site.clock(*NOW)
+    assert site.run('--test') == 0
+    assert 'Test mode, would email the report of night 20261119' in caplog.text
+    assert not site.smtp.wait(1, timeout=0.5)
+    assert site.run() == 0
+    assert site.smtp.wait(1, timeout=10)
+    report = site.smtp.messages[-1]
+    assert report['Subject'].startswith('desi_transfer_daemon: night 20261119 (')
+    assert 'Error reported' not in report['Subject']
+    body = report.get_content()
+    assert '4 exposures installed, 3 verified, 1 with checksum errors (00002603)' in body
+    # Its retries ran out on the third pass, so the night was archived.
+    assert 'Being transferred again: none; given up: 20261119/00002603.' in body
+    assert 'Late files caught up in: 00002600.' in body
+    assert ('On tape as desi/spectro/data/desi_spectro_data_20261119.tar, 4 exposures '
+            'recorded as archived.') in body
+    assert 'Latency from link to verified (' in body and 'median' in body
+    assert 'Audit: 1 disagreement:\n  00002603 nersc: its checksum file' in body
+    assert os.path.isdir(broken)
+    # Once per night.
+    n = len(site.smtp.messages)
+    assert site.run() == 0
+    assert not site.smtp.wait(n + 1, timeout=0.5)
+
+
+def test_morning_report_waits_for_the_mail_server(site, caplog):
+    caplog.set_level(logging.INFO)
+    from conftest import free_port
+    site.exposure(LAST, '00002700')
+    site.write_config(report='yes', backup='20')
+    good = site.smtp.hostport
+    site.smtp.hostport = f'127.0.0.1:{free_port()}'  # nothing listens there
+    site.write_config(report='yes', backup='20')
+    assert site.run() == 0
+    assert 'Could not email the report of night 20261119' in caplog.text
+    assert '20261119 report' not in site.state()['reported']
+    site.smtp.hostport = good
+    site.write_config(report='yes', backup='20')
+    assert site.run() == 0
+    assert site.smtp.wait(1, timeout=10)
+    assert site.smtp.messages[0]['Subject'] == 'desi_transfer_daemon: night 20261119 complete'
+    assert '20261119 report' in site.state()['reported']

@@ -153,6 +153,14 @@ def _streams(value):
     return v
 
 
+def _boolean(value):
+    words = {'yes': True, 'true': True, 'on': True, '1': True,
+             'no': False, 'false': False, 'off': False, '0': False}
+    if value.lower() not in words:
+        raise ValueError('yes or no is required')
+    return words[value.lower()]
+
+
 def _list(value):
     return [v.strip() for v in value.split(',') if v.strip()]
 
@@ -195,7 +203,8 @@ def _validate(parser):
                 'size': _get(parser, 'logging', 'size', _count),
                 'backups': _get(parser, 'logging', 'backups', _count),
                 'to': _get(parser, 'logging', 'to', _list),
-                'smtp': _get(parser, 'logging', 'smtp', default='localhost:25')}
+                'smtp': _get(parser, 'logging', 'smtp', default='localhost:25'),
+                'report': _get(parser, 'logging', 'report', _boolean, default='yes')}
     if not re.fullmatch(r'[^:\s]+(:[0-9]+)?', logging_['smtp']):
         raise ConfigurationError(f"[logging] smtp = {logging_['smtp']!r} is not host:port")
     return directories, common, logging_

@@ -28,12 +28,13 @@ from .actions import Actions, DryRun, listdir
 from .archive import Archive
 from .nights import Nights, due_time
 from .remote import Mountain
+from .report import Reporting
 from .settle import Settling
 from .state import STATE_FILE, State
 from .transfer import COPIED, FATAL, fatal
 
 
-class TransferDaemon(Settling, Nights):
+class TransferDaemon(Settling, Nights, Reporting):
     """Manage data transfer configuration, options, and operations.
 
     Parameters
@@ -179,6 +180,11 @@ class TransferDaemon(Settling, Nights):
                 self.failed = True
                 log.critical("Transfer pass of %s failed: %s: %s; the next pass will try "
                              "again.", d.name, type(err).__name__, err, exc_info=True)
+        try:
+            self._reports()
+        except Exception as err:
+            log.error("The morning report failed: %s: %s; the next pass will try again.",
+                      type(err).__name__, err, exc_info=True)
 
     def _kill_file_left(self):
         """Say once a day, by email, that the kill file keeps the daemon from working:

@@ -103,6 +103,8 @@ class Nights(object):
             return True
         log.info("Night %s: late or changed files in exposures %s.", night,
                  ', '.join(link.expid for link in changed))
+        late = self.state[d.name]['late'].setdefault(night, [])
+        late += [link.expid for link in changed if link.expid not in late]
         return fatal(self._copy_verify(d, changed, status)) is None
 
     # ------------------------------------------------------------------

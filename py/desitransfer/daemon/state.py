@@ -34,7 +34,11 @@ Per destination section it holds:
     Unix time (ms) since which HPSS has not been available, or ``null``.
 ``reported``
     Problems already reported (malformed links, exposures left in staging),
-    so that each is reported once, also across ``--once`` runs.
+    and nights whose morning report was sent, so that each is said once, also
+    across ``--once`` runs.
+``late``
+    ``{"NIGHT": [EXPID, ...]}``: exposures in which a catch-up found late or
+    changed files, for the morning report.
 
 Only nights of the recent window are kept: older ones are settled history.
 A state file that is not JSON or not of this shape is kept as ``.bad``
@@ -86,6 +90,9 @@ _FIELDS = {
                  all(valid_night(k) and _is_count(n) for k, n in v.items())),
     'hpss_unavailable': (type(None), lambda v: v is None or _is_count(v)),
     'reported': (list, lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v)),
+    'late': (dict, lambda v: isinstance(v, dict) and
+             all(valid_night(k) and isinstance(e, list) and
+                 all(_expid.fullmatch(x or '') for x in e) for k, e in v.items())),
 }
 
 
@@ -144,7 +151,7 @@ class State(object):
         for section in self.data.values():
             for key in ('caught_up', 'backed_up', 'overdue'):
                 section[key] = [n for n in section[key] if n >= oldest]
-            for key in ('archive_failures', 'unlisted'):
+            for key in ('archive_failures', 'unlisted', 'late'):
                 section[key] = {n: c for n, c in section[key].items() if n >= oldest}
             for key in ('retries', 'pending'):
                 section[key] = {k: v for k, v in section[key].items() if k[:8] >= oldest}
