@@ -10,6 +10,7 @@ alert set-up, and the one subprocess runner every module uses.
 """
 import datetime as dt
 import fcntl
+import functools
 import json
 import logging
 import logging.handlers
@@ -588,8 +589,13 @@ def valid_night(night):
     """
     if not isinstance(night, str) or re.fullmatch(r'[0-9]{8}', night) is None:
         return False
+    return _real_date(night)
+
+
+@functools.lru_cache(maxsize=8192)
+def _real_date(digits):
     try:
-        dt.datetime.strptime(night, '%Y%m%d')
+        dt.datetime.strptime(digits, '%Y%m%d')
     except ValueError:
         return False
     return True

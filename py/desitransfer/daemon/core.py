@@ -71,6 +71,7 @@ class TransferDaemon(Settling, Nights, Reporting):
         self._surveys = {}
         self._caught_up_now = set()
         self._copied_now = set()
+        self._nights = {}
 
     def _configure_log(self, debug):
         """Re-configure the default logger returned by ``desiutil.log``.
@@ -163,6 +164,7 @@ class TransferDaemon(Settling, Nights, Reporting):
         self._surveys = {}
         self._caught_up_now = set()
         self._copied_now = set()
+        self._nights = {}
         self.state.forget_before(self._oldest())
         for d in self.directories:
             if self.stop.is_set():
@@ -251,9 +253,18 @@ class TransferDaemon(Settling, Nights, Reporting):
         return _Lazy(lambda: TransferStatus(directory))
 
     def _recent_nights(self, d):
-        """Nights in the destination from the recent window."""
-        oldest = self._oldest()
-        return sorted(n for n in listdir(d.destination) if valid_night(n) and n >= oldest)
+        """Nights in the destination from the recent window: one listing per
+        pass (again after an install), compared as strings first, so that
+        years of history cost next to nothing."""
+        if d.name not in self._nights:
+            oldest = self._oldest()
+            try:
+                names = os.listdir(d.destination)
+            except OSError:
+                names = []
+            self._nights[d.name] = sorted(n for n in names
+                                          if len(n) == 8 and n >= oldest and valid_night(n))
+        return list(self._nights[d.name])
 
     def _installed(self, d, link):
         return os.path.isdir(os.path.join(d.destination, link.night, link.expid))

@@ -10,6 +10,7 @@ that is late for tape.  These are methods of
 :class:`~desitransfer.daemon.core.TransferDaemon`.
 """
 import datetime as dt
+import functools
 import os
 
 from .. import common
@@ -23,6 +24,7 @@ from .transfer import COPIED, CONNECTION_LOST, classify, fatal
 OVERDUE = dt.timedelta(days=1)
 
 
+@functools.lru_cache(maxsize=4096)
 def due_time(night, hour):
     """When `night` is due for a step at `hour` UTC: that hour the next day."""
     start = dt.datetime.strptime(night, '%Y%m%d').replace(tzinfo=dt.timezone.utc)

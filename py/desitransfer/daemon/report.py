@@ -19,7 +19,7 @@ from email.message import EmailMessage
 
 from .. import common
 from ..audit import audit
-from ..common import log, valid_night
+from ..common import log
 from ..statistics import duration, latencies, latency_summary
 from .actions import listdir
 from .archive import archive_name
@@ -68,7 +68,7 @@ class Reporting(object):
         reported = self.state[self.directories[0].name]['reported']
         nights = set()
         for d in self.directories:
-            nights |= {n for n in listdir(d.destination) if valid_night(n)}
+            nights |= set(self._recent_nights(d))
         for night in sorted(nights):
             due = due_time(night, hour)
             key = f'{night} report'

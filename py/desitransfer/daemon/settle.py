@@ -52,6 +52,7 @@ class Settling(object):
                                         for _, _, stage, failure, ms in o.records()]
         if complete:
             self.actions.save(self.state)
+        self._nights.pop(d.name, None)  # a new night directory may appear
         for o in complete:
             self.actions.install(os.path.join(d.staging, o.link.night, o.link.expid),
                                  os.path.join(d.destination, o.link.night, o.link.expid))
