@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+import desitransfer
 from desitransfer import common
 from desitransfer.common import (empty_rsync, ensure_scratch, exclude_years, idle_time,
                                  new_exposures, rsync, rsync_ssh, ssh_command, stamp,
@@ -456,3 +457,16 @@ def test_lstat_tree(tmp_path, unprivileged):
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout) == [['f', 'locked'],
                                     [f'{d}/e/locked cannot be listed: Permission denied']]
+
+
+@pytest.mark.parametrize('module', sorted(
+    'desitransfer.' + os.path.relpath(os.path.join(d, f), os.path.dirname(desitransfer.__file__))
+    .replace(os.sep, '.')[:-3].replace('.__init__', '')
+    for d, _, files in os.walk(os.path.dirname(desitransfer.__file__))
+    for f in files if f.endswith('.py')))
+def test_import_alone(module):
+    """Every module imports first in a fresh interpreter (no import cycle
+    hidden by the order in which the tests import them)."""
+    p = subprocess.run([sys.executable, '-c', f'import {module}'],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr

@@ -18,7 +18,6 @@ import socket
 from email.message import EmailMessage
 
 from .. import common
-from ..audit import audit
 from ..common import log
 from ..statistics import duration, latencies, latency_summary
 from .actions import listdir
@@ -112,6 +111,7 @@ class Reporting(object):
             text, n = self._report_directory(d, night)
             lines += text
             problems += n
+        from ..audit import audit  # the audit builds on the daemon's modules
         try:
             found = audit((self.directories, self.conf, self.log_conf), [night],
                           stop=self.stop)
