@@ -16,7 +16,10 @@ of EXPOSURES exposures of FILES files of SIZE bytes:
   OpenSSH control master), to compare;
 * one ``desi_transfer_daemon --once`` pass for each number of streams asked
   for (catch-up and archive are not due), and the moment each exposure was
-  verified, from its status record.
+  verified, from its status record.  The daemon has run once before, with
+  nothing linked yet, as a daemon that meets a backlog after an outage has
+  (``--cold``: its first pass ever, which for ``streams = auto`` also waits
+  for the round trip to be measured).
 
 With ``--delay 0`` there is no proxy: the same on loopback.
 
@@ -201,10 +204,13 @@ def main():
                       help="one-way delay in seconds; 0: loopback without proxy")
     prsr.add_argument('--window', type=float, default=WINDOW / (1 << 20),
                       help="MiB in flight per connection and direction, like a TCP window")
-    prsr.add_argument('--streams', default='0',
-                      help="comma-separated numbers of streams of the daemon passes; "
-                      "0: the shipped default")
+    prsr.add_argument('--streams', default='auto',
+                      help="comma-separated numbers of streams of the daemon passes, or "
+                      "auto (the shipped default: from the round trip)")
     prsr.add_argument('--repeat', type=int, default=1, help="runs of each measurement")
+    prsr.add_argument('--cold', action='store_true',
+                      help="time the first pass ever of each daemon (no state file), "
+                      "instead of a pass after one with nothing to do")
     options = prsr.parse_args()
     work = tempfile.mkdtemp(prefix='bench_wan.')
     dts = proxy = None
@@ -223,10 +229,13 @@ def main():
         expids = sorted(os.listdir(data))
         daemon = shutil.which('desi_transfer_daemon',
                               path=os.path.dirname(sys.executable) + ':' + os.environ['PATH'])
-        default = DEFAULT_STREAMS
-        streams = [int(s) or default for s in options.streams.split(',')]
+        streams = [s if s == 'auto' else int(s) or DEFAULT_STREAMS
+                   for s in options.streams.split(',')]
+
+        def name(s):
+            return f'daemon, {s} stream{"" if s == 1 else "s"}'
         times = {'one stream': [], 'parallel floor': [], 'shared': []}
-        times.update({f'daemon, {s:d} stream{"s" if s > 1 else ""}': [] for s in streams})
+        times.update({name(s): [] for s in streams})
         moments = {}
         for r in range(options.repeat):
             run_dir = os.path.join(work, f'run{r}')
@@ -247,15 +256,25 @@ def main():
             for d in ('one', 'floor', 'shared'):
                 shutil.rmtree(os.path.join(run_dir, d))
             for s in streams:
-                key = f'daemon, {s:d} stream{"s" if s > 1 else ""}'
+                key = name(s)
                 pass_dir = os.path.join(run_dir, f'streams{s}')
                 os.makedirs(pass_dir)
                 config, nersc = configuration(pass_dir, source, ssh, catchup=-1, backup=-1,
                                               streams=s, hpss='',
                                               hpss_status='http://127.0.0.1:9/')
+                command = [daemon, '--once', '-c', config, '-k', os.path.join(pass_dir, 'stop')]
+                if not options.cold:
+                    # A daemon that has run before the backlog: one pass
+                    # with nothing linked yet (for auto, the round trip it
+                    # measures is in its state file).
+                    os.rename(source, source + '.away')
+                    os.mkdir(source)
+                    subprocess.run(command, check=True, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+                    os.rmdir(source)
+                    os.rename(source + '.away', source)
                 start_ms = time.time() * 1000
-                times[key].append(timed([[daemon, '--once', '-c', config,
-                                          '-k', os.path.join(pass_dir, 'stop')]]))
+                times[key].append(timed([command]))
                 installed = os.listdir(os.path.join(nersc, 'data', NIGHT))
                 assert len(installed) == options.exposures, installed
                 seen = verified_moments(nersc, start_ms)

@@ -470,3 +470,19 @@ def test_import_alone(module):
     p = subprocess.run([sys.executable, '-c', f'import {module}'],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
+
+
+def test_round_trip(dts, tmp_path):
+    """The round trip over ssh is measured by exchanging lines with cat; a
+    host that cannot be reached, or a program that does not answer, is
+    None, within the time given."""
+    rtt = common.round_trip([dts.ssh], 'dts')
+    assert rtt is not None and 0 < rtt < 1
+    assert common.round_trip([dts.ssh, '-o', 'ConnectTimeout=2'], 'nowhere.invalid') is None
+    silent = tmp_path / 'silent'
+    silent.write_text('#!/bin/sh\nexec sleep 60\n')
+    silent.chmod(0o755)
+    t0 = time.monotonic()
+    assert common.round_trip([str(silent)], 'dts', timeout=1) is None
+    assert time.monotonic() - t0 < 5
+    assert common.round_trip([str(tmp_path / 'missing')], 'dts') is None

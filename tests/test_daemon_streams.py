@@ -8,6 +8,7 @@ mountain cannot tell).
 Each integration test runs against the real sshd, rsync and SMTP server
 (fixtures in ``fixtures_daemon.py``)."""
 import glob
+import json
 import logging
 import os
 import subprocess
@@ -98,7 +99,7 @@ def test_streams_validated(site, value):
     with pytest.raises(ConfigurationError, match=r'\[common\] streams'):
         read_configuration(site.config)
     site.write_config()
-    assert read_configuration(site.config)[1]['streams'] == DEFAULT_STREAMS
+    assert read_configuration(site.config)[1]['streams'] == DEFAULT_STREAMS == 'auto'
     site.write_config(streams='3')
     assert read_configuration(site.config)[1]['streams'] == 3
 
@@ -291,7 +292,7 @@ def test_sizes_unknown_means_by_count(site, caplog, answer):
     garbage, or hangs until stopped), it is shared out by count, and every
     exposure is still copied in several streams and verified."""
     caplog.set_level(logging.INFO)
-    expids = [f'{3100 + i:08d}' for i in range(4)]
+    expids = [f'{3100 + i:08d}' for i in range(6)]
     for e in expids:
         site.exposure(LAST, e)
     wrapper = os.path.join(site.top, 'no-du')
@@ -312,10 +313,39 @@ def test_sizes_unknown_means_by_count(site, caplog, answer):
         in caplog.text
     copies = [r.getMessage() for r in caplog.records
               if r.getMessage().startswith('Running: /bin/rsync')]
-    assert len(copies) == 4, copies
+    assert len(copies) == 6, copies
     for e in expids:
         site.assert_verified(LAST, e)
     assert site.smtp.messages == []
+
+
+def test_sizes_not_asked_for_few_exposures(site, caplog):
+    """No more exposures than streams: each is copied by an rsync of its own,
+    without asking the mountain for sizes (a round trip less)."""
+    caplog.set_level(logging.INFO)
+    expids = [f'{3200 + i:08d}' for i in range(3)]
+    for e in expids:
+        site.exposure(LAST, e)
+    asked = os.path.join(site.top, 'asked')
+    wrapper = os.path.join(site.top, 'count-du')
+    with open(wrapper, 'w') as f:
+        f.write(f'#!/bin/sh\ncase "$*" in *" du --summarize"*) echo du >> {asked};; esac\n'
+                f'exec {site.ssh} "$@"\n')
+    os.chmod(wrapper, 0o755)
+    site.write_config(ssh=wrapper, streams='3')
+    assert site.run() == 0
+    assert not os.path.exists(asked)
+    copies = [r.getMessage() for r in caplog.records
+              if r.getMessage().startswith('Running: /bin/rsync')]
+    assert len(copies) == 3, copies
+    for e in expids:
+        site.assert_verified(LAST, e)
+    site.exposure(LAST, f'{3300:08d}')
+    for i in range(4):
+        site.exposure(LAST, f'{3301 + i:08d}')
+    assert site.run() == 0
+    with open(asked) as f:
+        assert f.read() == 'du\n'
 
 
 @pytest.mark.skipif(not ROOT, reason='mounting a small file system needs root (CI is root)')
@@ -353,3 +383,59 @@ def test_disk_full_in_several_streams(site, caplog):
         assert os.listdir(os.path.join(site.staging, LAST)) == []
     finally:
         subprocess.run(['umount', '-l', nersc])
+
+
+def test_auto_streams_from_the_round_trip(site, caplog):
+    """``streams = auto`` (the default) measures the round trip to the
+    mountain: on loopback one stream; the figure is kept in the state file,
+    and after a start the one kept serves at once (there, a long round trip:
+    an rsync per exposure), while it is measured again."""
+    caplog.set_level(logging.INFO)
+    site.write_config()
+    for i in range(3):
+        site.exposure(LAST, f'{3400 + i:08d}')
+    assert site.run() == 0
+    assert 'a backlog is copied in up to 1 stream.' in caplog.text
+    kept = site.state()['round_trip']
+    assert kept is not None and 0 < kept < 0.008
+    copies = [r.getMessage() for r in caplog.records
+              if r.getMessage().startswith('Running: /bin/rsync')]
+    assert len(copies) == 1, copies
+    # A daemon that last measured 70 ms (KPNO to NERSC), where measuring
+    # takes a while.
+    slow = os.path.join(site.top, 'slow-cat')
+    with open(slow, 'w') as f:
+        f.write(f'#!/bin/sh\ncase "$*" in *" cat") sleep 3;; esac\nexec {site.ssh} "$@"\n')
+    os.chmod(slow, 0o755)
+    site.write_config(ssh=slow)
+    with open(site.state_file) as f:
+        state = json.load(f)
+    state['DESI_SPECTRO_DATA']['round_trip'] = 0.07
+    with open(site.state_file, 'w') as f:
+        json.dump(state, f)
+    caplog.clear()
+    for i in range(3):
+        site.exposure(LAST, f'{3500 + i:08d}')
+    assert site.run() == 0
+    copies = [r.getMessage() for r in caplog.records
+              if r.getMessage().startswith('Running: /bin/rsync')]
+    assert len(copies) == 3, copies
+    for i in range(3):
+        site.assert_verified(LAST, f'{3500 + i:08d}')
+    assert site.state()['round_trip'] < 0.008
+
+
+@pytest.mark.parametrize('value', ['"fast"', '-1', '1e9', '[0.07]'])
+def test_round_trip_in_state_validated(site, value):
+    """A round trip in the state file that is not a number of seconds makes
+    the state file unreadable (kept aside), like any other bad field."""
+    site.write_config()
+    assert site.run() == 0
+    with open(site.state_file) as f:
+        text = f.read()
+    state = json.loads(text)
+    state['DESI_SPECTRO_DATA']['round_trip'] = json.loads(value)
+    with open(site.state_file, 'w') as f:
+        json.dump(state, f)
+    assert site.run() == 0
+    assert os.path.exists(site.state_file + '.bad')

@@ -139,6 +139,59 @@ def run(command, timeout=DEFAULT_TIMEOUT, cwd=None, env=None, ok=(0,),
     return Result(code, out, err)
 
 
+def round_trip(ssh, host, tries=2, timeout=30):
+    """The network round trip to `host`, in seconds: the fastest of `tries`
+    exchanges of one line with ``cat`` at `host`, within one ssh session (so
+    that starting programs is not counted); ``None`` if it cannot be measured.
+
+    This is the one exchange the runner :func:`run`, which collects the output
+    at the end, cannot make; the command is logged and bounded the same way.
+
+    Parameters
+    ----------
+    ssh : :class:`list`
+        The ssh command, such as returned by :func:`ssh_command`.
+    host : :class:`str`
+        The ssh host alias.
+    tries : :class:`int`, optional
+        Exchanges to make.
+    timeout : :class:`float`, optional
+        Give up after this many seconds in all.
+    """
+    import select
+    command = [str(c) for c in ssh] + [host, 'cat']
+    log.debug("Running: %s", shlex.join(command))
+    try:
+        proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    except OSError as err:
+        log.warning("Could not start %s: %s", command[0], err)
+        return None
+    deadline = time.monotonic() + timeout
+    best = None
+    try:
+        for _ in range(tries + 1):  # the first exchange also opens the session
+            t0 = time.monotonic()
+            proc.stdin.write(b'.\n')
+            proc.stdin.flush()
+            ready, _, _ = select.select([proc.stdout], [], [], max(0, deadline - t0))
+            if not ready or proc.stdout.readline() != b'.\n':
+                return None
+            seconds = time.monotonic() - t0
+            best = seconds if best is None or _ == 0 else min(best, seconds)
+        return best
+    except OSError:
+        return None
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.stdin.close()
+        proc.stdout.close()
+        proc.wait()
+
+
 def _end(proc, how):
     """Send `how` to the process group of `proc`, then SIGKILL if it is still
     there after a few seconds; its output so far.
@@ -817,6 +870,7 @@ class SharedConnection(object):
         self.host = host
         self.program = program
         self._directory = None
+        self._lock = threading.Lock()
 
     def _command(self, control=None):
         if self.program:
@@ -829,16 +883,25 @@ class SharedConnection(object):
         A `stream` other than 0 is a connection of its own, shared the same way
         by the commands given the same `stream` (parallel rsyncs, each with its
         own TCP window)."""
-        if self._directory is None:
-            # Directories of processes that were killed before close().
-            top = tempfile.gettempdir()
-            for name in os.listdir(top):
-                m = re.fullmatch(r'desitransfer-ssh-([0-9]+)-\w+', name)
-                if m is not None and not _alive(int(m.group(1))):
-                    shutil.rmtree(os.path.join(top, name), ignore_errors=True)
-            self._directory = tempfile.mkdtemp(prefix=f'desitransfer-ssh-{os.getpid():d}-')
+        with self._lock:  # streams ask from several threads
+            if self._directory is None:
+                # Directories of processes that were killed before close().
+                top = tempfile.gettempdir()
+                for name in os.listdir(top):
+                    m = re.fullmatch(r'desitransfer-ssh-([0-9]+)-\w+', name)
+                    if m is not None and not _alive(int(m.group(1))):
+                        shutil.rmtree(os.path.join(top, name), ignore_errors=True)
+                self._directory = tempfile.mkdtemp(prefix=f'desitransfer-ssh-{os.getpid():d}-')
         name = f'mux{stream:d}' if stream else 'mux'
         return self._command(control=os.path.join(self._directory, name))
+
+    def is_open(self, stream=0):
+        """``True`` if the connection of `stream` has a control socket (it is
+        open, or was until it died without cleaning up)."""
+        if self._directory is None:
+            return False
+        return os.path.exists(os.path.join(self._directory,
+                                           f'mux{stream:d}' if stream else 'mux'))
 
     def close(self):
         """Stop the shared connections, if any is open, and remove their private directory."""

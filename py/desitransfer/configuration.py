@@ -23,8 +23,9 @@ DirectoryConfig = namedtuple('DirectoryConfig', ['name', 'source', 'staging',
 #: Most rsync streams copying from the mountain at once (``[common] streams``).
 MAX_STREAMS = 16
 
-#: Streams when ``[common] streams`` is not set.
-DEFAULT_STREAMS = 8
+#: Streams when ``[common] streams`` is not set: ``'auto'``, from the round
+#: trip to the mountain (see :meth:`desitransfer.daemon.core.TransferDaemon`).
+DEFAULT_STREAMS = 'auto'
 
 
 class ConfigurationError(Exception):
@@ -147,9 +148,14 @@ def _days(value):
 
 
 def _streams(value):
-    v = int(value)
+    if value == 'auto':
+        return value
+    try:
+        v = int(value)
+    except ValueError:
+        v = 0
     if not 1 <= v <= MAX_STREAMS:
-        raise ValueError(f'a number of streams from 1 to {MAX_STREAMS:d} is required')
+        raise ValueError(f"'auto' or a number of streams from 1 to {MAX_STREAMS:d} is required")
     return v
 
 

@@ -68,6 +68,9 @@ class TransferDaemon(Settling, Nights, Reporting):
         self.state = State(os.path.join(self.top, STATE_FILE),
                            [d.name for d in self.directories], keep_bad=not self.test)
         self.failed = False
+        self._rtt = None
+        self._rtt_thread = None
+        self._started = False
         self._surveys = {}
         self._caught_up_now = set()
         self._copied_now = set()
@@ -135,6 +138,7 @@ class TransferDaemon(Settling, Nights, Reporting):
                 if self.options.once or self.stop.is_set():
                     break
                 self._wait(self.conf['sleep'])
+            self._keep_round_trip()
         finally:
             self.mountain.close()
         log.info("desi_transfer_daemon stops.")
@@ -280,6 +284,16 @@ class TransferDaemon(Settling, Nights, Reporting):
         status = self._status(d)
         self._replay_pending(d, status)
         log.debug("Looking for new exposures in %s.", d.source)
+        self._measure_round_trip()
+        if not self._started:
+            # The first pass after a start may find a backlog: the connections
+            # of the streams are opened while the survey runs (for auto, as
+            # many as the round trip last measured calls for; if none was,
+            # once it is); unused, they close by themselves.
+            self.mountain.open_streams(self._auto_streams(unknown=0)
+                                       if self.conf['streams'] == 'auto'
+                                       else self.conf['streams'])
+        self._started = True
         survey = self.mountain.survey(d.source, self.conf['checksum_lock'], self._window(),
                                       d.data_root)
         if survey.answer == 'unknown':

@@ -21,9 +21,10 @@ ends with a marker, so that a truncated or garbled answer is recognised as
 """
 import re
 import shlex
+import threading
 from collections import namedtuple
 
-from ..common import SharedConnection, log, run, valid_night
+from ..common import SharedConnection, log, round_trip, run, valid_night
 from .state import valid_link
 
 #: Seconds before a remote command is killed.
@@ -147,12 +148,29 @@ class Mountain(object):
         """Stop the shared connections and remove their private directory."""
         self.connection.close()
 
-    def remote(self, words, timeout=REMOTE_TIMEOUT):
-        """Run the command `words` (a list) at the mountain; ssh's own failure is 255."""
+    def remote(self, words, timeout=REMOTE_TIMEOUT, stream=0):
+        """Run the command `words` (a list) at the mountain, over the connection
+        of `stream`; ssh's own failure is 255."""
         if not self.host:
             return run(words, timeout=timeout, ok=(0,), quiet=True, stop=self.stop)
-        return run(self.ssh_command() + [self.host, shlex.join(words)],
+        return run(self.ssh_command(stream) + [self.host, shlex.join(words)],
                    timeout=timeout, ok=(0,), quiet=True, stop=self.stop)
+
+    def open_streams(self, streams):
+        """Open, in the background, the connections of rsync streams 1 to
+        `streams` - 1 that are not open yet (an ssh handshake takes several
+        round trips: better while something else is asked)."""
+        if not self.host:
+            return
+        for stream in range(1, streams):
+            if not self.connection.is_open(stream):
+                # Whatever it answers is not a failure: the rsync of the
+                # stream opens it again if needed, and reports what fails.
+                command = self.ssh_command(stream) + [self.host, 'true']
+                threading.Thread(target=run, args=(command,),
+                                 kwargs={'timeout': 120, 'ok': tuple(range(-64, 256)),
+                                         'quiet': True, 'stop': self.stop},
+                                 name=f'open-stream-{stream:d}', daemon=True).start()
 
     def rsync(self, source, destination, extra=(), dry_run=False, stream=0):
         """The rsync command copying directory `source` at the mountain into
@@ -201,6 +219,14 @@ class Mountain(object):
                 return None
             sizes.update(found)
         return sizes
+
+    def round_trip(self):
+        """The network round trip to the mountain in seconds (see
+        :func:`desitransfer.common.round_trip`); 0 for a local source,
+        ``None`` if it cannot be measured."""
+        if not self.host:
+            return 0.0
+        return round_trip(self.ssh_command(), self.host)
 
     def watch(self, directories, seconds):
         """Wait up to `seconds` for a change at the mountain.

@@ -10,7 +10,10 @@ decides, for new exposures, retries and catch-up alike, what is recorded,
 installed, retried and alerted; and the trouble that ends a pass.  These are
 methods of :class:`~desitransfer.daemon.core.TransferDaemon`.
 """
+import math
 import os
+import threading
+import time
 
 from ..common import log, valid_night
 from .actions import listdir
@@ -18,6 +21,16 @@ from .transfer import COPIED, DISK_FULL, FATAL, SOURCE_CHANGED, STOPPED, copy_ve
 
 #: The third pass in a row that cannot reach the mountain is emailed.
 UNREACHABLE_ALERT = 3
+
+#: ``[common] streams = auto``: one stream per this many seconds of round
+#: trip (one ssh stream carries about 2 MiB per round trip), at most
+#: :data:`AUTO_MAX_STREAMS`, measured again after :data:`AUTO_REFRESH` seconds.
+AUTO_STREAM_RTT = 0.008
+AUTO_MAX_STREAMS = 8
+AUTO_REFRESH = 600
+
+#: Seconds a copy waits at most for the round trip to be measured.
+AUTO_WAIT = 10
 
 
 def _passes(n):
@@ -35,8 +48,99 @@ class Settling(object):
         if settle is None:
             def settle(outcomes):
                 self._settle(d, outcomes, status)
+        if len(links) < 2:
+            streams = 1
+        elif self.conf['streams'] == 'auto' and self._round_trip() is None:
+            streams = self._streams  # measured while the sizes are asked
+        else:
+            streams = self._streams()
         return copy_verify(links, self.mountain, d.staging, d.checksum_file, self.actions,
-                           basis=d.destination, streams=self.conf['streams'], settle=settle)
+                           basis=d.destination, streams=streams, settle=settle)
+
+    def _streams(self):
+        """``[common] streams``; for ``auto``, one stream per
+        :data:`AUTO_STREAM_RTT` (or part of it) of round trip to the mountain,
+        1 to :data:`AUTO_MAX_STREAMS` (see :meth:`_measure_round_trip`)."""
+        if self.conf['streams'] == 'auto':
+            self._measure_round_trip()
+            if self._round_trip() is None:
+                # Never measured here: wait for the measurement of this pass.
+                self._rtt_thread.join(timeout=AUTO_WAIT)
+            n = self._auto_streams()
+        else:
+            n = self.conf['streams']
+        self.mountain.open_streams(n)  # while the sizes are asked
+        return n
+
+    def _round_trip(self):
+        """The round trip measured last, in seconds, or ``None``."""
+        return self._rtt[1] if self._rtt else None
+
+    def _auto_streams(self, unknown=1):
+        """Streams for the round trip measured last (`unknown` if none yet)."""
+        rtt = self._round_trip()
+        return unknown if rtt is None else max(1, min(AUTO_MAX_STREAMS,
+                                                      math.ceil(rtt / AUTO_STREAM_RTT)))
+
+    def _measure_round_trip(self):
+        """For ``streams = auto``, measure the round trip to the mountain in the
+        background (the start of a pass does, while the survey runs) unless it
+        was measured less than :data:`AUTO_REFRESH` seconds ago.
+
+        The round trip is kept in the state file: after a start, the one the
+        last run measured serves while it is measured again, so that a backlog
+        found by the first pass does not wait for the measurement.
+        """
+        if self.conf['streams'] != 'auto':
+            return
+        section = self.state[self.directories[0].name]
+        if self._rtt is None:
+            self._rtt = (None, section['round_trip'])
+        elif self._rtt[1] is not None:
+            section['round_trip'] = round(self._rtt[1], 6)  # saved with the state
+        now = time.monotonic()
+        if self._rtt_thread is not None and (self._rtt_thread.is_alive() or
+                                             now - self._rtt[0] <= AUTO_REFRESH):
+            return
+
+        def measure():
+            # Over the shared connection once it is up (the survey opens it):
+            # another connection would cost a handshake.
+            deadline = time.monotonic() + AUTO_WAIT
+            while (self.mountain.host and not self.mountain.connection.is_open() and
+                   time.monotonic() < deadline and not self.stop.is_set()):
+                time.sleep(0.02)
+            rtt, last = None, self._rtt[1]
+            try:
+                rtt = self.mountain.round_trip()
+            finally:  # unknown: the last measurement, if any, stands
+                self._rtt = (time.monotonic(), last if rtt is None else rtt)
+            if rtt is None:
+                return
+            n = self._auto_streams()
+            log.info("Round trip to %s: %.1f ms; a backlog is copied in up to %d "
+                     "stream%s.", self.mountain.name, 1000 * rtt, n, '' if n == 1 else 's')
+            if last is None:  # the first measurement ever
+                self.mountain.open_streams(n)
+
+        self._rtt_thread = threading.Thread(target=measure, name='round-trip', daemon=True)
+        self._rtt_thread.start()
+
+    def _keep_round_trip(self):
+        """Before the daemon stops, let a measurement of the round trip end
+        (a ``--once`` pass may end first) and keep it in the state file."""
+        if self.conf['streams'] != 'auto' or self._rtt_thread is None:
+            return
+        if not self.stop.is_set():
+            self._rtt_thread.join(timeout=AUTO_WAIT)
+        section = self.state[self.directories[0].name]
+        rtt = self._round_trip()
+        if rtt is not None and section['round_trip'] != round(rtt, 6):
+            section['round_trip'] = round(rtt, 6)
+            try:
+                self.actions.save(self.state)
+            except OSError as err:
+                log.error("Could not write the state file %s: %s.", self.state.path, err)
 
     def _settle(self, d, outcomes, status):
         """Record and install what :func:`~desitransfer.daemon.transfer.copy_verify`

@@ -39,6 +39,9 @@ Per destination section it holds:
 ``late``
     ``{"NIGHT": [EXPID, ...]}``: exposures in which a catch-up found late or
     changed files, for the morning report.
+``round_trip``
+    The round trip to the mountain in seconds, last measured for
+    ``[common] streams = auto`` (in the first section only), or ``null``.
 
 Only nights of the recent window are kept: older ones are settled history.
 A state file that is not JSON or not of this shape is kept as ``.bad``
@@ -90,6 +93,8 @@ _FIELDS = {
                  all(valid_night(k) and _is_count(n) for k, n in v.items())),
     'hpss_unavailable': (type(None), lambda v: v is None or _is_count(v)),
     'reported': (list, lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v)),
+    'round_trip': (type(None), lambda v: v is None or (type(v) in (int, float) and
+                                                      0 <= v < 3600)),
     'late': (dict, lambda v: isinstance(v, dict) and
              all(valid_night(k) and isinstance(e, list) and
                  all(_expid.fullmatch(x or '') for x in e) for k, e in v.items())),
