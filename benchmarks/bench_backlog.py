@@ -77,6 +77,8 @@ def main():
     prsr.add_argument('--size', type=int, default=4096, help="bytes per file")
     prsr.add_argument('--repeat', type=int, default=3, help="runs of each measurement")
     prsr.add_argument('--no-naive', action='store_true', help="skip the naive reference")
+    prsr.add_argument('--streams', default='auto',
+                      help="[common] streams of the daemon (default: the shipped default, auto)")
     options = prsr.parse_args()
     work = tempfile.mkdtemp(prefix='bench_backlog.')
     dts = None
@@ -99,7 +101,7 @@ def main():
                                           ssh_command(dts.ssh))))
             config, nersc = configuration(run_dir, source, dts.ssh, catchup=0, backup=0,
                                           hpss=os.path.join(TOP, 'tests', 'hpss'),
-                                          hpss_status=status_url)
+                                          hpss_status=status_url, streams=options.streams)
             command = [daemon, '--once', '-c', config, '-k', os.path.join(run_dir, 'stop')]
             tape = os.path.join(run_dir, 'hpss')
             os.makedirs(tape)

@@ -422,7 +422,6 @@ def test_auto_streams_from_the_round_trip(site, caplog):
     assert len(copies) == 3, copies
     for i in range(3):
         site.assert_verified(LAST, f'{3500 + i:08d}')
-    assert site.state()['round_trip'] < 0.008
 
 
 @pytest.mark.parametrize('value', ['"fast"', '-1', '1e9', '[0.07]'])

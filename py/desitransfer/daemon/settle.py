@@ -127,13 +127,14 @@ class Settling(object):
         self._rtt_thread.start()
 
     def _keep_round_trip(self):
-        """Before the daemon stops, let a measurement of the round trip end
-        (a ``--once`` pass may end first) and keep it in the state file."""
+        """Before the daemon stops, keep the round trip measured last in the
+        state file; if none is known yet, let the measurement end first (a
+        ``--once`` pass may end before it)."""
         if self.conf['streams'] != 'auto' or self._rtt_thread is None:
             return
-        if not self.stop.is_set():
-            self._rtt_thread.join(timeout=AUTO_WAIT)
         section = self.state[self.directories[0].name]
+        if section['round_trip'] is None and not self.stop.is_set():
+            self._rtt_thread.join(timeout=AUTO_WAIT)
         rtt = self._round_trip()
         if rtt is not None and section['round_trip'] != round(rtt, 6):
             section['round_trip'] = round(rtt, 6)
