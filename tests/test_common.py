@@ -486,3 +486,16 @@ def test_round_trip(dts, tmp_path):
     assert common.round_trip([str(silent)], 'dts', timeout=1) is None
     assert time.monotonic() - t0 < 5
     assert common.round_trip([str(tmp_path / 'missing')], 'dts') is None
+
+
+@pytest.mark.parametrize('value, bare, seconds', [
+    ('30s', 1, 30), ('15m', 1, 900), ('1h', 60, 3600), ('2d', 1, 172800), ('1.5m', 1, 90),
+    ('30', 1, 30), ('1', 60, 60), (' 2 m ', 1, 120)])
+def test_interval(value, bare, seconds):
+    assert common.interval(value, bare=bare) == seconds
+
+
+@pytest.mark.parametrize('value', ['0', '0s', '-1', 'm', '10x', '1e9999', 'inf', 'nan', ''])
+def test_interval_refused(value):
+    with pytest.raises(ValueError, match='is not a positive time'):
+        common.interval(value)

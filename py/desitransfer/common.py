@@ -170,15 +170,16 @@ def round_trip(ssh, host, tries=2, timeout=30):
     deadline = time.monotonic() + timeout
     best = None
     try:
-        for _ in range(tries + 1):  # the first exchange also opens the session
+        for i in range(tries + 1):  # the first exchange also opens the session: not counted
             t0 = time.monotonic()
             proc.stdin.write(b'.\n')
             proc.stdin.flush()
-            ready, _, _ = select.select([proc.stdout], [], [], max(0, deadline - t0))
+            ready = select.select([proc.stdout], [], [], max(0, deadline - t0))[0]
             if not ready or proc.stdout.readline() != b'.\n':
                 return None
-            seconds = time.monotonic() - t0
-            best = seconds if best is None or _ == 0 else min(best, seconds)
+            if i > 0:
+                seconds = time.monotonic() - t0
+                best = seconds if best is None else min(best, seconds)
         return best
     except OSError:
         return None
@@ -226,6 +227,19 @@ def _abandon(proc):
     except subprocess.TimeoutExpired:
         pass
     return '', '(output abandoned: the pipes were held by another process)'
+
+
+def interval(value, bare=1):
+    """Seconds of a time written ``30s``, ``1.5m``, ``1h``, ``2d``, or a bare
+    number counted in units of `bare` seconds; :exc:`ValueError` unless it is
+    positive and finite."""
+    m = re.fullmatch(r'([0-9]*\.?[0-9]+)\s*([smhd]?)', value.strip())
+    seconds = (float(m.group(1)) * {'s': 1, 'm': 60, 'h': 3600, 'd': 86400, '': bare}[m.group(2)]
+               if m else 0)
+    if not 0 < seconds < float('inf'):
+        raise ValueError(f"{value!r} is not a positive time such as 30s, 15m, 1h, 2d or a "
+                         f"number of {'seconds' if bare == 1 else 'minutes'}")
+    return seconds
 
 
 def write_json(path, data):

@@ -15,6 +15,8 @@ import string
 from collections import namedtuple
 from importlib.resources import files
 
+from .common import interval
+
 #: Configuration of one destination directory.
 DirectoryConfig = namedtuple('DirectoryConfig', ['name', 'source', 'staging',
                                                  'destination', 'hpss', 'checksum_file',
@@ -113,14 +115,7 @@ def _optional_absolute(value):
 
 def _interval(value):
     """Seconds of an interval written ``10s``, ``1.5m``, ``1h``, or a number of minutes."""
-    m = re.fullmatch(r'([0-9]*\.?[0-9]+)\s*([smh]?)', value)
-    if m is None:
-        raise ValueError('a positive number of minutes, or a time such as 10s, 2m or 1h, '
-                         'is required')
-    seconds = float(m.group(1)) * {'s': 1, 'm': 60, 'h': 3600, '': 60}[m.group(2)]
-    if not seconds > 0:
-        raise ValueError('a positive interval is required')
-    return seconds
+    return interval(value, bare=60)
 
 
 def _count(value):

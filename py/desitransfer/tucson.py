@@ -31,8 +31,8 @@ import requests
 
 from . import __version__ as dtVersion
 from . import common
-from .common import (MST, AlertHandler, Stop, configure_log, environment_ssh, log, run,
-                     single_instance, stamp)
+from .common import (MST, AlertHandler, Stop, configure_log, environment_ssh, interval, log,
+                     run, single_instance, stamp)
 
 #: The rsync program.
 RSYNC = '/usr/bin/rsync'
@@ -282,11 +282,10 @@ def _configure_log(debug, log_dir=None, test=False):
 
 def _interval(value):
     """Seconds in ``30s``, ``15m``, ``1h``, ``2d`` or a number of seconds (argument type)."""
-    m = re.fullmatch(r'([0-9]+(?:\.[0-9]+)?)([smhd]?)', value.strip())
-    if m is None or float(m.group(1)) <= 0:
-        raise ArgumentTypeError(f"{value!r} is not a positive time such as 30s, 15m, 1h, 2d "
-                                "or a number of seconds")
-    return float(m.group(1)) * {'': 1, 's': 1, 'm': 60, 'h': 3600, 'd': 86400}[m.group(2)]
+    try:
+        return interval(value)
+    except ValueError as err:
+        raise ArgumentTypeError(str(err)) from None
 
 
 def _processes(value):
