@@ -486,6 +486,12 @@ def test_round_trip(dts, tmp_path):
     assert common.round_trip([str(silent)], 'dts', timeout=1) is None
     assert time.monotonic() - t0 < 5
     assert common.round_trip([str(tmp_path / 'missing')], 'dts') is None
+    # A program that stops reading after the first line: the next cannot be
+    # written (broken pipe).
+    deaf = tmp_path / 'deaf'
+    deaf.write_text('#!/bin/sh\nread line\nexec 0<&-\necho "$line"\nsleep 5\n')
+    deaf.chmod(0o755)
+    assert common.round_trip([str(deaf)], 'dts', timeout=2) is None
 
 
 @pytest.mark.parametrize('value, bare, seconds', [

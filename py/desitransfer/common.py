@@ -188,8 +188,11 @@ def round_trip(ssh, host, tries=2, timeout=30):
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        proc.stdin.close()
-        proc.stdout.close()
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                stream.close()
+            except OSError:  # a line that could not be written: nobody reads it
+                pass
         proc.wait()
 
 

@@ -113,6 +113,9 @@ class Settling(object):
             rtt, last = None, self._rtt[1]
             try:
                 rtt = self.mountain.round_trip()
+            except Exception as err:  # a thread of its own: said here, or lost
+                log.warning("Could not measure the round trip to %s: %s: %s.",
+                            self.mountain.name, type(err).__name__, err)
             finally:  # unknown: the last measurement, if any, stands
                 self._rtt = (time.monotonic(), last if rtt is None else rtt)
             if rtt is None:
