@@ -29,6 +29,16 @@ ROOT = os.geteuid() == 0
 LARGE = MIN_BATCH_BYTES // 2 + 1
 
 
+def ssh_doing(site, name, pattern, action):
+    """An ssh program that runs the shell `action` first for the remote
+    commands matching the shell `pattern`, then the site's ssh."""
+    wrapper = os.path.join(site.top, name)
+    with open(wrapper, 'w') as f:
+        f.write(f'#!/bin/sh\ncase "$*" in {pattern}) {action};; esac\nexec {site.ssh} "$@"\n')
+    os.chmod(wrapper, 0o755)
+    return wrapper
+
+
 def links(n, night=LAST, parent='/data', first=0):
     return [Link(night, f'{first + i:08d}', f'{parent}/{night}/{first + i:08d}', 0.0)
             for i in range(n)]
@@ -295,11 +305,7 @@ def test_sizes_unknown_means_by_count(site, caplog, answer):
     expids = [f'{3100 + i:08d}' for i in range(6)]
     for e in expids:
         site.exposure(LAST, e)
-    wrapper = os.path.join(site.top, 'no-du')
-    with open(wrapper, 'w') as f:
-        f.write(f'#!/bin/sh\ncase "$*" in *" du --summarize"*) {answer};; esac\n'
-                f'exec {site.ssh} "$@"\n')
-    os.chmod(wrapper, 0o755)
+    wrapper = ssh_doing(site, 'no-du', '*" du --summarize"*', answer)
     site.write_config(ssh=wrapper, streams='4')
     if answer.startswith('sleep'):
         # A hung question is given up after SIZES_TIMEOUT; here, a shorter one.
@@ -327,11 +333,7 @@ def test_sizes_not_asked_for_few_exposures(site, caplog):
     for e in expids:
         site.exposure(LAST, e)
     asked = os.path.join(site.top, 'asked')
-    wrapper = os.path.join(site.top, 'count-du')
-    with open(wrapper, 'w') as f:
-        f.write(f'#!/bin/sh\ncase "$*" in *" du --summarize"*) echo du >> {asked};; esac\n'
-                f'exec {site.ssh} "$@"\n')
-    os.chmod(wrapper, 0o755)
+    wrapper = ssh_doing(site, 'count-du', '*" du --summarize"*', f'echo du >> {asked}')
     site.write_config(ssh=wrapper, streams='3')
     assert site.run() == 0
     assert not os.path.exists(asked)
@@ -403,11 +405,7 @@ def test_auto_streams_from_the_round_trip(site, caplog):
     assert len(copies) == 1, copies
     # A daemon that last measured 70 ms (KPNO to NERSC), where measuring
     # takes a while.
-    slow = os.path.join(site.top, 'slow-cat')
-    with open(slow, 'w') as f:
-        f.write(f'#!/bin/sh\ncase "$*" in *" cat") sleep 3;; esac\nexec {site.ssh} "$@"\n')
-    os.chmod(slow, 0o755)
-    site.write_config(ssh=slow)
+    site.write_config(ssh=ssh_doing(site, 'slow-cat', '*" cat"', 'sleep 3'))
     with open(site.state_file) as f:
         state = json.load(f)
     state['DESI_SPECTRO_DATA']['round_trip'] = 0.07
