@@ -6,11 +6,9 @@ ssh wrappers that misbehave on purpose (``Site.ssh_wrapper``).
 import datetime as dt
 import json
 import os
-import signal
 import stat
 import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +17,7 @@ from desitransfer import common
 from desitransfer.common import configure_log
 from desitransfer.daemon import TransferDaemon, _options
 from desitransfer.mountain import exposure_files, make_exposure
+from loopback import terminate_when
 
 #: The fake present: tonight is 20261120 (in progress), 20261119 and 20261118 are finished.
 NOW = (2026, 11, 20, 21, 0, 0)
@@ -155,21 +154,7 @@ class Site(SimpleNamespace):
         """Start the daemon with `args`, send SIGTERM once ``ready()`` (and
         `settle` seconds more); return its exit status, its output and the
         seconds it took to stop."""
-        proc = self.start(*args)
-        try:
-            deadline = time.monotonic() + 60
-            while not ready():
-                assert time.monotonic() < deadline and proc.poll() is None, proc.poll()
-                time.sleep(poll)
-            time.sleep(settle)
-            t0 = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            out, _ = proc.communicate(timeout=60)
-            return proc.returncode, out, time.monotonic() - t0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+        return terminate_when(self.start(*args), ready, poll=poll, settle=settle, timeout=60)
 
     def ssh_wrapper(self, name, before_rsync='', before_command='', prefix=''):
         """Configure an ssh program that runs the shell line `before_rsync`

@@ -1,10 +1,12 @@
 # Licensed under a 3-clause BSD style license - see LICENSE.rst
 """Loopback servers shared by the tests and the benchmarks: a real sshd on
-127.0.0.1 reachable as host alias ``dts`` through an ssh wrapper program.
+127.0.0.1 reachable as host alias ``dts`` through an ssh wrapper program;
+and stopping a command started against them as an operator would.
 """
 import getpass
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -110,3 +112,24 @@ Subsystem sftp internal-sftp
         proc.terminate()
         raise
     return Mountain(wrapper, os.path.join(d, 'ssh_config'), 'dts', port, proc)
+
+
+def terminate_when(proc, ready, poll=0.05, settle=0.0, timeout=30):
+    """Send SIGTERM to the running `proc` once ``ready()`` (and `settle`
+    seconds more), failing if it ends first or `timeout` seconds pass; its
+    exit status, its output and the seconds it took to stop.  The process is
+    killed if it is still there when this returns or fails."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.poll()
+            time.sleep(poll)
+        time.sleep(settle)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out, time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

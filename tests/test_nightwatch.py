@@ -5,13 +5,13 @@ loopback sshd from a mountain at the real absolute paths (``kpno`` fixture)."""
 import datetime as dt
 import logging
 import os
-import signal
 import subprocess
 import threading
 import time
 
 import pytest
 from fixtures_kpno import mode
+from loopback import terminate_when
 
 from desitransfer import common, nightwatch
 from desitransfer.common import single_instance
@@ -258,19 +258,10 @@ def test_sigterm_while_sleeping(kpno):
                              str(kpno.kill), '--alert-to', '', '-s', '60'],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, cwd=kpno.top)
-    try:
-        deadline = time.monotonic() + 30
-        while 'No nightwatch data for night' not in proc_log(kpno):
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
-        assert time.monotonic() - t0 < 5
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0
+    code, _, seconds = terminate_when(
+        proc, lambda: 'No nightwatch data for night' in proc_log(kpno))
+    assert seconds < 5
+    assert code == 0
     assert 'desi_nightwatch_transfer stops (SIGTERM received).' in log_text(kpno)
     assert not (kpno.top / 'nohup.out').exists()
 

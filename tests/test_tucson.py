@@ -4,7 +4,6 @@ SMTP server on 127.0.0.1."""
 import contextlib
 import datetime as dt
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from desitransfer.common import SSH_OPTIONS, configure_log
 from desitransfer.tucson import (Mirror, _environment, _options, _rsync, read_directories,
                                  running)
 from fixtures_http import Answer
+from loopback import terminate_when
 
 #: The present of most tests: 15 June 2026.
 NOW = dt.datetime(2026, 6, 15, 18, 0, tzinfo=dt.timezone.utc)
@@ -143,19 +143,7 @@ class Site(object):
         proc = subprocess.Popen(['desi_tucson_transfer', '-l', self.logs] + list(args),
                                 env=self.env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
-        try:
-            deadline = time.monotonic() + 30
-            while not ready():
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.05)
-            time.sleep(settle)
-            t0 = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            out, _ = proc.communicate(timeout=30)
-            return proc.returncode, out, time.monotonic() - t0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        return terminate_when(proc, ready, settle=settle)
 
     def use_environment(self, monkeypatch, **env):
         for k in [k for k in os.environ if k not in self.env]:
@@ -406,7 +394,7 @@ def test_mirror(site):
     # Priority directories at normal priority, the others under nice.
     assert 'Running: /usr/bin/rsync --archive' in text
     for d in DYNAMIC:
-        nice = f'Running: nice -n 5 /usr/bin/rsync ' in text.split(f'{d}/ ')[0].splitlines()[-1]
+        nice = 'Running: nice -n 5 /usr/bin/rsync ' in text.split(f'{d}/ ')[0].splitlines()[-1]
         assert nice == (d not in PRIORITY), d
     assert site.smtp.messages == []
     # Static data sets too.
