@@ -35,6 +35,7 @@ TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(TOP, 'tests'))
 sys.path.insert(0, os.path.join(TOP, 'py'))
 
+from bench_backlog import configuration as backlog_configuration  # noqa: E402
 from loopback import start_sshd  # noqa: E402
 from desitransfer.common import rsync_ssh, ssh_command  # noqa: E402
 from desitransfer.mountain import exposure_files, make_exposure  # noqa: E402
@@ -45,35 +46,12 @@ TONIGHT = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=19)).strftime('
 
 
 def configuration(work, mountain, dts, sleep):
-    nersc = os.path.join(work, 'nersc')
-    for d in ('staging/raw', 'data', 'scratch', 'logs'):
-        os.makedirs(os.path.join(nersc, d), exist_ok=True)
-    path = os.path.join(work, 'daemon.ini')
-    with open(path, 'w') as f:
-        f.write(f"""[DESI_SPECTRO_DATA]
-source = {mountain}/dts
-staging = {nersc}/staging/raw
-destination = {nersc}/data
-hpss = desi/spectro/data
-checksum_file = checksum-{{exposure}}.sha256sum
-[common]
-host = dts
-ssh = {dts.ssh}
-temporary = {nersc}/scratch
-checksum_lock = {mountain}/checksum-running
-catchup = 30
-backup = 30
-sleep = {sleep}
-hpss =
-hpss_status = http://127.0.0.1:9/
-[logging]
-filename = {nersc}/logs/desi_transfer_daemon.log
-size = 100000000
-backups = 1
-to =
-report = no
-""")
-    return path, nersc
+    """The daemon's configuration for `mountain`, polling every `sleep`, with
+    catch-up and archive disabled; the file and the NERSC tree."""
+    return backlog_configuration(work, os.path.join(mountain, 'dts'), dts.ssh, catchup=30,
+                                 backup=30, sleep=sleep, hpss='',
+                                 hpss_status='http://127.0.0.1:9/',
+                                 checksum_lock=os.path.join(mountain, 'checksum-running'))
 
 
 def history(mountain, nersc, nights):
@@ -110,7 +88,7 @@ def idle_cost(dts, nights, seconds):
         os.makedirs(os.path.join(mountain, 'dts', TONIGHT), exist_ok=True)
         proc = subprocess.Popen(daemon_command(config, work) + ['--debug'],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        log = os.path.join(nersc, 'logs', 'desi_transfer_daemon.log')
+        log = os.path.join(nersc, 'daemon.log')
 
         def passes():
             if not os.path.exists(log):
