@@ -48,12 +48,7 @@ class Settling(object):
         if settle is None:
             def settle(outcomes):
                 self._settle(d, outcomes, status)
-        if len(links) < 2:
-            streams = 1
-        elif self.conf['streams'] == 'auto' and self._round_trip() is None:
-            streams = self._streams  # measured while the sizes are asked
-        else:
-            streams = self._streams()
+        streams = self._streams() if len(links) > 1 else 1
         return copy_verify(links, self.mountain, d.staging, d.checksum_file, self.actions,
                            basis=d.destination, streams=streams, settle=settle)
 

@@ -170,9 +170,10 @@ def copy_verify(links, mountain, staging, checksum_file, actions, basis=None,
     basis : :class:`str`, optional
         The destination: exposures installed there already serve as the
         basis of the copy (``--link-dest``), so only what changed is sent.
-    streams : :class:`int` or callable, optional
-        Most rsyncs at once, or a function returning it, called (in another
-        thread) only for several exposures, while their sizes are asked.
+    streams : :class:`int`, optional
+        Most rsyncs at once.  The sizes of the exposures are asked of the
+        mountain only when there are more exposures than streams; otherwise
+        each is copied by an rsync of its own.
     settle : callable, optional
         Called in the calling thread with a list of :class:`Outcome` as soon
         as they are known: each batch once verified, while other batches are
@@ -186,7 +187,8 @@ def copy_verify(links, mountain, staging, checksum_file, actions, basis=None,
     """
     if not links:
         return []
-    sizes, streams = _sizes_and_streams(links, mountain, streams)
+    sizes = (mountain.sizes(sorted({link.target for link in links}))
+             if len(links) > max(1, streams) else None)
     batches = plan(links, sizes, streams)
     for night in sorted({link.night for link in links}):
         actions.makedirs(os.path.join(staging, night))
@@ -198,27 +200,6 @@ def copy_verify(links, mountain, staging, checksum_file, actions, basis=None,
                  '' if len(batches) == 1 else 's', streams)
     outcomes = copy.run(streams, settle)
     return [outcomes[link] for link in links]
-
-
-def _sizes_and_streams(links, mountain, streams):
-    """The sizes of the exposures at the mountain (``None`` if not needed: no
-    more exposures than streams, each copied by an rsync of its own; or if
-    unknown) and the number of streams; a callable `streams` (which may ask
-    the mountain too) runs at the same time as the sizes are asked."""
-    if len(links) < 2:
-        return None, 1
-    if not callable(streams) and len(links) <= streams:
-        return None, streams
-    answer = {}
-    if callable(streams):
-        thread = threading.Thread(target=lambda: answer.update(streams=streams()),
-                                  name='streams', daemon=True)
-        thread.start()
-    sizes = mountain.sizes(sorted({link.target for link in links}))
-    if callable(streams):
-        thread.join()
-        streams = answer.get('streams', 1)
-    return sizes, streams
 
 
 def fatal(outcomes):
