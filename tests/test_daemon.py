@@ -422,7 +422,7 @@ def test_documented_methods(site):
         assert d.hpss_status() is True
         status = d._status(d.directories[0])
         assert d.exposure(d.directories[0], f'{LAST}/00001500', status) is True
-        assert status.find(LAST, '00001500', 'checksum')[0][1] == 1
+        assert status.records(LAST, '00001500', 'checksum')[0][1] == 1
         assert mode(site.dest(LAST, '00001500')) == 0o2750
         assert d.exposure(d.directories[0], f'{LAST}/00001599', status) is False
         target = site.dest(LAST, '00001500', sorted(exposure_files('00001500'))[0])
@@ -431,7 +431,7 @@ def test_documented_methods(site):
             f.write(b'more')
         assert d.checksum(site.dest(LAST, '00001500', 'checksum-00001500.sha256sum'),
                           status) is None
-        assert status.find(LAST, '00001500', 'checksum')[0][1] == 0
+        assert status.records(LAST, '00001500', 'checksum')[0][1] == 0
     finally:
         d.mountain.close()
         configure_log()

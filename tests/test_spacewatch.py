@@ -5,6 +5,7 @@ import datetime as dt
 import logging
 import os
 import resource
+import stat
 import subprocess
 import sys
 import time
@@ -321,12 +322,41 @@ def test_command_refuses_bad_input(tmp_path, args, message):
     assert files_in(top) == [] and os.listdir(top) == []
 
 
-def test_command_refuses_missing_directory_and_bad_environment(tmp_path):
-    p = command(str(tmp_path / 'missing'), env={'SPACEWATCH_SERVER': '127.0.0.1:9'})
-    assert p.returncode == 2 and 'is not an existing directory' in p.stderr
-    assert not (tmp_path / 'missing').exists()
-    p = command(str(tmp_path), env={'SPACEWATCH_SERVER': 'http://host/path'})
+def test_command_refuses_file_as_directory_and_bad_environment(tmp_path):
+    (tmp_path / 'file').write_text('x')
+    p = command(str(tmp_path / 'file'), env={'SPACEWATCH_SERVER': '127.0.0.1:9'})
+    assert p.returncode == 2 and 'exists and is not a directory' in p.stderr
+    assert (tmp_path / 'file').read_text() == 'x'
+    p = command(str(tmp_path / 'missing'), env={'SPACEWATCH_SERVER': 'http://host/path'})
     assert p.returncode == 2 and 'argument -s/--server' in p.stderr
+    assert os.listdir(tmp_path) == ['file']
+
+
+def test_command_creates_missing_directory(http_site, tmp_path):
+    """DIR and its missing parents are created, as the original did: mode
+    0o777 less the umask; not in test mode, nor without a server."""
+    site = http_site()
+    site.day(DAY, {NAMES[0]: jpeg()})
+    top = tmp_path / 'external' / 'spacewatch'
+    for args in (['-t', '-s', site.hostport], []):
+        p = command(*args, '-D', DAY, str(top))
+        assert p.returncode in (0, 1) and os.listdir(tmp_path) == [], p.stdout + p.stderr
+    p = command('-s', site.hostport, '-D', DAY, str(top), preexec_fn=lambda: os.umask(0o027))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f'Created {top}.' in p.stdout
+    assert files_in(tmp_path) == [f'external/spacewatch/2023/10/31/{NAMES[0]}']
+    for directory in (tmp_path / 'external', top, top / '2023', top / '2023' / '10',
+                      top / '2023' / '10' / '31'):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o750, directory
+    # It cannot be created: one CRITICAL line, exit status 1, nothing asked of the server.
+    (tmp_path / 'file').write_text('x')
+    site.requests.clear()
+    p = command('-s', site.hostport, '-D', DAY, str(tmp_path / 'file' / 'spacewatch'))
+    assert p.returncode == 1
+    lines = (p.stdout + p.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('CRITICAL') and \
+        f'Could not create {tmp_path / "file" / "spacewatch"}: Not a directory.' in lines[0]
+    assert site.requests == []
 
 
 def test_command_without_server(tmp_path):

@@ -70,19 +70,31 @@ def test_update_and_find(store, tmp_path, monkeypatch):
     assert on_disk(d) == expected
     assert year_file(d).read_bytes() == json.dumps(expected, separators=(',', ':')).encode()
     assert store.status == expected
-    # The four documented shapes of find().
+    # The four documented shapes of find(): the night's rows, then indexes
+    # into them, as the original's find() returns.
     assert store.find(NIGHT) == expected[NIGHT]
-    assert store.find(NIGHT, stage='rsync') == {'12345': [[0, 1, 1000]], '12346': [[0, 1, 3000]]}
-    assert store.find(NIGHT, stage='backup') == {'12345': [[2, 1, 5000]], '12346': []}
-    assert store.find(NIGHT, exposure='00012345') == expected[NIGHT]['12345']
-    assert store.find(NIGHT, 12345, 'checksum') == [[1, 0, 2000]]
+    assert store.find(NIGHT, stage='rsync') == {'12345': [2], '12346': [0]}
+    assert store.find(NIGHT, stage='backup') == {'12345': [0], '12346': []}
+    assert store.find(NIGHT, exposure='00012345') == [0, 1, 2]
+    assert store.find(NIGHT, 12345, 'checksum') == [1]
     assert store.find(NIGHT, '12346', 'checksum') == []
     assert store.find(NIGHT, '99999') == []
-    with pytest.raises(KeyError):
-        store.find('20230103')
+    rows = store.find(NIGHT)['12345']
+    assert [rows[k] for k in store.find(NIGHT, '12345', 'checksum')] == [[1, 0, 2000]]
+    # records() returns the rows themselves.
+    assert store.records(NIGHT) == expected[NIGHT]
+    assert store.records(NIGHT, stage='rsync') == {'12345': [[0, 1, 1000]],
+                                                   '12346': [[0, 1, 3000]]}
+    assert store.records(NIGHT, exposure='00012345') == expected[NIGHT]['12345']
+    assert store.records(NIGHT, 12345, 'checksum') == [[1, 0, 2000]]
+    assert store.records(NIGHT, '99999') == []
+    for method in (store.find, store.records):
+        with pytest.raises(KeyError):
+            method('20230103')
     # Results are copies: changing them changes nothing stored.
-    store.find(NIGHT, '12345')[0][1] = 0
-    assert store.find(NIGHT, '12345', 'backup') == [[2, 1, 5000]]
+    store.records(NIGHT, '12345')[0][1] = 0
+    store.find(NIGHT)['12345'][0][1] = 0
+    assert store.records(NIGHT, '12345', 'backup') == [[2, 1, 5000]]
 
 
 @pytest.mark.parametrize('args', [('20230230', '1', 'rsync'), ('2023011', '1', 'rsync'),
@@ -112,10 +124,10 @@ def test_idempotent(store, tmp_path, monkeypatch):
     time.sleep(0.01)
     assert store.update(NIGHT, '12345', 'rsync') == 0
     assert snapshot(year_file(tmp_path / 'status')) == before
-    assert store.find(NIGHT, '12345') == [[0, 1, 1000]]
+    assert store.records(NIGHT, '12345') == [[0, 1, 1000]]
     # A different outcome replaces the row: still one row per stage.
     assert store.update(NIGHT, '12345', 'rsync', failure=True) == 1
-    assert store.find(NIGHT, '12345') == [[0, 0, 2000]]
+    assert store.records(NIGHT, '12345') == [[0, 0, 2000]]
 
 
 def test_newest_row_first(store, monkeypatch):
@@ -123,7 +135,7 @@ def test_newest_row_first(store, monkeypatch):
     for stage in ('rsync', 'checksum', 'backup'):
         store.update(NIGHT, '5', stage)
     store.update(NIGHT, '5', 'rsync', failure=True)
-    assert store.find(NIGHT, '5') == [[0, 0, 4000], [2, 1, 3000], [1, 1, 2000]]
+    assert store.records(NIGHT, '5') == [[0, 0, 4000], [2, 1, 3000], [1, 1, 2000]]
 
 
 def test_success_after_failure_with_clock_going_back(store, tmp_path, monkeypatch):
@@ -139,7 +151,7 @@ def test_all(store, tmp_path, monkeypatch, caplog):
         store.update(NIGHT, e, 'rsync')
     store.update(NIGHT, '2', 'backup')
     assert store.update(NIGHT, 'all', 'backup') == 2
-    assert store.find(NIGHT, stage='backup') == {'1': [[2, 1, 5]], '2': [[2, 1, 4]],
+    assert store.records(NIGHT, stage='backup') == {'1': [[2, 1, 5]], '2': [[2, 1, 4]],
                                                  '3': [[2, 1, 5]]}
     before = snapshot(year_file(tmp_path / 'status'))
     assert store.update(NIGHT, 'all', 'backup') == 0
@@ -160,7 +172,7 @@ def test_existing_file_loads_unchanged(tmp_path, monkeypatch):
     year_file(d, 2021).write_text(text)
     s = TransferStatus(str(d), year=2021)
     assert s.status == json.loads(text)
-    assert s.find('20210518', '00088014', 'checksum') == [[1, 0, 1621400626001]]
+    assert s.records('20210518', '00088014', 'checksum') == [[1, 0, 1621400626001]]
     assert s.update('20210518', '88013', 'backup') == 0
     assert year_file(d, 2021).read_text() == text
     clock(monkeypatch, 1621500000000)
@@ -178,7 +190,7 @@ def test_night_goes_to_its_own_year(store, tmp_path, monkeypatch):
     d = tmp_path / 'status'
     assert on_disk(d, 2024) == {'20241231': {'9': [[0, 1, 2]]}}
     assert on_disk(d, 2023) == {NIGHT: {'1': [[0, 1, 1]]}}
-    assert store.find('20241231', '9') == [[0, 1, 2]]
+    assert store.records('20241231', '9') == [[0, 1, 2]]
     assert '20241231' not in store.status
 
 
@@ -280,7 +292,7 @@ def test_damage_found_during_update(store, tmp_path, caplog):
 
 @pytest.mark.parametrize('how', ['truncated', 'overwritten', 'removed'])
 def test_damaged_copy(store, tmp_path, caplog, how):
-    """A damaged copy is rewritten by the next update, and serves again."""
+    """A damaged copy is rewritten by the next reading of the file, and serves again."""
     d = tmp_path / 'status'
     copy = d / 'desi_transfer_status_2023.json.copy'
     store.update(NIGHT, '1', 'rsync')
@@ -288,6 +300,13 @@ def test_damaged_copy(store, tmp_path, caplog, how):
     damage(copy, how)
     caplog.set_level(logging.WARNING)
     assert TransferStatus(str(d), year=2023).find(NIGHT, '2')  # The file itself is good.
+    assert copy.read_bytes() == year_file(d).read_bytes()
+    if how == 'removed':
+        assert caplog.records == []
+    else:
+        assert [r.levelname for r in caplog.records] == ['WARNING']
+        assert 'does not match its copy' in caplog.text
+    caplog.clear()
     assert store.update(NIGHT, '3', 'rsync') == 1
     assert copy.read_bytes() == year_file(d).read_bytes()
     assert caplog.records == []
@@ -342,8 +361,8 @@ def test_no_good_copy_starts_empty(tmp_path, caplog):
 def test_handle_malformed_directly(store, tmp_path):
     store.update(NIGHT, '1', 'rsync')
     store.update(NIGHT, '2', 'rsync')
-    assert store._handle_malformed() == {NIGHT: {'1': store.find(NIGHT, '1'),
-                                                 '2': store.find(NIGHT, '2')}}
+    assert store._handle_malformed() == {NIGHT: {'1': store.records(NIGHT, '1'),
+                                                 '2': store.records(NIGHT, '2')}}
     assert (tmp_path / 'status' / 'desi_transfer_status_2023.json.bad').exists()
 
 
@@ -834,8 +853,8 @@ def test_update_many_with_times(store, monkeypatch):
     assert store.update_many([(NIGHT, '7', 'rsync', False, 1500),
                               (NIGHT, '7', 'checksum', False, 2500),
                               (NIGHT, '8', 'rsync', True)]) == 3
-    assert store.find(NIGHT, '7') == [[1, 1, 2500], [0, 1, 1500]]
-    assert store.find(NIGHT, '8') == [[0, 0, 9000]]
+    assert store.records(NIGHT, '7') == [[1, 1, 2500], [0, 1, 1500]]
+    assert store.records(NIGHT, '8') == [[0, 0, 9000]]
     for bad in ('soon', -1, 1.5, True):
         with pytest.raises(ValueError):
             store.update_many([(NIGHT, '9', 'rsync', False, bad)])
@@ -848,7 +867,7 @@ def test_linked_stage(store, tmp_path, monkeypatch, capsys):
     assert store.stages['linked'] == 3
     assert store.update_many([(NIGHT, '12345', 'linked', False, 1_672_628_300_000),
                               (NIGHT, '12345', 'rsync', False, 1_672_628_400_000)]) == 2
-    assert store.find(NIGHT, '12345', 'linked') == [[3, 1, 1_672_628_300_000]]
+    assert store.records(NIGHT, '12345', 'linked') == [[3, 1, 1_672_628_300_000]]
     capsys.readouterr()
     assert run_main(monkeypatch, '-d', str(tmp_path / 'status'), NIGHT) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -8,10 +8,14 @@ directory at NERSC.
 import json
 import os
 import shutil
+import sys
 from datetime import datetime, timedelta, timezone
 from importlib.resources import files
 
 import pytest
+
+from desitransfer import status
+from desitransfer.status import _options
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -26,6 +30,9 @@ PAGE_FILES = ('index.html', 'desi_transfer_status.js', 'desi_transfer_status.css
 
 #: The page probes for files starting from the current UTC year.
 YEAR = datetime.now(timezone.utc).year
+
+#: The years offered, as the original page offers them: this year back to 2018.
+OFFERED = [str(y) for y in range(YEAR, 2017, -1)]
 
 #: Rows written for an exposure in each state.
 RSYNC, CHECKSUM, BACKUP = 0, 1, 2
@@ -176,7 +183,11 @@ def test_page_files_are_package_data():
         assert 'Licensed under a 3-clause BSD style license' in text.splitlines()[0], name
     html = (data / 'index.html').read_text()
     assert 'desi_transfer_status.js' in html and 'desi_transfer_status.css' in html
-    assert '//' not in html.replace('http://www.w3.org', ''), 'index.html refers to another site'
+    # The exposure links go to the data server: a link, not something loaded.
+    meta = f'<meta name="desi-data-url" content="{status.DATA_URL}">'
+    assert html.count(meta) == 1
+    assert '//' not in html.replace(meta, '').replace('http://www.w3.org', ''), \
+        'index.html refers to another site'
 
 
 def test_status_page(page, tmp_path, http_directory):
@@ -237,6 +248,11 @@ def test_status_page(page, tmp_path, http_directory):
     expect(exposures).to_have_count(3)
     expids = sorted(this_year[night], key=int)
     assert exposures.evaluate_all('rs => rs.map(r => r.dataset.expid)') == expids
+    # Each exposure links to its directory on the DESI data server, as in the original.
+    links = exposures.locator('th[data-column="expid"] a')
+    assert links.evaluate_all('as => as.map(a => [a.textContent, a.getAttribute("href")])') \
+        == [[e, f'https://data.desi.lbl.gov/desi/spectro/data/{night}/{int(e):08d}/']
+            for e in expids]
     for index, (expid, state) in enumerate(zip(expids, THIS_YEAR[night][1])):
         row = detail.locator(f'tr[data-expid="{expid}"]')
         expect(row).to_have_attribute('data-state', state)
@@ -272,8 +288,9 @@ def test_status_page(page, tmp_path, http_directory):
     # The unknown stage 7 with ok 0 did not make the night fail.
     expect(night_row(page, f'{YEAR}0111')).to_have_attribute('data-state', C)
 
-    # Last year, through the selector.
-    expect(page.locator('#year option')).to_have_count(2)
+    # Last year, through the selector, which offers every year from 2018.
+    expect(page.locator('#year option')).to_have_count(len(OFFERED))
+    assert page.locator('#year option').all_inner_texts() == OFFERED
     page.select_option('#year', str(YEAR - 1))
     expect(rows).to_have_count(2)
     expect(night_row(page, f'{YEAR - 1}1230')).to_have_attribute('data-state', F)
@@ -297,7 +314,7 @@ def test_malformed_json(page, tmp_path, http_directory):
     expect(message).to_contain_text(f'desi_transfer_status_{YEAR}.json is not valid JSON')
     expect(message).to_have_attribute('data-kind', 'error')
     expect(page.locator('tr[data-night]')).to_have_count(0)
-    expect(page.locator('#year option')).to_have_count(2)
+    expect(page.locator('#year option')).to_have_count(len(OFFERED))
     page.select_option('#year', str(YEAR - 1))
     expect(page.locator('tr[data-night]')).to_have_count(2)
     expect(message).to_be_hidden()
@@ -315,30 +332,47 @@ def test_empty_year(page, tmp_path, http_directory, content):
 
 
 def test_year_discovery(page, tmp_path, http_directory):
-    """Years are found by probing back from this year to the first gap."""
+    """Every year from 2018 to this one is offered, as in the original page;
+    the newest year with a file is shown; a year without one says so."""
     server = http_directory(status_directory(tmp_path / 'status', {
         YEAR - 1: make_year(LAST_YEAR, 11000),
         YEAR - 3: make_year({f'{YEAR - 3}0601': (C, [C])}, 100)}))
     page.goto(server.url)
     expect(page.locator('tr[data-night]')).to_have_count(2)
-    expect(page.locator('#year option')).to_have_count(1)
     expect(page.locator('#year')).to_have_value(str(YEAR - 1))
-    # The search has ended; it stopped at the first missing year.
     expect(page.locator('#year')).to_have_attribute('data-search', 'done')
+    assert page.locator('#year option').all_inner_texts() == OFFERED
     name = 'desi_transfer_status_{0}.json'.format
     probed = sorted((m, p.lstrip('/'), s) for m, p, s in server.requests if p.endswith('.json'))
     assert probed == sorted([('HEAD', name(YEAR), 404), ('HEAD', name(YEAR - 1), 200),
-                             ('GET', name(YEAR - 1), 200), ('HEAD', name(YEAR - 2), 404)])
+                             ('GET', name(YEAR - 1), 200)])
+    # The gap does not hide the years before it.
+    page.select_option('#year', str(YEAR - 3))
+    expect(night_row(page, f'{YEAR - 3}0601')).to_have_attribute('data-state', C)
+    # A year without a file: no records, said as a fact, not as an error.
+    for year in (YEAR - 2, 2018):
+        page.select_option('#year', str(year))
+        message = page.locator('#message')
+        expect(message).to_have_text(f'No records for {year}: there is no {name(year)} here.')
+        expect(message).to_have_attribute('data-kind', 'info')
+        expect(page.locator('#nights')).to_be_hidden()
+        expect(page.locator('#summary')).to_be_hidden()
+    page.select_option('#year', str(YEAR - 1))
+    expect(page.locator('tr[data-night]')).to_have_count(2)
+    expect(page.locator('#message')).to_be_hidden()
     assert_only_local(page, server)
 
 
 def test_no_status_files(page, tmp_path, http_directory):
-    """An empty directory says that no file was found, after a bounded search."""
+    """An empty directory says that no file was found, after a bounded search,
+    and still offers every year."""
     server = http_directory(status_directory(tmp_path / 'status', {}))
     page.goto(server.url)
     expect(page.locator('#message')).to_contain_text('No transfer status files found')
     expect(page.locator('#year')).to_have_attribute('data-search', 'done')
-    assert len([p for _, p, _ in server.requests if p.endswith('.json')]) == YEAR - 2019 + 1
+    assert len([p for _, p, _ in server.requests if p.endswith('.json')]) == len(OFFERED)
+    assert page.locator('#year option').all_inner_texts() == OFFERED
+    expect(page.locator('#year')).to_be_enabled()
     assert_only_local(page, server)
 
 
@@ -349,7 +383,8 @@ def test_hostile_data(page, tmp_path, http_directory):
     server = http_directory(status_directory(tmp_path / 'status', {YEAR: {
         night: {expid: exposure_rows(f'{YEAR}0102', 0, C) + ['garbage', [0, 2, 'x']],
                 '12': 'not a list'},
-        f'{YEAR}0101': {'12': [[9, 1, 0], [0, 1, 'soon'], [1, 1, 1e300]]},
+        f'{YEAR}0101': {'12': [[9, 1, 0], [0, 1, 'soon'], [1, 1, 1e300]],
+                        '123456789': exposure_rows(f'{YEAR}0101', 0, C)},
         f'{YEAR}0100': 'not an object'}}))
     page.goto(server.url)
     rows = page.locator('tr[data-night]')
@@ -361,12 +396,111 @@ def test_hostile_data(page, tmp_path, http_directory):
     expect(page.locator('tr[data-expid] .expid')).to_have_text(expid)
     assert page.locator('img, #bold').count() == 0
     assert page.evaluate('window.pwned') is None
+    # Links only for a night of 8 digits and an exposure number of at most 8.
+    expect(page.locator('tr[data-expid] a')).to_have_count(0)
+    night_row(page, f'{YEAR}0101').click()
+    detail = page.locator(f'tr[data-detail-for="{YEAR}0101"]')
+    expect(detail.locator('tr[data-expid]')).to_have_count(2)
+    expect(detail.locator('a')).to_have_count(1)
+    expect(detail.locator('tr[data-expid="12"] a')).to_have_attribute(
+        'href', f'{status.DATA_URL}{YEAR}0101/00000012/')
+    expect(detail.locator('tr[data-expid="123456789"] .expid')).to_have_text('123456789')
     # Only unknown-stage rows (silently) and malformed rows (counted) are dropped.
     expect(night_row(page, f'{YEAR}0101')).to_have_attribute('data-state', I)
     expect(page.locator('#notes')).to_have_text(
         f'Ignored because malformed in desi_transfer_status_{YEAR}.json: '
         '1 night entry, 1 exposure entry, 4 status rows.')
     assert_only_local(page, server)
+
+
+def run_status(monkeypatch, *args):
+    """:command:`desi_transfer_status` in this process; its exit status."""
+    monkeypatch.setattr(sys, 'argv', ['desi_transfer_status'] + list(args))
+    return status.main()
+
+
+def test_installed_data_url(page, tmp_path, http_directory, monkeypatch):
+    """``desi_transfer_status -i --data-url URL`` writes the base of the
+    exposure links into the installed page; a re-install without it keeps it."""
+    d, night, mirror = tmp_path / 'status', f'{YEAR}0102', 'https://mirror.example.org/desi/raw'
+    assert run_status(monkeypatch, '-d', str(d), '-i', '--data-url', mirror,
+                      night, '12345', 'rsync') == 0
+    assert run_status(monkeypatch, '-d', str(d), '-i', night) == 0
+    assert (d / 'index.html').read_text().count(f'content="{mirror}/"') == 1
+    server = http_directory(d)
+    page.goto(server.url)
+    night_row(page, night).click()
+    expect(page.locator('tr[data-expid="12345"] a')).to_have_attribute(
+        'href', f'{mirror}/{night}/00012345/')
+    assert_only_local(page, server)
+
+
+def test_unusable_data_url_in_page(page, tmp_path, http_directory):
+    """A page whose data URL was edited by hand into anything but http(s) links nothing."""
+    d = status_directory(tmp_path / 'status', {YEAR: make_year({f'{YEAR}0102': (C, [C])}, 12)})
+    index = d / 'index.html'
+    index.write_text(index.read_text().replace(status.DATA_URL, 'javascript:alert(1)//'))
+    server = http_directory(d)
+    page.goto(server.url)
+    night_row(page, f'{YEAR}0102').click()
+    expect(page.locator('tr[data-expid="12"] .expid')).to_have_text('12')
+    expect(page.locator('tr[data-expid] a')).to_have_count(0)
+    assert_only_local(page, server)
+
+
+#: Bad values of --data-url, and what the error says.
+BAD_DATA_URLS = {
+    'javascript:alert(1)//': 'it is not an http:// or https:// URL',
+    'https://x.org/"><script>alert(1)</script>': 'it may hold only',
+    "https://x.org/a'onmouseover='alert(1)": 'it may hold only',
+    'https://x.org/a b': 'it may hold only',
+    'https://x.org/raw?q=1': 'it may hold only',
+    'https://x.org/raw#top': 'it may hold only',
+    'https://x.org/\u00fc': 'it may hold only',
+    '': 'it may hold only',
+    'https://x.org/%zz': 'a % is not followed by two hexadecimal digits',
+    'ftp://x.org/raw': 'it is not an http:// or https:// URL',
+    '//x.org/raw': 'it is not an http:// or https:// URL',
+    'https://desi:secret@x.org/raw': 'it holds a user name or password',
+    'https:///raw': 'its host or port is not valid',
+    'https://x.org:99999/raw': 'its host or port is not valid',
+}
+
+
+def test_data_url_checked(tmp_path, monkeypatch, capsys, caplog):
+    """A bad ``--data-url`` is one error line and exit status 2, and changes
+    nothing; ``--data-url`` goes with ``-i`` only."""
+    d = tmp_path / 'status'
+    d.mkdir()
+    status.install_page(str(d), 'https://mirror.example.org/raw')
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    night = f'{YEAR}0102'
+    for url, why in BAD_DATA_URLS.items():
+        for directory in (d, tmp_path / 'new'):
+            with pytest.raises(SystemExit) as exit:
+                run_status(monkeypatch, '-d', str(directory), '-i', '--data-url', url,
+                           night, '1', 'rsync')
+            assert exit.value.code == 2
+            errors = [line for line in capsys.readouterr().err.splitlines() if 'error:' in line]
+            assert len(errors) == 1 and errors[0].startswith(
+                'desi_transfer_status: error: argument --data-url: '), errors
+            assert f'is not a base URL for the exposure links: {why}' in errors[0], errors
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    assert not (tmp_path / 'new').exists()
+    for args, message in (([night], '--data-url goes with -i/--install'),
+                          (['--audit', str(YEAR)], '--data-url does not go with --audit')):
+        with pytest.raises(SystemExit):
+            run_status(monkeypatch, '-d', str(d), '--data-url', 'https://x.org/', *args)
+        assert message in capsys.readouterr().err
+    assert _options(['-d', str(d), '-i', '--data-url', 'HTTPS://x.org:8443/a%20b',
+                     night]).data_url == 'https://x.org:8443/a%20b/'
+    # A page whose data URL was spoilt by hand gets the default again.
+    index = d / 'index.html'
+    index.write_text(index.read_text().replace('https://mirror.example.org/raw/',
+                                               'javascript:alert(1)//'))
+    status.install_page(str(d))
+    assert f'content="{status.DATA_URL}"' in index.read_text()
+    assert 'it gets the default' in caplog.text
 
 
 #

@@ -3,7 +3,9 @@
 SMTP server on 127.0.0.1."""
 import contextlib
 import datetime as dt
+import getpass
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -22,6 +24,13 @@ from loopback import terminate_when
 #: The present of most tests: 15 June 2026.
 NOW = dt.datetime(2026, 6, 15, 18, 0, tzinfo=dt.timezone.utc)
 
+#: The commands run as subprocesses read the real clock: the years of the
+#: files at NERSC follow it (on the calendar of Kitt Peak).
+TODAY = dt.datetime.now(common.MST)
+YEAR = TODAY.year
+#: Last year's entries are still mirrored in January.
+LAST_YEAR = TODAY.month == 1
+
 DYNAMIC = ['spectro/data', 'spectro/nightwatch/kpno', 'spectro/staging/lost+found',
            'spectro/redux/daily', 'spectro/redux/daily/exposures',
            'spectro/redux/daily/preproc', 'spectro/redux/daily/tiles',
@@ -29,28 +38,35 @@ DYNAMIC = ['spectro/data', 'spectro/nightwatch/kpno', 'spectro/staging/lost+foun
            'software/CiscoSecureClient']
 PRIORITY = ['spectro/data', 'spectro/redux/daily', 'spectro/redux/daily/exposures',
             'spectro/redux/daily/preproc', 'spectro/redux/daily/tiles']
+CATCHUP = ['spectro/data', 'spectro/nightwatch/kpno', 'spectro/staging/lost+found',
+           'spectro/redux/daily', 'spectro/redux/daily/exposures',
+           'spectro/redux/daily/preproc', 'spectro/redux/daily/tiles',
+           'engineering/focalplane']
 
 #: Files at NERSC in most tests, and whether each is mirrored.
 NERSC = {
     'spectro/data/20190101/00001234/desi-00001234.fits.fz': False,  # an old year
-    'spectro/data/20241231/00200000/desi-00200000.fits.fz': False,
-    'spectro/data/20251231/00250000/desi-00250000.fits.fz': True,   # last year
-    'spectro/data/20260614/00300000/desi-00300000.fits.fz': True,
-    'spectro/data/20260614/00300001/desi-00300001.fits.fz': True,
+    f'spectro/data/{YEAR - 2:d}1231/00200000/desi-00200000.fits.fz': False,
+    f'spectro/data/{YEAR - 1:d}1231/00250000/desi-00250000.fits.fz': LAST_YEAR,
+    f'spectro/data/{YEAR:d}0614/00300000/desi-00300000.fits.fz': True,
+    f'spectro/data/{YEAR:d}0614/00300001/desi-00300001.fits.fz': True,
     'spectro/nightwatch/kpno/20201231/qa.html': True,
     'spectro/nightwatch/kpno/20210101/qa.html': False,
-    'spectro/nightwatch/kpno/20260614/qa.html': True,
+    f'spectro/nightwatch/kpno/{YEAR:d}0614/qa.html': True,
     'spectro/staging/lost+found/20260614/x.fits': True,
     'spectro/redux/daily/calibnight/20260614/psf.fits': True,
     'spectro/redux/daily/calibnight/20260614/psf.fits.tmp': False,
     'spectro/redux/daily/attic/old.fits': False,
     'spectro/redux/daily/dark_preproc/d.fits': False,
     'spectro/redux/daily/temp/t.fits': False,
-    'spectro/redux/daily/exposures/20260614/00300000/frame.fits': True,
-    'spectro/redux/daily/exposures/20260614/00300000/frame.fits.tmp': False,
-    'spectro/redux/daily/preproc/20260614/00300000/fibermap-00300000.fits': True,
-    'spectro/redux/daily/preproc/20260614/00300000/preproc-b0-00300000.fits': False,
-    'spectro/redux/daily/preproc/20260614/00300000/preproc-b1-00300000.fits.gz': False,
+    'spectro/redux/daily/exposures/20181231/00000100/frame.fits': True,  # before 2019
+    f'spectro/redux/daily/exposures/{YEAR - 2:d}1231/00200000/frame.fits': False,
+    f'spectro/redux/daily/exposures/{YEAR:d}0614/00300000/frame.fits': True,
+    f'spectro/redux/daily/exposures/{YEAR:d}0614/00300000/frame.fits.tmp': False,
+    f'spectro/redux/daily/preproc/{YEAR - 2:d}1231/00200000/fibermap-00200000.fits': False,
+    f'spectro/redux/daily/preproc/{YEAR:d}0614/00300000/fibermap-00300000.fits': True,
+    f'spectro/redux/daily/preproc/{YEAR:d}0614/00300000/preproc-b0-00300000.fits': False,
+    f'spectro/redux/daily/preproc/{YEAR:d}0614/00300000/preproc-b1-00300000.fits.gz': False,
     'spectro/redux/daily/tiles/cumulative/1000/coadd.fits': True,
     'spectro/redux/daily/tiles/temp/x.fits': False,
     'engineering/focalplane/pos.ecsv': True,
@@ -58,15 +74,21 @@ NERSC = {
     'engineering/focalplane/nb.ipynb': False,
     'engineering/focalplane/.ipynb_checkpoints/nb.ipynb': False,
     'engineering/focalplane/hwtables/table.csv': True,
-    'engineering/focalplane/hwtables/table.txt': False,
+    'engineering/focalplane/hwtables/table.txt': True,  # all of it, every day
     'software/CiscoSecureClient/client.tar.gz': True,
-    'target/catalogs/dr9/1.0.0/targets.fits': True,
+    # The entries dr8, dr9, ... only (see CATALOGS), not what they hold.
+    'target/catalogs/dr9/1.0.0/targets.fits': False,
     'target/catalogs/dr10/x.fits': False,
     'target/catalogs/README': False,
     'spectro/templates/basis_templates/.svn/entries': False,
     'spectro/templates/basis_templates/basis_templates_svn-old/x.fits': False,
     'spectro/templates/basis_templates/v3.2/galaxy.fits': True,
 }
+
+#: The directories of target/catalogs at NERSC, and whether each is mirrored
+#: (as an empty directory).
+CATALOGS = {'dr8': True, 'dr9': True, 'dr9/1.0.0': False, 'dr10': False,
+            'gaiadr2': True, 'subpriority': True}
 
 
 @pytest.fixture(autouse=True)
@@ -100,11 +122,14 @@ def tree(top):
 def make_nersc(module, static=True):
     """Every directory of the table (empty), and the files of :data:`NERSC`."""
     for d in read_directories():
-        if static or not d.static:
-            os.makedirs(os.path.join(module, d.name), mode=0o755, exist_ok=True)
+        if static or d.set != 'static':
+            os.makedirs(os.path.join(module, d.directory), mode=0o755, exist_ok=True)
     for name in NERSC:
         if static or not name.startswith(('target/', 'spectro/templates/')):
             write(os.path.join(module, name))
+    if static:
+        for name in CATALOGS:
+            os.makedirs(os.path.join(module, 'target', 'catalogs', name), exist_ok=True)
     for root, dirs, _ in os.walk(module):
         for d in dirs:
             os.chmod(os.path.join(root, d), 0o755)
@@ -179,42 +204,58 @@ def test_rsync_command(monkeypatch, clock):
     assert _rsync('S', 'D', 'engineering/focalplane')[8:-2] == [
         '--exclude', 'archive', '--exclude', 'hwtables', '--exclude', '.ipynb_checkpoints',
         '--exclude', '*.ipynb']
-    assert _rsync('S', 'D', 'engineering/focalplane/hwtables')[8:-2] == [
-        '--include', '*.csv', '--exclude', '*']
+    # All of hwtables every day; the *.csv filter is the --hwtables run's.
+    assert _rsync('S', 'D', 'engineering/focalplane/hwtables')[8:-2] == []
     assert _rsync('S', 'D', 'spectro/redux/daily')[8:-2] == [
         '--exclude', '*.tmp', '--exclude', 'attic', '--exclude', 'dark_preproc',
         '--exclude', 'exposures', '--exclude', 'preproc', '--exclude', 'temp',
         '--exclude', 'tiles']
     assert _rsync('S', 'D', 'spectro/redux/daily/preproc')[8:-2] == [
+        a for y in range(2019, 2026) for a in ('--exclude', f'{y:d}*')] + [
         '--exclude', '*.tmp', '--exclude', 'preproc-*.fits', '--exclude', 'preproc-*.fits.gz']
     assert _rsync('S', 'D', 'survey/ops/surveyops/trunk')[8:-2] == [
         '--exclude', '.svn', '--exclude', 'cronupdate.log']
+    # The entries, not their contents.
     assert _rsync('S', 'D', 'target/catalogs')[8:-2] == [
-        '--include', '/dr8/***', '--include', '/dr9/***', '--include', '/gaiadr2/***',
-        '--include', '/subpriority/***', '--exclude', '*']
+        '--include', 'dr8', '--include', 'dr9', '--include', 'gaiadr2',
+        '--include', 'subpriority', '--exclude', '*']
     assert _rsync('S', 'D', 'not/in/the/table') == base + ['S/not/in/the/table/',
                                                           'D/not/in/the/table/']
 
 
-def test_rsync_old_years(monkeypatch):
-    """Years before the previous one are left out: last year stays mirrored,
-    through January and after."""
+@pytest.mark.parametrize('utc, last', [
+    (NOW, 2025),
+    # 03:00 UTC on 1 January 2026 is still 31 December 2025 at Kitt Peak.
+    (dt.datetime(2026, 1, 1, 3, tzinfo=dt.timezone.utc), 2024),
+    # Last year is still mirrored through January...
+    (dt.datetime(2026, 1, 1, 12, tzinfo=dt.timezone.utc), 2024),
+    (dt.datetime(2026, 2, 1, 6, 59, tzinfo=dt.timezone.utc), 2024),
+    # ... and left out from 1 February, Kitt Peak time.
+    (dt.datetime(2026, 2, 1, 7, 0, tzinfo=dt.timezone.utc), 2025),
+    (dt.datetime(2026, 12, 31, 12, tzinfo=dt.timezone.utc), 2025),
+])
+def test_rsync_old_years(monkeypatch, utc, last):
+    """Years from the first one in the table to last year are left out,
+    except that last year is still mirrored in January."""
     def years(d):
         return [a for a in _rsync('S', 'D', d)[8:-2] if a != '--exclude']
 
-    monkeypatch.setattr(common, '_utcnow', lambda: NOW)
-    assert years('spectro/data') == [f'/{y}*' for y in range(2018, 2025)]
-    assert years('spectro/nightwatch/kpno') == ['/2021*', '/2022*', '/2023*', '/2024*']
-    # 03:00 UTC on 1 January 2026 is still 2025 at Kitt Peak.
+    monkeypatch.setattr(common, '_utcnow', lambda: utc)
+    assert years('spectro/data') == [f'{y}*' for y in range(2018, last + 1)]
+    assert years('spectro/nightwatch/kpno') == [f'{y}*' for y in range(2021, last + 1)]
+    assert years('spectro/redux/daily/exposures') == [
+        f'{y}*' for y in range(2019, last + 1)] + ['*.tmp']
+    assert years('spectro/redux/daily/preproc')[:-3] == [
+        f'{y}*' for y in range(2019, last + 1)]
+
+
+def test_rsync_no_old_years_yet(monkeypatch):
     monkeypatch.setattr(common, '_utcnow',
-                        lambda: dt.datetime(2026, 1, 1, 3, tzinfo=dt.timezone.utc))
-    assert years('spectro/data') == [f'/{y}*' for y in range(2018, 2024)]
-    monkeypatch.setattr(common, '_utcnow',
-                        lambda: dt.datetime(2026, 1, 31, 12, tzinfo=dt.timezone.utc))
-    assert years('spectro/data')[-1] == '/2024*'
+                        lambda: dt.datetime(2022, 1, 15, tzinfo=dt.timezone.utc))
+    assert _rsync('S', 'D', 'spectro/nightwatch/kpno')[8:-2] == []
     monkeypatch.setattr(common, '_utcnow',
                         lambda: dt.datetime(2022, 6, 1, tzinfo=dt.timezone.utc))
-    assert years('spectro/nightwatch/kpno') == []
+    assert _rsync('S', 'D', 'spectro/nightwatch/kpno')[8:-2] == ['--exclude', '2021*']
 
 
 def test_rsync_ssh_form(monkeypatch, clock):
@@ -230,8 +271,8 @@ def test_rsync_ssh_form(monkeypatch, clock):
 
 def test_directory_table():
     directories = read_directories()
-    assert [d.name for d in directories if not d.static] == DYNAMIC
-    assert [d.name for d in directories if d.static] == [
+    assert [d.name for d in directories if d.set == 'dynamic'] == DYNAMIC
+    assert [d.name for d in directories if d.set == 'static'] == [
         'cmx', 'datachallenge', 'engineering/2021_summer_illumination_checks',
         'engineering/donut', 'engineering/fvc', 'engineering/fvc_distortion',
         'engineering/gfa', 'engineering/pfa2positioner', 'engineering/platemaker',
@@ -240,30 +281,284 @@ def test_directory_table():
         'spectro/desi_spectro_calib', 'spectro/redux/denali', 'spectro/redux/everest',
         'spectro/templates/basis_templates', 'survey/ops/surveyops/trunk', 'sv',
         'target/catalogs', 'target/secondary', 'target/cmx_files']
-    assert [d.name for d in directories if d.priority] == PRIORITY
+    assert [d for d in directories if d.set == 'hwtables'] == [
+        tucson.Directory('hwtables', 'engineering/focalplane/hwtables', 'hwtables', True,
+                         False, None, ('--include', '*.csv', '--exclude', '*'))]
+    assert all(d.name == d.directory for d in directories if d.set != 'hwtables')
+    assert [d.name for d in directories if d.priority and d.set == 'dynamic'] == PRIORITY
+    assert [d.name for d in directories if d.catchup] == CATCHUP
     assert {d.name: d.years for d in directories if d.years} == {
-        'spectro/data': 2018, 'spectro/nightwatch/kpno': 2021}
+        'spectro/data': 2018, 'spectro/nightwatch/kpno': 2021,
+        'spectro/redux/daily/exposures': 2019, 'spectro/redux/daily/preproc': 2019}
     assert {d.name: d.filters for d in directories}['spectro/desi_spectro_calib'] == (
         '--exclude', '.svn')
 
 
 @pytest.mark.parametrize('text, message', [
     ('[a]\nset = dynamic\nsize = 3\n', 'unknown key(s) size'),
-    ('[a]\nset = sometimes\n', 'dynamic or static'),
-    ('[a]\n', 'dynamic or static'),
-    ('[a]\nset = static\npriority = maybe\n', 'yes or no'),
+    ('[a]\nset = sometimes\n', 'dynamic, static or hwtables'),
+    ('[a]\n', 'dynamic, static or hwtables'),
+    ('[a]\nset = static\npriority = maybe\n', 'priority: yes or no'),
+    ('[a]\nset = static\ncatchup = often\n', 'catchup: yes or no'),
+    ('[a]\nset = hwtables\ncatchup = yes\n', 'not a hwtables one'),
     ('[a]\nset = static\nyears = 18\n', 'a year YYYY'),
     ('[a]\nset = static\nfilter = exclude\n', "'include PATTERN' or 'exclude PATTERN'"),
     ('[a]\nset = static\nfilter =\n    protect x\n', "'include PATTERN' or"),
     ('[../etc]\nset = static\n', 'not a directory relative'),
     ('[/abs]\nset = static\n', 'not a directory relative'),
+    ('[a]\nset = hwtables\ndirectory = a/../../etc\n', 'not a directory relative'),
     ('[a]\nset = static\n[a]\nset = static\n', 'already exists'),
+    ('[a]\nset = static\n[b]\nset = dynamic\ndirectory = a\n', 'already mirrored'),
+    ('[a]\nset = hwtables\n[b]\nset = hwtables\ndirectory = a\n', 'already mirrored'),
     ('set = static\n', 'no section headers'),
 ])
 def test_directory_table_errors(text, message):
     with pytest.raises(ValueError) as err:
         read_directories(text, source='table.ini')
     assert message in str(err.value) and 'table.ini' in str(err.value)
+
+
+# ----------------------------------------------------------------------
+# Every command line against the original's for the same date.
+#
+# The original's commands are written down here from its code (desitransfer
+# 1.0.6: desitransfer.tucson, bin/desi_tucson_transfer_catchup.sh,
+# bin/desi_tucson_hwtables.sh); its years come from time.localtime() on
+# the NOIRLab host, whose calendar is that of Kitt Peak (Arizona).
+# ----------------------------------------------------------------------
+#: The original desi_tucson_transfer, rsync daemon form (its only form), and
+#: the catch-up script's two forms (ssh when RSYNC_RSH is set).
+ORIGINAL_FORM = {
+    'daemon': ('/usr/bin/rsync --archive --verbose --delete --delete-after --no-motd '
+               '--password-file /home/mirror/.desi {filters} '
+               'rsync://nersc.example.org/desi/{d}/ {dst}/{d}/'),
+    'ssh': ('/usr/bin/rsync --archive --verbose --delete --delete-after --no-motd '
+            '{filters} nersc.example.org:/global/cfs/cdirs/desi/{d}/ {dst}/{d}/'),
+}
+
+#: The original desi_tucson_transfer's filters that do not depend on the date;
+#: every dynamic and static directory is here or in ORIGINAL_YEARS.
+ORIGINAL_FILTERS = {
+    # dynamic
+    'spectro/staging/lost+found': '',
+    'spectro/redux/daily': ('--exclude *.tmp --exclude attic --exclude dark_preproc '
+                            '--exclude exposures --exclude preproc --exclude temp '
+                            '--exclude tiles'),
+    'spectro/redux/daily/tiles': '--exclude *.tmp --exclude temp',
+    'engineering/focalplane': ('--exclude archive --exclude hwtables '
+                               '--exclude .ipynb_checkpoints --exclude *.ipynb'),
+    'engineering/focalplane/hwtables': '',
+    'software/CiscoSecureClient': '',
+    # static
+    'cmx': '', 'datachallenge': '', 'engineering/2021_summer_illumination_checks': '',
+    'engineering/donut': '', 'engineering/fvc': '', 'engineering/fvc_distortion': '',
+    'engineering/gfa': '', 'engineering/pfa2positioner': '', 'engineering/platemaker': '',
+    'engineering/spectrograph': '', 'engineering/svn_export_focalplane_12302018': '',
+    'engineering/umdata': '', 'protodesi': '', 'public/epo': '', 'public/ets': '',
+    'spectro/desi_spectro_calib': '--exclude .svn',
+    'spectro/redux/denali': '', 'spectro/redux/everest': '',
+    'spectro/templates/basis_templates': '--exclude .svn --exclude basis_templates_svn-old',
+    'survey/ops/surveyops/trunk': '--exclude .svn --exclude cronupdate.log',
+    'sv': '',
+    'target/catalogs': ('--include dr8 --include dr9 --include gaiadr2 --include subpriority '
+                        '--exclude *'),
+    'target/secondary': '', 'target/cmx_files': '',
+}
+
+#: The original's filters of the directories with old years, in 2025 and 2026.
+ORIGINAL_2025 = {
+    'spectro/data': ('--exclude 2018* --exclude 2019* --exclude 2020* --exclude 2021* '
+                     '--exclude 2022* --exclude 2023* --exclude 2024*'),
+    'spectro/nightwatch/kpno': '--exclude 2021* --exclude 2022* --exclude 2023* --exclude 2024*',
+    'spectro/redux/daily/exposures': ('--exclude 2019* --exclude 2020* --exclude 2021* '
+                                      '--exclude 2022* --exclude 2023* --exclude 2024* '
+                                      '--exclude *.tmp'),
+    'spectro/redux/daily/preproc': ('--exclude 2019* --exclude 2020* --exclude 2021* '
+                                    '--exclude 2022* --exclude 2023* --exclude 2024* '
+                                    '--exclude *.tmp --exclude preproc-*.fits '
+                                    '--exclude preproc-*.fits.gz'),
+}
+ORIGINAL_2026 = {
+    'spectro/data': ('--exclude 2018* --exclude 2019* --exclude 2020* --exclude 2021* '
+                     '--exclude 2022* --exclude 2023* --exclude 2024* --exclude 2025*'),
+    'spectro/nightwatch/kpno': ('--exclude 2021* --exclude 2022* --exclude 2023* '
+                                '--exclude 2024* --exclude 2025*'),
+    'spectro/redux/daily/exposures': ('--exclude 2019* --exclude 2020* --exclude 2021* '
+                                      '--exclude 2022* --exclude 2023* --exclude 2024* '
+                                      '--exclude 2025* --exclude *.tmp'),
+    'spectro/redux/daily/preproc': ('--exclude 2019* --exclude 2020* --exclude 2021* '
+                                    '--exclude 2022* --exclude 2023* --exclude 2024* '
+                                    '--exclude 2025* --exclude *.tmp --exclude preproc-*.fits '
+                                    '--exclude preproc-*.fits.gz'),
+}
+ORIGINAL_YEARS = {'2025-01-15': ORIGINAL_2025, '2025-04-15': ORIGINAL_2025,
+                  '2025-12-15': ORIGINAL_2025, '2026-02-10': ORIGINAL_2026}
+
+#: The original's directories at normal priority; the others ran under os.nice(5).
+ORIGINAL_PRIORITY = ('spectro/data', 'spectro/redux/daily', 'spectro/redux/daily/exposures',
+                     'spectro/redux/daily/preproc', 'spectro/redux/daily/tiles')
+
+#: The catch-up script's ('nice' or '', excludes) of each directory, as the
+#: script stood on each date (its years were edited by hand: 2024 was added
+#: on 20 March 2025, 2025 on 29 April 2026).
+ORIGINAL_CATCHUP = {
+    '2025-12-15': {
+        'engineering/focalplane': ('nice', '--exclude archive --exclude hwtables '
+                                           '--exclude *.ipynb --exclude .ipynb_checkpoints'),
+        'spectro/data': ('', '--exclude 2018* --exclude 2019* --exclude 2020* --exclude 2021* '
+                             '--exclude 2022* --exclude 2023* --exclude 2024*'),
+        'spectro/redux/daily': ('', '--exclude *.tmp --exclude attic --exclude dark_preproc '
+                                    '--exclude exposures --exclude preproc --exclude temp '
+                                    '--exclude tiles'),
+        'spectro/redux/daily/exposures': ('', '--exclude 2019* --exclude 2020* --exclude 2021* '
+                                              '--exclude 2022* --exclude 2023* --exclude 2024* '
+                                              '--exclude *.tmp'),
+        'spectro/redux/daily/preproc': ('', '--exclude 2019* --exclude 2020* --exclude 2021* '
+                                            '--exclude 2022* --exclude 2023* --exclude 2024* '
+                                            '--exclude *.tmp --exclude preproc-*.fits '
+                                            '--exclude preproc-*.fits.gz'),
+        'spectro/redux/daily/tiles': ('', '--exclude *.tmp --exclude temp'),
+        'spectro/nightwatch/kpno': ('nice', '--exclude 2021* --exclude 2022* --exclude 2023* '
+                                            '--exclude 2024*'),
+        'spectro/staging/lost+found': ('nice', ''),
+    },
+    '2026-06-15': {
+        'engineering/focalplane': ('nice', '--exclude archive --exclude hwtables '
+                                           '--exclude *.ipynb --exclude .ipynb_checkpoints'),
+        'spectro/data': ('', '--exclude 2018* --exclude 2019* --exclude 2020* --exclude 2021* '
+                             '--exclude 2022* --exclude 2023* --exclude 2024* --exclude 2025*'),
+        'spectro/redux/daily': ('', '--exclude *.tmp --exclude attic --exclude dark_preproc '
+                                    '--exclude exposures --exclude preproc --exclude temp '
+                                    '--exclude tiles'),
+        'spectro/redux/daily/exposures': ('', '--exclude 2019* --exclude 2020* --exclude 2021* '
+                                              '--exclude 2022* --exclude 2023* --exclude 2024* '
+                                              '--exclude 2025* --exclude *.tmp'),
+        'spectro/redux/daily/preproc': ('', '--exclude 2019* --exclude 2020* --exclude 2021* '
+                                            '--exclude 2022* --exclude 2023* --exclude 2024* '
+                                            '--exclude 2025* --exclude *.tmp '
+                                            '--exclude preproc-*.fits '
+                                            '--exclude preproc-*.fits.gz'),
+        'spectro/redux/daily/tiles': ('', '--exclude *.tmp --exclude temp'),
+        'spectro/nightwatch/kpno': ('nice', '--exclude 2021* --exclude 2022* --exclude 2023* '
+                                            '--exclude 2024* --exclude 2025*'),
+        'spectro/staging/lost+found': ('nice', ''),
+    },
+}
+
+#: The hwtables script's command.
+ORIGINAL_HWTABLES = ("/usr/bin/rsync --verbose --archive --delete --delete-after --no-motd "
+                     "--include '*.csv' --exclude '*' "
+                     "--rsh='ssh -i ~/.ssh/nersc -o IdentitiesOnly=yes' "
+                     "mirror@nersc.example.org:/global/cfs/cdirs/desi/engineering/focalplane/"
+                     "hwtables/ {dst}/engineering/focalplane/hwtables/")
+
+# The deliberate differences, each documented in doc/tucson.rst:
+#: statistics, the I/O timeout and the deletion bound, right after --no-motd;
+ADDED = ['--stats', '--timeout=1800', '--max-delete=10000']
+#: last year is still mirrored in January (the original dropped it on 1 January);
+KEPT_IN_JANUARY = {'2025-01-15': '2024*'}
+#: the same niceness with the nice command (os.nice(5) in the original, plain
+#: nice, that is 10, in the catch-up script);
+NICENESS = {'daily': 5, 'catchup': 10}
+#: the catch-up has the daily run's filters, so its two exclusions of notebooks
+#: come in the daily run's order;
+CATCHUP_FOCALPLANE = ('--exclude archive --exclude hwtables --exclude .ipynb_checkpoints '
+                      '--exclude *.ipynb')
+#: the ssh program (RSYNC_RSH, which the original left to rsync to read) is
+#: given with --rsh, non-interactive;
+RSYNC_RSH = 'ssh -i /home/mirror/.ssh/other'
+
+
+def ours(original, niceness=None, rsh=None, kept=None):
+    """The command expected of this package, from the `original` one with
+    the deliberate differences above."""
+    words = list(original)
+    at = words.index('--no-motd') + 1
+    words[at:at] = ADDED + ([f'--rsh={rsh} ' + ' '.join(SSH_OPTIONS)] if rsh else [])
+    if kept:
+        at = words.index(kept)
+        del words[at - 1:at + 1]
+    return (['nice', '-n', str(niceness)] if niceness else []) + words
+
+
+def commands(monkeypatch, tmp_path, date, *args, rsh=None):
+    """The command of every directory of the run chosen by `args`, at noon on
+    `date` at Kitt Peak, by directory."""
+    noon = dt.datetime.fromisoformat(date + 'T12:00:00-07:00').astimezone(dt.timezone.utc)
+    monkeypatch.setattr(common, '_utcnow', lambda: noon)
+    for k in ('RSYNC_RSH', 'DESISYNC_ROOT', 'MAILHOST'):
+        monkeypatch.delenv(k, raising=False)
+    env = dict(HOME='/home/mirror', DESISYNC_HOSTNAME='nersc.example.org',
+               DESISYNC_STATUS_URL='https://data.example.org/daily_noon.txt',
+               MAILFROM='mirror@example.org', MAILTO='alerts@example.org',
+               NERSC_USER='mirror', NERSC_HOST='nersc.example.org', DESI_ROOT=str(tmp_path))
+    if rsh:
+        env['RSYNC_RSH'] = rsh
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    options = _options(list(args) + ['-l', str(tmp_path / 'logs')])
+    mirror = Mirror(options, _environment(options))
+    return {d.directory: mirror._command(d) for d in mirror.directories}
+
+
+@pytest.mark.parametrize('date', sorted(ORIGINAL_YEARS))
+def test_daily_commands_as_the_original(monkeypatch, tmp_path, date):
+    """desi_tucson_transfer --static: every directory's command is the
+    original's on the same date, but for the documented differences."""
+    found = commands(monkeypatch, tmp_path, date, '--static')
+    filters = dict(ORIGINAL_FILTERS, **ORIGINAL_YEARS[date])
+    assert sorted(found) == sorted(filters)
+    for d, f in filters.items():
+        original = shlex.split(ORIGINAL_FORM['daemon'].format(filters=f, d=d, dst=tmp_path))
+        niceness = None if d in ORIGINAL_PRIORITY else NICENESS['daily']
+        kept = KEPT_IN_JANUARY.get(date) if d in ORIGINAL_YEARS[date] else None
+        assert found[d] == ours(original, niceness, kept=kept), d
+    # Without --static: the dynamic directories only, the same commands.
+    assert commands(monkeypatch, tmp_path, date) == {d: found[d] for d in DYNAMIC}
+
+
+@pytest.mark.parametrize('form', ['daemon', 'ssh'])
+@pytest.mark.parametrize('date', sorted(ORIGINAL_CATCHUP))
+def test_catchup_commands_as_the_original(monkeypatch, tmp_path, date, form):
+    """desi_tucson_transfer --catchup: the directories and commands of the
+    catch-up script on the same date, in either of its forms."""
+    rsh = RSYNC_RSH if form == 'ssh' else None
+    found = commands(monkeypatch, tmp_path, date, '--catchup', rsh=rsh)
+    assert sorted(found) == sorted(ORIGINAL_CATCHUP[date])
+    for d, (nice, f) in ORIGINAL_CATCHUP[date].items():
+        if d == 'engineering/focalplane':
+            assert sorted(shlex.split(f)) == sorted(shlex.split(CATCHUP_FOCALPLANE))
+            f = CATCHUP_FOCALPLANE
+        original = shlex.split(ORIGINAL_FORM[form].format(filters=f, d=d, dst=tmp_path))
+        niceness = NICENESS['catchup'] if nice else None
+        assert found[d] == ours(original, niceness, rsh=rsh), d
+
+
+def test_hwtables_command_as_the_original(monkeypatch, tmp_path):
+    """desi_tucson_transfer --hwtables: the script's command, with the options
+    in the usual order and the non-interactive ssh."""
+    found = commands(monkeypatch, tmp_path, '2025-04-15', '--hwtables')
+    original = shlex.split(ORIGINAL_HWTABLES.format(dst=tmp_path))
+    assert found == {'engineering/focalplane/hwtables': [
+        '/usr/bin/rsync', '--archive', '--verbose', '--delete', '--delete-after', '--no-motd',
+        '--stats', '--timeout=1800', '--max-delete=10000',
+        '--rsh=ssh -i /home/mirror/.ssh/nersc -o IdentitiesOnly=yes ' + ' '.join(SSH_OPTIONS),
+        '--include', '*.csv', '--exclude', '*',
+        'mirror@nersc.example.org:/global/cfs/cdirs/desi/engineering/focalplane/hwtables/',
+        f'{tmp_path}/engineering/focalplane/hwtables/']}
+    # The same words, but for the additions and the ssh program...
+    command = found['engineering/focalplane/hwtables']
+    assert sorted(set(command) - set(original)) == sorted(ADDED + [command[9]])
+    assert set(original) - set(command) == {original[10]}
+    assert len(command) == len(original) + len(ADDED)
+    # ... which is the script's, non-interactive, with the key's absolute path.
+    assert original[10] == '--rsh=ssh -i ~/.ssh/nersc -o IdentitiesOnly=yes'
+    assert command[9] == (original[10].replace('~', '/home/mirror') + ' ' +
+                          ' '.join(SSH_OPTIONS))
+    # RSYNC_RSH names another ssh program.
+    found = commands(monkeypatch, tmp_path, '2025-04-15', '--hwtables', rsh=RSYNC_RSH)
+    assert found['engineering/focalplane/hwtables'][9] == (
+        f'--rsh={RSYNC_RSH} ' + ' '.join(SSH_OPTIONS))
 
 
 # ----------------------------------------------------------------------
@@ -276,10 +571,13 @@ def test_options(monkeypatch, tmp_path):
     assert options.log == str(tmp_path / 'Documents' / 'Logfiles')
     assert not (options.static or options.checksum or options.test or options.force_delete)
     assert options.exclude == []
+    assert options.run == 'daily'
     options = _options(['-S', '2d', '-p', '3', '-e', 'spectro/data/', 'sv', '-e', 'cmx',
                         '--force-delete', '-m', '0', '-s', '-c', '-t'])
     assert options.sleep == 2 * 86400 and options.nproc == 3 and options.max_delete == 0
     assert options.exclude == ['spectro/data', 'sv', 'cmx']
+    assert _options(['--catchup', '-e']).run == 'catchup'
+    assert _options(['--hwtables', '-e', 'hwtables']).exclude == ['hwtables']
     for value, seconds in [('30s', 30), ('15m', 900), ('1h', 3600), ('45', 45), ('0.5', 0.5)]:
         assert _options(['-S', value]).sleep == seconds
 
@@ -290,6 +588,8 @@ def test_options(monkeypatch, tmp_path):
     (['-p', '11'], 'from 1 to 10'), (['-p', '0'], 'from 1 to 10'), (['-p', 'x'], 'from 1'),
     (['-e', 'spectro/dat'], 'not a mirrored directory: spectro/dat'),
     (['-m', '-1'], 'is not a number of files'), (['--bogus'], 'unrecognized arguments'),
+    (['--catchup', '-s'], 'not allowed with argument'),
+    (['--hwtables', '--catchup'], 'not allowed with argument'),
 ])
 def test_command_refuses_bad_options(site, args, message):
     code, out = site.command(*args)
@@ -310,9 +610,56 @@ def test_command_refuses_missing_environment(site):
     for name in ('DESISYNC_HOSTNAME', 'DESISYNC_STATUS_URL', 'MAILFROM', 'MAILTO', 'DESI_ROOT'):
         assert sum(name in line for line in lines) == 1, name
     assert not os.path.exists(site.logs) and site.web.requests == []
+    assert site.smtp.messages == []
     code, out = site.command(env={'DESI_ROOT': os.path.join(site.mirror, 'missing')})
     assert code == 1 and 'is not a directory' in out
     assert not os.path.exists(os.path.join(site.mirror, 'missing'))
+    assert 'is not a directory' in site.bodies()
+
+
+def test_missing_environment_is_emailed(site):
+    """A missing setting is emailed when it can be: to MAILTO, from the
+    mirror account, or from this account if MAILFROM is the one missing."""
+    code, out = site.command(env={'DESISYNC_HOSTNAME': '', 'DESISYNC_STATUS_URL': ''})
+    assert code == 1 and tree(site.mirror) == [] and not os.path.exists(site.logs)
+    assert site.subjects() == ['Error reported by desi_tucson_transfer!'] * 2
+    assert 'DESISYNC_HOSTNAME is not set' in site.bodies()
+    assert 'DESISYNC_STATUS_URL is not set' in site.bodies()
+    assert [m['From'] for m in site.smtp.messages] == [
+        'NOIRLab Mirror Account <mirror@example.org>'] * 2
+    site.smtp.clear()
+    code, out = site.command(env={'MAILFROM': ''})
+    assert code == 1 and tree(site.mirror) == [] and site.web.requests == []
+    assert site.subjects() == ['Error reported by desi_tucson_transfer!']
+    assert 'MAILFROM is not set; desi_tucson_transfer needs it.' in site.bodies()
+    sender = site.smtp.messages[0]['From']
+    assert sender.endswith(f"@{socket.getfqdn()}") and '<' not in sender
+    site.smtp.clear()
+    # Test mode: said, not emailed.
+    code, out = site.command('-t', env={'DESISYNC_HOSTNAME': ''})
+    assert code == 1 and 'DESISYNC_HOSTNAME is not set' in out
+    assert site.smtp.messages == []
+
+
+@pytest.mark.parametrize('name, value', [
+    ('DESISYNC_HOSTNAME', '-oProxyCommand=touch /tmp/x'),
+    ('DESISYNC_HOSTNAME', 'host/desi/../other'),
+    ('DESISYNC_ROOT', 'relative/desi'),
+    ('DESISYNC_ROOT', '/global/cfs/cdirs/desi --delete-excluded'),
+    ('DESISYNC_STATUS_URL', 'file:///etc/passwd'),
+    ('MAILFROM', 'Mirror <mirror@example.org>\nBcc: x@example.org'),
+    ('MAILHOST', 'localhost:smtp'),
+])
+def test_command_refuses_malformed_environment(site, name, value):
+    """A malformed setting never reaches a command line: one CRITICAL line
+    naming it, exit 1, nothing done."""
+    make_nersc(site.nersc, static=False)
+    code, out = site.command(env={name: value, 'RSYNC_RSH': 'ssh'})
+    assert code == 1
+    lines = [line for line in out.splitlines() if 'CRITICAL' in line]
+    assert len(lines) == 1 and f'{name} is not ' in lines[0], out
+    assert tree(site.mirror) == [] and not os.path.exists(site.logs)
+    assert site.web.requests == []
 
 
 @contextlib.contextmanager
@@ -403,6 +750,9 @@ def test_mirror(site):
     assert tree(site.mirror) == sorted(
         expected(static=True) + ['spectro/data/20190102/00001300/desi-00001300.fits.fz'])
     assert 'target/catalogs: ok in' in out and 'cmx: ok in' in out
+    # Of target/catalogs, the four entries only, empty.
+    catalogs = os.path.join(site.mirror, 'target', 'catalogs')
+    assert {n: os.path.isdir(os.path.join(catalogs, n)) for n in CATALOGS} == CATALOGS
 
 
 def test_mirror_deletes_what_nersc_deleted(site):
@@ -430,6 +780,8 @@ def test_failing_directory(site):
     assert [d for d in DYNAMIC if f'{d}: ok in' in out] == [
         d for d in DYNAMIC if d not in ('software/CiscoSecureClient', 'spectro/nightwatch/kpno')]
     assert site.subjects() == ['Error reported by desi_tucson_transfer!']
+    assert site.smtp.messages[0]['From'] == 'NOIRLab Mirror Account <mirror@example.org>'
+    assert site.smtp.envelopes == [('mirror@example.org', ['alerts@example.org'])]
     assert 'rsync of software/CiscoSecureClient failed with status 23' in site.bodies()
     assert log_file in site.bodies()
     with open(log_file) as f:
@@ -556,6 +908,72 @@ def test_ssh_form(site, dts):
     assert tree(site.mirror) == expected()
     assert '--password-file' not in out and f'--rsh={dts.ssh} -o BatchMode=yes' in out
     assert 'dts:' + site.nersc + '/spectro/data/' in out
+
+
+# ----------------------------------------------------------------------
+# The catch-up and the hwtables runs.
+# ----------------------------------------------------------------------
+def catchup_files():
+    return [n for n in expected() if n.startswith(tuple(d + '/' for d in CATCHUP)) and
+            not n.startswith('engineering/focalplane/hwtables/')]
+
+
+def test_catchup(site):
+    """--catchup mirrors the catch-up directories at once, without waiting
+    for (or needing) the status URL; the others are left alone."""
+    make_nersc(site.nersc, static=False)
+    site.web.route('/daily/finished.txt', Answer(503))
+    code, out = site.command('--catchup', '-t', env={'DESISYNC_STATUS_URL': ''})
+    assert code == 0, out
+    assert out.count('Test mode, would run: ') == 2 * len(CATCHUP)
+    assert tree(site.mirror) == [] and site.smtp.messages == []
+    code, out = site.command('--catchup', env={'DESISYNC_STATUS_URL': ''})
+    assert code == 0, out
+    assert site.web.requests == [] and 'without waiting' in out
+    assert tree(site.mirror) == catchup_files()
+    assert [d for d in DYNAMIC if f'{d}: ok in' in out] == CATCHUP
+    with open(os.path.join(site.logs, 'desi_tucson_transfer.log')) as f:
+        text = f.read()
+    for d in CATCHUP:
+        line = text.split(f'{d}/ ')[0].splitlines()[-1]
+        assert ('Running: nice -n 10 /usr/bin/rsync ' in line) == (d not in PRIORITY), d
+    assert site.smtp.messages == []
+
+
+def test_catchup_waits_for_no_daily_run(site):
+    """The catch-up and the daily run write the same directories: never both."""
+    make_nersc(site.nersc, static=False)
+    with lock_held(os.path.join(site.logs, 'desi_tucson_transfer.pid')) as holder:
+        code, out = site.command('--catchup')
+    assert code == 1
+    assert f'Another desi_tucson_transfer (pid {holder.pid:d}) is running' in out
+    assert tree(site.mirror) == []
+
+
+def test_hwtables(site, dts):
+    """--hwtables: the *.csv tables over ssh as NERSC_USER@NERSC_HOST, without
+    the password file or the status URL, even while the daily run holds its lock."""
+    make_nersc(site.nersc, static=False)
+    write(os.path.join(site.nersc, 'engineering/focalplane/hwtables/old/table.csv'))
+    os.remove(os.path.join(site.rsyncd.home, '.desi'))
+    site.env.update(RSYNC_RSH=dts.ssh, NERSC_USER=getpass.getuser(), NERSC_HOST='dts',
+                    DESISYNC_ROOT=site.nersc, DESISYNC_HOSTNAME='', DESISYNC_STATUS_URL='')
+    # A file of the copy that is not a table is neither replaced nor deleted.
+    write(os.path.join(site.mirror, 'engineering/focalplane/hwtables/notes.txt'))
+    with lock_held(os.path.join(site.logs, 'desi_tucson_transfer.pid')):
+        code, out = site.command('--hwtables')
+    assert code == 0, out
+    assert tree(site.mirror) == ['engineering/focalplane/hwtables/notes.txt',
+                                 'engineering/focalplane/hwtables/table.csv']
+    assert 'hwtables: ok in' in out and site.web.requests == []
+    assert (f'Running: /usr/bin/rsync --archive --verbose --delete --delete-after --no-motd '
+            f"--stats --timeout=1800 --max-delete=10000 '--rsh={dts.ssh} -o BatchMode=yes") in out
+    assert f"{getpass.getuser()}@dts:{site.nersc}/engineering/focalplane/hwtables/" in out
+    assert os.path.exists(os.path.join(site.logs, 'desi_tucson_transfer_hwtables.log'))
+    # NERSC_HOST missing: one alert, nothing done.
+    code, out = site.command('--hwtables', env={'NERSC_HOST': ''})
+    assert code == 1
+    assert 'NERSC_HOST is not set; desi_tucson_transfer --hwtables needs it.' in site.bodies()
 
 
 def test_test_mode(site):

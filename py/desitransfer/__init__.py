@@ -6,4 +6,4 @@ desitransfer
 
 DESI data transfer infrastructure.
 """
-__version__ = '1.0.0.dev1'
+__version__ = '1.1.0.dev1'

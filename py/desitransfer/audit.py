@@ -616,7 +616,7 @@ class Night(object):
             self.add(expid, 'nersc', problem, "look at the permissions, then audit again")
         if exposure.problems:
             return None  # Not all of it could be seen: neither right nor wrong.
-        name = self.d.checksum_file.format(exposure=expid)
+        name = self.d.checksum_file.format(night=self.night, exposure=expid)
         if self.auditor.deep:
             errors = verify_checksum(os.path.join(exposure.path, name))
             if errors:

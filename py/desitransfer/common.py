@@ -650,8 +650,12 @@ def today():
 
 def yesterday():
     """Yesterday's date in DESI "NIGHT" format, YYYYMMDD.
+
+    The calendar date before today at Kitt Peak (MST), as the original's
+    calendar yesterday: in the morning it is the night just observed, which
+    :func:`today` still names until noon MST.
     """
-    return _night(-1)
+    return (_utcnow().astimezone(MST) - dt.timedelta(days=1)).strftime('%Y%m%d')
 
 
 def valid_night(night):
@@ -721,16 +725,20 @@ class AlertHandler(logging.handlers.SMTPHandler):
         JSON file remembering when each message was last emailed, so that
         runs started one after another (cron with ``--once``) do not repeat
         an alert either.
+    subject : :class:`str`, optional
+        The subject instead of ``Error reported by PROGRAM!``, for a
+        command whose alerts the mail filters know by another subject.
     """
 
-    def __init__(self, mailhost, recipients, program, repeat=6*3600, memory=None):
+    def __init__(self, mailhost, recipients, program, repeat=6*3600, memory=None,
+                 subject=None):
         host, _, port = mailhost.rpartition(':')
         if not host:
             host, port = port, '25'
         user = os.environ.get('USER', 'desi')
         self.hostname = socket.getfqdn()
         super().__init__((host, int(port)), f'{user}@{self.hostname}', recipients,
-                         f'Error reported by {program}!', timeout=30)
+                         subject or f'Error reported by {program}!', timeout=30)
         self.setLevel(logging.CRITICAL)
         self.repeat = repeat
         self.memory = memory
@@ -785,7 +793,8 @@ class AlertHandler(logging.handlers.SMTPHandler):
 
 
 def configure_log(debug=False, filename=None, size=100_000_000, backups=10,
-                  to=None, mailhost='localhost:25', program='desitransfer', memory=None):
+                  to=None, mailhost='localhost:25', program='desitransfer', memory=None,
+                  subject=None):
     """Re-configure the shared logger: level, rotating log file, alert emails.
 
     Calling it again replaces the file and email handlers set before.
@@ -808,6 +817,8 @@ def configure_log(debug=False, filename=None, size=100_000_000, backups=10,
         Program name for alert emails.
     memory : :class:`str`, optional
         File remembering the alerts sent, see :class:`AlertHandler`.
+    subject : :class:`str`, optional
+        Subject of alert emails, see :class:`AlertHandler`.
 
     Returns
     -------
@@ -829,7 +840,7 @@ def configure_log(debug=False, filename=None, size=100_000_000, backups=10,
         fh._desitransfer = True
         log.addHandler(fh)
     if to:
-        ah = AlertHandler(mailhost, list(to), program, memory=memory)
+        ah = AlertHandler(mailhost, list(to), program, memory=memory, subject=subject)
         ah.setFormatter(logging.Formatter(f'At %(asctime)s, {program} on {ah.hostname} '
                                           'reported this serious error:\n\n'
                                           '%(levelname)s %(module)s.%(funcName)s: '

@@ -11,16 +11,27 @@ INI file in which ``${VAR}`` is an environment variable.  Any problem is one
 import configparser
 import os
 import re
-import string
 from collections import namedtuple
 from importlib.resources import files
 
 from .common import interval
 
-#: Configuration of one destination directory.
-DirectoryConfig = namedtuple('DirectoryConfig', ['name', 'source', 'staging',
-                                                 'destination', 'hpss', 'checksum_file',
-                                                 'data_root'])
+class DirectoryConfig(namedtuple('DirectoryConfig', ['name', 'source', 'staging',
+                                                    'destination', 'hpss', 'checksum_file',
+                                                    'data_root'])):
+    """Configuration of one destination directory (a section of the file)."""
+
+    __slots__ = ()
+
+    @property
+    def checksum(self):
+        """The checksum file name pattern (``checksum_file``), under the name
+        the original's directory tuple gave it."""
+        return self.checksum_file
+
+    def checksum_name(self, night, exposure):
+        """The name of the checksum file of `exposure` of `night`."""
+        return self.checksum_file.format(night=night, exposure=exposure)
 
 #: Most rsync streams copying from the mountain at once (``[common] streams``).
 MAX_STREAMS = 16
@@ -34,18 +45,91 @@ class ConfigurationError(Exception):
     """A fatal problem with the configuration: one line naming the file and key."""
 
 
-class _Environment(configparser.Interpolation):
-    """Replace ``${VAR}`` by the environment variable VAR; unset VAR is an error."""
+#: What a key missing from ``[common]`` or ``[logging]`` means: the value of the
+#: original package's shipped file, so that a configuration written for it
+#: (which lists every key) and a shorter one both run unchanged.  ``host``,
+#: absent from the original's file, is the mountain's ssh alias ``dts``; the
+#: source is on this machine only when a file says so with ``host =``.
+DEFAULTS = {'common': {'host': 'dts',
+                       'ssh': '/bin/ssh',
+                       'temporary': '${DESI_ROOT}/spectro/staging/scratch,${SCRATCH},'
+                                    '${HOME}/tmp,${HOME}/scratch',
+                       'checksum_lock': '/tmp/checksum-running',
+                       'catchup': '14',
+                       'backup': '20',
+                       'sleep': '1',
+                       'retries': '5',
+                       'recent': '30',
+                       'streams': DEFAULT_STREAMS,
+                       'hpss': '/usr/local/bin',
+                       'hpss_status': 'https://api.nersc.gov/api/v1.2/status/archive'},
+            'logging': {'filename': '${DESI_ROOT}/spectro/staging/logs/desi_transfer_daemon.log',
+                        'size': '100000000',
+                        'backups': '100',
+                        'to': 'desi-alarms-transfer@desi.lbl.gov',
+                        'smtp': 'localhost:25',
+                        'report': 'yes'}}
+
+#: ``$$``, ``${NAME}`` or ``${SECTION:KEY}``, or a ``$`` that is none of them.
+_reference = re.compile(r'\$(?:(\$)|\{([^{}$]*)\}|)')
+
+
+class _Unset(KeyError):
+    """A ``${VAR}`` names an environment variable that is not set."""
+
+
+class _Extended(configparser.Interpolation):
+    """The interpolation of the original's files, plus the environment.
+
+    ``${KEY}`` is another key of the same section (or of ``[DEFAULT]``),
+    ``${SECTION:KEY}`` a key of another section, and otherwise ``${VAR}`` is
+    the environment variable VAR; ``$$`` is a literal ``$``.  An unset VAR, a
+    missing key, a lone ``$`` or a loop is a :exc:`ConfigurationError`
+    naming the key.
+    """
+
+    #: References followed within one value before it is called a loop.
+    DEPTH = 10
 
     def before_get(self, parser, section, option, value, defaults):
         try:
-            return string.Template(value).substitute(os.environ)
-        except KeyError as err:
-            raise ConfigurationError(f"[{section}] {option}: environment variable "
+            return self.expand(parser, section, option, value)
+        except _Unset as err:
+            where = '' if parser.has_option(section, option) else ' (its default)'
+            raise ConfigurationError(f"[{section}] {option}{where}: environment variable "
                                      f"{err.args[0]} is not set") from None
-        except ValueError as err:
-            raise ConfigurationError(f"[{section}] {option}: {err}") from None
 
+    def expand(self, parser, section, option, value, depth=0):
+        """`value` of `option` in `section` with its references replaced."""
+        if depth > self.DEPTH:
+            raise ConfigurationError(f"[{section}] {option}: references nested more than "
+                                     f"{self.DEPTH:d} deep (a loop?)")
+
+        def replace(match):
+            if match.group(1):
+                return '$'
+            name = match.group(2)
+            if name is None or not name.strip():
+                raise ConfigurationError(f"[{section}] {option}: a '$' must be '$$', "
+                                         f"'${{VAR}}' or '${{section:key}}'")
+            if ':' in name:
+                other, key = name.split(':', 1)
+                if not parser.has_option(other, key):
+                    raise ConfigurationError(f"[{section}] {option}: ${{{name}}} names no "
+                                             f"key of the configuration")
+                return self.expand(parser, other, key, parser.get(other, key, raw=True),
+                                   depth + 1)
+            if name != option and parser.has_option(section, name):
+                return self.expand(parser, section, name,
+                                   parser.get(section, name, raw=True), depth + 1)
+            if name in os.environ:
+                return os.environ[name]
+            raise _Unset(name)
+
+        return _reference.sub(replace, value)
+
+
+_INTERPOLATION = _Extended()
 
 def read_configuration(filename=None):
     """Read and validate the daemon configuration.
@@ -76,7 +160,7 @@ def read_configuration(filename=None):
         except OSError as err:
             raise ConfigurationError(f"configuration file {filename} cannot be read: "
                                      f"{err.strerror}") from None
-    parser = configparser.ConfigParser(interpolation=_Environment())
+    parser = configparser.ConfigParser(interpolation=_INTERPOLATION)
     parser.optionxform = str
     try:
         parser.read_string(text, source=filename)
@@ -89,18 +173,49 @@ def read_configuration(filename=None):
 
 
 def _get(parser, section, key, convert=str, default=None):
-    """Get and convert one key; missing or bad values raise :class:`ConfigurationError`."""
-    if not parser.has_section(section):
+    """Get and convert one key; missing or bad values raise :class:`ConfigurationError`.
+
+    A key missing from ``[common]`` or ``[logging]`` (or the whole section)
+    has its value in :data:`DEFAULTS`.
+    """
+    if default is None:
+        default = DEFAULTS.get(section, {}).get(key)
+    if not parser.has_section(section) and section not in DEFAULTS:
         raise ConfigurationError(f"section [{section}] is missing")
-    if not parser.has_option(section, key):
-        if default is not None:
-            return default
+    if parser.has_section(section) and parser.has_option(section, key):
+        value = parser.get(section, key)
+    elif default is not None:
+        value = _INTERPOLATION.before_get(parser, section, key, default, {})
+    else:
         raise ConfigurationError(f"[{section}] {key} is missing")
-    value = parser.get(section, key).strip()
+    value = value.strip()
     try:
         return convert(value)
     except ValueError as err:
         raise ConfigurationError(f"[{section}] {key} = {value!r} is not valid: {err}") from None
+
+
+def _candidates(parser, section, key):
+    """The comma-separated candidates of `key` (``[common] temporary``): a
+    candidate naming an environment variable that is not set is left out, as
+    it can name no directory; an empty list is an error."""
+    if parser.has_section(section) and parser.has_option(section, key):
+        raw = parser.get(section, key, raw=True)
+    else:
+        raw = DEFAULTS[section][key]
+    found, unset = [], []
+    for item in raw.split(','):
+        try:
+            value = _INTERPOLATION.expand(parser, section, key, item).strip()
+        except _Unset as err:
+            unset.append(err.args[0])
+            continue
+        if value:
+            found.append(value)
+    if not found:
+        why = f" (not set: {', '.join(unset)})" if unset else ""
+        raise ConfigurationError(f"[{section}] {key} lists no directory{why}")
+    return found
 
 
 def _absolute(value):
@@ -127,11 +242,12 @@ def _count(value):
 
 def _checksum_name(value):
     try:
-        name = value.format(exposure='00000000')
+        name = value.format(exposure='00000000', night='20000101')
     except (KeyError, IndexError, ValueError, AttributeError):
         name = None  # another {field}, or a bad format: it would fail on every exposure
     if '{exposure}' not in value or not name or '/' in name or name in ('.', '..'):
-        raise ValueError("a file name containing '{exposure}' and no other {field} is required")
+        raise ValueError("a file name containing '{exposure}' (and '{night}' if wanted) "
+                         "and no other {field} is required")
     return value
 
 
@@ -174,7 +290,8 @@ def _validate(parser):
         source = _get(parser, section, 'source', _absolute)
         staging = _get(parser, section, 'staging', _absolute)
         destination = _get(parser, section, 'destination', _absolute)
-        hpss = _get(parser, section, 'hpss').strip('/')
+        # As written (the archive's name is made of it), without a trailing /.
+        hpss = _get(parser, section, 'hpss').rstrip('/')
         if not hpss:
             raise ConfigurationError(f"[{section}] hpss is empty")
         checksum_file = _get(parser, section, 'checksum_file', _checksum_name)
@@ -183,29 +300,26 @@ def _validate(parser):
                                            hpss, checksum_file, data_root))
     if not directories:
         raise ConfigurationError("no destination section (such as [DESI_SPECTRO_DATA])")
-    common = {'host': _get(parser, 'common', 'host', default=''),
+    common = {'host': _get(parser, 'common', 'host'),
               'ssh': _get(parser, 'common', 'ssh'),
-              'temporary': _get(parser, 'common', 'temporary', _list),
+              'temporary': _candidates(parser, 'common', 'temporary'),
               'checksum_lock': _get(parser, 'common', 'checksum_lock', _absolute),
               'catchup': _get(parser, 'common', 'catchup', int),
               'backup': _get(parser, 'common', 'backup', int),
               'sleep': _get(parser, 'common', 'sleep', _interval),
-              'retries': _get(parser, 'common', 'retries', _count, default=5),
-              'recent': _get(parser, 'common', 'recent', _days, default=30),
-              'streams': _get(parser, 'common', 'streams', _streams,
-                              default=DEFAULT_STREAMS),
+              'retries': _get(parser, 'common', 'retries', _count),
+              'recent': _get(parser, 'common', 'recent', _days),
+              'streams': _get(parser, 'common', 'streams', _streams),
               'hpss': _get(parser, 'common', 'hpss'),
               'hpss_status': _get(parser, 'common', 'hpss_status')}
     if common['host'] and not common['ssh']:
         raise ConfigurationError("[common] ssh is empty but host is set")
-    if not common['temporary']:
-        raise ConfigurationError("[common] temporary lists no directory")
     logging_ = {'filename': _get(parser, 'logging', 'filename', _absolute),
                 'size': _get(parser, 'logging', 'size', _count),
                 'backups': _get(parser, 'logging', 'backups', _count),
                 'to': _get(parser, 'logging', 'to', _list),
-                'smtp': _get(parser, 'logging', 'smtp', default='localhost:25'),
-                'report': _get(parser, 'logging', 'report', _boolean, default='yes')}
+                'smtp': _get(parser, 'logging', 'smtp'),
+                'report': _get(parser, 'logging', 'report', _boolean)}
     if not re.fullmatch(r'[^:\s]+(:[0-9]+)?', logging_['smtp']):
         raise ConfigurationError(f"[logging] smtp = {logging_['smtp']!r} is not host:port")
     return directories, common, logging_

@@ -54,6 +54,10 @@ TOP_LEVEL_MODE = 0o644
 #: Errors are counted over this many seconds for alerts.
 ERROR_WINDOW = 3600
 
+#: Subject of the alert emails: the one the collaboration's mail filters know
+#: for this command (the other commands say ``Error reported by ...``).
+ALERT_SUBJECT = 'Critical error reported by desi_nightwatch_transfer!'
+
 
 def _nightwatch():
     """``$DESI_ROOT/spectro/nightwatch``."""
@@ -72,14 +76,15 @@ def _configure_log(debug, to=None, mailhost='localhost:25'):
         If ``True`` set the log level to DEBUG.
     to : :class:`list`, optional
         Email CRITICAL messages to these addresses (each message at most
-        once in six hours, remembered across runs).
+        once in six hours, remembered across runs), with the subject
+        :data:`ALERT_SUBJECT`.
     mailhost : :class:`str`, optional
         SMTP server as ``host:port``.
     """
     top = _nightwatch()
     configure_log(debug=debug, filename=os.path.join(top, 'desi_nightwatch_transfer.log'),
                   size=100_000_000, backups=100, to=to, mailhost=mailhost,
-                  program='desi_nightwatch_transfer',
+                  program='desi_nightwatch_transfer', subject=ALERT_SUBJECT,
                   memory=os.path.join(top, 'desi_nightwatch_transfer_alerts.json'))
 
 
@@ -267,7 +272,7 @@ class NightwatchTransfer(object):
         if not self.options.permission:
             log.debug("Not resetting permissions of %s (--no-permission).", night_dir)
         elif os.path.isdir(night_dir):
-            result = run(['fix_permissions.sh', '-a', night_dir], timeout=PERMISSION_TIMEOUT,
+            result = run(['fix_permissions.sh', night_dir], timeout=PERMISSION_TIMEOUT,
                          stop=self.stop, quiet=True)
             if result.returncode != 0 and not self.stop.is_set():
                 self._error("Resetting permissions of %s failed (fix_permissions.sh exit "
@@ -278,7 +283,8 @@ class NightwatchTransfer(object):
 
     def _sync_top_level(self):
         """Sync the top-level files of the include list; make them world-readable."""
-        # The names as sources: rsync does not skip comment lines in --files-from.
+        # The names of the include list as sources: the same files as the
+        # original's --files-from, without rsync's --relative that it implies.
         command = (['/bin/rsync', '--verbose', '--links', '--times'] +
                    [f'dts:{SOURCE}/{name}' for name in self.top_level] + [f'{self.kpno}/'])
         result = self._rsync(command)
@@ -312,14 +318,14 @@ class NightwatchTransfer(object):
         self._recent.append(now)
         while (now - self._recent[0]).total_seconds() >= ERROR_WINDOW:
             self._recent.popleft()
-        if len(self._recent) <= self.options.alert_after_errors:
+        if len(self._recent) <= self.options.maxerrors:
             return
         if self._alerted is not None and (now - self._alerted).total_seconds() < ERROR_WINDOW:
             return
         self._alerted = now
         log.critical("More than %d errors within an hour transferring nightwatch data from "
                      "dts:%s to %s; desi_nightwatch_transfer keeps trying every %g "
-                     "minute(s); see the ERROR lines of %s.", self.options.alert_after_errors,
+                     "minute(s); see the ERROR lines of %s.", self.options.maxerrors,
                      SOURCE, self.kpno, self.options.sleep, self.log_file)
 
 
@@ -367,7 +373,7 @@ def _options(args=None):
     prsr.add_argument('-d', '--debug', action='store_true',
                       help="Set log level to DEBUG.")
     prsr.add_argument('-e', '--alert-after-errors', metavar='N', type=_count, default=10,
-                      dest='alert_after_errors',
+                      dest='maxerrors',
                       help="Email an alert when more than N errors happen within an hour "
                            "(default %(default)s).")
     prsr.add_argument('-k', '--kill', metavar='FILE',

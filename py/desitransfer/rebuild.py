@@ -193,7 +193,7 @@ def _exposure(rebuilt, d, night, expid, exposure, deep, link, idx):
     if exposure.problems:
         rebuilt.unknown += [f"{p}: no rows for {night}/{expid}" for p in exposure.problems]
         return
-    name = d.checksum_file.format(exposure=expid)
+    name = d.checksum_file.format(night=night, exposure=expid)
     if deep:
         ok = verify_checksum(os.path.join(exposure.path, name)) == ''
     else:

@@ -444,10 +444,31 @@ def _server_url(server):
 
 
 def _directory(value):
-    """An existing directory (argument type)."""
-    if not os.path.isdir(value):
-        raise ArgumentTypeError(f"{value!r} is not an existing directory")
+    """A directory, existing or to be created (argument type)."""
+    if not value:
+        raise ArgumentTypeError("the directory is empty")
+    if os.path.lexists(value) and not os.path.isdir(value):
+        raise ArgumentTypeError(f"{value!r} exists and is not a directory")
     return value
+
+
+def _make_destination(destination, test=False):
+    """Create `destination` and its missing parents, as the original did
+    (mode 0o777 less the umask); ``False``, with a CRITICAL line, if it
+    cannot be.  Test mode creates nothing."""
+    if os.path.isdir(destination):
+        return True
+    if test:
+        log.info("Test mode, would create %s.", destination)
+        return True
+    try:
+        os.makedirs(destination, exist_ok=True)
+    except OSError as err:
+        log.critical("Could not create %s: %s. Nothing was downloaded.", destination,
+                     err.strerror or err)
+        return False
+    log.info("Created %s.", destination)
+    return True
 
 
 def _options(args=None):
@@ -482,7 +503,8 @@ def _options(args=None):
     prsr.add_argument('-V', '--version', action='version',
                       version='%(prog)s {0}'.format(dtVersion))
     prsr.add_argument('destination', metavar='DIR', type=_directory,
-                      help="Download files to DIR/YYYY/MM/DD/; DIR must exist.")
+                      help="Download files to DIR/YYYY/MM/DD/; DIR and its parents are "
+                           "created if they do not exist.")
     return prsr.parse_args(args)
 
 
@@ -511,6 +533,8 @@ def main():
     if options.server is None:
         log.critical("No Spacewatch server: set SPACEWATCH_SERVER or use --server. "
                      "Nothing was downloaded.")
+        return 1
+    if not _make_destination(options.destination, options.test):
         return 1
     failures = sum(_transfer_day(options, day) for day in _days(options.date))
     return 1 if failures else 0

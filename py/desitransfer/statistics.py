@@ -78,7 +78,7 @@ def latencies(status, night):
         exposures = status.get(night, {})
     else:
         try:
-            exposures = status.find(night)
+            exposures = status.records(night)
         except KeyError:
             exposures = {}
     found = []

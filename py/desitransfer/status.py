@@ -28,6 +28,7 @@ acknowledged update is lost; only if the copy is bad too does the ``.bak``
 serve.
 """
 import datetime as dt
+import html
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ import time
 from argparse import Action, ArgumentParser
 from contextlib import contextmanager
 from importlib.resources import files
+from urllib.parse import urlsplit
 
 import fcntl
 
@@ -56,6 +58,138 @@ def _page_source():
     """Directory (package data) holding the status page files (replaced in tests).
     """
     return files('desitransfer') / 'data'
+
+
+#: Where the status page links each exposure: ``DATA_URL/NIGHT/EXPID/``, EXPID
+#: in 8 digits (the DESI data server, as in the original page).
+DATA_URL = 'https://data.desi.lbl.gov/desi/spectro/data/'
+
+#: The element of ``index.html`` that gives the page its data URL.
+_DATA_URL_META = re.compile(r'<meta name="desi-data-url" content="([^"<>]*)">')
+
+
+def data_url(value):
+    """`value` checked as the base of the exposure links of the status page.
+
+    Parameters
+    ----------
+    value : :class:`str`
+        An ``http://`` or ``https://`` URL of a directory, without query,
+        fragment, user name or password; only the characters of a URL path
+        (percent-encode the others), so that nothing can break out of the
+        page's markup.
+
+    Returns
+    -------
+    :class:`str`
+        `value`, ending with ``/``.
+
+    Raises
+    ------
+    ValueError
+        If `value` is not such a URL; the message says why, in one line.
+    """
+    text = value if isinstance(value, str) else ''
+    why = None
+    if len(text) > 1000:
+        why = "longer than 1000 characters"
+    elif re.fullmatch(r"[A-Za-z0-9._~:/@!$&()*+,;=%-]+", text) is None:
+        why = ("it may hold only letters, digits and -._~:/@!$&()*+,;=% "
+               "(no quote, space, markup, query or fragment)")
+    elif re.search(r'%(?![0-9A-Fa-f]{2})', text):
+        why = "a % is not followed by two hexadecimal digits"
+    elif re.match(r'https?://', text, re.IGNORECASE) is None:
+        why = "it is not an http:// or https:// URL"
+    else:
+        scheme, rest = text.split(':', 1)
+        text = scheme.lower() + ':' + rest
+        parts = urlsplit(text)
+        try:
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError:
+            port_ok = False
+        if '@' in parts.netloc:
+            why = "it holds a user name or password"
+        elif not parts.hostname or not port_ok:
+            why = "its host or port is not valid"
+    if why is not None:
+        shown = repr(text[:100]) + ('...' if len(text) > 100 else '')
+        raise ValueError(f"{shown} is not a base URL for the exposure links: {why}; "
+                         f"give one such as {DATA_URL}")
+    return text if text.endswith('/') else text + '/'
+
+
+def _installed_data_url(directory):
+    """The data URL of the page installed in `directory`, ``None`` if none."""
+    try:
+        with open(os.path.join(directory, 'index.html'), 'rb') as f:
+            text = f.read(1_000_000).decode('utf-8', errors='replace')
+    except OSError:
+        return None
+    m = _DATA_URL_META.search(text)
+    if m is None:
+        return None
+    try:
+        return data_url(html.unescape(m.group(1)))
+    except ValueError as err:
+        log.warning("The installed status page of %s: %s; it gets the default.", directory, err)
+        return None
+
+
+def install_page(directory, url=None):
+    """Copy the status page files (:data:`PAGE_FILES`) from the package data
+    to `directory`, each written to a temporary file renamed over the old.
+
+    Parameters
+    ----------
+    directory : :class:`str`
+        The status directory, created (with its parents) if missing.
+    url : :class:`str`, optional
+        Link each exposure to ``URL/NIGHT/EXPID/`` (checked with
+        :func:`data_url`).  If not set, the URL of the page already installed
+        there is kept, else :data:`DATA_URL`.
+
+    Raises
+    ------
+    ValueError
+        If `url` is not a usable URL; nothing is written.
+    """
+    url = data_url(url) if url is not None else (_installed_data_url(directory) or DATA_URL)
+    if not os.path.isdir(directory):
+        os.makedirs(directory)
+        log.info("Created status directory %s.", directory)
+    source = _page_source()
+    installed = []
+    for name in PAGE_FILES:
+        page = source / name
+        if not page.is_file():
+            continue
+        content = page.read_bytes()
+        if name == 'index.html':
+            text, n = _DATA_URL_META.subn(
+                f'<meta name="desi-data-url" content="{html.escape(url)}">',
+                content.decode('utf-8'), count=1)
+            if n == 0:
+                log.warning("The packaged %s has no data URL element; its exposures are "
+                            "not linked to %s.", page, url)
+            content = text.encode('utf-8')
+        path = os.path.join(directory, name)
+        tmp = temporary_name(path)
+        try:
+            with open(tmp, 'wb') as out:
+                out.write(content)
+            os.replace(tmp, path)
+        finally:
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+        installed.append(name)
+    if installed:
+        log.info("Installed status page %s in %s; exposures link to %s.",
+                 ', '.join(installed), directory, url)
+    missing = sorted(set(PAGE_FILES) - set(installed))
+    if missing:
+        log.warning("Status page file(s) %s missing from the package data %s; "
+                    "not installed in %s.", ', '.join(missing), source, directory)
 
 
 def _milliseconds():
@@ -133,6 +267,19 @@ class TransferStatus(object):
             self._install()
         self._data(self.year)
 
+    #: The first year of DESI records, the first of the status page's years.
+    first_year = '2018'
+
+    @property
+    def current_year(self):
+        """:attr:`year` as a string, the original's name for it."""
+        return str(self.year)
+
+    @property
+    def _stages(self):
+        """:attr:`stages`, the original's name for it."""
+        return self.stages
+
     @property
     def status(self):
         """The records of :attr:`year`, re-read if another process changed them.
@@ -143,22 +290,10 @@ class TransferStatus(object):
         return os.path.join(self.directory, f'desi_transfer_status_{year:d}.json')
 
     def _install(self):
-        """Copy the status page files from the package data to the directory.
+        """Copy the status page files from the package data to the directory,
+        keeping the data URL of the page installed there (:func:`install_page`).
         """
-        source = _page_source()
-        installed = []
-        for name in PAGE_FILES:
-            page = source / name
-            if page.is_file():
-                with open(os.path.join(self.directory, name), 'wb') as out:
-                    out.write(page.read_bytes())
-                installed.append(name)
-        if installed:
-            log.info("Installed status page %s in %s.", ', '.join(installed), self.directory)
-        missing = sorted(set(PAGE_FILES) - set(installed))
-        if missing:
-            log.warning("Status page file(s) %s missing from the package data %s; "
-                        "not installed in %s.", ', '.join(missing), source, self.directory)
+        install_page(self.directory)
 
     @contextmanager
     def _lock(self, year):
@@ -217,6 +352,7 @@ class TransferStatus(object):
             log.error("Status file %s is malformed: %s; repairing it.", path, err)
         else:
             self._cache[year] = (stamp, data)
+            self._check_copy(year, stamp)
             return data
         with self._lock(year):
             # Another process may have repaired it while we waited.
@@ -226,6 +362,54 @@ class TransferStatus(object):
                 return self._handle_malformed(year)
             self._cache[year] = (stamp, data)
             return data
+
+    def _check_copy(self, year, stamp):
+        """Make the copy of the good status file of `year` (whose stamp is
+        `stamp`) mirror it again if another program wrote the file.
+
+        Each update gives the copy the modification time of the status file
+        it mirrors; a file with another time or size was written by another
+        program (the original desitransfer writes the file in place and knows
+        nothing of the copy), so the copy is stale: it is written again from
+        the file, under the lock, with a WARNING.  Best effort: a directory
+        this process cannot write is left as it is (the copy is then checked
+        before it is used, see :meth:`_handle_malformed`).
+        """
+        path = self._path(year)
+        try:
+            copy = os.stat(path + '.copy')
+            if (copy.st_mtime_ns, copy.st_size) == (stamp[3], stamp[2]):
+                return
+            stale = True
+        except FileNotFoundError:
+            stale = False
+        except OSError:
+            return
+        try:
+            with self._lock(year):
+                with open(path, 'rb') as f:
+                    st = os.fstat(f.fileno())
+                    text = f.read()
+                if self._stamp(st) != stamp:
+                    return  # Changed again meanwhile: checked at its next reading.
+                tmp = temporary_name(path + '.copy')
+                if os.path.lexists(tmp):
+                    os.remove(tmp)
+                try:
+                    self._write_file(tmp, text, st.st_mode & 0o7777)
+                    os.utime(tmp, ns=(time.time_ns(), stamp[3]))
+                    os.replace(tmp, path + '.copy')
+                finally:
+                    if os.path.lexists(tmp):
+                        os.remove(tmp)
+        except OSError as err:
+            log.debug("Could not write the copy of %s: %s.", path, err)
+            return
+        if stale:
+            log.warning("Status file %s does not match its copy %s.copy (the file was "
+                        "written by another program, such as the original desitransfer, "
+                        "or the copy was damaged); the copy is written again from the file.",
+                        path, path)
 
     def _data(self, year):
         """Records of `year`, from memory unless the file changed on disk.
@@ -278,6 +462,9 @@ class TransferStatus(object):
                     os.remove(stale)
             self._write_file(copy, text, mode)
             stamp = self._write_file(tmp, text, mode)
+            # The copy carries the time of the file it mirrors: a file written
+            # by another program afterwards has another (see _check_copy).
+            os.utime(copy, ns=(time.time_ns(), stamp[3]))
             # The copy is a file of its own (not a second name): a corruption
             # of the status file in place cannot reach it.
             os.replace(copy, path + '.copy')
@@ -337,7 +524,16 @@ class TransferStatus(object):
                 problem, kept = 'malformed', [f"kept it as {self._keep(path, '.bad')}"]
             else:
                 problem, kept = 'missing', []
-            for spare in (path + '.copy', path + '.bak'):
+            spares = [path + '.copy', path + '.bak']
+            stale = self._stale_copy(path)
+            if stale:
+                # Another program wrote the file after the copy: the .bak it
+                # left is the newer version.
+                spares.reverse()
+                kept.append(f"{path}.copy is older than the last update of another "
+                            f"program (such as the original desitransfer), which left "
+                            f"{path}.bak")
+            for spare in spares:
                 try:
                     data, stamp = self._read(spare)
                     break
@@ -355,7 +551,11 @@ class TransferStatus(object):
                 when = dt.datetime.fromtimestamp(stamp[3] / 1e9, dt.timezone.utc)
                 kept.append(f"restored {_plural(len(data), 'night')} from {spare}, written "
                             f"{when:%Y-%m-%d %H:%M:%S} UTC")
-                if spare.endswith('.copy'):
+                if stale:
+                    log.critical("Status file %s was %s: %s: THE RECORDS WRITTEN BY THE "
+                                 "OTHER PROGRAM SINCE MAY BE LOST; look for them in the "
+                                 ".bad file.", path, problem, '; '.join(kept))
+                elif spare.endswith('.copy'):
                     log.error("Status file %s was %s: %s with the last update; "
                               "no record is lost.", path, problem, '; '.join(kept))
                 else:
@@ -364,6 +564,19 @@ class TransferStatus(object):
                                  ".bad file.", path, problem, '; '.join(kept))
             self._write(year, data, backup=False)
         return data
+
+    @staticmethod
+    def _stale_copy(path):
+        """``True`` if the copy of status file `path` is known not to mirror
+        its last version: another program wrote the file after the last
+        update of this package (the original desitransfer copies the file to
+        ``.bak``, keeping its time, before it writes it; this package's updates
+        leave a ``.bak`` older than the copy)."""
+        try:
+            return (os.stat(path + '.bak').st_mtime_ns >=
+                    os.stat(path + '.copy').st_mtime_ns)
+        except OSError:
+            return False
 
     def _night(self, night):
         night = str(night)
@@ -382,8 +595,11 @@ class TransferStatus(object):
         """Find status entries that match `night`, etc.
 
         The records are read from the file of the night's year, again if
-        another process changed it.  Rows are ``[stage, ok, ms]`` lists
-        (copies: changing them changes nothing on disk).
+        another process changed it.  Rows are ``[stage, ok, ms]`` lists,
+        newest first (copies: changing them changes nothing on disk).  An
+        index ``k`` returned for an exposure points to the row
+        ``find(night)[exposure][k]``; :meth:`records` returns the rows
+        themselves.
 
         Parameters
         ----------
@@ -398,12 +614,57 @@ class TransferStatus(object):
         -------
         :class:`dict` or :class:`list`
             If only `night` is set, return a dict containing information on all
-            exposures for that night.  If `exposure` is not set, return a dict
-            keyed by exposure containing all data matching `stage` for that
-            night.  If `stage` is not set, return a list containing the rows
-            of all data about that exposure.  If both `exposure` and `stage`
-            are set, return a list of the rows for `exposure` filtered on
+            exposures for that night (their rows).  If `exposure` is not set,
+            return a dict keyed by exposure containing, for each exposure of
+            that night, the indexes of its rows matching `stage`.  If `stage` is
+            not set, return a list containing indexes pointing to all data about
+            that exposure.  If both `exposure` and `stage` are set, return a
+            list of indexes pointing to the data for `exposure` filtered on
             `stage`.  An exposure without records gives an empty list.
+
+        Raises
+        ------
+        KeyError
+            If `night` is not yet defined (with both `exposure` and `stage`,
+            an empty list is returned instead, as the original did).
+        """
+        try:
+            found = self.records(night, exposure, stage=None)
+        except KeyError:
+            if exposure is not None and stage is not None:
+                self._stage(stage)
+                return []  # As the original: no rows of an unknown night.
+            raise
+        if exposure is None and stage is None:
+            return found
+        code = None if stage is None else self._stage(stage)
+
+        def indexes(rows):
+            return [k for k, row in enumerate(rows) if code is None or row[0] == code]
+
+        if exposure is None:
+            return {e: indexes(rows) for e, rows in found.items()}
+        return indexes(found)
+
+    def records(self, night, exposure=None, stage=None):
+        """The rows that match `night`, etc.: like :meth:`find`, with the rows
+        themselves instead of their indexes.
+
+        Parameters
+        ----------
+        night : :class:`str`
+            Night of observation.
+        exposure : :class:`str`, optional
+            Exposure number.
+        stage : :class:`str`, optional
+            Stage of data transfer ('rsync', 'checksum', 'backup', ...).
+
+        Returns
+        -------
+        :class:`dict` or :class:`list`
+            Without `exposure`, a dict keyed by exposure of its rows (matching
+            `stage` if set); with `exposure`, the list of its rows (matching
+            `stage` if set), empty if it has none.
 
         Raises
         ------
@@ -614,6 +875,10 @@ def _options(args=None):
     prsr.add_argument('-i', '--install', action='store_true',
                       help="(Re-)install the status web page in the status directory, "
                            "creating the directory if needed.")
+    prsr.add_argument('--data-url', metavar='URL', dest='data_url',
+                      help="With -i: link each exposure of the status page to "
+                           "URL/NIGHT/EXPID/ (default: the URL of the page installed "
+                           f"there, else {DATA_URL}).")
     prsr.add_argument('--create', action='store_true',
                       help="Create the status directory (and its parents) if it does not "
                            "exist; without it (or -i), recording into a missing directory "
@@ -675,6 +940,13 @@ def _check_record(prsr, options):
                         (options.json, '--json')):
         if given:
             prsr.error(f"{name} goes with --audit, --rebuild or --statistics only.")
+    if options.data_url is not None:
+        if not options.install:
+            prsr.error("--data-url goes with -i/--install: it is written into the page.")
+        try:
+            options.data_url = data_url(options.data_url)
+        except ValueError as err:
+            prsr.error(f"argument --data-url: {err}")
     if options.night is None:
         prsr.error("NIGHT is required (or one of --audit, --rebuild, --statistics).")
     if not valid_night(options.night):
@@ -703,6 +975,7 @@ def _check_tool(prsr, options):
         prsr.error(f"{tool} takes no NIGHT EXPID STAGE arguments (found '{given}').")
     for given, name, tools in ((options.failure, '-f/--failure', ()),
                                (options.install, '-i/--install', ()),
+                               (options.data_url is not None, '--data-url', ()),
                                (options.create, '--create', ()),
                                (options.deep, '--deep', ('audit', 'rebuild')),
                                (options.replace, '--replace', ('rebuild',)),
@@ -773,7 +1046,7 @@ def _show(status, night, exposure=None):
     where = status._path(int(night[:4]))
     one = exposure not in (None, 'all')
     try:
-        records = status.find(night, exposure if one else None)
+        records = status.records(night, exposure if one else None)
     except KeyError:
         return _error(f"night {night} is not in {where}.")
     if one:
@@ -874,8 +1147,10 @@ def main():
         if options.tool:
             return {'audit': _audit, 'rebuild': _rebuild, 'statistics': _statistics}[
                 options.tool](options)
-        status = TransferStatus(options.directory, install=options.install,
-                                year=options.night[:4])
+        if options.install:
+            # The page first, with its data URL; the store then finds it installed.
+            install_page(options.directory, options.data_url)
+        status = TransferStatus(options.directory, year=options.night[:4])
         if options.stage is None:
             return _show(status, options.night, options.expid)
         return _record(status, options)

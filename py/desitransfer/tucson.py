@@ -8,7 +8,9 @@ Entry point for :command:`desi_tucson_transfer`.
 
 Mirror DESI data from NERSC to Tucson (NOIRLab) with parallel :command:`rsync`,
 run daily by cron.  The directories, and the filters of each, are listed in
-the shipped file ``desi_tucson_transfer.ini``.
+the shipped file ``desi_tucson_transfer.ini``.  Two other runs use the same
+table: ``--catchup``, the catch-up after an outage, and ``--hwtables``, the
+tables of the focal plane over ssh with their own key.
 
 The mirror must never wipe itself: a directory that is empty or missing at
 NERSC while its copy holds data is refused, and each :command:`rsync` deletes
@@ -31,8 +33,8 @@ import requests
 
 from . import __version__ as dtVersion
 from . import common
-from .common import (MST, AlertHandler, Stop, configure_log, environment_ssh, interval, log,
-                     run, single_instance, stamp)
+from .common import (MST, AlertHandler, Stop, configure_log, interval, log, run,
+                     single_instance, ssh_command, stamp)
 
 #: The rsync program.
 RSYNC = '/usr/bin/rsync'
@@ -40,11 +42,18 @@ RSYNC = '/usr/bin/rsync'
 #: The DESI tree at NERSC, the source of the ssh form (:envvar:`RSYNC_RSH` set).
 REMOTE_ROOT = '/global/cfs/cdirs/desi'
 
+#: The ssh program of ``--hwtables`` unless :envvar:`RSYNC_RSH` names one:
+#: the key ``~/.ssh/nersc``, and no other.
+HWTABLES_SSH = ('ssh', '-i', os.path.join('~', '.ssh', 'nersc'), '-o', 'IdentitiesOnly=yes')
+
 #: Most rsync commands running at once.
 MAX_PROCESSES = 10
 
 #: Niceness added to the rsync of directories that are not a priority.
 NICENESS = 5
+
+#: The same in the catch-up: that of a plain ``nice``.
+CATCHUP_NICENESS = 10
 
 #: Default bound on the files one rsync may delete.
 MAX_DELETE = 10000
@@ -67,14 +76,38 @@ WAIT_LIMIT = timedelta(hours=12)
 #: A per-directory log larger than this is renamed ``.1`` before the next run.
 LOG_SIZE = 100 * 2**20
 
-#: The environment variables needed, besides :envvar:`DESI_ROOT`.
+#: The environment variables needed, besides :envvar:`DESI_ROOT`, by the
+#: daily run.
 REQUIRED = ('DESISYNC_HOSTNAME', 'DESISYNC_STATUS_URL', 'MAILFROM', 'MAILTO')
 
-#: A mirrored directory: its name relative to the top of the tree, whether it
-#: is static (mirrored only with ``--static``), a priority (started first, at
-#: normal priority), the first of the old years not mirrored any more (or
-#: ``None``) and its rsync filter arguments.
-Directory = namedtuple('Directory', ['name', 'static', 'priority', 'years', 'filters'])
+#: The name the alert emails come from, in front of :envvar:`MAILFROM`.
+SENDER = 'NOIRLab Mirror Account'
+
+#: What distinguishes the three runs: the environment variables each needs
+#: (besides :envvar:`DESI_ROOT`), whether it waits for the daily transfer at
+#: NERSC, its lock file (in the log directory) and the niceness of its
+#: directories that are not a priority.
+Run = namedtuple('Run', ['required', 'wait', 'lock', 'niceness'])
+
+#: The runs: ``daily`` (cron, the default), ``catchup`` (``--catchup``, by hand
+#: after an outage: no waiting; it shares the lock of the daily run, as both
+#: write the same directories) and ``hwtables`` (``--hwtables``, over ssh).
+RUNS = {'daily': Run(REQUIRED, True, 'desi_tucson_transfer.pid', NICENESS),
+        'catchup': Run(('DESISYNC_HOSTNAME',), False, 'desi_tucson_transfer.pid',
+                       CATCHUP_NICENESS),
+        'hwtables': Run(('NERSC_USER', 'NERSC_HOST'), False,
+                        'desi_tucson_transfer_hwtables.pid', NICENESS)}
+
+#: A mirrored directory, a section of the table: its name (the section), the
+#: directory relative to the top of the tree, its set (``dynamic``,
+#: ``static`` or ``hwtables``), whether it is a priority (started first, at
+#: normal priority), whether ``--catchup`` mirrors it, the first of the old
+#: years not mirrored any more (or ``None``) and its rsync filter arguments.
+Directory = namedtuple('Directory', ['name', 'directory', 'set', 'priority', 'catchup',
+                                     'years', 'filters'])
+
+#: The sets of the table.
+SETS = ('dynamic', 'static', 'hwtables')
 
 #: What became of one directory: status, seconds, regular files transferred,
 #: bytes transferred, files deleted, and the directory's rsync log.
@@ -90,6 +123,24 @@ _lock = None
 _stats = {'files': re.compile(r'^Number of regular files transferred: ([0-9,]+)', re.M),
           'bytes': re.compile(r'^Total transferred file size: ([0-9,]+)', re.M),
           'deleted': re.compile(r'^Number of deleted files: ([0-9,]+)', re.M)}
+
+#: What the environment may hold, checked before it reaches a command line.
+_formats = {'DESISYNC_HOSTNAME': (re.compile(r'(?:[A-Za-z0-9_][A-Za-z0-9_.+-]*@)?'
+                                             r'[A-Za-z0-9][A-Za-z0-9.-]*(?::[0-9]{1,5})?'),
+                                  'a host, user@host or host:port'),
+            'NERSC_USER': (re.compile(r'[A-Za-z0-9_][A-Za-z0-9_.-]*'), 'a user name'),
+            'NERSC_HOST': (re.compile(r'[A-Za-z0-9][A-Za-z0-9.-]*'), 'a host name'),
+            'DESISYNC_ROOT': (re.compile(r'/[A-Za-z0-9_./+-]*'), 'an absolute path'),
+            'MAILFROM': (re.compile(r'[^@\s<>,"]+@[^@\s<>,"]+'), 'an email address'),
+            'MAILTO': (re.compile(r'[^@\s<>,"]+@[^@\s<>,"]+(?:[,\s]+[^@\s<>,"]+@[^@\s<>,"]+)*'),
+                       'comma-separated email addresses'),
+            'MAILHOST': (re.compile(r'[A-Za-z0-9][A-Za-z0-9.-]*(?::[0-9]{1,5})?'),
+                         'host or host:port')}
+
+
+def _relative(name):
+    """``True`` if `name` is a directory relative to the top of the tree."""
+    return not (any(p in ('', '.', '..') for p in name.split('/')) or re.search(r'\s', name))
 
 
 def read_directories(text=None, source='desi_tucson_transfer.ini'):
@@ -125,18 +176,25 @@ def read_directories(text=None, source='desi_tucson_transfer.ini'):
     for name in parser.sections():
         section = parser[name]
         where = f"{source} [{name}]"
-        parts = name.split('/')
-        if any(p in ('', '.', '..') for p in parts) or re.search(r'\s', name):
+        directory = section.get('directory', name).strip()
+        if not (_relative(name) and _relative(directory)):
             raise ValueError(f"{where}: not a directory relative to the top of the tree")
-        unknown = sorted(set(section) - {'set', 'priority', 'years', 'filter'})
+        unknown = sorted(set(section) - {'set', 'directory', 'priority', 'catchup', 'years',
+                                         'filter'})
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}")
-        if section.get('set') not in ('dynamic', 'static'):
-            raise ValueError(f"{where} set: dynamic or static, not {section.get('set')!r}")
-        try:
-            priority = section.getboolean('priority', fallback=False)
-        except ValueError:
-            raise ValueError(f"{where} priority: yes or no, not {section['priority']!r}") from None
+        if section.get('set') not in SETS:
+            raise ValueError(f"{where} set: {', '.join(SETS[:-1])} or {SETS[-1]}, "
+                             f"not {section.get('set')!r}")
+        flags = {}
+        for key in ('priority', 'catchup'):
+            try:
+                flags[key] = section.getboolean(key, fallback=False)
+            except ValueError:
+                raise ValueError(f"{where} {key}: yes or no, not {section[key]!r}") from None
+        if flags['catchup'] and section['set'] == 'hwtables':
+            raise ValueError(f"{where} catchup: the catch-up mirrors dynamic or static "
+                             "directories, not a hwtables one")
         years = section.get('years')
         if years is not None:
             if re.fullmatch(r'[0-9]{4}', years) is None:
@@ -151,8 +209,17 @@ def read_directories(text=None, source='desi_tucson_transfer.ini'):
                 raise ValueError(f"{where} filter: 'include PATTERN' or 'exclude PATTERN', "
                                  f"not {line.strip()!r}")
             filters += [f'--{rule}', pattern.strip()]
-        directories.append(Directory(name, section['set'] == 'static', priority, years,
-                                     tuple(filters)))
+        directories.append(Directory(name, directory, section['set'], flags['priority'],
+                                     flags['catchup'], years, tuple(filters)))
+    # One run never mirrors a directory twice (two rsync commands at once).
+    for chosen in ([d for d in directories if d.set != 'hwtables'],
+                   [d for d in directories if d.set == 'hwtables']):
+        seen = set()
+        for d in chosen:
+            if d.directory in seen:
+                raise ValueError(f"{source} [{d.name}]: directory {d.directory} is already "
+                                 "mirrored by another section of the same run")
+            seen.add(d.directory)
     return directories
 
 
@@ -163,20 +230,20 @@ def _table():
 
 
 def _old_years(start):
-    """rsync arguments leaving out the top-level ``YYYY*`` entries from year
-    `start` to the year before the previous one (on the calendar of Kitt Peak):
-    last year stays mirrored, so that its last nights still arrive in January."""
-    last = common._utcnow().astimezone(MST).year - 2
-    return [a for year in range(start, last + 1) for a in ('--exclude', f'/{year:d}*')]
+    """rsync arguments leaving out the entries ``YYYY*`` from year `start` to
+    last year (on the calendar of Kitt Peak), but for last year in January,
+    so that the nights of late December, and their reductions, still arrive.
+    """
+    today = common._utcnow().astimezone(MST)
+    last = today.year - (2 if today.month == 1 else 1)
+    return [a for year in range(start, last + 1) for a in ('--exclude', f'{year:d}*')]
 
 
-def _filters(d):
-    """The rsync filter arguments of directory `d` (a name) from the table."""
-    for directory in _table():
-        if directory.name == d:
-            years = _old_years(directory.years) if directory.years else []
-            return years + list(directory.filters)
-    return []
+def _section_filters(section):
+    """The rsync filter arguments of the :class:`Directory` `section`: its
+    old years first, then its filter."""
+    years = _old_years(section.years) if section.years else []
+    return years + list(section.filters)
 
 
 def _ssh():
@@ -184,12 +251,33 @@ def _ssh():
     return bool(os.environ.get('RSYNC_RSH', '').strip())
 
 
-def _transport():
-    """rsync options of the connection: the ssh program of :envvar:`RSYNC_RSH`,
-    or the password file of the rsync daemon, ``~/.desi``."""
-    if _ssh():
-        return ['--rsh=' + shlex.join(environment_ssh())]
+def _transport(run='daily'):
+    """rsync options of the connection of `run` (a key of :data:`RUNS`).
+
+    The daily run and the catch-up use the ssh program of :envvar:`RSYNC_RSH`,
+    or else the password file of the rsync daemon, ``~/.desi``; ``hwtables``
+    always uses ssh: :envvar:`RSYNC_RSH` or else :data:`HWTABLES_SSH`.  The
+    options of :func:`~desitransfer.common.ssh_command` are added to ssh,
+    so that it never waits for a password or a dead connection.
+    """
+    ssh = shlex.split(os.environ.get('RSYNC_RSH', '').strip())
+    if run == 'hwtables' and not ssh:
+        ssh = [os.path.expanduser(a) for a in HWTABLES_SSH]
+    if ssh:
+        return ['--rsh=' + shlex.join(ssh_command(ssh))]
     return ['--password-file', os.path.expanduser(os.path.join('~', '.desi'))]
+
+
+def _rsync_command(src, dst, section, transport, checksum=False):
+    """The :command:`rsync` command mirroring the :class:`Directory` `section`
+    from `src` to `dst` with the connection options `transport`."""
+    cmd = [RSYNC, '--archive', '--verbose', '--delete', '--delete-after',
+           '--no-motd'] + list(transport)
+    if checksum:
+        cmd.insert(cmd.index('--verbose'), '--checksum')
+    cmd += _section_filters(section)
+    cmd += [f'{src}/{section.directory}/', f'{dst}/{section.directory}/']
+    return cmd
 
 
 def _rsync(src, dst, d, checksum=False):
@@ -209,17 +297,17 @@ def _rsync(src, dst, d, checksum=False):
     Returns
     -------
     :class:`list`
-        The command.  When :envvar:`RSYNC_RSH` is set, the connection is
-        made with that ssh program (non-interactive options added) instead
-        of the password file.
+        The command of the daily run, with the filters of `d` in the table
+        (none if `d` is not in it).  When :envvar:`RSYNC_RSH` is set, the
+        connection is made with that ssh program (non-interactive options
+        added) instead of the password file.
     """
-    cmd = [RSYNC, '--archive', '--verbose', '--delete', '--delete-after',
-           '--no-motd'] + _transport()
-    if checksum:
-        cmd.insert(cmd.index('--verbose'), '--checksum')
-    cmd += _filters(d)
-    cmd += [f'{src}/{d}/', f'{dst}/{d}/']
-    return cmd
+    section = Directory(d, d, 'dynamic', False, False, None, ())
+    for s in _table():
+        if s.set != 'hwtables' and s.directory == d:
+            section = s
+            break
+    return _rsync_command(src, dst, section, _transport(), checksum=checksum)
 
 
 def running(pid_file):
@@ -252,9 +340,11 @@ def running(pid_file):
 def _configure_log(debug, log_dir=None, test=False):
     """Re-configure the default logger returned by ``desiutil.log``.
 
-    CRITICAL messages are emailed from :envvar:`MAILFROM` to :envvar:`MAILTO`
-    (comma-separated addresses) through :envvar:`MAILHOST` (default
-    ``localhost:25``), each message at most once every six hours.
+    CRITICAL messages are emailed from ``NOIRLab Mirror Account
+    <$MAILFROM>`` to :envvar:`MAILTO` (comma-separated addresses) through
+    :envvar:`MAILHOST` (default ``localhost:25``), each message at most once
+    every six hours.  Without a usable :envvar:`MAILFROM` they come from
+    ``USER@HOST``; without a usable :envvar:`MAILTO` they are only logged.
 
     Parameters
     ----------
@@ -266,18 +356,28 @@ def _configure_log(debug, log_dir=None, test=False):
     test : :class:`bool`, optional
         Test mode: no log file, no email.
     """
-    to = [] if test else [a for a in re.split(r'[,\s]+', os.environ.get('MAILTO', '')) if a]
+    to = [] if test or _environ('MAILTO') is None else \
+        [a for a in re.split(r'[,\s]+', _environ('MAILTO')) if a]
     keep = log_dir is not None and not test
     configure_log(debug=debug,
                   filename=os.path.join(log_dir, 'desi_tucson_transfer.log') if keep else None,
-                  to=to, mailhost=os.environ.get('MAILHOST', 'localhost:25'),
+                  to=to, mailhost=_environ('MAILHOST') or 'localhost:25',
                   program='desi_tucson_transfer',
                   memory=os.path.join(log_dir, 'desi_tucson_transfer_alerts.json') if keep
                   else None)
-    sender = os.environ.get('MAILFROM')
+    sender = _environ('MAILFROM')
     for handler in log.handlers:
         if sender and isinstance(handler, AlertHandler):
-            handler.fromaddr = sender
+            handler.fromaddr = f'{SENDER} <{sender}>'
+
+
+def _environ(name):
+    """The value of the environment variable `name`, stripped, or ``None``
+    if it is unset, empty or not in the form :data:`_formats` gives it."""
+    value = os.environ.get(name, '').strip()
+    if not value or (name in _formats and _formats[name][0].fullmatch(value) is None):
+        return None
+    return value
 
 
 def _interval(value):
@@ -323,7 +423,7 @@ def _options(args=None):
                       help="Set log level to DEBUG.")
     prsr.add_argument('-D', '--destination', metavar='DIR',
                       help="Mirror into DIR instead of $DESI_ROOT.")
-    prsr.add_argument('-e', '--exclude', metavar='DIR', nargs='+', action='extend', default=[],
+    prsr.add_argument('-e', '--exclude', metavar='DIR', nargs='*', action='extend', default=[],
                       help="Do not mirror DIR this time; several may be given.")
     prsr.add_argument('--force-delete', action='store_true', dest='force_delete',
                       help="Lift the bound on deletions for this run (by hand, after "
@@ -339,8 +439,18 @@ def _options(args=None):
                       dest='nproc',
                       help=f"Run up to N rsync commands at once, at most {MAX_PROCESSES:d} "
                            "(default %(default)s).")
-    prsr.add_argument('-s', '--static', action='store_true', dest='static',
+    runs = prsr.add_mutually_exclusive_group()
+    runs.add_argument('-s', '--static', action='store_true', dest='static',
                       help="Also mirror the static data sets.")
+    runs.add_argument('--catchup', action='store_const', const='catchup', dest='run',
+                      default='daily',
+                      help="Catch up after an outage: mirror the directories marked "
+                           "'catchup' in the table now, without waiting for the daily "
+                           "transfer at NERSC.")
+    runs.add_argument('--hwtables', action='store_const', const='hwtables', dest='run',
+                      help="Mirror the focal plane tables (*.csv) from "
+                           "$NERSC_USER@$NERSC_HOST over ssh, with $RSYNC_RSH or else "
+                           "the key ~/.ssh/nersc; no waiting.")
     prsr.add_argument('-S', '--sleep', metavar='TIME', type=_interval, default='15m',
                       help="Wait TIME (30s, 15m, 1h, 2d or seconds) between checks that "
                            "the daily transfer is finished (default %(default)s).")
@@ -351,7 +461,7 @@ def _options(args=None):
                       version='%(prog)s {0}'.format(dtVersion))
     options = prsr.parse_args(args)
     try:
-        known = {d.name for d in _table()}
+        known = {name for d in _table() for name in (d.name, d.directory)}
     except ValueError as err:
         prsr.error(str(err))
     options.exclude = [e.strip('/') for e in options.exclude]
@@ -362,16 +472,31 @@ def _options(args=None):
 
 
 def _environment(options):
-    """Source, destination and status URL from the environment and `options`.
+    """Source, destination, status URL and connection of the run chosen by
+    `options`, from the environment and `options`.
+
+    Every problem is one CRITICAL line, emailed if :envvar:`MAILTO` allows
+    (see :func:`_configure_log`, called before).
 
     Returns
     -------
     :class:`dict`
-        ``source``, ``destination``, ``status_url``; ``None`` (after one
-        CRITICAL line for each problem) if something is missing.
+        ``source``, ``destination``, ``status_url`` (``None`` unless the run
+        waits for it) and ``transport`` (the connection options of rsync);
+        ``None`` if something is missing or malformed.
     """
-    problems = [f"{e} is not set; desi_tucson_transfer needs it." for e in REQUIRED
-                if not os.environ.get(e, '').strip()]
+    run = RUNS[options.run]
+    problems = [f"{e} is not set; desi_tucson_transfer{_flag(options)} needs it."
+                for e in run.required if not os.environ.get(e, '').strip()]
+    used = ('NERSC_USER', 'NERSC_HOST') if options.run == 'hwtables' else ('DESISYNC_HOSTNAME',)
+    for name in used + ('DESISYNC_ROOT', 'MAILFROM', 'MAILTO', 'MAILHOST'):
+        pattern, what = _formats[name]
+        value = os.environ.get(name, '').strip()
+        if value and pattern.fullmatch(value) is None:
+            problems.append(f"{name} is not {what}: {value[:200]!r}.")
+    url = os.environ.get('DESISYNC_STATUS_URL', '').strip()
+    if run.wait and url and re.fullmatch(r'https?://[^\s]+', url) is None:
+        problems.append(f"DESISYNC_STATUS_URL is not an http(s) URL: {url[:200]!r}.")
     destination = options.destination or os.environ.get('DESI_ROOT', '').strip()
     if not destination:
         problems.append("DESI_ROOT is not set and no destination (-D DIR) is given.")
@@ -381,13 +506,22 @@ def _environment(options):
         log.critical("%s Nothing was mirrored.", problem)
     if problems:
         return None
-    host = os.environ['DESISYNC_HOSTNAME'].strip()
-    if _ssh():
-        source = f"{host}:{os.environ.get('DESISYNC_ROOT', '').strip() or REMOTE_ROOT}"
+    if not options.test and _environ('MAILTO') is None:
+        log.warning("MAILTO is not set: alerts are logged, not emailed.")
+    root = _environ('DESISYNC_ROOT') or REMOTE_ROOT
+    if options.run == 'hwtables':
+        source = f"{_environ('NERSC_USER')}@{_environ('NERSC_HOST')}:{root}"
+    elif _ssh():
+        source = f"{_environ('DESISYNC_HOSTNAME')}:{root}"
     else:
-        source = f"rsync://{host}/desi"
+        source = f"rsync://{_environ('DESISYNC_HOSTNAME')}/desi"
     return {'source': source, 'destination': os.path.abspath(destination),
-            'status_url': os.environ['DESISYNC_STATUS_URL'].strip()}
+            'status_url': url if run.wait else None, 'transport': _transport(options.run)}
+
+
+def _flag(options):
+    """The option choosing the run of `options`, as typed (``''`` for the daily run)."""
+    return '' if options.run == 'daily' else f' --{options.run}'
 
 
 def _holds_data(directory):
@@ -427,11 +561,20 @@ class Mirror(object):
         self.source = environment['source']
         self.destination = environment['destination']
         self.status_url = environment['status_url']
+        self.transport = environment.get('transport') or _transport(options.run)
+        self.run_kind = RUNS[options.run]
         self.stop = Stop()
-        self.directories = [d for d in _table() if options.static or not d.static]
+        if options.run == 'catchup':
+            self.directories = [d for d in _table() if d.catchup]
+        elif options.run == 'hwtables':
+            self.directories = [d for d in _table() if d.set == 'hwtables']
+        else:
+            self.directories = [d for d in _table()
+                                if d.set == 'dynamic' or (options.static and d.set == 'static')]
 
     def run(self):
-        """Wait for the daily transfer at NERSC, then mirror every directory.
+        """Wait for the daily transfer at NERSC (daily run only), then mirror
+        every directory of the run.
 
         Returns
         -------
@@ -450,10 +593,15 @@ class Mirror(object):
         _configure_log(debug, self.options.log, self.test)
         if self.test:
             log.info("Test mode: commands are logged, not run; nothing is changed.")
-        elif running(os.path.join(self.options.log, 'desi_tucson_transfer.pid')):
+        elif running(os.path.join(self.options.log, self.run_kind.lock)):
             return 1
-        if not self._wait_for_nersc():
-            return 1
+        if self.run_kind.wait:
+            if not self._wait_for_nersc():
+                return 1
+        else:
+            log.info("desi_tucson_transfer%s: mirroring %s from %s now, without waiting for "
+                     "the daily transfer at NERSC.", _flag(self.options),
+                     ', '.join(d.directory for d in self.directories), self.source)
         outcomes = self.mirror()
         for o in outcomes:
             log.info("%s: %s in %.1f s; %d files, %d bytes transferred, %d deleted%s.",
@@ -529,13 +677,13 @@ class Mirror(object):
             The status and the statistics (files, bytes, deleted).
         """
         none = (0, 0, 0)
-        if d.name in self.options.exclude:
+        if d.name in self.options.exclude or d.directory in self.options.exclude:
             log.warning("%s skipped at user request.", d.name)
             return 'excluded', none
         if self.stop.is_set():
             return 'stopped', none
-        source = f'{self.source}/{d.name}/'
-        copy = os.path.join(self.destination, d.name)
+        source = f'{self.source}/{d.directory}/'
+        copy = os.path.join(self.destination, d.directory)
         state = self._source_state(d, source)
         if state not in ('ok', 'empty', 'missing'):
             if self.stop.is_set():
@@ -572,19 +720,19 @@ class Mirror(object):
         if result.returncode == 25:
             log.critical("Deletions in %s stopped at the bound of %d files (rsync status 25): "
                          "many files disappeared at NERSC. Nothing more was deleted; check "
-                         "%s and, if the deletions are intended, run desi_tucson_transfer "
+                         "%s and, if the deletions are intended, run desi_tucson_transfer%s "
                          "--force-delete by hand. See %s.", copy, self.options.max_delete,
-                         source, self._log_file(d))
+                         source, _flag(self.options), self._log_file(d))
             return 'deletion bound reached', stats
         log.critical("rsync of %s failed with status %d; see %s. The other directories "
-                     "continue.", d.name, result.returncode, self._log_file(d))
+                     "continue.", d.directory, result.returncode, self._log_file(d))
         return 'failed', stats
 
     def _source_state(self, d, source):
         """List `source` without recursion: ``'ok'``, ``'empty'``, ``'missing'``,
         or what went wrong."""
         command = [RSYNC, '--list-only', '--no-motd', f'--timeout={IO_TIMEOUT:d}'] + \
-            _transport() + [source]
+            self.transport + [source]
         result = run(command, timeout=LIST_TIMEOUT, ok=(0, 23, 24), stop=self.stop,
                      test=self.test, quiet=True)
         if self.test:
@@ -607,16 +755,18 @@ class Mirror(object):
                          (why or [line.rstrip('.') for line in lines[-1:]])[:2])
 
     def _command(self, d):
-        """The rsync command mirroring `d`, with statistics, timeouts and the
-        deletion bound; under ``nice`` unless `d` is a priority."""
-        command = _rsync(self.source, self.destination, d.name, checksum=self.options.checksum)
+        """The rsync command mirroring the :class:`Directory` `d`, with
+        statistics, timeouts and the deletion bound; under ``nice`` unless `d`
+        is a priority."""
+        command = _rsync_command(self.source, self.destination, d, self.transport,
+                                 checksum=self.options.checksum)
         extra = ['--stats', f'--timeout={IO_TIMEOUT:d}']
         if not self.options.force_delete:
             extra.append(f'--max-delete={self.options.max_delete:d}')
         at = command.index('--no-motd') + 1
         command[at:at] = extra
         if not d.priority:
-            command = ['nice', '-n', str(NICENESS)] + command
+            command = ['nice', '-n', str(self.run_kind.niceness)] + command
         return command
 
     def _append_log(self, d, command, result):
@@ -646,6 +796,8 @@ def main():
         An integer suitable for passing to :func:`sys.exit`.
     """
     options = _options()
+    # Alerts first, so that a missing setting reaches MAILTO if it can.
+    _configure_log(options.debug or options.test, test=options.test)
     environment = _environment(options)
     if environment is None:
         return 1

@@ -30,15 +30,16 @@ def _options(args=None):
     """
     desc = "Transfer DESI raw data files."
     prsr = ArgumentParser(prog=os.path.basename(sys.argv[0]), description=desc)
-    prsr.add_argument('-B', '--no-backup', action='store_true', dest='no_backup',
-                      help="Skip NERSC HPSS backups.")
+    prsr.add_argument('-B', '--no-backup', action='store_false', dest='backup',
+                      help="Skip NERSC HPSS backups (nights are still caught up and "
+                           "write-protected when due).")
     prsr.add_argument('-c', '--configuration', metavar='FILE',
                       help="Read configuration from FILE (default: the shipped "
                            "desi_transfer_daemon.ini).")
     prsr.add_argument('-d', '--debug', action='store_true',
                       help="Set log level to DEBUG.")
     prsr.add_argument('-k', '--kill', metavar='FILE',
-                      default=os.path.join(os.environ.get('HOME', '~'), 'stop_desi_transfer'),
+                      default=os.path.expanduser('~/stop_desi_transfer'),
                       help="Exit the script when FILE is detected (default %(default)s).")
     prsr.add_argument('--once', action='store_true',
                       help="Make one full pass, then exit: 0 if it did its job, 1 if not "

@@ -14,6 +14,7 @@ alert), :mod:`~desitransfer.daemon.nights` (catch-up, archive) with
 :mod:`~desitransfer.daemon.state`; every change goes through
 :mod:`~desitransfer.daemon.actions`, which is also test mode.
 """
+import argparse
 import datetime as dt
 import errno
 import os
@@ -30,8 +31,21 @@ from .nights import Nights, due_time
 from .remote import Mountain
 from .report import Reporting
 from .settle import Settling
-from .state import STATE_FILE, State
+from .state import STATE_FILE, State, valid_link
 from .transfer import COPIED, FATAL, fatal
+
+
+def _complete(options):
+    """`options` with every attribute the daemon reads, defaults for the
+    missing ones: a namespace built for the original package (without
+    ``once``) or with ``no_backup`` instead of ``backup`` is accepted."""
+    values = {'configuration': None, 'debug': False, 'test': False, 'once': False,
+              'kill': os.path.expanduser('~/stop_desi_transfer')}
+    values.update(vars(options))
+    if 'backup' not in values:
+        values['backup'] = not values.get('no_backup', False)
+    values['backup'] = bool(values['backup'])
+    return argparse.Namespace(**values)
 
 
 class TransferDaemon(Settling, Nights, Reporting):
@@ -40,7 +54,10 @@ class TransferDaemon(Settling, Nights, Reporting):
     Parameters
     ----------
     options : :class:`argparse.Namespace`
-        The parsed command-line options.
+        The parsed command-line options (:func:`~desitransfer.daemon.cli._options`):
+        ``backup``, ``configuration``, ``debug``, ``kill``, ``test`` and
+        ``once``.  A namespace without ``once`` (the original's options)
+        loops; ``no_backup`` is read where ``backup`` is absent.
 
     Raises
     ------
@@ -49,9 +66,9 @@ class TransferDaemon(Settling, Nights, Reporting):
     """
 
     def __init__(self, options):
-        self.options = options
+        self.options = options = _complete(options)
         self.test = options.test
-        self.tape = not options.no_backup
+        self.tape = options.backup
         self.directories, self.conf, self.log_conf = read_configuration(options.configuration)
         try:
             self.scratch = ensure_scratch(self.conf['temporary'])
@@ -95,7 +112,8 @@ class TransferDaemon(Settling, Nights, Reporting):
     # The loop.
     # ------------------------------------------------------------------
     def run(self):
-        """Run the daemon: refuse a second copy, then :meth:`transfer`.
+        """Run the daemon: refuse a second copy, then :meth:`transfer` once per
+        pass, sleeping between passes until stopped (one pass with ``--once``).
 
         Returns
         -------
@@ -104,7 +122,7 @@ class TransferDaemon(Settling, Nights, Reporting):
         """
         if self.test:
             log.info("Test mode: nothing is changed; commands are logged, not run.")
-            self.transfer()
+            self._loop()
             return 0
         lock, holder = single_instance(self.lock_file)
         if lock is None:
@@ -120,21 +138,18 @@ class TransferDaemon(Settling, Nights, Reporting):
                 log.error("Could not write the state file %s: %s.", self.state.path, err)
             if self.stop.is_set():
                 self._kill_file_left()
-            self.transfer()
+            self._loop()
         return 1 if self.options.once and self.failed else 0
 
-    def transfer(self):
-        """Loop over and transfer all configured directories.
-
-        With ``--once``, make one pass and return; otherwise pass, sleep and
-        pass again until SIGTERM or the kill file stops the loop.  A pass that
-        fails is logged with its traceback and the next pass still runs.
-        """
+    def _loop(self):
+        """Pass, sleep and pass again until SIGTERM or the kill file stops the
+        loop; with ``--once``, one pass.  A pass that fails is logged with its
+        traceback and the next pass still runs."""
         if self.state.new:
             self._first_start()
         try:
             while not self.stop.is_set():
-                self._pass()
+                self.transfer()
                 if self.options.once or self.stop.is_set():
                     break
                 self._wait(self.conf['sleep'])
@@ -142,6 +157,15 @@ class TransferDaemon(Settling, Nights, Reporting):
         finally:
             self.mountain.close()
         log.info("desi_transfer_daemon stops.")
+
+    def transfer(self):
+        """Loop over and transfer all configured directories: one pass.
+
+        :meth:`run` calls it once per pass, sleeping in between.  A
+        destination whose pass fails is logged with its traceback; the others
+        still run.
+        """
+        self._pass()
 
     def _wait(self, seconds):
         """Wait `seconds` for the next pass, or less: while it waits, the
@@ -385,17 +409,28 @@ class TransferDaemon(Settling, Nights, Reporting):
         d : :func:`collections.namedtuple`
             Configuration for the destination directory.
         link : :class:`str`
-            The exposure, ``NIGHT/EXPID``.
+            The exposure, ``NIGHT/EXPID``, or the path of its link at the
+            mountain (``SOURCE/NIGHT/EXPID``, as the original's ``find`` gave).
         status : :class:`desitransfer.status.TransferStatus`
             The status store.
 
         Returns
         -------
         :class:`bool`
-            ``False`` if it was not copied: not linked at the mountain, or
+            ``False`` if it was not copied: not linked at the mountain,
+            already installed (and not waiting to be transferred again), or
             the copy did not complete.
         """
-        night = link.split('/')[0]
+        link = '/'.join(link.rstrip('/').split('/')[-2:])
+        if not valid_link(link):
+            log.error("%s is not an exposure NIGHT/EXPID; nothing is transferred.", link)
+            return False
+        night, expid = link.split('/')
+        if (os.path.isdir(os.path.join(d.destination, night, expid)) and
+                link not in self.state[d.name]['retries']):
+            log.info("Exposure %s is already installed in %s; nothing is transferred.",
+                     link, d.destination)
+            return False
         survey = self.mountain.survey(d.source, self.conf['checksum_lock'], [night],
                                       d.data_root)
         if link not in survey.links:

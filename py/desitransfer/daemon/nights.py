@@ -67,7 +67,7 @@ class Nights(object):
         * This script can do nothing about exposures that were never linked
           into the DTS area at KPNO in the first place.
         """
-        survey = self._surveys.get(d.name)
+        survey = self._survey_for(d, night)
         if survey is None or night in survey.unknown_nights:
             return False
         # An exposure copied in this very pass is as fresh as a catch-up would make it.
@@ -109,6 +109,22 @@ class Nights(object):
         late += [link.expid for link in changed if link.expid not in late]
         return fatal(self._copy_verify(d, changed, status)) is None
 
+    def _survey_for(self, d, night):
+        """What the mountain says of `night` of `d`: this pass's survey, or,
+        for a call by hand outside a pass (or of a night outside the recent
+        window), one survey of that night alone; ``None`` if the mountain
+        could not tell (wait) or checksums are being computed there."""
+        survey = self._surveys.get(d.name)
+        if survey is not None and night in self._window():
+            return survey
+        survey = self.mountain.survey(d.source, self.conf['checksum_lock'], [night],
+                                      d.data_root)
+        if survey.answer != 'links':
+            log.info("Could not survey night %s at %s (%s); nothing is done.", night,
+                     self.mountain.name, survey.answer)
+            return None
+        return survey
+
     # ------------------------------------------------------------------
     # Archive.
     # ------------------------------------------------------------------
@@ -124,16 +140,23 @@ class Nights(object):
         return self.archive.available()
 
     def _due_for_archive(self, d):
-        """Finished nights of the recent window not known to be on tape."""
-        if not self.tape:
-            return []
-        done = self.state[d.name]['backed_up']
+        """Finished nights of the recent window not known to be on tape (with
+        ``-B``: not yet caught up and write-protected for good)."""
+        state = self.state[d.name]
+        done = state['backed_up'] + ([] if self.tape else state['protected'])
         return [n for n in self._recent_nights(d)
                 if n not in done and self._due(n, self.conf['backup'])]
 
     def _archive(self, d, status, due, on_tape_only=False):
         """Archive the nights `due` that are not on tape; with `on_tape_only`,
-        only take note of those that are."""
+        only take note of those that are.  With ``-B`` the tape is neither
+        listed nor written: the nights get their final catch-up and write
+        protection only."""
+        if not self.tape:
+            for night in [] if on_tape_only else due:
+                if self.stop.is_set() or not self.backup(d, night, status):
+                    return
+            return
         if not self.archive.available():
             if not on_tape_only:
                 self._hpss_unavailable(d, due, 'its status service does not say it is active')
@@ -184,12 +207,25 @@ class Nights(object):
         * 12:00 MST = 19:00 UTC, plus one hour just to be safe, so after 20:00 UTC.
         """
         state = self.state[d.name]
-        survey = self._surveys.get(d.name)
-        if survey is not None and night in survey.unknown_nights:
+        if not os.path.isdir(os.path.join(d.destination, night)):
+            log.warning("No data from night %s in %s; it is not archived.", night,
+                        d.destination)
+            return False
+        if self.tape:
+            on_tape = self.archive.on_tape(d.hpss, night)
+            if on_tape is None:
+                return False  # Unknown: wait, never write the archive again.
+            if on_tape:
+                log.info("Night %s is already on tape as %s/%s.", night, d.hpss,
+                         archive_name(d.hpss, night))
+                self._archived(d, night, status)
+                return False
+        survey = self._survey_for(d, night)
+        if survey is None or night in survey.unknown_nights:
             return False
         if night in self._caught_up_now:
             log.info("Night %s was caught up in this pass; archiving it.", night)
-        elif survey is not None and night in survey.nights:
+        elif night in survey.nights:
             if not self.catchup(d, night, status, backup=True):
                 return False
         else:
@@ -209,6 +245,12 @@ class Nights(object):
             return False
         night_dir = os.path.join(d.destination, night)
         self.actions.remove_user_write(night_dir)
+        if not self.tape:
+            log.info("Night %s is caught up and write-protected; it is not archived: tape "
+                     "backup is disabled (-B).", night)
+            state['protected'].append(night)
+            self.actions.save(self.state)
+            return True
         result = self.archive.create(d.destination, d.hpss, night)
         if self.stop.is_set() and result.returncode != 0:
             log.info("Stopped while archiving night %s; it is archived again next run.", night)
@@ -240,7 +282,7 @@ class Nights(object):
         if status is not None:
             try:
                 recorded = {f'{night}/{int(e):08d}'
-                            for e, rows in status.find(night, stage='backup').items() if rows}
+                            for e, rows in status.records(night, stage='backup').items() if rows}
             except KeyError:
                 pass
         if installed - recorded:

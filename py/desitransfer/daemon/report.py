@@ -139,7 +139,7 @@ class Reporting(object):
         status = self._status(d)
         if status is not None:
             try:
-                records = status.find(night)
+                records = status.records(night)
             except (KeyError, OSError, ValueError):
                 records = {}
         stages = {'rsync': 0, 'checksum': 1, 'backup': 2}

@@ -85,6 +85,7 @@ _FIELDS = {
     'given_up': (list, lambda v: isinstance(v, list) and all(valid_link(k) for k in v)),
     'caught_up': (list, lambda v: isinstance(v, list) and all(valid_night(n) for n in v)),
     'backed_up': (list, lambda v: isinstance(v, list) and all(valid_night(n) for n in v)),
+    'protected': (list, lambda v: isinstance(v, list) and all(valid_night(n) for n in v)),
     'overdue': (list, lambda v: isinstance(v, list) and all(valid_night(n) for n in v)),
     'archive_failures': (dict, lambda v: isinstance(v, dict) and
                          all(valid_night(k) and _is_count(n) for k, n in v.items())),
@@ -154,7 +155,7 @@ class State(object):
     def forget_before(self, oldest):
         """Forget nights before `oldest` (YYYYMMDD): settled history."""
         for section in self.data.values():
-            for key in ('caught_up', 'backed_up', 'overdue'):
+            for key in ('caught_up', 'backed_up', 'protected', 'overdue'):
                 section[key] = [n for n in section[key] if n >= oldest]
             for key in ('archive_failures', 'unlisted', 'late'):
                 section[key] = {n: c for n, c in section[key].items() if n >= oldest}

@@ -429,7 +429,7 @@ class _Copy(object):
                 else:
                     self.actions.lock(exposure)
                     errors = self.actions.verify(os.path.join(
-                        exposure, self.checksum_file.format(exposure=link.expid)))
+                        exposure, self.checksum_file.format(night=link.night, exposure=link.expid)))
                     outcomes.append(Outcome(link, COPIED, returncode, '', errors, rsync_ms,
                                             _milliseconds()))
             self.results.put(outcomes)

@@ -14,11 +14,17 @@
  * linked time.  Files written before the linked stage existed have no linked
  * rows: then no latency is shown, and a night is complete without them.
  *
- * A static web server cannot list a directory, so years are discovered by
- * probing with HEAD requests: the current UTC year, then earlier years one by
- * one, until the first file that exists; that year is shown.  Earlier years
- * are then probed, stopping at the first missing year (404).  If no year is
- * found, the search stops at FIRST_YEAR.
+ * The year selector offers every year from FIRST_YEAR to the current UTC
+ * year.  A static web server cannot list a directory, so the year shown first
+ * is found by probing with HEAD requests: the current year, then earlier
+ * years one by one, down to the first file that exists.  A year without a
+ * file says that it has no records.
+ *
+ * Each exposure links to its directory on the DESI data server,
+ * DATA_URL/NIGHT/EXPID/ (EXPID in 8 digits), where DATA_URL is the content of
+ * <meta name="desi-data-url"> in index.html, written when the page is
+ * installed.  Only a night of 8 digits and an exposure number of at most 8
+ * digits are linked, and only to an http(s) URL.
  *
  * A night that is not complete shows how long ago its last record was; one
  * that is still not complete a day after it ended (the night YYYYMMDD ends at
@@ -35,14 +41,14 @@
     var LINKED = 3;
     var STATES = ['complete', 'incomplete', 'failed'];
     var SYMBOLS = {complete: '✓', incomplete: '…', failed: '✗'};
-    var FIRST_YEAR = 2019;
+    var FIRST_YEAR = 2018;
     var LAST_NIGHTS = 10;
     var HOUR = 3600 * 1000;
     var DAY = 24 * HOUR;
     var SVG = 'http://www.w3.org/2000/svg';
 
     var page = {
-        years: [],          // years found, newest first
+        years: [],          // years offered, newest first
         year: null,         // year shown
         showAll: false,     // "all nights" rather than "last 10 nights"
         nights: [],         // parsed nights of the year shown, newest first
@@ -80,6 +86,21 @@
 
     function fileName(year) {
         return 'desi_transfer_status_' + year + '.json';
+    }
+
+    /** The base URL of the exposure links, from index.html; null if unusable. */
+    var DATA_URL = (function () {
+        var meta = document.querySelector('meta[name="desi-data-url"]');
+        var url = meta === null ? '' : meta.getAttribute('content') || '';
+        return /^https?:\/\/[A-Za-z0-9._~:\/@!$&()*+,;=%-]+\/$/.test(url) ? url : null;
+    }());
+
+    /** The URL of the directory of exposure `expid` of `night`; null if none. */
+    function exposureUrl(night, expid) {
+        if (DATA_URL === null || !/^\d{8}$/.test(night) || !/^\d{1,8}$/.test(expid)) {
+            return null;
+        }
+        return DATA_URL + night + '/' + String(Number(expid)).padStart(8, '0') + '/';
     }
 
     /** Unix milliseconds to "YYYY-MM-DD HH:MM:SS" (UTC). */
@@ -359,12 +380,15 @@
         });
     }
 
-    /** Fetch and parse one year: resolves to {nights, ignored}; rejects with a message. */
+    /**
+     * Fetch and parse one year: resolves to {nights, ignored}, or to null if
+     * the year has no file; rejects with a message.
+     */
     function loadYear(year) {
         var name = fileName(year);
         return fetch(name, {cache: 'no-store'}).then(function (r) {
-            if (r.status === 404) {
-                throw new Error(name + ' was not found on the server (404).');
+            if (missing(r.status)) {
+                return null;
             }
             if (!r.ok) {
                 throw new Error(name + ' could not be read: HTTP ' + r.status + ' ' + r.statusText + '.');
@@ -373,6 +397,9 @@
         }, function (err) {
             throw networkError(name, err);
         }).then(function (text) {
+            if (text === null) {
+                return null;
+            }
             var data;
             try {
                 data = JSON.parse(text);
@@ -395,16 +422,17 @@
                          'it cannot read files when opened from disk.');
     }
 
+    /** True if an HTTP status says that a year has no file. */
+    function missing(status) {
+        return status === 404 || status === 410;
+    }
+
     /**
-     * Find the years that have a status file.  The newest is shown as soon
-     * as it is found; older years are added to the selector as they appear.
+     * Offer every year from FIRST_YEAR to this one; show the newest year that
+     * has a status file (this year, unless it has none yet).
      */
     function discover() {
-        var current = new Date().getUTCFullYear();
-
-        function missing(status) {
-            return status === 404 || status === 410;
-        }
+        var current = Math.max(new Date().getUTCFullYear(), FIRST_YEAR);
 
         function findNewest(year) {
             if (year < FIRST_YEAR) {
@@ -415,40 +443,25 @@
             });
         }
 
-        function findOlder(year) {
-            if (year < FIRST_YEAR) {
-                return Promise.resolve();
-            }
-            return probe(year).then(function (status) {
-                if (missing(status)) {
-                    return undefined;
-                }
-                addYear(year);
-                return findOlder(year - 1);
-            });
-        }
-
         function done() {
             $('year').setAttribute('data-search', 'done');
+            $('year').disabled = false;
         }
 
+        $('year').replaceChildren();
+        for (var year = current; year >= FIRST_YEAR; year--) {
+            addYear(year);
+        }
+        $('year').value = String(current);
         return findNewest(current).then(function (newest) {
+            done();
             if (newest === null) {
-                done();
-                $('year').replaceChildren(el('option', null, 'none'));
+                page.year = current;
                 showMessage('No transfer status files found here (looked for ' + fileName(current) +
                             ' back to ' + fileName(FIRST_YEAR) + ').', 'info');
-                return undefined;
+                return;
             }
-            $('year').replaceChildren();
-            addYear(newest);
-            $('year').disabled = false;
             selectYear(newest);
-            return findOlder(newest - 1).catch(function (err) {
-                // The year shown is fine; only the list of older years is short.
-                setLoaded('could not look for years before ' + page.years[page.years.length - 1] +
-                          ': ' + (err && err.message ? err.message : err));
-            }).then(done);
         }, function (err) {
             done();
             showMessage(networkError(fileName(current), err).message, 'error');
@@ -470,6 +483,15 @@
         setLoaded('loading ' + fileName(year) + '…');
         loadYear(year).then(function (parsed) {
             if (generation !== page.generation) {
+                return;
+            }
+            if (parsed === null) {
+                page.nights = [];
+                clearTable();
+                $('notes').hidden = true;
+                showMessage('No records for ' + year + ': there is no ' + fileName(year) +
+                            ' here.', 'info');
+                setLoaded('');
                 return;
             }
             page.nights = parsed.nights;
@@ -807,7 +829,16 @@
             var row = el('tr', 'exposure ' + e.state);
             row.setAttribute('data-expid', e.expid);
             row.setAttribute('data-state', e.state);
-            var th = cell('th', 'expid', 'expid', e.expid);
+            var th = cell('th', 'expid', 'expid');
+            var url = exposureUrl(n.night, e.expid);
+            if (url === null) {
+                th.textContent = e.expid;
+            } else {
+                var link = th.appendChild(el('a', 'data-link', e.expid));
+                link.href = url;
+                link.title = 'Files of exposure ' + e.expid + ' of night ' + n.night +
+                    ' on the DESI data server';
+            }
             th.setAttribute('scope', 'row');
             row.appendChild(th);
             var state = cell('td', 'state');
