@@ -39,6 +39,7 @@ from . import __version__ as dtVersion
 from . import common
 from .common import (SharedConnection, Stop, alert_options, configure_log, idle_time, log,
                      rsync, rsync_ssh, run, single_instance, today, valid_night)
+from .processes import original_running
 
 #: Nightwatch output at the mountain (ssh host alias ``dts``), one directory a night.
 SOURCE = '/exposures/nightwatch'
@@ -136,6 +137,8 @@ class NightwatchTransfer(object):
                      "nothing to do.", holder, self.lock_file)
             return 0
         with lock:
+            if original_running('desi_nightwatch_transfer'):
+                return 1
             self.stop.handle_signals()
             log.info("desi_nightwatch_transfer %s starts: dts:%s/%s -> %s, every %g minute(s).",
                      dtVersion, SOURCE, self.options.night or 'NIGHT', self.kpno,

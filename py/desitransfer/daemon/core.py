@@ -24,6 +24,7 @@ from .. import common
 from ..common import (Stop, configure_log, ensure_scratch, log, single_instance,
                       sweep_temporary, valid_night)
 from ..configuration import ConfigurationError, read_configuration
+from ..processes import original_running
 from ..status import TransferStatus
 from .actions import Actions, DryRun, listdir
 from .archive import Archive
@@ -130,6 +131,8 @@ class TransferDaemon(Settling, Nights, Reporting):
                      "nothing to do.", holder, self.lock_file)
             return 0
         with lock:
+            if original_running('desi_transfer_daemon'):
+                return 1
             for directory in [self.top] + [self._status_directory(d) for d in self.directories]:
                 sweep_temporary(directory)
             try:
