@@ -253,9 +253,29 @@ def test_daemon_popen():
     assert _popen(['sh', '-c', 'echo hi; echo ho >&2; exit 2']) == ('2', 'hi\n', 'ho\n')
 
 
-@pytest.mark.parametrize('command', ['desi_daily_transfer', 'desi_nightwatch_transfer',
-                                     'desi_spacewatch_transfer', 'desi_transfer_daemon',
-                                     'desi_transfer_status', 'desi_tucson_transfer'])
+def _console_scripts():
+    """The console scripts declared in setup.cfg."""
+    import configparser
+    parser = configparser.ConfigParser()
+    parser.read(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             'setup.cfg'))
+    lines = parser['options.entry_points']['console_scripts'].strip().splitlines()
+    return dict(line.replace(' ', '').split('=') for line in lines)
+
+
+def test_console_scripts_and_bin():
+    """Every console script has its thin bin/ script, and the other way round."""
+    scripts = _console_scripts()
+    assert len(scripts) == 9
+    top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert sorted(os.listdir(os.path.join(top, 'bin'))) == sorted(scripts)
+    for name, target in scripts.items():
+        module, function = target.split(':')
+        with open(os.path.join(top, 'bin', name)) as f:
+            assert f'from {module} import {function}' in f.read(), name
+
+
+@pytest.mark.parametrize('command', sorted(_console_scripts()))
 def test_commands_version(command):
     from desitransfer import __version__
     exe = shutil.which(command)

@@ -6,6 +6,7 @@ import datetime as dt
 import logging
 import os
 import subprocess
+import sys
 import threading
 import time
 
@@ -249,6 +250,34 @@ def test_second_instance_refused(kpno):
         assert not kpno_dir(kpno).exists()
     finally:
         lock.close()
+
+
+def test_original_running_refused(kpno, tmp_path):
+    """A desi_nightwatch_transfer of another installation (the original's)
+    runs: this one refuses to start, saying how to stop it, and copies nothing."""
+    script = tmp_path / 'original' / 'bin' / 'desi_nightwatch_transfer'
+    script.parent.mkdir(parents=True)
+    script.write_text(f'#!{sys.executable}\nimport time\ntime.sleep(60)\n')
+    script.chmod(0o755)
+    original = subprocess.Popen([str(script)], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with open(f'/proc/{original.pid:d}/cmdline', 'rb') as f:
+                if str(script).encode() in f.read():
+                    break
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        p = nightwatch_cli(kpno, '--once')
+        assert p.returncode == 1
+        (line,) = p.stdout.splitlines()
+        assert line.startswith('CRITICAL:') and f'pid {original.pid:d}' in line
+        assert 'desi_nightwatch_init.sh stop' in line
+        assert not kpno_dir(kpno).exists()
+    finally:
+        original.kill()
+        original.wait()
 
 
 def test_sigterm_while_sleeping(kpno):
