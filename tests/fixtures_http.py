@@ -2,7 +2,8 @@
 """Fixture ``http_site``: real HTTP servers on 127.0.0.1 answering what each
 test scripts, path by path: Spacewatch index pages and JPEG images, status
 pages, and every hostile answer (wrong status, wrong body, truncated, slow,
-redirected elsewhere, no Content-Type, any Last-Modified).  See doc/testing.rst.
+headers sent a byte at a time, redirected elsewhere, no Content-Type, any
+Last-Modified).  See doc/testing.rst.
 """
 import threading
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ class Answer:
     delay: float = 0.0
     #: Seconds to wait between bytes of the body.
     drip: float = 0.0
+    #: Seconds to wait between bytes of the status line and headers.
+    header_drip: float = 0.0
 
 
 def jpeg(n=0, size=2000):
@@ -122,26 +125,40 @@ class _Handler(BaseHTTPRequestHandler):
             return
         body = answer.body
         data = body if answer.send is None else body[:answer.send]
+        headers = list(answer.headers)
+        if answer.length is True:
+            headers.append(('Content-Length', str(len(body))))
+        elif answer.length is not False:
+            headers.append(('Content-Length', str(answer.length)))
         try:
-            self.send_response(answer.code)
-            for name, value in answer.headers:
-                self.send_header(name, value)
-            if answer.length is True:
-                self.send_header('Content-Length', str(len(body)))
-            elif answer.length is not False:
-                self.send_header('Content-Length', str(answer.length))
-            self.end_headers()
+            if answer.header_drip:
+                head = ''.join([f'{self.protocol_version} {answer.code:d} '
+                                f'{self.responses.get(answer.code, ("",))[0]}\r\n']
+                               + [f'{name}: {value}\r\n' for name, value in headers]
+                               + ['\r\n'])
+                if not self._drip(head.encode('latin-1'), answer.header_drip):
+                    return
+            else:
+                self.send_response(answer.code)
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.end_headers()
             if answer.drip:
-                for i in range(len(data)):
-                    self.wfile.write(data[i:i + 1])
-                    self.wfile.flush()
-                    if server.wake.wait(answer.drip):
-                        break
+                self._drip(data, answer.drip)
             else:
                 self.wfile.write(data)
         except OSError:
             pass  # the client gave up
         self.close_connection = True
+
+    def _drip(self, data, seconds):
+        """Send `data` a byte every `seconds`; ``False`` if the end of the test cut it short."""
+        for i in range(len(data)):
+            self.wfile.write(data[i:i + 1])
+            self.wfile.flush()
+            if self.server.wake.wait(seconds):
+                return False
+        return True
 
     def log_message(self, format, *args):
         pass

@@ -18,16 +18,25 @@ Notes
   the morning after DESI night 20231030.
 
 The server is not trusted: only links named ``YYYYMMDD_HHMMSS.jpg`` are
-followed, every request has a connect and a read timeout and a time and size
-limit, a redirect to another server is refused, and an image is written to a
-temporary file that is renamed only once it is complete.
+followed, every request has a connect and a read timeout, a size limit and a
+total time limit (headers included), a redirect to another server is refused,
+and an image is written to a temporary file that is renamed only once it is
+complete.  Nor are other users who can write in the destination: no link
+below it is followed, and temporary files have names nobody can guess.  The
+command holds a lock on its destination, so that runs started by cron never
+pile up.
 """
+import contextvars
 import datetime as dt
 import errno
+import fcntl
 import os
 import re
+import secrets
+import socket
+import stat
 import sys
-import time
+import threading
 from argparse import ArgumentParser, ArgumentTypeError
 from codecs import lookup
 from collections import namedtuple
@@ -40,7 +49,8 @@ import urllib3
 
 from . import __version__ as dtVersion
 from . import common
-from .common import MST, configure_log, log, sweep_temporary, temporary_name
+from .common import MST, configure_log, log, sweep_temporary
+from .processes import lock_holder
 
 #: Path of the day directories on the Spacewatch server.
 ROOT = 'allsky-all/images/cropped'
@@ -48,7 +58,7 @@ ROOT = 'allsky-all/images/cropped'
 #: Seconds to wait for a connection, and for each read, of an HTTP request.
 TIMEOUT = (10, 60)
 
-#: Seconds one request (redirects and body included) may take in all.
+#: Seconds one request may take in all: connection, headers, redirects and body.
 DEADLINE = 300
 
 #: Most bytes read of an index page.
@@ -59,6 +69,12 @@ JPEG_LIMIT = 64 * 2**20
 
 #: Most redirects followed, within the same server.
 MAX_REDIRECTS = 5
+
+#: Mode of a downloaded image, whatever the umask: read by all, written by its owner.
+IMAGE_MODE = 0o644
+
+#: Names tried for a temporary file before giving up.
+_TEMPORARY_TRIES = 10
 
 #: Errors writing a file that would repeat for every later file.
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
@@ -113,13 +129,152 @@ def _origin(url):
     return (parts.scheme.lower(), (parts.hostname or '').lower(), port)
 
 
+class _Deadline:
+    """The total time one request may take, from the connection to the last
+    byte of the body, headers and redirects included.
+
+    The timeouts of :mod:`requests` bound each read, not the request: a server
+    sending a byte now and then, in the headers as in the body, would hold it
+    for ever.  When the deadline passes, every connection the request used is
+    shut down, which ends at once a read waiting for the server; the request
+    then fails and :attr:`expired` says why.
+
+    Parameters
+    ----------
+    seconds : :class:`float`
+        The time allowed.
+    """
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        #: ``True`` once the deadline has passed.
+        self.expired = False
+        self._sockets = []
+        self._over = False
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._token = None
+
+    def __enter__(self):
+        self._token = _deadline.set(self)
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._timer.cancel()
+        with self._lock:
+            self._over = True
+            self._sockets = []
+        _deadline.reset(self._token)
+        return False
+
+    def watch(self, sock):
+        """Shut `sock` down when the deadline passes (at once if it has)."""
+        with self._lock:
+            if self._over:
+                return
+            if self.expired:
+                _shutdown(sock)
+            else:
+                self._sockets.append(sock)
+
+    def _expire(self):
+        with self._lock:
+            if self._over:
+                return
+            self.expired = True
+            for sock in self._sockets:
+                _shutdown(sock)
+
+
+#: The :class:`_Deadline` of the request in progress in this thread, if any.
+_deadline = contextvars.ContextVar('_deadline', default=None)
+
+
+def _shutdown(sock):
+    """End every read and write on `sock`, from any thread (closing it would
+    not wake a thread waiting in a read).  For TLS, the underlying socket is
+    shut down, leaving the TLS state to the thread that uses it."""
+    raw = sock if isinstance(sock, socket.socket) else getattr(sock, 'socket', None)
+    try:
+        socket.socket.shutdown(raw, socket.SHUT_RDWR)
+    except (OSError, TypeError):
+        pass  # already closed
+
+
+class _WatchedConnection:
+    """Mixin of the connection classes of :mod:`urllib3`: the socket of each
+    request is given to the :class:`_Deadline` in progress, as soon as it is
+    connected and again when the answer is read (a kept-alive connection is
+    connected once and used for several requests)."""
+
+    def connect(self, *args, **kwargs):
+        result = super().connect(*args, **kwargs)
+        self._watch()
+        return result
+
+    def getresponse(self, *args, **kwargs):
+        self._watch()
+        return super().getresponse(*args, **kwargs)
+
+    def _watch(self):
+        deadline = _deadline.get()
+        if deadline is not None and getattr(self, 'sock', None) is not None:
+            deadline.watch(self.sock)
+
+
+_watched_pools = {}
+
+
+def _watched_pool(pool_class):
+    """A subclass of the :mod:`urllib3` pool class `pool_class` whose
+    connections are :class:`_WatchedConnection`."""
+    if issubclass(pool_class.ConnectionCls, _WatchedConnection):
+        return pool_class
+    if pool_class not in _watched_pools:
+        connection = type(pool_class.ConnectionCls.__name__,
+                          (_WatchedConnection, pool_class.ConnectionCls), {})
+        _watched_pools[pool_class] = type(pool_class.__name__, (pool_class,),
+                                          {'ConnectionCls': connection})
+    return _watched_pools[pool_class]
+
+
+def _watch_manager(manager):
+    """Make the pools that `manager` creates use watched connections."""
+    manager.pool_classes_by_scheme = {scheme: _watched_pool(cls) for scheme, cls
+                                      in manager.pool_classes_by_scheme.items()}
+    return manager
+
+
+class _WatchedAdapter(requests.adapters.HTTPAdapter):
+    """The transport of :func:`_session`: every connection, through a proxy
+    or not, is subject to the :class:`_Deadline` of the request."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        _watch_manager(self.poolmanager)
+
+    def proxy_manager_for(self, *args, **kwargs):
+        return _watch_manager(super().proxy_manager_for(*args, **kwargs))
+
+
+def _session():
+    """A :class:`requests.Session` whose requests :func:`_get` can bound in total."""
+    session = requests.Session()
+    for prefix in ('http://', 'https://'):
+        session.mount(prefix, _WatchedAdapter())
+    return session
+
+
 def _get(session, url, limit, out=None):
     """GET `url` with timeouts, following redirects only on the same server.
 
     Parameters
     ----------
     session : :class:`requests.Session`
-        The HTTP session.
+        The HTTP session, from :func:`_session` (another one is given its
+        transport).
     url : :class:`str`
         What to get.
     limit : :class:`int`
@@ -135,32 +290,48 @@ def _get(session, url, limit, out=None):
     Raises
     ------
     FetchError
-        Anything but a complete 200 answer within the limits.  An
-        :exc:`OSError` writing `out` is raised as it is.
+        Anything but a complete 200 answer within the limits, :data:`DEADLINE`
+        included.  An :exc:`OSError` writing `out` is raised as it is.
     """
-    deadline = time.monotonic() + DEADLINE
+    for prefix in ('http://', 'https://'):
+        if not isinstance(session.get_adapter(prefix), _WatchedAdapter):
+            session.mount(prefix, _WatchedAdapter())
+    deadline = _Deadline(DEADLINE)
     try:
-        origin = _origin(url)
-        for _ in range(MAX_REDIRECTS + 1):
-            with session.get(url, timeout=TIMEOUT, allow_redirects=False,
-                             stream=True) as response:
-                if not response.is_redirect:
-                    if response.status_code != 200:
-                        raise FetchError(f"HTTP status {response.status_code:d} "
-                                         f"{response.reason}")
-                    return _Answer(response.url, response.headers,
-                                   _body(response, limit, deadline, out))
-                target = urljoin(url, response.headers['Location'])
-            if _origin(target) != origin:
-                raise FetchError(f"redirected to another server ({target}); refused")
-            url = target
-        raise FetchError(f"more than {MAX_REDIRECTS:d} redirects")
-    except (requests.RequestException, ValueError) as err:
+        with deadline:
+            answer = _follow(session, url, limit, out)
+    except (FetchError, requests.RequestException, ValueError) as err:
+        if deadline.expired:
+            raise FetchError(f"not complete after {DEADLINE} seconds; abandoned") from None
+        if isinstance(err, FetchError):
+            raise
         raise FetchError(str(err) or err.__class__.__name__) from None
+    if deadline.expired:
+        # The end of a connection may look like the end of a body sent without a length.
+        raise FetchError(f"not complete after {DEADLINE} seconds; abandoned")
+    return answer
 
 
-def _body(response, limit, deadline, out):
-    """Read the body of `response`, at most `limit` bytes, before `deadline`."""
+def _follow(session, url, limit, out):
+    """The requests of :func:`_get`, redirects included."""
+    origin = _origin(url)
+    for _ in range(MAX_REDIRECTS + 1):
+        with session.get(url, timeout=TIMEOUT, allow_redirects=False,
+                         stream=True) as response:
+            if not response.is_redirect:
+                if response.status_code != 200:
+                    raise FetchError(f"HTTP status {response.status_code:d} "
+                                     f"{response.reason}")
+                return _Answer(response.url, response.headers, _body(response, limit, out))
+            target = urljoin(url, response.headers['Location'])
+        if _origin(target) != origin:
+            raise FetchError(f"redirected to another server ({target}); refused")
+        url = target
+    raise FetchError(f"more than {MAX_REDIRECTS:d} redirects")
+
+
+def _body(response, limit, out):
+    """Read the body of `response`, at most `limit` bytes."""
     length = response.headers.get('Content-Length', '')
     if length.isdigit() and int(length) > limit:
         raise FetchError(f"{length} bytes announced, more than the limit of {limit:d}")
@@ -169,8 +340,6 @@ def _body(response, limit, deadline, out):
         size += len(chunk)
         if size > limit:
             raise FetchError(f"more than {limit:d} bytes; abandoned")
-        if time.monotonic() > deadline:
-            raise FetchError(f"not complete after {DEADLINE} seconds; abandoned")
         if out is None:
             chunks.append(chunk)
         else:
@@ -183,11 +352,10 @@ def _body(response, limit, deadline, out):
 
 
 def _chunks(response):
-    """The body of `response` in pieces as they arrive, so that a server sending
-    a byte now and then cannot make one read last longer than the read timeout."""
+    """The body of `response` in pieces as they arrive."""
     raw = response.raw
     if not hasattr(raw, 'read1'):
-        # urllib3 before version 2: small pieces bound the wait instead.
+        # urllib3 before version 2.
         yield from response.iter_content(chunk_size=1024)
         return
     while True:
@@ -215,7 +383,7 @@ def _charset(headers):
 def _jpg_list(index, session=None):
     """Like :func:`jpg_list`, also saying whether the index was read."""
     if session is None:
-        with requests.Session() as session:
+        with _session() as session:
             return _jpg_list(index, session)
     try:
         answer = _get(session, index, INDEX_LIMIT)
@@ -254,13 +422,30 @@ def jpg_list(index):
     return _jpg_list(index)[0]
 
 
-def _complete_jpeg(path):
-    """``True`` if the file `path` starts and ends like a JPEG image."""
+def _complete_jpeg(path, dir_fd=None):
+    """``True`` if the file `path` (in the directory `dir_fd`, if set) is a
+    regular file that starts and ends like a JPEG image; a link is not
+    followed."""
     try:
-        with open(path, 'rb') as f:
-            head = f.read(len(_SOI))
-            f.seek(max(0, os.fstat(f.fileno()).st_size - _TAIL))
-            tail = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        return _is_jpeg(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_jpeg(fd):
+    """``True`` if the open file `fd` is a regular file that starts and ends
+    like a JPEG image."""
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        head = os.pread(fd, len(_SOI), 0)
+        tail = os.pread(fd, _TAIL, max(0, st.st_size - _TAIL))
     except OSError:
         return False
     return head == _SOI and _EOI in tail
@@ -288,92 +473,227 @@ def _jpg_name(url):
     return name
 
 
-def _fetch_jpg(session, url, path):
-    """Download one image to `path` through a temporary file.
+def _create_temporary(directory, name):
+    """Create the temporary file of image `name` in the open directory
+    `directory`.
+
+    Its name, ``.NAME.RANDOM.PID.tmp``, cannot be guessed (so nobody can put
+    anything there beforehand) and is one that
+    :func:`~desitransfer.common.sweep_temporary` removes once this process is
+    gone.  It is created only if nothing has that name, and never through a
+    link (``O_CREAT | O_EXCL | O_NOFOLLOW``), readable by this user only
+    until it is complete.
+
+    Returns
+    -------
+    :class:`tuple`
+        The open file descriptor and the name of the file.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for attempt in range(_TEMPORARY_TRIES):
+        tmp = f'.{name}.{secrets.token_hex(8)}.{os.getpid():d}.tmp'
+        try:
+            return os.open(tmp, flags, 0o600, dir_fd=directory), tmp
+        except FileExistsError:
+            if attempt == _TEMPORARY_TRIES - 1:
+                raise
+
+
+def _fetch_jpg(session, url, directory, name, shown):
+    """Download one image to `name` in the open directory `directory`
+    through a temporary file.
+
+    Everything is done on the open file and relative to `directory`: no
+    link planted in the directory is ever followed.  The final rename
+    replaces whatever has the name `name` (a link included), never the file
+    a link points to.
+
+    Parameters
+    ----------
+    session : :class:`requests.Session`
+        The HTTP session.
+    url : :class:`str`
+        The image.
+    directory : :class:`int`
+        The open day directory.
+    name : :class:`str`
+        The name of the image there.
+    shown : :class:`str`
+        The path of the image, for messages.
 
     Returns
     -------
     :class:`bool`
-        ``True`` if `path` now holds the complete image.
+        ``True`` if `name` now holds the complete image.
 
     Raises
     ------
     OSError
         If the disk is full or read-only: later images would fail as well.
     """
-    tmp = temporary_name(path)
+    tmp = None
     try:
-        with open(tmp, 'wb') as f:
+        fd, tmp = _create_temporary(directory, name)
+        with os.fdopen(fd, 'w+b') as f:
             answer = _get(session, url, JPEG_LIMIT, out=f)
             f.flush()
+            if not _is_jpeg(f.fileno()):
+                raise FetchError("the answer is not a complete JPEG image")
+            os.fchmod(f.fileno(), IMAGE_MODE)
+            mtime = _last_modified(answer.headers.get('Last-Modified'))
+            if mtime is None:
+                log.debug("No usable Last-Modified for %s (%r); its time is the download "
+                          "time.", url, answer.headers.get('Last-Modified'))
+            else:
+                try:
+                    os.utime(f.fileno(), (mtime, mtime))
+                except (OverflowError, ValueError, OSError) as err:
+                    log.debug("Could not set the time of %s to %s: %s.", shown, mtime, err)
             os.fsync(f.fileno())
-        if not _complete_jpeg(tmp):
-            raise FetchError("the answer is not a complete JPEG image")
-        mtime = _last_modified(answer.headers.get('Last-Modified'))
-        if mtime is None:
-            log.debug("No usable Last-Modified for %s (%r); its time is the download time.",
-                      url, answer.headers.get('Last-Modified'))
-        else:
-            try:
-                os.utime(tmp, (mtime, mtime))
-            except (OverflowError, ValueError, OSError) as err:
-                log.debug("Could not set the time of %s to %s: %s.", path, mtime, err)
-        os.replace(tmp, path)
+        os.replace(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
+        tmp = None
     except FetchError as err:
         log.warning("Skipping %s: %s.", url, err)
         return False
     except OSError as err:
         if err.errno in DISK_ERRORS:
             raise
-        log.warning("Skipping %s: could not write %s: %s.", url, path, err)
+        log.warning("Skipping %s: could not write %s: %s.", url, shown, err)
         return False
     finally:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
+        if tmp is not None:
+            try:
+                os.unlink(tmp, dir_fd=directory)
+            except OSError:
+                pass  # gone already; else the next run sweeps it
     return True
 
 
-def _download(files, destination, overwrite=False, test=False):
-    """Like :func:`download_jpg`, returning :class:`Downloads`."""
+def _open_directory(destination, parts=(), create=True):
+    """Open the directory `destination`/`parts`, creating what is missing
+    (mode 0o777 less the umask, as :func:`os.makedirs`).
+
+    `destination` is followed as it is given; below it, each of `parts` must
+    be a real directory: a link there is never followed (someone who can
+    write in `destination` could otherwise send the images anywhere).
+
+    Returns
+    -------
+    :class:`int` or ``None``
+        The open directory; ``None`` if it does not exist and `create` is
+        ``False``.
+
+    Raises
+    ------
+    OSError
+        If it cannot be created or opened, a link being in the way.
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    try:
+        if create:
+            os.makedirs(destination, exist_ok=True)
+        fd = os.open(destination, flags)
+    except FileNotFoundError:
+        if create:
+            raise
+        return None
+    try:
+        for part in parts:
+            if create:
+                try:
+                    os.mkdir(part, 0o777, dir_fd=fd)
+                except FileExistsError:
+                    pass
+            try:
+                below = os.open(part, flags | os.O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                if create:
+                    raise
+                os.close(fd)
+                return None
+            except OSError as err:
+                if _is_link(part, fd):
+                    raise OSError(err.errno, f"{part} is a symbolic link, not followed") \
+                        from None
+                raise
+            os.close(fd)
+            fd = below
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _download(files, destination, overwrite=False, test=False, parts=()):
+    """Like :func:`download_jpg`, returning :class:`Downloads`; the images go
+    to `destination`/`parts`, no link being followed below `destination`
+    (see :func:`_open_directory`)."""
     downloaded = present = failed = 0
     if not files:
         return Downloads(0, 0, 0)
-    if not test:
-        try:
-            os.makedirs(destination, exist_ok=True)
-        except OSError as err:
-            log.error("Could not create %s: %s; none of its %d images is downloaded.",
-                      destination, err, len(files))
-            return Downloads(0, 0, len(files))
-        sweep_temporary(destination)
-    with requests.Session() as session:
-        for n, url in enumerate(files):
-            name = _jpg_name(url)
-            if name is None:
-                log.warning("Skipping %s: not an image named YYYYMMDD_HHMMSS.jpg.", url)
-                failed += 1
-                continue
-            path = os.path.join(destination, name)
-            if os.path.lexists(path) and not overwrite:
-                if _complete_jpeg(path):
-                    log.debug("Skipping existing file: %s.", path)
-                    present += 1
-                    continue
-                log.warning("%s is not a complete JPEG image; downloading it again.", path)
-            if test:
-                log.info("Test mode, would download %s to %s.", url, path)
-                continue
+    where = os.path.join(destination, *parts)
+    try:
+        directory = _open_directory(destination, parts, create=not test)
+    except OSError as err:
+        log.error("Could not create %s: %s; none of its %d images is downloaded.",
+                  where, err.strerror or err, len(files))
+        return Downloads(0, 0, len(files))
+    try:
+        if not test:
             try:
-                if _fetch_jpg(session, url, path):
-                    downloaded += 1
-                else:
+                same = os.path.samestat(os.stat(where), os.fstat(directory))
+            except OSError:
+                same = False
+            if same:
+                sweep_temporary(where)
+        with _session() as session:
+            for n, url in enumerate(files):
+                name = _jpg_name(url)
+                if name is None:
+                    log.warning("Skipping %s: not an image named YYYYMMDD_HHMMSS.jpg.", url)
                     failed += 1
-            except OSError as err:
-                log.error("Could not write %s: %s. The %d remaining images for %s are not "
-                          "downloaded.", path, err, len(files) - n, destination)
-                failed += len(files) - n
-                break
+                    continue
+                path = os.path.join(where, name)
+                if directory is not None and _exists(name, directory) and not overwrite:
+                    if _complete_jpeg(name, dir_fd=directory):
+                        log.debug("Skipping existing file: %s.", path)
+                        present += 1
+                        continue
+                    log.warning("%s is not a complete JPEG image; downloading it again.", path)
+                if test:
+                    log.info("Test mode, would download %s to %s.", url, path)
+                    continue
+                try:
+                    if _fetch_jpg(session, url, directory, name, path):
+                        downloaded += 1
+                    else:
+                        failed += 1
+                except OSError as err:
+                    log.error("Could not write %s: %s. The %d remaining images for %s are "
+                              "not downloaded.", path, err, len(files) - n, where)
+                    failed += len(files) - n
+                    break
+    finally:
+        if directory is not None:
+            os.close(directory)
     return Downloads(downloaded, present, failed)
+
+
+def _is_link(name, directory):
+    """``True`` if `name` is a symbolic link in the open `directory`."""
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=directory, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _exists(name, directory):
+    """``True`` if something (a link included) has the name `name` in the open `directory`."""
+    try:
+        os.stat(name, dir_fd=directory, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def download_jpg(files, destination, overwrite=False, test=False):
@@ -508,12 +828,45 @@ def _options(args=None):
     return prsr.parse_args(args)
 
 
+def _lock(destination):
+    """Take the single-instance lock of `destination`: an exclusive kernel
+    lock (:func:`fcntl.flock`) on the directory itself, which dies with its
+    process.  No file is created for it, so nothing can be planted in its
+    place.
+
+    Returns
+    -------
+    :class:`tuple`
+        ``(fd, None)`` with the open directory (keep it open to keep the
+        lock), or ``(None, pid)`` if another process holds it (``'unknown'``
+        if its pid cannot be told).
+
+    Raises
+    ------
+    OSError
+        If the directory cannot be opened or locked.
+    """
+    fd = os.open(destination, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(fd)
+        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        try:
+            holder = lock_holder(destination)
+        except OSError:
+            holder = None
+        return None, holder or 'unknown'
+    return fd, None
+
+
 def _transfer_day(options, day):
     """Download the images of `day` (``YYYY/MM/DD``); return the number of failures."""
     index = f"{_server_url(options.server)}/{ROOT}/{day}/"
     files, listed = _jpg_list(index)
-    result = _download(files, os.path.join(options.destination, *day.split('/')),
-                       overwrite=options.overwrite, test=options.test)
+    result = _download(files, options.destination, overwrite=options.overwrite,
+                       test=options.test, parts=day.split('/'))
     log.info("%d files downloaded for %s (%d already here, %d failed).",
              result.downloaded, day, result.present, result.failed)
     return result.failed + (0 if listed else 1)
@@ -536,5 +889,25 @@ def main():
         return 1
     if not _make_destination(options.destination, options.test):
         return 1
+    if options.test:
+        return _transfer(options)
+    try:
+        lock, holder = _lock(options.destination)
+    except OSError as err:
+        log.critical("Could not lock %s: %s. Nothing was downloaded.", options.destination,
+                     err.strerror or err)
+        return 1
+    if lock is None:
+        log.info("desi_spacewatch_transfer is already running (pid %s, lock on %s); "
+                 "nothing to do.", holder, options.destination)
+        return 0
+    try:
+        return _transfer(options)
+    finally:
+        os.close(lock)
+
+
+def _transfer(options):
+    """Download the images of the days of `options`; the exit status."""
     failures = sum(_transfer_day(options, day) for day in _days(options.date))
     return 1 if failures else 0
