@@ -139,6 +139,12 @@ def test_kill_file_keeps_it_from_starting(daemon_site):
     assert (code, out) == (0, f'{site.kill} detected, will not attempt to start '
                               'desi_transfer_daemon.\n')
     assert lock_holder(site.lock) is None
+    # The daemon itself said so by email (once a day), though cron discards the output.
+    assert site.smtp.wait(1, timeout=30)
+    assert f'{site.kill} exists, so desi_transfer_daemon stops as soon as it starts' in \
+        site.smtp.messages[0].get_content()
+    assert init('start', *site.extra)[0] == 0
+    assert not site.smtp.wait(2, timeout=0.5)
     code, out = init('status', *site.extra)
     assert code == 0 and f'{site.kill} exists: desi_transfer_daemon will not start' in out
 
@@ -173,7 +179,9 @@ def test_original_is_detected_and_start_refused(daemon_site, original, tmp_path,
         assert "the original's 'desi_transfer_init.sh stop'" in out
         assert f'touch {site.kill}' in out
         assert lock_holder(site.lock) is None
-        assert not os.path.exists(os.path.join(site.top, 'nersc', 'logs'))
+        # The daemon, run once to say it by email, refused as well.
+        assert site.smtp.wait(1, timeout=30)
+        assert f'pid {original.pid:d}' in site.smtp.messages[0].get_content()
         code, out = init('stop', *site.extra)
         assert code == 1 and "not stopped by this command" in out
         assert alive(original.pid)

@@ -38,6 +38,10 @@ PROGRAMS = {'daemon': 'desi_transfer_daemon', 'nightwatch': 'desi_nightwatch_tra
 #: Seconds to wait for a command to take its lock after it is started.
 START_WAIT = 30.0
 
+#: Seconds a command run in the foreground to report why it does not start
+#: may take (one pass at most).
+REFUSAL_TIMEOUT = 3600
+
 #: Seconds to wait, by default, for a command to exit after SIGTERM.
 STOP_WAIT = 60.0
 
@@ -182,6 +186,20 @@ def _detach():
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
+def _refuse_by_itself(command):
+    """Run the command once in the foreground, where it is known to refuse
+    at once (a kill file, a copy of another installation): it says why by
+    its own alert email, which reaches people even when cron throws this
+    command's output away.  With ``--once`` it ends after one pass at most,
+    should the reason vanish meanwhile."""
+    try:
+        argv = [command.script()] + command.arguments + ['--once']
+        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=REFUSAL_TIMEOUT)
+    except (OSError, ConfigurationError, subprocess.TimeoutExpired) as err:
+        _say(f"Could not let {command.program} report it by email: {err}.")
+
+
 def start(command, wait=START_WAIT):
     """Start the command detached, unless the kill file exists or it (or
     another installation's copy) runs already.
@@ -194,6 +212,10 @@ def start(command, wait=START_WAIT):
     """
     if os.path.exists(command.kill):
         _say(f"{command.kill} detected, will not attempt to start {command.program}.")
+        if command.name == 'daemon':
+            # The daemon emails once a day that a kill file keeps it from
+            # working; a cron line whose output is thrown away would lose that.
+            _refuse_by_itself(command)
         return 0
     try:
         pid = command.holder()
@@ -214,6 +236,8 @@ def start(command, wait=START_WAIT):
         _say(f"Stop it first with the original's '{command.original_script()} stop' (or "
              f"touch {command.kill}, wait until it has exited, and remove {command.kill}); "
              "then start again.")
+        # The command itself refuses too, with its CRITICAL alert by email.
+        _refuse_by_itself(command)
         return 1
     try:
         argv = [command.script()] + command.arguments
