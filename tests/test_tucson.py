@@ -9,7 +9,6 @@ import shlex
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -19,10 +18,7 @@ from desitransfer.common import SSH_OPTIONS, configure_log
 from desitransfer.tucson import (Mirror, _environment, _options, _rsync, read_directories,
                                  running)
 from fixtures_http import Answer
-from loopback import terminate_when
-
-#: The present of most tests: 15 June 2026.
-NOW = dt.datetime(2026, 6, 15, 18, 0, tzinfo=dt.timezone.utc)
+from mirror_site import NOW, MirrorSite, Recorder, slow_ssh, still_running, tree, write
 
 #: The commands run as subprocesses read the real clock: the years of the
 #: files at NERSC follow it (on the calendar of Kitt Peak).
@@ -103,22 +99,6 @@ def clock(monkeypatch):
     monkeypatch.setattr(common, '_utcnow', lambda: NOW)
 
 
-def write(path, text='data'):
-    """Write a file readable by everyone (the rsync daemon reads as nobody)."""
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    with open(path, 'w') as f:
-        f.write(f'{text} {path}\n')
-    os.chmod(path, 0o644)
-
-
-def tree(top):
-    """Every file under `top`, relative to it."""
-    found = []
-    for root, _, names in os.walk(top):
-        found += [os.path.relpath(os.path.join(root, n), top) for n in names]
-    return sorted(found)
-
-
 def make_nersc(module, static=True):
     """Every directory of the table (empty), and the files of :data:`NERSC`."""
     for d in read_directories():
@@ -135,52 +115,21 @@ def make_nersc(module, static=True):
             os.chmod(os.path.join(root, d), 0o755)
 
 
-class Site(object):
-    """NERSC (an rsync daemon), its status URL, a mail server and the Tucson mirror."""
+class Site(MirrorSite):
+    """NERSC (an rsync daemon), its status URL, a mail server and the Tucson
+    mirror; desi_tucson_transfer as cron runs it."""
 
     def __init__(self, tmp_path, rsyncd, http_site, smtp_server):
+        super().__init__(tmp_path, http_site, smtp_server, 'mirror',
+                         ('DESISYNC_', 'MAIL', 'DESI_ROOT', 'RSYNC_RSH'))
         self.rsyncd = rsyncd
         self.nersc = str(rsyncd.module)
-        self.mirror = str(tmp_path / 'mirror')
-        os.mkdir(self.mirror)
-        self.logs = str(tmp_path / 'logs')
-        self.web = http_site()
         self.web.route('/daily/finished.txt', Answer(200, b'done'))
-        self.smtp = smtp_server
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(('DESISYNC_', 'MAIL', 'DESI_ROOT', 'RSYNC_RSH'))}
         self.env.update(HOME=str(rsyncd.home), DESISYNC_HOSTNAME=rsyncd.hostname,
                         DESISYNC_STATUS_URL=self.web.url + '/daily/finished.txt',
                         MAILFROM='mirror@example.org', MAILTO='alerts@example.org',
                         MAILHOST=smtp_server.hostport, DESI_ROOT=self.mirror)
-
-    def command(self, *args, env=None):
-        """Run desi_tucson_transfer as cron would: exit status and output."""
-        environ = dict(self.env)
-        environ.update(env or {})
-        p = subprocess.run(['desi_tucson_transfer', '-l', self.logs] + list(args),
-                           env=environ, capture_output=True, text=True, timeout=120)
-        return p.returncode, p.stdout + p.stderr
-
-    def terminate_when(self, ready, *args, settle=0.0):
-        """Start the command with `args`, send SIGTERM once ``ready()`` (and
-        `settle` seconds more): its exit status, output and seconds to stop."""
-        proc = subprocess.Popen(['desi_tucson_transfer', '-l', self.logs] + list(args),
-                                env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        return terminate_when(proc, ready, settle=settle)
-
-    def use_environment(self, monkeypatch, **env):
-        for k in [k for k in os.environ if k not in self.env]:
-            monkeypatch.delenv(k)
-        for k, v in dict(self.env, **env).items():
-            monkeypatch.setenv(k, v)
-
-    def subjects(self):
-        return [m['Subject'] for m in self.smtp.messages]
-
-    def bodies(self):
-        return '\n'.join(m.get_content() for m in self.smtp.messages)
+        self.argv = ['desi_tucson_transfer', '-l', self.logs]
 
 
 @pytest.fixture
@@ -889,7 +838,7 @@ def test_nersc_hangs(site, monkeypatch, clock):
         hole.bind(('127.0.0.1', 0))
         hole.listen(64)
         site.use_environment(monkeypatch, DESISYNC_HOSTNAME=f'127.0.0.1:{hole.getsockname()[1]}')
-        monkeypatch.setattr(tucson, 'LIST_TIMEOUT', 1)
+        monkeypatch.setattr('desitransfer.mirror.LIST_TIMEOUT', 1)
         options = _options(['-l', site.logs])
         t0 = time.monotonic()
         assert Mirror(options, _environment(options)).run() == 1
@@ -1038,36 +987,20 @@ def test_sigterm_while_waiting(site):
 def test_parallel_priority_first(monkeypatch, tmp_path, clock, processes):
     """Up to N commands at once; priority directories first (one at a time:
     exactly in order) and at normal priority, the others under nice."""
-    started, lock = [], threading.Lock()
-    running_now, most = [0], [0]
-
-    def recorder(command, **kwargs):
-        if '--list-only' in command:
-            return common.Result(0, 'drwxr-xr-x 4,096 2026/06/15 12:00:00 .\n'
-                                    '-rw-r--r-- 4 2026/06/15 12:00:00 file\n', '')
-        with lock:
-            started.append(command)
-            running_now[0] += 1
-            most[0] = max(most[0], running_now[0])
-        time.sleep(0.2 if processes > 1 else 0.001)
-        with lock:
-            running_now[0] -= 1
-        return common.Result(0, 'Number of regular files transferred: 1,234\n'
-                                'Total transferred file size: 5,678,901 bytes\n', '')
-
-    monkeypatch.setattr(tucson, 'run', recorder)
+    recorder = Recorder(0.2 if processes > 1 else 0.001)
+    monkeypatch.setattr('desitransfer.mirror.run', recorder)
     monkeypatch.setenv('HOME', str(tmp_path))
     monkeypatch.delenv('RSYNC_RSH', raising=False)
     options = _options(['-p', str(processes), '-l', str(tmp_path / 'logs')])
     mirror = Mirror(options, {'source': 'rsync://nersc/desi', 'destination': str(tmp_path),
                               'status_url': 'http://unused/'})
     outcomes = mirror.mirror()
-    assert most[0] == processes
-    names = [c[-1][len(str(tmp_path)) + 1:-1] for c in started]
+    assert recorder.most == processes
+    names = [c[-1][len(str(tmp_path)) + 1:-1] for c in recorder.started]
     assert sorted(names) == sorted(DYNAMIC)
     if processes == 1:
         assert names == PRIORITY + [d for d in DYNAMIC if d not in PRIORITY]
-    for name, c in zip(names, started):
+    for name, c in zip(names, recorder.started):
         if name in PRIORITY:
             assert c[0] == '/usr/bin/rsync'
         else:
@@ -1080,17 +1013,13 @@ def test_sigterm_stops_running_rsync(site, dts, tmp_path):
     """SIGTERM stops the rsync commands under way (and what they started)
     within seconds; the directories are reported stopped, exit status 1."""
     make_nersc(site.nersc, static=False)
-    marker = tmp_path / 'connecting'
-    slow = tmp_path / 'slow-ssh'
-    slow.write_text(f'#!/bin/sh\ntouch {marker}\nsleep 30\nexec {dts.ssh} "$@"\n')
-    slow.chmod(0o755)
+    marker, slow = slow_ssh(tmp_path, dts.ssh)
     site.env.update(RSYNC_RSH=str(slow), DESISYNC_HOSTNAME='dts', DESISYNC_ROOT=site.nersc)
     code, out, seconds = site.terminate_when(marker.exists, '-p', '2')
     assert seconds < 5 and code == 1
     assert all(f'{d}: stopped in' in out for d in DYNAMIC), out
     assert tree(site.mirror) == [] and site.smtp.messages == []
-    left = subprocess.run(['pgrep', '-f', f'{slow}'], capture_output=True, text=True)
-    assert left.stdout.strip() == ''
+    assert still_running(slow) == ''
 
 
 def test_unusable_log_directory(site):

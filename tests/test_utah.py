@@ -7,7 +7,6 @@ import shlex
 import stat
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -17,15 +16,12 @@ from desitransfer.common import SSH_OPTIONS, configure_log, single_instance
 from desitransfer.utah import (Mirror, _environment, _options, add_user_write, download,
                                night_window, parse_list, read_directories)
 from fixtures_http import Answer
-from loopback import terminate_when
+from mirror_site import NOW, MirrorSite, Recorder, slow_ssh, still_running, tree, write
 
 #: The shipped command, run as cron would (whether or not the package's
 #: console scripts were installed again since it was added).
 COMMAND = [sys.executable, os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), 'bin', 'desi_utah_transfer')]
-
-#: The present of most tests: 11:00 on 15 June 2026 at Kitt Peak.
-NOW = dt.datetime(2026, 6, 15, 18, 0, tzinfo=dt.timezone.utc)
 
 DAILY = 'spectro/redux/daily'
 DIRECTORIES = [DAILY, f'{DAILY}/calibnight', f'{DAILY}/exposure_tables', f'{DAILY}/exposures',
@@ -87,27 +83,6 @@ def clock(monkeypatch):
     monkeypatch.setattr(common, '_utcnow', lambda: NOW)
 
 
-def write(path, text='data'):
-    """Write a file readable by everyone (the rsync daemon reads as nobody)."""
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    with open(path, 'w') as f:
-        f.write(f'{text} {path}\n')
-    os.chmod(path, 0o644)
-
-
-def tree(top):
-    """Every file and link under `top`, relative to it (links as ``NAME -> TARGET``)."""
-    found = []
-    for root, dirs, names in os.walk(top):
-        for n in dirs + names:
-            path = os.path.join(root, n)
-            if os.path.islink(path):
-                found.append(f'{os.path.relpath(path, top)} -> {os.readlink(path)}')
-            elif n in names:
-                found.append(os.path.relpath(path, top))
-    return sorted(found)
-
-
 def expected(extra=()):
     return sorted([n for n, mirrored in NERSC.items() if mirrored] + [' -> '.join(LINK)] +
                   list(extra))
@@ -134,11 +109,13 @@ def make_nersc(top):
             os.chmod(os.path.join(root, d), 0o755)
 
 
-class Site(object):
+class Site(MirrorSite):
     """NERSC (an rsync daemon, or only a directory), its list of tiles, a mail
-    server and the Utah mirror."""
+    server and the Utah mirror; desi_utah_transfer as cron runs it."""
 
     def __init__(self, tmp_path, http_site, smtp_server, rsyncd=None):
+        super().__init__(tmp_path, http_site, smtp_server, 'utah',
+                         ('DESISYNC_', 'DESI_ROOT', 'RSYNC_RSH', 'DAILY_'))
         self.rsyncd = rsyncd
         if rsyncd is None:
             self.nersc = str(tmp_path / 'nersc')
@@ -149,45 +126,23 @@ class Site(object):
             self.nersc = str(rsyncd.module)
             home, self.hostname = rsyncd.home, rsyncd.hostname
         self.home = str(home)
-        self.mirror = str(tmp_path / 'utah')
-        os.mkdir(self.mirror)
-        self.logs = str(tmp_path / 'logs')
         self.tmp = tmp_path / 'tmp'
         self.tmp.mkdir()
-        self.web = http_site()
         self.web.route('/daily_tiles_cumulative.txt', Answer(200, TILES_LIST))
-        self.smtp = smtp_server
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(('DESISYNC_', 'DESI_ROOT', 'RSYNC_RSH', 'DAILY_'))}
         self.env.update(HOME=self.home, DESISYNC_HOSTNAME=self.hostname,
                         DESI_ROOT=self.mirror, TMPDIR=str(self.tmp),
                         DAILY_TILES_CUMULATIVE_OUTPUT=self.web.url + '/daily_tiles_cumulative.txt')
         self.alerts = ['--alert-to', 'alerts@example.org', '--smtp', smtp_server.hostport]
-
-    def command(self, *args, env=None):
-        """Run desi_utah_transfer as cron would: exit status and output."""
-        p = subprocess.run(COMMAND + ['-l', self.logs] + self.alerts + list(args),
-                           env=dict(self.env, **(env or {})), capture_output=True, text=True,
-                           timeout=120)
-        return p.returncode, p.stdout + p.stderr
+        self.argv = COMMAND + ['-l', self.logs] + self.alerts
 
     def run(self, monkeypatch, *args, **env):
         """Run the mirror in this process (its clock may be set): exit status."""
-        for k in [k for k in os.environ if k not in self.env]:
-            monkeypatch.delenv(k)
-        for k, v in dict(self.env, **env).items():
-            monkeypatch.setenv(k, v)
+        self.use_environment(monkeypatch, **env)
         monkeypatch.setattr(utah.tempfile, 'tempdir', None)
         options = _options(['-l', self.logs] + self.alerts + list(args))
         environment = _environment(options)
         assert environment is not None
         return Mirror(options, environment).run()
-
-    def subjects(self):
-        return [m['Subject'] for m in self.smtp.messages]
-
-    def bodies(self):
-        return '\n'.join(m.get_content() for m in self.smtp.messages)
 
     def main_log(self):
         with open(os.path.join(self.logs, 'desi_utah_transfer.log')) as f:
@@ -680,20 +635,15 @@ def test_sigterm(local_site, dts, tmp_path):
     within seconds; the directories are reported stopped, exit status 1."""
     site = local_site
     make_nersc(site.nersc)
-    marker = tmp_path / 'connecting'
-    slow = tmp_path / 'slow-ssh'
-    slow.write_text(f'#!/bin/sh\ntouch {marker}\nsleep 30\nexec {dts.ssh} "$@"\n')
-    slow.chmod(0o755)
-    proc = subprocess.Popen(COMMAND + ['-l', site.logs, '-p', '2'] + site.alerts,
-                            env=dict(site.env, RSYNC_RSH=str(slow), DESISYNC_HOSTNAME='dts',
-                                     DESISYNC_ROOT=site.nersc),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    code, out, seconds = terminate_when(proc, marker.exists)
+    marker, slow = slow_ssh(tmp_path, dts.ssh)
+    code, out, seconds = site.terminate_when(marker.exists, '-p', '2',
+                                             env={'RSYNC_RSH': str(slow),
+                                                  'DESISYNC_HOSTNAME': 'dts',
+                                                  'DESISYNC_ROOT': site.nersc})
     assert seconds < 5 and code == 1
     assert all(f'{d}: stopped in' in out for d in DIRECTORIES), out
     assert tree(site.mirror) == [] and site.smtp.messages == [] and os.listdir(site.tmp) == []
-    left = subprocess.run(['pgrep', '-f', str(slow)], capture_output=True, text=True)
-    assert left.stdout.strip() == ''
+    assert still_running(slow) == ''
 
 
 # ----------------------------------------------------------------------
@@ -702,31 +652,16 @@ def test_sigterm(local_site, dts, tmp_path):
 @pytest.mark.parametrize('processes', [1, 3])
 def test_bounded_parallelism(monkeypatch, tmp_path, clock, processes):
     """Up to N commands at once, started in the order of the table."""
-    started, lock = [], threading.Lock()
-    running_now, most = [0], [0]
-
-    def recorder(command, **kwargs):
-        if '--list-only' in command:
-            return common.Result(0, '-rw-r--r-- 4 2026/06/15 12:00:00 file\n', '')
-        with lock:
-            started.append(command[-1])
-            running_now[0] += 1
-            most[0] = max(most[0], running_now[0])
-        time.sleep(0.1 if processes > 1 else 0.001)
-        with lock:
-            running_now[0] -= 1
-        return common.Result(0, 'Number of regular files transferred: 1,234\n'
-                                'Total transferred file size: 5,678,901 bytes\n', '')
-
-    monkeypatch.setattr(utah, 'run', recorder)
+    recorder = Recorder(0.1 if processes > 1 else 0.001)
+    monkeypatch.setattr('desitransfer.mirror.run', recorder)
     monkeypatch.setattr(utah, 'download', lambda url, stop: './1000/x\n')
     options = _options(['-p', str(processes), '-l', str(tmp_path / 'logs')])
     mirror = Mirror(options, {'source': 'rsync://nersc/desi', 'destination': str(tmp_path),
                               'transport': [], 'lists': {'DAILY_TILES_CUMULATIVE_OUTPUT': 'x'}})
     mirror.private = str(tmp_path)
     outcomes = mirror.mirror()
-    assert most[0] == processes
-    names = [c[len(str(tmp_path)) + 1:-1] for c in started]
+    assert recorder.most == processes
+    names = [c[-1][len(str(tmp_path)) + 1:-1] for c in recorder.started]
     assert sorted(names) == sorted(DIRECTORIES)
     if processes == 1:
         assert names == DIRECTORIES

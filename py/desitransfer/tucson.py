@@ -16,38 +16,25 @@ The mirror must never wipe itself: a directory that is empty or missing at
 NERSC while its copy holds data is refused, and each :command:`rsync` deletes
 at most ``--max-delete`` files unless ``--force-delete`` is given.
 """
-import configparser
 import functools
 import os
 import re
-import shlex
 import sys
-import time
 from argparse import ArgumentParser, ArgumentTypeError
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from importlib.resources import files
 
 import requests
 
 from . import __version__ as dtVersion
-from . import common
-from .common import (MST, AlertHandler, Stop, configure_log, interval, log, run,
-                     single_instance, ssh_command, stamp)
-
-#: The rsync program.
-RSYNC = '/usr/bin/rsync'
-
-#: The DESI tree at NERSC, the source of the ssh form (:envvar:`RSYNC_RSH` set).
-REMOTE_ROOT = '/global/cfs/cdirs/desi'
+from . import common, mirror
+from .common import MST, AlertHandler, configure_log, interval, log, single_instance
+from .mirror import IO_TIMEOUT, MAX_DELETE, REMOTE_ROOT, RSYNC
 
 #: The ssh program of ``--hwtables`` unless :envvar:`RSYNC_RSH` names one:
 #: the key ``~/.ssh/nersc``, and no other.
 HWTABLES_SSH = ('ssh', '-i', os.path.join('~', '.ssh', 'nersc'), '-o', 'IdentitiesOnly=yes')
-
-#: Most rsync commands running at once.
-MAX_PROCESSES = 10
 
 #: Niceness added to the rsync of directories that are not a priority.
 NICENESS = 5
@@ -55,26 +42,11 @@ NICENESS = 5
 #: The same in the catch-up: that of a plain ``nice``.
 CATCHUP_NICENESS = 10
 
-#: Default bound on the files one rsync may delete.
-MAX_DELETE = 10000
-
-#: Seconds before an rsync mirroring a directory is killed.
-RSYNC_TIMEOUT = 20 * 3600
-
-#: Seconds before an rsync listing a source directory is killed.
-LIST_TIMEOUT = 600
-
-#: Seconds without any data after which rsync gives up (its ``--timeout``).
-IO_TIMEOUT = 1800
-
 #: Connect and read timeouts of a request to :envvar:`DESISYNC_STATUS_URL`.
 STATUS_TIMEOUT = (10, 60)
 
 #: How long to wait for :envvar:`DESISYNC_STATUS_URL` to answer 200.
 WAIT_LIMIT = timedelta(hours=12)
-
-#: A per-directory log larger than this is renamed ``.1`` before the next run.
-LOG_SIZE = 100 * 2**20
 
 #: The environment variables needed, besides :envvar:`DESI_ROOT`, by the
 #: daily run.
@@ -109,20 +81,8 @@ Directory = namedtuple('Directory', ['name', 'directory', 'set', 'priority', 'ca
 #: The sets of the table.
 SETS = ('dynamic', 'static', 'hwtables')
 
-#: What became of one directory: status, seconds, regular files transferred,
-#: bytes transferred, files deleted, and the directory's rsync log.
-Outcome = namedtuple('Outcome', ['directory', 'status', 'seconds', 'files', 'bytes',
-                                 'deleted', 'log'])
-
-#: The status of a directory that did not fail.
-SUCCESS = ('ok', 'excluded', 'test mode')
-
 #: The lock of this process, kept open while it runs (see :func:`running`).
 _lock = None
-
-_stats = {'files': re.compile(r'^Number of regular files transferred: ([0-9,]+)', re.M),
-          'bytes': re.compile(r'^Total transferred file size: ([0-9,]+)', re.M),
-          'deleted': re.compile(r'^Number of deleted files: ([0-9,]+)', re.M)}
 
 #: What the environment may hold, checked before it reaches a command line.
 _formats = {'DESISYNC_HOSTNAME': (re.compile(r'(?:[A-Za-z0-9_][A-Za-z0-9_.+-]*@)?'
@@ -136,11 +96,6 @@ _formats = {'DESISYNC_HOSTNAME': (re.compile(r'(?:[A-Za-z0-9_][A-Za-z0-9_.+-]*@)
                        'comma-separated email addresses'),
             'MAILHOST': (re.compile(r'[A-Za-z0-9][A-Za-z0-9.-]*(?::[0-9]{1,5})?'),
                          'host or host:port')}
-
-
-def _relative(name):
-    """``True`` if `name` is a directory relative to the top of the tree."""
-    return not (any(p in ('', '.', '..') for p in name.split('/')) or re.search(r'\s', name))
 
 
 def read_directories(text=None, source='desi_tucson_transfer.ini'):
@@ -164,34 +119,17 @@ def read_directories(text=None, source='desi_tucson_transfer.ini'):
     ValueError
         If the table is malformed; the message names the section and key.
     """
-    if text is None:
-        text = (files('desitransfer') / 'data' / 'desi_tucson_transfer.ini').read_text()
-    parser = configparser.ConfigParser(interpolation=None, default_section='\0')
-    parser.optionxform = str
-    try:
-        parser.read_string(text, source=source)
-    except configparser.Error as err:
-        raise ValueError(str(err)) from None
     directories = []
-    for name in parser.sections():
-        section = parser[name]
-        where = f"{source} [{name}]"
+    for name, section, where in mirror.read_table(text, source, 'desi_tucson_transfer.ini'):
         directory = section.get('directory', name).strip()
-        if not (_relative(name) and _relative(directory)):
+        if not mirror.relative(directory):
             raise ValueError(f"{where}: not a directory relative to the top of the tree")
-        unknown = sorted(set(section) - {'set', 'directory', 'priority', 'catchup', 'years',
-                                         'filter'})
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        mirror.check_keys(section, ('set', 'directory', 'priority', 'catchup', 'years',
+                                    'filter'), where)
         if section.get('set') not in SETS:
             raise ValueError(f"{where} set: {', '.join(SETS[:-1])} or {SETS[-1]}, "
                              f"not {section.get('set')!r}")
-        flags = {}
-        for key in ('priority', 'catchup'):
-            try:
-                flags[key] = section.getboolean(key, fallback=False)
-            except ValueError:
-                raise ValueError(f"{where} {key}: yes or no, not {section[key]!r}") from None
+        flags = mirror.flags(section, ('priority', 'catchup'), where)
         if flags['catchup'] and section['set'] == 'hwtables':
             raise ValueError(f"{where} catchup: the catch-up mirrors dynamic or static "
                              "directories, not a hwtables one")
@@ -200,15 +138,7 @@ def read_directories(text=None, source='desi_tucson_transfer.ini'):
             if re.fullmatch(r'[0-9]{4}', years) is None:
                 raise ValueError(f"{where} years: a year YYYY, not {years!r}")
             years = int(years)
-        filters = []
-        for line in section.get('filter', '').splitlines():
-            rule, _, pattern = line.strip().partition(' ')
-            if not rule:
-                continue
-            if rule not in ('include', 'exclude') or not pattern.strip():
-                raise ValueError(f"{where} filter: 'include PATTERN' or 'exclude PATTERN', "
-                                 f"not {line.strip()!r}")
-            filters += [f'--{rule}', pattern.strip()]
+        filters = mirror.filter_rules(section.get('filter', ''), f"{where} filter")
         directories.append(Directory(name, directory, section['set'], flags['priority'],
                                      flags['catchup'], years, tuple(filters)))
     # One run never mirrors a directory twice (two rsync commands at once).
@@ -246,26 +176,17 @@ def _section_filters(section):
     return years + list(section.filters)
 
 
-def _ssh():
-    """``True`` if :envvar:`RSYNC_RSH` asks for the ssh form."""
-    return bool(os.environ.get('RSYNC_RSH', '').strip())
-
-
 def _transport(run='daily'):
     """rsync options of the connection of `run` (a key of :data:`RUNS`).
 
     The daily run and the catch-up use the ssh program of :envvar:`RSYNC_RSH`,
     or else the password file of the rsync daemon, ``~/.desi``; ``hwtables``
-    always uses ssh: :envvar:`RSYNC_RSH` or else :data:`HWTABLES_SSH`.  The
-    options of :func:`~desitransfer.common.ssh_command` are added to ssh,
-    so that it never waits for a password or a dead connection.
+    always uses ssh: :envvar:`RSYNC_RSH` or else :data:`HWTABLES_SSH`
+    (see :func:`desitransfer.mirror.transport`).
     """
-    ssh = shlex.split(os.environ.get('RSYNC_RSH', '').strip())
-    if run == 'hwtables' and not ssh:
-        ssh = [os.path.expanduser(a) for a in HWTABLES_SSH]
-    if ssh:
-        return ['--rsh=' + shlex.join(ssh_command(ssh))]
-    return ['--password-file', os.path.expanduser(os.path.join('~', '.desi'))]
+    if run == 'hwtables' and not mirror.ssh_form():
+        return mirror.transport([os.path.expanduser(a) for a in HWTABLES_SSH])
+    return mirror.transport()
 
 
 def _rsync_command(src, dst, section, transport, checksum=False):
@@ -388,20 +309,6 @@ def _interval(value):
         raise ArgumentTypeError(str(err)) from None
 
 
-def _processes(value):
-    """A number of rsync commands at once, 1 to :data:`MAX_PROCESSES` (argument type)."""
-    if re.fullmatch(r'[0-9]+', value.strip()) is None or not 1 <= int(value) <= MAX_PROCESSES:
-        raise ArgumentTypeError(f"{value!r}: from 1 to {MAX_PROCESSES:d} rsync commands at once")
-    return int(value)
-
-
-def _count(value):
-    """A number of files, 0 or more (argument type)."""
-    if re.fullmatch(r'[0-9]+', value.strip()) is None:
-        raise ArgumentTypeError(f"{value!r} is not a number of files")
-    return int(value)
-
-
 def _options(args=None):
     """Parse command-line options for :command:`desi_tucson_transfer`.
 
@@ -425,20 +332,12 @@ def _options(args=None):
                       help="Mirror into DIR instead of $DESI_ROOT.")
     prsr.add_argument('-e', '--exclude', metavar='DIR', nargs='*', action='extend', default=[],
                       help="Do not mirror DIR this time; several may be given.")
-    prsr.add_argument('--force-delete', action='store_true', dest='force_delete',
-                      help="Lift the bound on deletions for this run (by hand, after "
-                           "checking that the deletions are intended).")
-    prsr.add_argument('-l', '--log', metavar='DIR',
-                      default=os.path.join(os.path.expanduser('~'), 'Documents', 'Logfiles'),
-                      help="Write log files, one per directory, in DIR, created if missing "
-                           "(default %(default)s).")
-    prsr.add_argument('-m', '--max-delete', metavar='N', type=_count, default=MAX_DELETE,
+    mirror.force_delete_option(prsr)
+    mirror.log_option(prsr)
+    prsr.add_argument('-m', '--max-delete', metavar='N', type=mirror.count, default=MAX_DELETE,
                       dest='max_delete',
                       help="Let each rsync delete at most N files (default %(default)s).")
-    prsr.add_argument('-p', '--processes', metavar='N', type=_processes, default=MAX_PROCESSES,
-                      dest='nproc',
-                      help=f"Run up to N rsync commands at once, at most {MAX_PROCESSES:d} "
-                           "(default %(default)s).")
+    mirror.processes_option(prsr)
     runs = prsr.add_mutually_exclusive_group()
     runs.add_argument('-s', '--static', action='store_true', dest='static',
                       help="Also mirror the static data sets.")
@@ -454,9 +353,7 @@ def _options(args=None):
     prsr.add_argument('-S', '--sleep', metavar='TIME', type=_interval, default='15m',
                       help="Wait TIME (30s, 15m, 1h, 2d or seconds) between checks that "
                            "the daily transfer is finished (default %(default)s).")
-    prsr.add_argument('-t', '--test', action='store_true',
-                      help="Test mode: log every command, run none, change nothing. "
-                           "Implies -d.")
+    mirror.test_mode_option(prsr)
     prsr.add_argument('-V', '--version', action='version',
                       version='%(prog)s {0}'.format(dtVersion))
     options = prsr.parse_args(args)
@@ -464,10 +361,7 @@ def _options(args=None):
         known = {name for d in _table() for name in (d.name, d.directory)}
     except ValueError as err:
         prsr.error(str(err))
-    options.exclude = [e.strip('/') for e in options.exclude]
-    unknown = [e for e in options.exclude if e not in known]
-    if unknown:
-        prsr.error(f"argument -e/--exclude: not a mirrored directory: {', '.join(unknown)}")
+    mirror.check_exclusions(prsr, options, known)
     return options
 
 
@@ -511,10 +405,8 @@ def _environment(options):
     root = _environ('DESISYNC_ROOT') or REMOTE_ROOT
     if options.run == 'hwtables':
         source = f"{_environ('NERSC_USER')}@{_environ('NERSC_HOST')}:{root}"
-    elif _ssh():
-        source = f"{_environ('DESISYNC_HOSTNAME')}:{root}"
     else:
-        source = f"rsync://{_environ('DESISYNC_HOSTNAME')}/desi"
+        source = mirror.nersc_source(_environ('DESISYNC_HOSTNAME'), root)
     return {'source': source, 'destination': os.path.abspath(destination),
             'status_url': url if run.wait else None, 'transport': _transport(options.run)}
 
@@ -524,27 +416,7 @@ def _flag(options):
     return '' if options.run == 'daily' else f' --{options.run}'
 
 
-def _holds_data(directory):
-    """``True`` if `directory` has any entry, or cannot be read (then assume it has)."""
-    try:
-        with os.scandir(directory) as entries:
-            return any(True for _ in entries)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-
-
-def _statistics(out):
-    """Files transferred, bytes transferred and files deleted, from ``rsync --stats``."""
-    found = []
-    for key in ('files', 'bytes', 'deleted'):
-        m = _stats[key].search(out)
-        found.append(int(m.group(1).replace(',', '')) if m else 0)
-    return found
-
-
-class Mirror(object):
+class Mirror(mirror.BaseMirror):
     """Mirror the directories chosen by `options`.
 
     Parameters
@@ -555,15 +427,13 @@ class Mirror(object):
         What :func:`_environment` returns.
     """
 
+    program = 'desi_tucson_transfer'
+
     def __init__(self, options, environment):
-        self.options = options
-        self.test = options.test
-        self.source = environment['source']
-        self.destination = environment['destination']
+        super().__init__(options, environment)
         self.status_url = environment['status_url']
-        self.transport = environment.get('transport') or _transport(options.run)
+        self.transport = self.transport or _transport(options.run)
         self.run_kind = RUNS[options.run]
-        self.stop = Stop()
         if options.run == 'catchup':
             self.directories = [d for d in _table() if d.catchup]
         elif options.run == 'hwtables':
@@ -584,11 +454,7 @@ class Mirror(object):
         debug = self.options.debug or self.test
         if not self.test:
             _configure_log(debug)
-            try:
-                os.makedirs(self.options.log, exist_ok=True)
-            except OSError as err:
-                log.critical("Cannot create the log directory %s: %s. Nothing was mirrored.",
-                             self.options.log, err)
+            if not self._make_log_directory():
                 return 1
         _configure_log(debug, self.options.log, self.test)
         if self.test:
@@ -602,12 +468,7 @@ class Mirror(object):
             log.info("desi_tucson_transfer%s: mirroring %s from %s now, without waiting for "
                      "the daily transfer at NERSC.", _flag(self.options),
                      ', '.join(d.directory for d in self.directories), self.source)
-        outcomes = self.mirror()
-        for o in outcomes:
-            log.info("%s: %s in %.1f s; %d files, %d bytes transferred, %d deleted%s.",
-                     o.directory, o.status, o.seconds, o.files, o.bytes, o.deleted,
-                     '' if o.status in SUCCESS else f'; see {o.log}')
-        return 0 if all(o.status in SUCCESS for o in outcomes) else 1
+        return self._report(self.mirror())
 
     def _wait_for_nersc(self):
         """Wait until :envvar:`DESISYNC_STATUS_URL` answers 200 (the daily
@@ -644,7 +505,8 @@ class Mirror(object):
         Returns
         -------
         :class:`list`
-            An :class:`Outcome` for every directory, in the order of the table.
+            An :class:`~desitransfer.mirror.Outcome` for every directory, in the
+            order of the table.
         """
         todo = [d for d in self.directories if d.priority] + \
                [d for d in self.directories if not d.priority]
@@ -652,107 +514,17 @@ class Mirror(object):
             done = {o.directory: o for o in pool.map(self._mirror, todo)}
         return [done[d.name] for d in self.directories]
 
-    def _log_file(self, d):
-        return os.path.join(self.options.log,
-                            'desi_tucson_transfer_' + d.name.replace('/', '_') + '.log')
+    def _path(self, d):
+        """The directory of the :class:`Directory` `d`, which may differ from its name."""
+        return d.directory
 
-    def _mirror(self, d):
-        """Mirror one directory; never raises, so that the others finish."""
-        t0 = time.monotonic()
-        stats = (0, 0, 0)
-        try:
-            status, stats = self._mirror_directory(d)
-        except Exception as err:
-            log.critical("Mirroring %s failed unexpectedly (%s: %s); the other directories "
-                         "continue.", d.name, err.__class__.__name__, err, exc_info=True)
-            status = 'failed'
-        return Outcome(d.name, status, time.monotonic() - t0, *stats, self._log_file(d))
+    def _prepare(self, d, copy):
+        """Nothing to do before the rsync of `d`: its command."""
+        return None, self._command(d)
 
-    def _mirror_directory(self, d):
-        """Mirror `d`: check the source, run rsync, say what happened.
-
-        Returns
-        -------
-        :class:`tuple`
-            The status and the statistics (files, bytes, deleted).
-        """
-        none = (0, 0, 0)
-        if d.name in self.options.exclude or d.directory in self.options.exclude:
-            log.warning("%s skipped at user request.", d.name)
-            return 'excluded', none
-        if self.stop.is_set():
-            return 'stopped', none
-        source = f'{self.source}/{d.directory}/'
-        copy = os.path.join(self.destination, d.directory)
-        state = self._source_state(d, source)
-        if state not in ('ok', 'empty', 'missing'):
-            if self.stop.is_set():
-                log.warning("Listing %s stopped (%s).", source, self.stop.reason)
-                return 'stopped', none
-            log.critical("Cannot list %s (%s); see %s. %s is left as it is; the other "
-                         "directories continue.", source, state, self._log_file(d), copy)
-            return 'failed', none
-        if state != 'ok' and _holds_data(copy):
-            log.critical("%s is %s at NERSC while its copy %s holds data: refusing to mirror "
-                         "it, which would delete the copy. The copy is kept; check NERSC, and "
-                         "remove the copy by hand if the removal is intended.",
-                         source, state, copy)
-            return 'refused', none
-        if state == 'missing':
-            log.critical("%s is missing at NERSC, and there is no copy at %s: nothing to "
-                         "mirror.", source, copy)
-            return 'failed', none
-        command = self._command(d)
-        if not self.test:
-            os.makedirs(copy, exist_ok=True)
-        result = run(command, timeout=RSYNC_TIMEOUT, ok=(0, 24), stop=self.stop,
-                     test=self.test)
-        if self.test:
-            return 'test mode', none
-        self._append_log(d, command, result)
-        stats = tuple(_statistics(result.stdout))
-        if result.returncode in (0, 24):
-            return 'ok', stats
-        if self.stop.is_set():
-            log.warning("Mirroring %s stopped (%s); see %s.", d.name, self.stop.reason,
-                        self._log_file(d))
-            return 'stopped', stats
-        if result.returncode == 25:
-            log.critical("Deletions in %s stopped at the bound of %d files (rsync status 25): "
-                         "many files disappeared at NERSC. Nothing more was deleted; check "
-                         "%s and, if the deletions are intended, run desi_tucson_transfer%s "
-                         "--force-delete by hand. See %s.", copy, self.options.max_delete,
-                         source, _flag(self.options), self._log_file(d))
-            return 'deletion bound reached', stats
-        log.critical("rsync of %s failed with status %d; see %s. The other directories "
-                     "continue.", d.directory, result.returncode, self._log_file(d))
-        return 'failed', stats
-
-    def _source_state(self, d, source):
-        """List `source` without recursion: ``'ok'``, ``'empty'``, ``'missing'``,
-        or what went wrong."""
-        command = [RSYNC, '--list-only', '--no-motd', f'--timeout={IO_TIMEOUT:d}'] + \
-            self.transport + [source]
-        result = run(command, timeout=LIST_TIMEOUT, ok=(0, 23, 24), stop=self.stop,
-                     test=self.test, quiet=True)
-        if self.test:
-            return 'ok'
-        if result.returncode not in (0, 24):
-            self._append_log(d, command, result)
-        entries = [line for line in result.stdout.splitlines()
-                   if line.strip() and line.split(None, 4)[-1] != '.']
-        if result.returncode in (0, 24):
-            return 'ok' if entries else 'empty'
-        if (result.returncode == 23 and not entries and
-                'No such file or directory' in result.stderr):
-            return 'missing'
-        # The first messages say why ('@ERROR: auth failed on module desi'); the
-        # last one only that rsync stopped.
-        lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
-        why = [line.rstrip('.') for line in lines
-               if line.startswith(('@ERROR', 'rsync:', 'ssh:'))]
-        return '; '.join([f"rsync status {result.returncode:d}"] +
-                         (why or [line.rstrip('.') for line in lines[-1:]])[:2])
+    def _again(self):
+        """The run to repeat with ``--force-delete``, as typed."""
+        return f'desi_tucson_transfer{_flag(self.options)}'
 
     def _command(self, d):
         """The rsync command mirroring the :class:`Directory` `d`, with
@@ -769,23 +541,6 @@ class Mirror(object):
             command = ['nice', '-n', str(self.run_kind.niceness)] + command
         return command
 
-    def _append_log(self, d, command, result):
-        """Append the command, its output and its status to the log of `d`."""
-        if self.test:
-            return
-        path = self._log_file(d)
-        try:
-            if os.path.exists(path) and os.path.getsize(path) > LOG_SIZE:
-                os.replace(path, path + '.1')
-            with open(path, 'a') as f:
-                f.write(f"# {stamp('America/Phoenix')}: {shlex.join(command)}\n")
-                f.write(result.stdout)
-                if result.stderr:
-                    f.write("# Standard error:\n" + result.stderr)
-                f.write(f"# Exit status {result.returncode:d}\n")
-        except OSError as err:
-            log.error("Could not write the log %s: %s.", path, err)
-
 
 def main():
     """Entry point for :command:`desi_tucson_transfer`.
@@ -801,6 +556,6 @@ def main():
     environment = _environment(options)
     if environment is None:
         return 1
-    mirror = Mirror(options, environment)
-    mirror.stop.handle_signals()
-    return mirror.run()
+    transfer = Mirror(options, environment)
+    transfer.stop.handle_signals()
+    return transfer.run()

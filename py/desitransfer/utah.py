@@ -18,60 +18,35 @@ NERSC while its copy holds data is refused, so is an empty or unreadable list
 of paths, and each :command:`rsync` deletes at most ``--max-delete`` files
 unless ``--force-delete`` is given.
 """
-import configparser
 import datetime as dt
 import functools
 import os
 import re
-import shlex
 import shutil
 import stat
 import sys
 import tempfile
 import time
-from argparse import ArgumentParser, ArgumentTypeError
+from argparse import ArgumentParser
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
-from importlib.resources import files
 
 import requests
 import urllib3
 
 from . import __version__ as dtVersion
-from . import common
-from .common import (MST, Stop, alert_options, configure_log, environment_ssh, log, run,
-                     single_instance, stamp)
+from . import common, mirror
+from .common import MST, alert_options, configure_log, log, single_instance
+from .mirror import IO_TIMEOUT, MAX_DELETE, REMOTE_ROOT, RSYNC
 
 #: The name of the command, in logs, alerts and file names.
 PROGRAM = 'desi_utah_transfer'
 
-#: The rsync program.
-RSYNC = '/usr/bin/rsync'
-
-#: The DESI tree at NERSC, the source of the ssh form (:envvar:`RSYNC_RSH` set).
-REMOTE_ROOT = '/global/cfs/cdirs/desi'
-
 #: The directory left out by ``-A, --no-archive``.
 ARCHIVE = 'spectro/redux/daily/tiles/archive'
 
-#: Most rsync commands running at once.
-MAX_PROCESSES = 10
-
 #: Niceness of the rsync of a directory marked ``nice`` (that of a bare ``nice``).
 NICENESS = 10
-
-#: Default bound on the files (and directories) one rsync may delete, unless
-#: the table gives another.
-MAX_DELETE = 10000
-
-#: Seconds before an rsync mirroring a directory is killed.
-RSYNC_TIMEOUT = 20 * 3600
-
-#: Seconds before an rsync listing a source directory is killed.
-LIST_TIMEOUT = 600
-
-#: Seconds without any data after which rsync gives up (its ``--timeout``).
-IO_TIMEOUT = 1800
 
 #: Connect and read timeouts of the request for a list of paths.
 HTTP_TIMEOUT = (10, 60)
@@ -81,9 +56,6 @@ HTTP_DEADLINE = 600
 
 #: Most bytes of a list of paths.
 LIST_LIMIT = 64 * 2**20
-
-#: A per-directory log larger than this is renamed ``.1`` before the next run.
-LOG_SIZE = 100 * 2**20
 
 #: The time zone of the time stamps in the per-directory logs.
 ZONE = 'America/Denver'
@@ -98,37 +70,12 @@ Directory = namedtuple('Directory', ['name', 'nice', 'nights', 'night_filter', '
                                      'delete_excluded', 'files_from', 'user_write',
                                      'max_delete'])
 
-#: What became of one directory: status, seconds, regular files transferred,
-#: bytes transferred, files deleted, and the directory's rsync log.
-Outcome = namedtuple('Outcome', ['directory', 'status', 'seconds', 'files', 'bytes',
-                                 'deleted', 'log'])
-
-#: The status of a directory that did not fail.
-SUCCESS = ('ok', 'excluded', 'test mode')
-
 _keys = {'nice', 'nights', 'night_filter', 'filter', 'delete_excluded', 'files_from',
          'user_write', 'max_delete'}
 
 #: A component of a path in a list of paths (``.`` and ``..`` are refused apart).
 _component = re.compile(r'[A-Za-z0-9_.+=,@-]+')
 
-_stats = {'files': re.compile(r'^Number of regular files transferred: ([0-9,]+)', re.M),
-          'bytes': re.compile(r'^Total transferred file size: ([0-9,]+)', re.M),
-          'deleted': re.compile(r'^Number of deleted files: ([0-9,]+)', re.M)}
-
-
-def _rules(lines, where):
-    """rsync arguments of filter `lines`, ``include PATTERN`` or ``exclude PATTERN``."""
-    args = []
-    for line in lines.splitlines():
-        rule, _, pattern = line.strip().partition(' ')
-        if not rule:
-            continue
-        if rule not in ('include', 'exclude') or not pattern.strip():
-            raise ValueError(f"{where}: 'include PATTERN' or 'exclude PATTERN', "
-                             f"not {line.strip()!r}")
-        args += [f'--{rule}', pattern.strip()]
-    return args
 
 
 def read_directories(text=None, source='desi_utah_transfer.ini'):
@@ -152,33 +99,15 @@ def read_directories(text=None, source='desi_utah_transfer.ini'):
     ValueError
         If the table is malformed; the message names the section and key.
     """
-    if text is None:
-        text = (files('desitransfer') / 'data' / 'desi_utah_transfer.ini').read_text()
-    parser = configparser.ConfigParser(interpolation=None, default_section='\0')
-    parser.optionxform = str
-    try:
-        parser.read_string(text, source=source)
-    except configparser.Error as err:
-        raise ValueError(str(err)) from None
     directories = []
-    for name in parser.sections():
-        section = parser[name]
-        where = f"{source} [{name}]"
-        if any(p in ('', '.', '..') for p in name.split('/')) or re.search(r'\s', name):
-            raise ValueError(f"{where}: not a directory relative to the top of the tree")
-        unknown = sorted(set(section) - _keys)
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}")
-        flags = {}
-        for key in ('nice', 'delete_excluded', 'user_write'):
-            try:
-                flags[key] = section.getboolean(key, fallback=False)
-            except ValueError:
-                raise ValueError(f"{where} {key}: yes or no, not {section[key]!r}") from None
+    for name, section, where in mirror.read_table(text, source, 'desi_utah_transfer.ini'):
+        mirror.check_keys(section, _keys, where)
+        flags = mirror.flags(section, ('nice', 'delete_excluded', 'user_write'), where)
         nights = section.get('nights', '0')
         if re.fullmatch(r'[0-9]{1,3}', nights) is None or not int(nights) <= 366:
             raise ValueError(f"{where} nights: a number of nights up to 366, not {nights!r}")
-        night_filter = _rules(section.get('night_filter', ''), f"{where} night_filter")
+        night_filter = mirror.filter_rules(section.get('night_filter', ''),
+                                           f"{where} night_filter")
         if int(nights) and (not night_filter or '--exclude' in night_filter or
                             not all('NIGHT' in p for p in night_filter[1::2])):
             raise ValueError(f"{where} night_filter: 'include PATTERN' rules with NIGHT in "
@@ -192,10 +121,10 @@ def read_directories(text=None, source='desi_utah_transfer.ini'):
         bound = section.get('max_delete', str(MAX_DELETE))
         if re.fullmatch(r'[0-9]{1,9}', bound) is None:
             raise ValueError(f"{where} max_delete: a number of files, not {bound!r}")
+        filters = mirror.filter_rules(section.get('filter', ''), f"{where} filter")
         directories.append(Directory(name, flags['nice'], int(nights), tuple(night_filter[1::2]),
-                                     tuple(_rules(section.get('filter', ''), f"{where} filter")),
-                                     flags['delete_excluded'], files_from, flags['user_write'],
-                                     int(bound)))
+                                     tuple(filters), flags['delete_excluded'], files_from,
+                                     flags['user_write'], int(bound)))
     for d in directories:
         nested = [n.name for n in directories if n.name.startswith(d.name + '/')]
         if d.delete_excluded and nested:
@@ -354,37 +283,7 @@ def add_user_write(top, test=False):
     return changed, problems
 
 
-def _statistics(out):
-    """Files transferred, bytes transferred and files deleted, from ``rsync --stats``."""
-    found = []
-    for key in ('files', 'bytes', 'deleted'):
-        m = _stats[key].search(out)
-        found.append(int(m.group(1).replace(',', '')) if m else 0)
-    return found
-
-
-def _holds_data(directory):
-    """``True`` if `directory` has any entry, or cannot be read (then assume it has)."""
-    try:
-        with os.scandir(directory) as entries:
-            return any(True for _ in entries)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class Mirror(object):
+class Mirror(mirror.BaseMirror):
     """Mirror the directories of the table, as `options` say.
 
     Parameters
@@ -395,14 +294,14 @@ class Mirror(object):
         What :func:`_environment` returns.
     """
 
+    program = PROGRAM
+    zone = ZONE
+    timed_log = True
+    deletions = "many files disappeared at NERSC or left the window of nights"
+
     def __init__(self, options, environment):
-        self.options = options
-        self.test = options.test
-        self.source = environment['source']
-        self.destination = environment['destination']
-        self.transport = environment['transport']
+        super().__init__(options, environment)
         self.lists = environment['lists']
-        self.stop = Stop()
         self.directories = list(_table())
         self.private = None
         self._lock = None
@@ -415,13 +314,8 @@ class Mirror(object):
         :class:`int`
             0 if every directory was mirrored (or excluded), 1 otherwise.
         """
-        if not self.test:
-            try:
-                os.makedirs(self.options.log, exist_ok=True)
-            except OSError as err:
-                log.critical("Cannot create the log directory %s: %s. Nothing was mirrored.",
-                             self.options.log, err)
-                return 1
+        if not self.test and not self._make_log_directory():
+            return 1
         _configure_log(self.options, self.options.log)
         if self.test:
             log.info("Test mode: commands are logged, not run; nothing is changed.")
@@ -445,11 +339,7 @@ class Mirror(object):
                 shutil.rmtree(self.private, ignore_errors=True)
             if self._lock is not None:
                 self._lock.close()
-        for o in outcomes:
-            log.info("%s: %s in %.1f s; %d files, %d bytes transferred, %d deleted%s.",
-                     o.directory, o.status, o.seconds, o.files, o.bytes, o.deleted,
-                     '' if o.status in SUCCESS else f'; see {o.log}')
-        return 0 if all(o.status in SUCCESS for o in outcomes) else 1
+        return self._report(outcomes)
 
     def _private_directory(self):
         """A new directory for the generated lists, readable by this user only;
@@ -460,7 +350,7 @@ class Mirror(object):
         for name in sorted(os.listdir(top)):
             m = re.fullmatch(rf'{PROGRAM}-([0-9]+)-\w+', name)
             path = os.path.join(top, name)
-            if (m is not None and not _alive(int(m.group(1))) and
+            if (m is not None and not common._alive(int(m.group(1))) and
                     os.lstat(path).st_uid == os.getuid()):
                 shutil.rmtree(path, ignore_errors=True)
         return tempfile.mkdtemp(prefix=f'{PROGRAM}-{os.getpid():d}-')
@@ -471,120 +361,26 @@ class Mirror(object):
         Returns
         -------
         :class:`list`
-            An :class:`Outcome` for every directory, in the order of the table.
+            An :class:`~desitransfer.mirror.Outcome` for every directory, in the
+            order of the table.
         """
         # In test mode one at a time, so that the commands read in order.
         with ThreadPoolExecutor(max_workers=1 if self.test else self.options.nproc) as pool:
             return list(pool.map(self._mirror, self.directories))
 
-    def _log_file(self, d):
-        return os.path.join(self.options.log, f'{PROGRAM}_' + d.name.replace('/', '_') + '.log')
-
-    def _mirror(self, d):
-        """Mirror one directory; never raises, so that the others finish."""
-        t0 = time.monotonic()
-        stats = (0, 0, 0)
-        try:
-            status, stats = self._mirror_directory(d)
-        except Exception as err:
-            log.critical("Mirroring %s failed unexpectedly (%s: %s); the other directories "
-                         "continue.", d.name, err.__class__.__name__, err, exc_info=True)
-            status = 'failed'
-        return Outcome(d.name, status, time.monotonic() - t0, *stats, self._log_file(d))
-
-    def _mirror_directory(self, d):
-        """Mirror `d`: check the source, prepare its lists, run rsync, say what happened.
-
-        Returns
-        -------
-        :class:`tuple`
-            The status and the statistics (files, bytes, deleted).
-        """
-        none = (0, 0, 0)
-        if d.name in self.options.exclude:
-            log.warning("%s skipped at user request.", d.name)
-            return 'excluded', none
-        if self.stop.is_set():
-            return 'stopped', none
-        source = f'{self.source}/{d.name}/'
-        copy = os.path.join(self.destination, d.name)
-        state = self._source_state(d, source)
-        if state not in ('ok', 'empty', 'missing'):
-            if self.stop.is_set():
-                log.warning("Listing %s stopped (%s).", source, self.stop.reason)
-                return 'stopped', none
-            log.critical("Cannot list %s (%s); see %s. %s is left as it is; the other "
-                         "directories continue.", source, state, self._log_file(d), copy)
-            return 'failed', none
-        if state != 'ok' and _holds_data(copy):
-            log.critical("%s is %s at NERSC while its copy %s holds data: refusing to mirror "
-                         "it, which would delete the copy. The copy is kept; check NERSC, and "
-                         "remove the copy by hand if the removal is intended.",
-                         source, state, copy)
-            return 'refused', none
-        if state == 'missing':
-            log.critical("%s is missing at NERSC, and there is no copy at %s: nothing to "
-                         "mirror.", source, copy)
-            return 'failed', none
+    def _prepare(self, d, copy):
+        """Write the lists of `d` (its window of nights, its list of paths),
+        add user write permission to `copy` if the table says so: the status
+        of `d` if a list cannot be used, else its rsync command."""
         include_from = self._night_list(d) if d.nights else None
         files_from = None
         if d.files_from:
             files_from = self._path_list(d, copy)
             if files_from in ('failed', 'refused', 'stopped'):
-                return files_from, none
+                return files_from, None
         if d.user_write:
             self._user_write(copy)
-        command = self._command(d, include_from, files_from)
-        if not self.test:
-            os.makedirs(copy, exist_ok=True)
-        t0 = time.monotonic()
-        result = run(command, timeout=RSYNC_TIMEOUT, ok=(0, 24), stop=self.stop,
-                     test=self.test)
-        if self.test:
-            return 'test mode', none
-        self._append_log(d, command, result, time.monotonic() - t0)
-        stats = tuple(_statistics(result.stdout))
-        if result.returncode in (0, 24):
-            return 'ok', stats
-        if self.stop.is_set():
-            log.warning("Mirroring %s stopped (%s); see %s.", d.name, self.stop.reason,
-                        self._log_file(d))
-            return 'stopped', stats
-        if result.returncode == 25:
-            log.critical("Deletions in %s stopped at the bound of %d files (rsync status 25): "
-                         "many files disappeared at NERSC or left the window of nights. "
-                         "Nothing more was deleted; check %s and, if the deletions are "
-                         "intended, run %s --force-delete by hand. See %s.", copy,
-                         self._max_delete(d), source, PROGRAM, self._log_file(d))
-            return 'deletion bound reached', stats
-        log.critical("rsync of %s failed with status %d; see %s. The other directories "
-                     "continue.", d.name, result.returncode, self._log_file(d))
-        return 'failed', stats
-
-    def _source_state(self, d, source):
-        """List `source` without recursion: ``'ok'``, ``'empty'``, ``'missing'``,
-        or what went wrong."""
-        command = [RSYNC, '--list-only', '--no-motd', f'--timeout={IO_TIMEOUT:d}'] + \
-            self.transport + [source]
-        result = run(command, timeout=LIST_TIMEOUT, ok=(0, 23, 24), stop=self.stop,
-                     test=self.test, quiet=True)
-        if self.test:
-            return 'ok'
-        if result.returncode not in (0, 24):
-            self._append_log(d, command, result)
-        entries = [line for line in result.stdout.splitlines()
-                   if line.strip() and line.split(None, 4)[-1] != '.']
-        if result.returncode in (0, 24):
-            return 'ok' if entries else 'empty'
-        if (result.returncode == 23 and not entries and
-                'No such file or directory' in result.stderr):
-            return 'missing'
-        # The first messages say why ('@ERROR: auth failed on module desi').
-        lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
-        why = [line.rstrip('.') for line in lines
-               if line.startswith(('@ERROR', 'rsync:', 'ssh:'))]
-        return '; '.join([f"rsync status {result.returncode:d}"] +
-                         (why or [line.rstrip('.') for line in lines[-1:]])[:2])
+        return None, self._command(d, include_from, files_from)
 
     def _night_list(self, d):
         """Write the patterns of the night window of `d` for ``--include-from``."""
@@ -659,22 +455,6 @@ class Mirror(object):
         """The bound on the deletions of `d`: ``--max-delete``, else the table's."""
         return d.max_delete if self.options.max_delete is None else self.options.max_delete
 
-    def _append_log(self, d, command, result, seconds=None):
-        """Append the command, its output, its status and duration to the log of `d`."""
-        path = self._log_file(d)
-        try:
-            if os.path.exists(path) and os.path.getsize(path) > LOG_SIZE:
-                os.replace(path, path + '.1')
-            with open(path, 'a') as f:
-                f.write(f"# {stamp(ZONE)}: {shlex.join(command)}\n")
-                f.write(result.stdout)
-                if result.stderr:
-                    f.write("# Standard error:\n" + result.stderr)
-                took = '' if seconds is None else f" after {seconds:.1f} s"
-                f.write(f"# Exit status {result.returncode:d}{took}\n")
-        except OSError as err:
-            log.error("Could not write the log %s: %s.", path, err)
-
 
 def _configure_log(options, log_dir=None):
     """Re-configure the shared logger: DEBUG with ``--debug`` or ``--test``;
@@ -687,20 +467,6 @@ def _configure_log(options, log_dir=None):
                   to=[] if options.test else options.alert_to, mailhost=options.smtp,
                   program=PROGRAM,
                   memory=os.path.join(log_dir, f'{PROGRAM}_alerts.json') if keep else None)
-
-
-def _count(value):
-    """A number of files, 0 or more (argument type)."""
-    if re.fullmatch(r'[0-9]+', value.strip()) is None:
-        raise ArgumentTypeError(f"{value!r} is not a number of files")
-    return int(value)
-
-
-def _processes(value):
-    """A number of rsync commands at once, 1 to :data:`MAX_PROCESSES` (argument type)."""
-    if re.fullmatch(r'[0-9]+', value.strip()) is None or not 1 <= int(value) <= MAX_PROCESSES:
-        raise ArgumentTypeError(f"{value!r}: from 1 to {MAX_PROCESSES:d} rsync commands at once")
-    return int(value)
 
 
 def _options(args=None):
@@ -724,23 +490,13 @@ def _options(args=None):
                       help="Set log level to DEBUG.")
     prsr.add_argument('-e', '--exclude', metavar='DIR', nargs='+', action='extend', default=[],
                       help="Do not mirror DIR this time; several may be given.")
-    prsr.add_argument('--force-delete', action='store_true', dest='force_delete',
-                      help="Lift the bound on deletions for this run (by hand, after "
-                           "checking that the deletions are intended).")
-    prsr.add_argument('-l', '--log', metavar='DIR',
-                      default=os.path.join(os.path.expanduser('~'), 'Documents', 'Logfiles'),
-                      help="Write log files, one per directory, in DIR, created if missing "
-                           "(default %(default)s).")
-    prsr.add_argument('-m', '--max-delete', metavar='N', type=_count, dest='max_delete',
+    mirror.force_delete_option(prsr)
+    mirror.log_option(prsr)
+    prsr.add_argument('-m', '--max-delete', metavar='N', type=mirror.count, dest='max_delete',
                       help=f"Let each rsync delete at most N files (default {MAX_DELETE:d}, "
                            "or the bound of the directory in the table).")
-    prsr.add_argument('-p', '--processes', metavar='N', type=_processes, default=MAX_PROCESSES,
-                      dest='nproc',
-                      help=f"Run up to N rsync commands at once, at most {MAX_PROCESSES:d} "
-                           "(default %(default)s).")
-    prsr.add_argument('-t', '--test', action='store_true',
-                      help="Test mode: log every command, run none, change nothing. "
-                           "Implies -d.")
+    mirror.processes_option(prsr)
+    mirror.test_mode_option(prsr)
     alert_options(prsr)
     prsr.add_argument('-V', '--version', action='version',
                       version='%(prog)s {0}'.format(dtVersion))
@@ -749,10 +505,7 @@ def _options(args=None):
         known = {d.name for d in _table()}
     except ValueError as err:
         prsr.error(str(err))
-    options.exclude = [e.strip('/') for e in options.exclude]
-    unknown = [e for e in options.exclude if e not in known]
-    if unknown:
-        prsr.error(f"argument -e/--exclude: not a mirrored directory: {', '.join(unknown)}")
+    mirror.check_exclusions(prsr, options, known)
     if options.no_archive and ARCHIVE not in options.exclude:
         options.exclude.append(ARCHIVE)
     return options
@@ -781,16 +534,14 @@ def _environment(options):
         problems.append("DESI_ROOT is not set")
     elif not os.path.isabs(destination) or not os.path.isdir(destination):
         problems.append(f"DESI_ROOT is not an existing directory: {destination[:200]!r}")
-    ssh = bool(os.environ.get('RSYNC_RSH', '').strip())
     root = os.environ.get('DESISYNC_ROOT', '').strip() or REMOTE_ROOT
-    transport = ['--password-file', os.path.expanduser(os.path.join('~', '.desi'))]
-    if ssh:
-        try:
-            transport = ['--rsh=' + shlex.join(environment_ssh())]
-        except ValueError as err:
-            problems.append(f"RSYNC_RSH is not a command: {err}")
-        if re.fullmatch(r'/[A-Za-z0-9._+/-]*', root) is None or '/../' in root + '/':
-            problems.append(f"DESISYNC_ROOT is not an absolute path: {root[:200]!r}")
+    try:
+        transport = mirror.transport()
+    except ValueError as err:
+        problems.append(f"RSYNC_RSH is not a command: {err}")
+    if mirror.ssh_form() and (re.fullmatch(r'/[A-Za-z0-9._+/-]*', root) is None or
+                              '/../' in root + '/'):
+        problems.append(f"DESISYNC_ROOT is not an absolute path: {root[:200]!r}")
     lists = {}
     for d in _table():
         if d.files_from and d.name not in options.exclude:
@@ -803,7 +554,7 @@ def _environment(options):
     if problems:
         log.critical("%s cannot start: %s. Nothing was mirrored.", PROGRAM, '; '.join(problems))
         return None
-    return {'source': f"{host}:{root}" if ssh else f"rsync://{host}/desi",
+    return {'source': mirror.nersc_source(host, root),
             'destination': os.path.abspath(destination), 'transport': transport,
             'lists': lists}
 
@@ -821,6 +572,6 @@ def main():
     environment = _environment(options)
     if environment is None:
         return 1
-    mirror = Mirror(options, environment)
-    mirror.stop.handle_signals()
-    return mirror.run()
+    transfer = Mirror(options, environment)
+    transfer.stop.handle_signals()
+    return transfer.run()
