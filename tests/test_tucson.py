@@ -598,12 +598,14 @@ def test_missing_environment_is_emailed(site):
     ('DESISYNC_STATUS_URL', 'file:///etc/passwd'),
     ('MAILFROM', 'Mirror <mirror@example.org>\nBcc: x@example.org'),
     ('MAILHOST', 'localhost:smtp'),
+    ('DESISYNC_HOSTNAME', '-ex@host'),
+    ('RSYNC_RSH', 'ssh -o "unbalanced'),
 ])
 def test_command_refuses_malformed_environment(site, name, value):
     """A malformed setting never reaches a command line: one CRITICAL line
     naming it, exit 1, nothing done."""
     make_nersc(site.nersc, static=False)
-    code, out = site.command(env={name: value, 'RSYNC_RSH': 'ssh'})
+    code, out = site.command(env=dict({'RSYNC_RSH': 'ssh'}, **{name: value}))
     assert code == 1
     lines = [line for line in out.splitlines() if 'CRITICAL' in line]
     assert len(lines) == 1 and f'{name} is not ' in lines[0], out

@@ -447,6 +447,7 @@ def test_command_refuses_bad_environment(local_site):
 @pytest.mark.parametrize('name, value, message', [
     ('DESISYNC_HOSTNAME', '-oProxyCommand=touch /tmp/x', 'is not [USER@]HOST[:PORT]'),
     ('DESISYNC_HOSTNAME', 'host/desi', 'is not [USER@]HOST[:PORT]'),
+    ('DESISYNC_HOSTNAME', '-ex@host', 'is not [USER@]HOST[:PORT]'),  # rsync: -e x@host
     ('DESI_ROOT', 'relative/path', 'is not an existing directory'),
     ('DAILY_TILES_CUMULATIVE_OUTPUT', 'file:///etc/passwd', 'is not an http(s) URL'),
     ('DESISYNC_ROOT', '/global/cfs/cdirs/desi /etc', 'is not an absolute path'),

@@ -252,6 +252,12 @@ def transport(ssh=None):
     return ['--password-file', os.path.expanduser(os.path.join('~', '.desi'))]
 
 
+#: :envvar:`DESISYNC_HOSTNAME`: ``HOST``, ``USER@HOST`` or ``HOST:PORT``,
+#: neither part starting with ``-`` (rsync would read it as an option).
+HOSTNAME = re.compile(r'(?:[A-Za-z0-9_][A-Za-z0-9_.+-]*@)?[A-Za-z0-9][A-Za-z0-9.-]*'
+                      r'(?::[0-9]{1,5})?')
+
+
 def nersc_source(host, root):
     """The rsync address of the DESI tree at NERSC: ``HOST:ROOT`` in the ssh
     form (see :func:`ssh_form`), else the module ``desi`` of the rsync daemon

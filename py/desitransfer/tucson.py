@@ -85,9 +85,7 @@ SETS = ('dynamic', 'static', 'hwtables')
 _lock = None
 
 #: What the environment may hold, checked before it reaches a command line.
-_formats = {'DESISYNC_HOSTNAME': (re.compile(r'(?:[A-Za-z0-9_][A-Za-z0-9_.+-]*@)?'
-                                             r'[A-Za-z0-9][A-Za-z0-9.-]*(?::[0-9]{1,5})?'),
-                                  'a host, user@host or host:port'),
+_formats = {'DESISYNC_HOSTNAME': (mirror.HOSTNAME, 'a host, user@host or host:port'),
             'NERSC_USER': (re.compile(r'[A-Za-z0-9_][A-Za-z0-9_.-]*'), 'a user name'),
             'NERSC_HOST': (re.compile(r'[A-Za-z0-9][A-Za-z0-9.-]*'), 'a host name'),
             'DESISYNC_ROOT': (re.compile(r'/[A-Za-z0-9_./+-]*'), 'an absolute path'),
@@ -403,12 +401,17 @@ def _environment(options):
     if not options.test and _environ('MAILTO') is None:
         log.warning("MAILTO is not set: alerts are logged, not emailed.")
     root = _environ('DESISYNC_ROOT') or REMOTE_ROOT
+    try:
+        transport = _transport(options.run)
+    except ValueError as err:
+        log.critical("RSYNC_RSH is not a command: %s. Nothing was mirrored.", err)
+        return None
     if options.run == 'hwtables':
         source = f"{_environ('NERSC_USER')}@{_environ('NERSC_HOST')}:{root}"
     else:
         source = mirror.nersc_source(_environ('DESISYNC_HOSTNAME'), root)
     return {'source': source, 'destination': os.path.abspath(destination),
-            'status_url': url if run.wait else None, 'transport': _transport(options.run)}
+            'status_url': url if run.wait else None, 'transport': transport}
 
 
 def _flag(options):

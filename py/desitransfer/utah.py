@@ -526,8 +526,7 @@ def _environment(options):
     host = os.environ.get('DESISYNC_HOSTNAME', '').strip()
     if not host:
         problems.append("DESISYNC_HOSTNAME is not set")
-    elif re.fullmatch(r'(?:[A-Za-z0-9._-]+@)?[A-Za-z0-9][A-Za-z0-9.-]*(?::[0-9]{1,5})?',
-                      host) is None:
+    elif mirror.HOSTNAME.fullmatch(host) is None:
         problems.append(f"DESISYNC_HOSTNAME is not [USER@]HOST[:PORT]: {host[:100]!r}")
     destination = os.environ.get('DESI_ROOT', '').strip()
     if not destination:
