@@ -660,6 +660,32 @@ def test_command_refuses_to_run_twice(site):
     assert code == 0, out
 
 
+def _cmdline(pid):
+    with open(f'/proc/{pid:d}/cmdline', 'rb') as f:
+        return f.read()
+
+
+def test_command_refuses_beside_the_original(site, tmp_path):
+    """The original's desi_tucson_transfer (which holds no kernel lock) runs:
+    this one refuses, saying how to stop it, and mirrors nothing."""
+    make_nersc(site.nersc, static=False)
+    script = tmp_path / 'original' / 'bin' / 'desi_tucson_transfer'
+    script.parent.mkdir(parents=True)
+    script.write_text(f'#!{sys.executable}\nimport time\ntime.sleep(60)\n')
+    script.chmod(0o755)
+    original = subprocess.Popen([str(script)], stdout=subprocess.DEVNULL)
+    try:
+        while str(script).encode() not in _cmdline(original.pid):
+            time.sleep(0.02)
+        code, out = site.command()
+    finally:
+        original.kill()
+        original.wait()
+    assert code == 1
+    assert f'running: pid {original.pid:d}' in out and f'kill {original.pid:d}' in out
+    assert tree(site.mirror) == [] and site.web.requests == []
+
+
 # ----------------------------------------------------------------------
 # Mirroring from a real rsync daemon.
 # ----------------------------------------------------------------------

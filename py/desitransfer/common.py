@@ -9,17 +9,24 @@ its output, night and time helpers, permission constants, the logging and
 alert set-up, and the one subprocess runner every module uses.
 """
 import datetime as dt
+import errno
 import fcntl
 import functools
+import hashlib
 import json
+import locale
 import logging
 import logging.handlers
+import math
 import os
 import re
+import secrets
+import selectors
 import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -53,8 +60,29 @@ SSH_OPTIONS = ('-o', 'BatchMode=yes',
 #: The shared logger of every desitransfer module.
 log = get_logger(timestamp=True)
 
-#: Return code, standard output and standard error of an external command.
-Result = namedtuple('Result', ['returncode', 'stdout', 'stderr'])
+#: Bytes of its standard output, and of its standard error, kept of a command
+#: unless the caller sets another limit; past it the command is stopped.
+OUTPUT_LIMIT = 64 * 2**20
+
+#: Return code of a command stopped because its output passed the limit (as
+#: if killed by SIGXFSZ, "file size limit exceeded"): its answer is unknown.
+OUTPUT_TOO_LARGE = -signal.SIGXFSZ
+
+#: Variables of the environment never passed to a command: ``RSYNC_OLD_ARGS``
+#: makes rsync (>= 3.2.4) hand its arguments to the remote shell unprotected.
+UNSAFE_ENVIRONMENT = ('RSYNC_OLD_ARGS',)
+
+
+class Result(namedtuple('Result', ['returncode', 'stdout', 'stderr'])):
+    """Return code, standard output and standard error of an external command."""
+
+    __slots__ = ()
+
+    @property
+    def too_large(self):
+        """``True`` if the command was stopped because its output passed the
+        limit of :func:`run` (return code :data:`OUTPUT_TOO_LARGE`)."""
+        return self.returncode == OUTPUT_TOO_LARGE
 
 
 def _utcnow():
@@ -63,8 +91,15 @@ def _utcnow():
     return dt.datetime.now(dt.timezone.utc)
 
 
+def command_environment(env=None):
+    """The environment of a command: `env` (by default this process's own)
+    without the variables of :data:`UNSAFE_ENVIRONMENT`."""
+    return {k: v for k, v in (os.environ if env is None else env).items()
+            if k not in UNSAFE_ENVIRONMENT}
+
+
 def run(command, timeout=DEFAULT_TIMEOUT, cwd=None, env=None, ok=(0,),
-        test=False, quiet=False, stop=None):
+        test=False, quiet=False, stop=None, limit=OUTPUT_LIMIT, output=None):
     """Run an external command: the one subprocess runner of the package.
 
     The command is an argument list, never passed to a shell.  It is logged
@@ -79,7 +114,9 @@ def run(command, timeout=DEFAULT_TIMEOUT, cwd=None, env=None, ok=(0,),
     cwd : :class:`str`, optional
         Run the command in this directory.
     env : :class:`dict`, optional
-        Environment of the command; secrets belong here, not in `command`.
+        Environment of the command (by default this process's); secrets belong
+        here, not in `command`.  The variables of :data:`UNSAFE_ENVIRONMENT`
+        are never passed on.
     ok : :class:`tuple`, optional
         Return codes that are not failures (for example rsync's 24,
         "some files vanished", on a live tree).
@@ -90,12 +127,23 @@ def run(command, timeout=DEFAULT_TIMEOUT, cwd=None, env=None, ok=(0,),
     stop : :class:`threading.Event`, optional
         If this is set while the command runs, terminate it (SIGTERM to it
         and every process it started) and return -15.
+    limit : :class:`int`, optional
+        Bytes kept of the standard output, and of the standard error.  When
+        either passes it, the command is stopped (SIGTERM to it and every
+        process it started) and the return code is :data:`OUTPUT_TOO_LARGE`:
+        its answer is unknown.
+    output : file, optional
+        A file open for writing bytes: the standard output is written to it
+        as it arrives, whatever its size, and only its last `limit` bytes are
+        kept in the result (for a long listing such as ``rsync --verbose`` of
+        a large tree, whose summary comes last).
 
     Returns
     -------
     :class:`Result`
-        Return code (-9 after a timeout, -15 after `stop`, 127 if the program
-        does not exist), standard output and standard error.
+        Return code (-9 after a timeout, -15 after `stop`,
+        :data:`OUTPUT_TOO_LARGE` if the output passed `limit`, 127 if the
+        program does not exist), standard output and standard error.
     """
     command = [str(c) for c in command]
     quoted = shlex.join(command)
@@ -107,29 +155,34 @@ def run(command, timeout=DEFAULT_TIMEOUT, cwd=None, env=None, ok=(0,),
     try:
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                cwd=cwd, env=env, text=True, errors='replace',
+                                cwd=cwd, env=command_environment(env),
                                 start_new_session=True)
     except OSError as err:
         log.error("Could not start %s: %s", quoted, err)
         return Result(127, '', str(err))
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            # Wake up every second to notice `stop`; no output is lost by retrying.
-            out, err = proc.communicate(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
-            code = proc.returncode
-            break
-        except subprocess.TimeoutExpired:
-            stopped = stop is not None and stop.is_set()
-            if not stopped and time.monotonic() < deadline:
-                continue
-            # The command runs in its own session; stop ssh & co. started by it too.
-            how = signal.SIGTERM if stopped else signal.SIGKILL
-            out, err = _end(proc, how)
-            err += ("\nStopped on request." if stopped else
-                    f"\nTimed out after {timeout} seconds and was killed.")
-            code = -how
-            break
+    limit = max(1, int(limit))
+    try:
+        out, err, why = _collect(proc, timeout, stop, limit, output)
+    except BaseException:
+        # Such as a full disk for `output`: the command does not outlive the call.
+        _signal_group(proc, signal.SIGKILL)
+        for stream in (proc.stdout, proc.stderr):
+            stream.close()
+        proc.wait()
+        raise
+    code = proc.returncode
+    if why is not None and code is None:
+        err += "\n(output abandoned: the pipes were held by another process)"
+    if why == 'stop':
+        code = -signal.SIGTERM
+        err += "\nStopped on request."
+    elif why == 'timeout':
+        code = -signal.SIGKILL
+        err += f"\nTimed out after {timeout} seconds and was killed."
+    elif why in ('standard output', 'standard error'):
+        code = OUTPUT_TOO_LARGE
+        err += (f"\nStopped: its {why} passed the limit of {limit:d} bytes; "
+                "its answer is unknown.")
     if code not in ok:
         log.error("Command failed with return code %d%s: %s", code, where, quoted)
         if out.strip():
@@ -137,6 +190,108 @@ def run(command, timeout=DEFAULT_TIMEOUT, cwd=None, env=None, ok=(0,),
         if err.strip():
             log.error("Standard error of %s: %s", command[0], err.strip()[-4000:])
     return Result(code, out, err)
+
+
+def _text(data):
+    """Bytes of a command's output as text, as :mod:`subprocess` gives it
+    (the locale's encoding, undecodable bytes replaced, universal newlines)."""
+    if b'\r' in data:
+        data = data.replace(b'\r\n', b'\n').replace(b'\r', b'\n')
+    return data.decode(locale.getpreferredencoding(False), errors='replace')
+
+
+def _collect(proc, timeout, stop, limit, output):
+    """Read the standard output and error of `proc` until both end and it
+    exits, keeping at most `limit` bytes of each (see :func:`run`).
+
+    The command is ended early if `stop` is set (SIGTERM), if `timeout`
+    seconds pass (SIGKILL), or if one of its outputs passes `limit` (SIGTERM),
+    each time to its whole process group, then SIGKILL if it is still there
+    after a few seconds.  Once it is gone its output is not waited for: a
+    process outside the group may hold the pipes (an OpenSSH control master
+    is handed the standard streams of the ssh client it serves, and keeps
+    them until the remote command ends).
+
+    Returns
+    -------
+    :class:`tuple`
+        Standard output and standard error as text, and why the command was
+        ended early (``'stop'``, ``'timeout'``, ``'standard output'`` or
+        ``'standard error'`` for the output that passed `limit`), ``None``
+        if it was not; `proc` has no return code if it could not be waited for.
+    """
+    names = {proc.stdout.fileno(): 'standard output', proc.stderr.fileno(): 'standard error'}
+    kept = {fd: bytearray() for fd in names}
+    into = {proc.stdout.fileno(): output} if output is not None else {}
+    deadline = time.monotonic() + timeout
+    why, signals, until, gone, look = None, [], deadline, False, 0.0
+    with selectors.DefaultSelector() as selector:
+        for fd in names:
+            selector.register(fd, selectors.EVENT_READ)
+        while True:
+            now = time.monotonic()
+            if why is None:
+                if stop is not None and now >= look:
+                    look = now + 0.5  # Stop.is_set() looks for a file: not at every read.
+                    if stop.is_set():
+                        why, signals = 'stop', [signal.SIGTERM, signal.SIGKILL]
+                if why is None and now >= deadline:
+                    why, signals = 'timeout', [signal.SIGKILL, signal.SIGKILL]
+                if why is not None:
+                    until = now
+            if why is not None and now >= until:
+                if not signals:
+                    if gone:  # What is left of its group, not its pipes' other holders.
+                        _signal_group(proc, signal.SIGKILL)
+                    break
+                _signal_group(proc, signals.pop(0))
+                until = now + (3.0 if signals else 2.0)
+            if why is not None and not gone and proc.poll() is not None:
+                gone, signals, until = True, [], min(until, now + 0.5)
+            if not selector.get_map():
+                if proc.poll() is not None:
+                    break
+                try:
+                    proc.wait(timeout=max(0.0, min(0.5, until - now)))
+                except subprocess.TimeoutExpired:
+                    pass
+                continue
+            # Wake up at least every half second to notice `stop`.
+            for key, _ in selector.select(max(0.0, min(0.5, until - now))):
+                data = os.read(key.fd, 1 << 16)
+                if not data:
+                    selector.unregister(key.fd)
+                    continue
+                buffer = kept[key.fd]
+                if key.fd in into:
+                    into[key.fd].write(data)
+                    buffer += data
+                    if len(buffer) > 2 * limit:
+                        del buffer[:-limit]
+                    continue
+                room = max(0, limit - len(buffer))
+                buffer += data[:room]
+                if len(data) > room and why is None:
+                    why, signals, until = names[key.fd], [signal.SIGTERM, signal.SIGKILL], now
+    for buffer in kept.values():
+        del buffer[:-limit]
+    out, err = kept.values()
+    for stream in (proc.stdout, proc.stderr):
+        stream.close()
+    if proc.poll() is None:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+    return _text(out), _text(err), why
+
+
+def _signal_group(proc, signum):
+    """Send `signum` to the process group of `proc` (it runs in its own session)."""
+    try:
+        os.killpg(proc.pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def round_trip(ssh, host, tries=2, timeout=30):
@@ -163,7 +318,8 @@ def round_trip(ssh, host, tries=2, timeout=30):
     log.debug("Running: %s", shlex.join(command))
     try:
         proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+                                stderr=subprocess.DEVNULL, env=command_environment(),
+                                start_new_session=True)
     except OSError as err:
         log.warning("Could not start %s: %s", command[0], err)
         return None
@@ -174,9 +330,16 @@ def round_trip(ssh, host, tries=2, timeout=30):
             t0 = time.monotonic()
             proc.stdin.write(b'.\n')
             proc.stdin.flush()
-            ready = select.select([proc.stdout], [], [], max(0, deadline - t0))[0]
-            if not ready or proc.stdout.readline() != b'.\n':
-                return None
+            # Read the two bytes expected, never more, and never past the deadline.
+            answer = b''
+            while answer != b'.\n':
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
+                    return None
+                data = os.read(proc.stdout.fileno(), 2 - len(answer))
+                answer += data
+                if not data or not b'.\n'.startswith(answer):
+                    return None
             if i > 0:
                 seconds = time.monotonic() - t0
                 best = seconds if best is None else min(best, seconds)
@@ -194,42 +357,6 @@ def round_trip(ssh, host, tries=2, timeout=30):
             except OSError:  # a line that could not be written: nobody reads it
                 pass
         proc.wait()
-
-
-def _end(proc, how):
-    """Send `how` to the process group of `proc`, then SIGKILL if it is still
-    there after a few seconds; its output so far.
-
-    Once the process is gone its output is not waited for: a process outside
-    the group may hold the pipes (an OpenSSH control master is handed the
-    standard streams of the ssh client it serves, and keeps them until the
-    remote command ends).
-    """
-    for signum, wait in ((how, 3.0), (signal.SIGKILL, 2.0)):
-        try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            gone = proc.poll() is not None
-            try:
-                return proc.communicate(timeout=0.5 if gone else 0.2)
-            except subprocess.TimeoutExpired:
-                if gone:
-                    return _abandon(proc)
-    return _abandon(proc)
-
-
-def _abandon(proc):
-    """Close the pipes of `proc` without reading them to their end."""
-    for stream in (proc.stdout, proc.stderr):
-        stream.close()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-    return '', '(output abandoned: the pipes were held by another process)'
 
 
 def interval(value, bare=1):
@@ -268,21 +395,124 @@ def fsync_directory(directory):
         os.close(fd)
 
 
+#: Mode of the files this package creates, set explicitly whatever the umask:
+#: read and write for the owner, read for the others (web pages, records).
+FILE_MODE = 0o644
+
+
 def temporary_name(path):
-    """The name of a temporary file beside `path` for this process:
-    ``.NAME.PID.tmp`` in the same directory, which :func:`sweep_temporary`
-    recognises once this process is gone."""
+    """An unpredictable name for a temporary file beside `path`:
+    ``.NAME.RANDOM.PID.tmp`` in the same directory, RANDOM being 16
+    hexadecimal digits, which :func:`sweep_temporary` recognises once this
+    process is gone.  Create the file with :func:`create_file`."""
+    directory, name = os.path.split(path)
+    # A long name keeps its first 200 characters, so that the result is not too long.
+    return os.path.join(directory, f'.{name[:200]}.{secrets.token_hex(8)}.{os.getpid():d}.tmp')
+
+
+def _legacy_temporary_name(path):
+    """The name :func:`temporary_name` gave before it was unpredictable,
+    ``.NAME.PID.tmp``, which this process never makes."""
     directory, name = os.path.split(path)
     return os.path.join(directory, f'.{name}.{os.getpid():d}.tmp')
 
 
-_temporary = re.compile(r'\.(?P<name>.+)\.(?P<pid>[0-9]+)\.tmp')
+_temporary = re.compile(r'\.(?P<name>.+)\.(?P<pid>[0-9]{1,10})\.tmp')
+
+
+def create_file(target, mode=FILE_MODE, beside=True):
+    """Create a new file for `target`, safely in a directory that other users
+    may write (a planted symbolic link or file is never followed nor reused).
+
+    The file is opened with ``O_CREAT|O_EXCL|O_NOFOLLOW``: it is a new file,
+    made by this call; its mode is set with :func:`os.fchmod`, whatever the
+    umask (which is never changed).  The helper by which this package
+    creates its files.
+
+    Parameters
+    ----------
+    target : :class:`str`
+        The file to be written.
+    mode : :class:`int`, optional
+        Permission bits of the new file.
+    beside : :class:`bool`, optional
+        If ``True`` (the default), the new file is a temporary file with an
+        unpredictable name (:func:`temporary_name`) in the directory of
+        `target`, to be renamed over `target` with :func:`os.replace` once
+        written; if ``False``, it is `target` itself, which must not exist.
+
+    Returns
+    -------
+    :class:`tuple`
+        The new file, open for writing bytes, and its name.
+
+    Raises
+    ------
+    OSError
+        If it cannot be created (:exc:`FileExistsError` if the name exists,
+        whatever it is); nothing is left behind.
+    """
+    name = temporary_name(target) if beside else target
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        os.fchmod(fd, mode)
+        return os.fdopen(fd, 'wb'), name
+    except BaseException:
+        os.close(fd)
+        discard(name)
+        raise
+
+
+def discard(path):
+    """Remove the file `path` if it exists (a symbolic link itself, never
+    what it points to)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def mode_of(path, default=FILE_MODE):
+    """Permission bits of the regular file `path` (not following a link), to
+    give its replacement; `default` if it is not such a file."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return default
+    return stat.S_IMODE(st.st_mode) & 0o777 if stat.S_ISREG(st.st_mode) else default
+
+
+def _mine(st):
+    """``True`` if `st` is the status of a regular file of this user."""
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+
+
+def remove_leftover(target):
+    """Remove the temporary file of `target` that an earlier process with
+    this process's id left under the predictable name of earlier versions,
+    ``.NAME.PID.tmp`` (never made now), if it is a regular file of this user:
+    never another user's file, never through a link.
+
+    Returns
+    -------
+    :class:`bool`
+        ``True`` if one was removed.
+    """
+    path = _legacy_temporary_name(target)
+    try:
+        if _mine(os.lstat(path)):
+            os.unlink(path)
+            return True
+    except FileNotFoundError:
+        pass
+    return False
 
 
 def _alive(pid):
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
@@ -292,8 +522,10 @@ def _alive(pid):
 def sweep_temporary(directory):
     """Remove temporary files left in `directory` by writers that were killed.
 
-    Only names made by :func:`temporary_name` are considered, and only those
-    of processes that no longer exist (a live writer's file is left alone).
+    Only names made by :func:`temporary_name` (or by earlier versions,
+    ``.NAME.PID.tmp``) are considered, and only those of processes that no
+    longer exist (a live writer's file is left alone).  Only regular files of
+    this user are removed: never a link, never another user's file.
 
     Parameters
     ----------
@@ -306,21 +538,31 @@ def sweep_temporary(directory):
         The files removed.
     """
     try:
-        names = os.listdir(directory)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return []
     removed = []
-    for name in sorted(names):
-        m = _temporary.fullmatch(name)
-        if m is None or _alive(int(m.group('pid'))):
-            continue
-        path = os.path.join(directory, name)
-        try:
-            if os.path.isfile(path) and not os.path.islink(path):
-                os.remove(path)
-                removed.append(path)
-        except OSError as err:
-            log.warning("Could not remove stale temporary file %s: %s.", path, err)
+    try:
+        for name in sorted(os.listdir(fd)):
+            m = _temporary.fullmatch(name)
+            if m is None:
+                continue
+            if _alive(int(m.group('pid'))):
+                continue
+            path = os.path.join(directory, name)
+            try:
+                # Looked at and removed in the directory opened, never through a link.
+                if _mine(os.lstat(name, dir_fd=fd)):
+                    os.unlink(name, dir_fd=fd)
+                    removed.append(path)
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                log.warning("Could not remove stale temporary file %s: %s.", path, err)
+    except OSError as err:
+        log.warning("Could not sweep temporary files of %s: %s.", directory, err)
+    finally:
+        os.close(fd)
     if removed:
         log.info("Removed %d temporary file(s) left by killed writers in %s: %s.",
                  len(removed), directory, ', '.join(os.path.basename(r) for r in removed))
@@ -399,10 +641,67 @@ class Stop(object):
         return True
 
 
+def open_lock(path, mode=FILE_MODE):
+    """Open the lock file `path`, created with `mode` if it is missing,
+    never through a symbolic link (safe in a directory that other users may
+    write).  Take the lock with :func:`fcntl.flock` on the descriptor.
+
+    Parameters
+    ----------
+    path : :class:`str`
+        The lock file.
+    mode : :class:`int`, optional
+        Permission bits of a new lock file (set explicitly, whatever the umask).
+
+    Returns
+    -------
+    :class:`tuple`
+        The open descriptor (read and write if allowed, else read only: a
+        lock needs no more) and ``True`` if this call created the file.
+
+    Raises
+    ------
+    OSError
+        If `path` is a symbolic link or not a regular file (refused, with the
+        reason), or cannot be opened.
+    """
+    flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # A planted FIFO does not block.
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | flags, 0o600)
+    except FileExistsError:
+        created = False
+        try:
+            try:
+                fd = os.open(path, os.O_RDWR | flags)
+            except PermissionError:
+                fd = os.open(path, os.O_RDONLY | flags)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise OSError(errno.ELOOP, "a symbolic link, not followed: refusing to use "
+                              "it as a lock file", path) from None
+            raise
+    else:
+        created = True
+        try:
+            os.fchmod(fd, mode)
+        except BaseException:
+            os.close(fd)
+            raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file: refusing to use it as a lock file",
+                      path)
+    return fd, created
+
+
 def single_instance(path):
     """Take the single-instance lock `path`: an exclusive kernel lock
     (:func:`fcntl.flock`) that dies with its process, so a crash never leaves
     a stale lock behind, and a recycled pid never looks like a holder.
+
+    The lock file is opened by :func:`open_lock`, never through a link; the
+    pid is written only into a lock file of this user with one name (made by
+    this program), never into a file another user planted or linked there.
 
     Parameters
     ----------
@@ -415,22 +714,27 @@ def single_instance(path):
     :class:`tuple`
         ``(file, None)`` with the open lock file (keep it open to keep the
         lock) or ``(None, pid)`` if another process holds it, `pid` being
-        what that process wrote (``'unknown'`` if nothing).
+        what that process wrote (``'unknown'`` if nothing, or not a pid).
+
+    Raises
+    ------
+    OSError
+        If the lock file cannot be opened, or is a link or not a regular file.
     """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    lock = open(path, 'a+')
+    fd, created = open_lock(path)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        lock.seek(0)
-        holder = lock.read().strip() or 'unknown'
-        lock.close()
-        return None, holder
-    lock.seek(0)
-    lock.truncate(0)
-    lock.write(f'{os.getpid():d}\n')
-    lock.flush()
-    return lock, None
+        holder = os.pread(fd, 32, 0).decode('ascii', errors='replace').strip()
+        os.close(fd)
+        return None, holder if re.fullmatch(r'[0-9]{1,10}', holder) else 'unknown'
+    st = os.fstat(fd)
+    writable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+    if writable and (created or (st.st_uid == os.geteuid() and st.st_nlink == 1)):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f'{os.getpid():d}\n'.encode('ascii'), 0)
+    return os.fdopen(fd, 'r+' if writable else 'r'), None
 
 
 def environment_ssh(control=None):
@@ -707,8 +1011,49 @@ def idle_time(start=8, end=12, tz=None):
     return -int((following - now).total_seconds())
 
 
+#: Most bytes of the body of an alert email; the rest is cut, and the email says so.
+ALERT_BODY_LIMIT = 64 * 2**10
+
+#: Most alerts remembered by :class:`AlertHandler` (the oldest are forgotten first).
+ALERT_KEYS = 1000
+
+#: Longest message remembered as it is; a longer one is remembered by its
+#: start and its SHA-256 digest.
+ALERT_KEY_SIZE = 400
+
+#: Largest alert memory file read; a larger one is set aside, never read.
+ALERT_MEMORY_LIMIT = 8 * 2**20
+
+
+def alert_key(message):
+    """What :class:`AlertHandler` remembers of `message`: the message itself,
+    or its start and its SHA-256 digest if it is longer than
+    :data:`ALERT_KEY_SIZE` characters (at most that many in all)."""
+    if len(message) <= ALERT_KEY_SIZE:
+        return message
+    digest = hashlib.sha256(message.encode('utf-8', errors='surrogatepass')).hexdigest()
+    return f"{message[:ALERT_KEY_SIZE - 80]}... sha256:{digest}"
+
+
+def cut_text(text, limit):
+    """`text` cut to at most `limit` bytes of UTF-8, followed by a line saying
+    how much was cut, or `text` itself if it is not longer."""
+    data = text.encode('utf-8', errors='surrogatepass')
+    if len(data) <= limit:
+        return text
+    note = f"\n\n[{len(data) - limit + 200:d} more bytes cut: the limit is {limit:d} bytes.]\n"
+    return data[:limit - 200].decode('utf-8', errors='ignore') + note
+
+
 class AlertHandler(logging.handlers.SMTPHandler):
     """Email CRITICAL messages, at most once per `repeat` seconds per message.
+
+    Whatever a message holds, an email is at most :data:`ALERT_BODY_LIMIT`
+    bytes, at most :data:`ALERT_KEYS` messages are remembered, each in at
+    most :data:`ALERT_KEY_SIZE` characters, and the memory file is read only
+    if it is at most :data:`ALERT_MEMORY_LIMIT` bytes; a memory file that is
+    larger, not a regular file or not a memory of alerts is set aside (as
+    ``.bad``) with one error, and forgotten.
 
     Parameters
     ----------
@@ -742,17 +1087,53 @@ class AlertHandler(logging.handlers.SMTPHandler):
         self.setLevel(logging.CRITICAL)
         self.repeat = repeat
         self.memory = memory
-        self._sent = {}
-        if memory:
-            try:
-                with open(memory) as f:
-                    sent = json.load(f)
-                self._sent = {str(k): float(t) for k, t in sent.items()}
-            except FileNotFoundError:
-                pass
-            except (OSError, ValueError, TypeError, AttributeError) as err:
+        self._sent = self._recall(memory) if memory else {}
+
+    @staticmethod
+    def _recall(memory):
+        """The alerts remembered in the file `memory`, read within the bounds."""
+        why = None
+        try:
+            fd = os.open(memory, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return {}
+        except OSError as err:
+            if err.errno != errno.ELOOP:
                 # Forgetting costs at most one repeated email.
                 log.warning("Alert memory %s is unreadable (%s); starting afresh.", memory, err)
+                return {}
+            why = "a symbolic link"
+        else:
+            with os.fdopen(fd, 'rb') as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    why = "not a regular file"
+                elif st.st_size > ALERT_MEMORY_LIMIT:
+                    why = f"{st.st_size:d} bytes, more than the {ALERT_MEMORY_LIMIT:d} read"
+                else:
+                    data = f.read(ALERT_MEMORY_LIMIT + 1)
+                    if len(data) > ALERT_MEMORY_LIMIT:
+                        why = f"more than the {ALERT_MEMORY_LIMIT:d} bytes read"
+        if why is None:
+            try:
+                sent = json.loads(data)
+                if not isinstance(sent, dict):
+                    raise ValueError("not a JSON object")
+                remembered = sorted((float(t), alert_key(str(k))) for k, t in sent.items()
+                                    if math.isfinite(float(t)))
+            except (ValueError, TypeError, OverflowError, RecursionError) as err:
+                why = f"not a memory of alerts ({str(err)[:200]})"
+            else:
+                return {k: t for t, k in remembered[-ALERT_KEYS:]}
+        try:
+            aside = aside_name(memory, '.bad')
+            os.rename(memory, aside)
+            kept = f"set aside as {aside}"
+        except OSError as err:
+            kept = f"could not be set aside ({err})"
+        log.error("Alert memory %s is %s: %s, and not read; the alerts it remembered may be "
+                  "emailed once more.", memory, why, kept)
+        return {}
 
     def _remember(self):
         if not self.memory:
@@ -762,21 +1143,27 @@ class AlertHandler(logging.handlers.SMTPHandler):
         except OSError as err:
             sys.stderr.write(f"desitransfer: could not write {self.memory}: {err}\n")
 
+    def format(self, record):
+        """The body of the email: the message, cut to :data:`ALERT_BODY_LIMIT` bytes."""
+        return cut_text(super().format(record), ALERT_BODY_LIMIT)
+
     def emit(self, record):
         try:
-            key = record.getMessage()
+            key = alert_key(record.getMessage())
         except Exception:
             # A mistake in the arguments of an alert must not hide the alert.
             record = logging.makeLogRecord(record.__dict__)
             record.msg = f"{record.msg} (bad log arguments {record.args!r})"
             record.args = ()
-            key = record.msg
+            key = alert_key(str(record.msg))
         now = time.time()
         last = self._sent.get(key)
         if last is not None and 0 <= now - last < self.repeat:
             return
-        # Forget messages not seen for a long time: years of distinct alerts add up.
-        self._sent = {k: t for k, t in self._sent.items() if 0 <= now - t < self.repeat}
+        # Forget messages not seen for a long time, and the oldest beyond the
+        # bound: years of distinct alerts add up.
+        recent = sorted((t, k) for k, t in self._sent.items() if 0 <= now - t < self.repeat)
+        self._sent = {k: t for t, k in recent[-(ALERT_KEYS - 1):]}
         self._sent[key] = now
         super().emit(record)
         self._remember()
@@ -786,10 +1173,55 @@ class AlertHandler(logging.handlers.SMTPHandler):
         sys.stderr.write(f"desitransfer: could not email alert to {', '.join(self.toaddrs)} "
                          f"via {self.mailhost}:{self.mailport}: {sys.exc_info()[1]}\n")
         try:
-            self._sent.pop(record.getMessage(), None)
+            self._sent.pop(alert_key(record.getMessage()), None)
         except Exception:
             pass
         self._remember()
+
+
+def open_append(path, binary=False, mode=FILE_MODE, encoding=None, errors=None):
+    """Open the log file `path` to append to it, without following a link.
+
+    A new file is created with `mode` whatever the umask; an existing one
+    must be a regular file (a link, a FIFO or a device planted in its place
+    is refused with :exc:`OSError`).
+
+    Parameters
+    ----------
+    path : :class:`str`
+        The file.
+    binary : :class:`bool`, optional
+        Open it for bytes (for example for the ``output`` of :func:`run`).
+    mode : :class:`int`, optional
+        Mode of a new file.
+    encoding, errors : :class:`str`, optional
+        Of a text file, as for :func:`open`.
+
+    Returns
+    -------
+    file
+        The file object, open for appending.
+    """
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+        os.fchmod(fd, mode)
+    except FileExistsError:
+        fd = os.open(path, flags)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file: refusing to write into it", path)
+    if binary:
+        return os.fdopen(fd, 'ab')
+    return os.fdopen(fd, 'a', encoding=encoding, errors=errors)
+
+
+class _LogFile(logging.handlers.RotatingFileHandler):
+    """A rotating log file opened without following a link, and created with
+    :data:`FILE_MODE` whatever the umask."""
+
+    def _open(self):
+        return open_append(self.baseFilename, encoding=self.encoding, errors=self.errors)
 
 
 def configure_log(debug=False, filename=None, size=100_000_000, backups=10,
@@ -804,7 +1236,8 @@ def configure_log(debug=False, filename=None, size=100_000_000, backups=10,
     debug : :class:`bool`, optional
         If ``True`` set the log level to DEBUG.
     filename : :class:`str`, optional
-        Also log to this file, rotated at `size` bytes, keeping `backups` old files.
+        Also log to this file, rotated at `size` bytes, keeping `backups` old
+        files; opened without following a link, created with :data:`FILE_MODE`.
     size : :class:`int`, optional
         Rotate the log file at this size in bytes.
     backups : :class:`int`, optional
@@ -832,8 +1265,7 @@ def configure_log(debug=False, filename=None, size=100_000_000, backups=10,
             h.close()
     if filename:
         os.makedirs(os.path.dirname(os.path.abspath(filename)), exist_ok=True)
-        fh = logging.handlers.RotatingFileHandler(filename, maxBytes=size,
-                                                  backupCount=backups)
+        fh = _LogFile(filename, maxBytes=size, backupCount=backups)
         fh.setFormatter(logging.Formatter('%(levelname)s:%(filename)s:%(lineno)s:'
                                           '%(funcName)s:%(asctime)s: %(message)s',
                                           datefmt='%Y-%m-%dT%H:%M:%S'))
@@ -851,33 +1283,40 @@ def configure_log(debug=False, filename=None, size=100_000_000, backups=10,
     return log
 
 
-def write_text(path, text):
-    """Write `text` to `path` atomically: a temporary file beside it, flushed
-    and synced to disk, then renamed over `path`, so that a reader sees the
-    old contents or the new, never a part.
+def write_text(path, text, mode=None):
+    """Write `text` to `path` atomically: a new temporary file beside it
+    (:func:`create_file`), flushed and synced to disk, then renamed over
+    `path`, so that a reader sees the old contents or the new, never a part.
+
+    Safe in a directory that other users may write: nothing is written
+    through a link planted there, and a link at `path` is replaced, not followed.
 
     Parameters
     ----------
     path : :class:`str`
         The file to write.
-    text : :class:`str`
-        What to write.
+    text : :class:`str` or :class:`bytes`
+        What to write (text in UTF-8).
+    mode : :class:`int`, optional
+        Permission bits of the new `path`; by default those of the file it
+        replaces, or :data:`FILE_MODE` for a new one (never from the umask).
 
     Raises
     ------
     OSError
         If it cannot be written (the temporary file is removed, `path` is unchanged).
     """
-    tmp = temporary_name(path)
+    data = text.encode('utf-8') if isinstance(text, str) else bytes(text)
+    f, tmp = create_file(path, mode_of(path) if mode is None else mode)
     try:
-        with open(tmp, 'w') as f:
-            f.write(text)
+        with f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except BaseException:
+        discard(tmp)
+        raise
     fsync_directory(os.path.dirname(os.path.abspath(path)))
 
 
@@ -916,9 +1355,16 @@ class SharedConnection(object):
                 # Directories of processes that were killed before close().
                 top = tempfile.gettempdir()
                 for name in os.listdir(top):
-                    m = re.fullmatch(r'desitransfer-ssh-([0-9]+)-\w+', name)
+                    m = re.fullmatch(r'desitransfer-ssh-([0-9]{1,10})-\w+', name)
                     if m is not None and not _alive(int(m.group(1))):
-                        shutil.rmtree(os.path.join(top, name), ignore_errors=True)
+                        path = os.path.join(top, name)
+                        try:
+                            st = os.lstat(path)
+                        except OSError:
+                            continue
+                        # Only a directory of this user: never another's, never a link.
+                        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+                            shutil.rmtree(path, ignore_errors=True)
                 self._directory = tempfile.mkdtemp(prefix=f'desitransfer-ssh-{os.getpid():d}-')
         name = f'mux{stream:d}' if stream else 'mux'
         return self._command(control=os.path.join(self._directory, name))
@@ -992,7 +1438,6 @@ def lstat_tree(directory):
         (``sub/name`` in subdirectories, which are entries too), and the
         problems met (a directory that cannot be listed), one sentence each.
     """
-    import stat  # Here rather than above, so that this helper stays in one place.
     entries, problems = {}, []
     pending = ['']
     while pending:

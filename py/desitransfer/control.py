@@ -28,6 +28,7 @@ import time
 from argparse import ArgumentError, ArgumentParser
 
 from . import __version__ as dtVersion
+from .common import open_append
 from .configuration import ConfigurationError, read_configuration
 from .processes import (alive, descendants, installed_scripts, lock_holder, original_processes,
                         started, stat_fields, user_of)
@@ -242,7 +243,7 @@ def start(command, wait=START_WAIT):
     try:
         argv = [command.script()] + command.arguments
         os.makedirs(os.path.dirname(command.stderr_file), exist_ok=True)
-        with open(command.stderr_file, 'ab') as err:
+        with open_append(command.stderr_file, binary=True) as err:
             err.write(f"--- {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC "
                       f"desi_transfer_init starts: {shlex.join(argv)}\n".encode())
             err.flush()

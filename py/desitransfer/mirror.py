@@ -19,6 +19,7 @@ say what became of the directory.  Each command says what differs: its
 table, its rsync command and what must be done before it.
 """
 import configparser
+import contextlib
 import os
 import re
 import shlex
@@ -27,7 +28,7 @@ from argparse import ArgumentTypeError
 from collections import namedtuple
 from importlib.resources import files
 
-from .common import Stop, log, run, ssh_command, stamp
+from .common import Stop, log, open_append, run, ssh_command, stamp
 
 #: The rsync program.
 RSYNC = '/usr/bin/rsync'
@@ -419,13 +420,17 @@ class BaseMirror(object):
             return status, none
         if not self.test:
             os.makedirs(copy, exist_ok=True)
-        t0 = time.monotonic()
-        result = run(command, timeout=RSYNC_TIMEOUT, ok=(0, 24), stop=self.stop,
-                     test=self.test)
         if self.test:
+            run(command, test=True)
             return 'test mode', none
-        self._append_log(d, command, result,
-                         time.monotonic() - t0 if self.timed_log else None)
+        t0 = time.monotonic()
+        # rsync --verbose of a first mirror lists every file: its output goes
+        # to the log as it comes; the result keeps its tail, with --stats.
+        with self._open_log(d, command) as output:
+            result = run(command, timeout=RSYNC_TIMEOUT, ok=(0, 24), stop=self.stop,
+                         output=output)
+            self._close_log(d, output, result,
+                            time.monotonic() - t0 if self.timed_log else None)
         stats = tuple(_statistics(result.stdout))
         if result.returncode in (0, 24):
             return 'ok', stats
@@ -494,16 +499,47 @@ class BaseMirror(object):
         duration in `seconds` to the log of `d`."""
         if self.test:
             return
+        with self._open_log(d, command) as f:
+            if f is not None:
+                self._write_log(d, f, result.stdout.encode(errors='replace'))
+            self._close_log(d, f, result, seconds)
+
+    @contextlib.contextmanager
+    def _open_log(self, d, command):
+        """The log of `d` (rotated when large), open for appending bytes and
+        headed by `command`; ``None`` if it cannot be written (said once)."""
         path = self._log_file(d)
+        f = None
         try:
             if os.path.exists(path) and os.path.getsize(path) > LOG_SIZE:
                 os.replace(path, path + '.1')
-            with open(path, 'a') as f:
-                f.write(f"# {stamp(self.zone)}: {shlex.join(command)}\n")
-                f.write(result.stdout)
-                if result.stderr:
-                    f.write("# Standard error:\n" + result.stderr)
-                took = '' if seconds is None else f" after {seconds:.1f} s"
-                f.write(f"# Exit status {result.returncode:d}{took}\n")
+            f = open_append(path, binary=True)
+            f.write(f"# {stamp(self.zone)}: {shlex.join(command)}\n".encode(errors='replace'))
+            f.flush()
         except OSError as err:
             log.error("Could not write the log %s: %s.", path, err)
+            if f is not None:
+                f.close()
+            f = None
+        try:
+            yield f
+        finally:
+            if f is not None:
+                f.close()
+
+    def _write_log(self, d, f, data):
+        try:
+            f.write(data)
+            f.flush()
+        except OSError as err:
+            log.error("Could not write the log %s: %s.", self._log_file(d), err)
+
+    def _close_log(self, d, f, result, seconds=None):
+        """End the entry of `result` in the log `f` of `d`: its standard error,
+        its status and, if given, its duration in `seconds`."""
+        if f is None:
+            return
+        took = '' if seconds is None else f" after {seconds:.1f} s"
+        text = ("# Standard error:\n" + result.stderr if result.stderr else '') + \
+            f"# Exit status {result.returncode:d}{took}\n"
+        self._write_log(d, f, text.encode(errors='replace'))

@@ -28,6 +28,7 @@ acknowledged update is lost; only if the copy is bad too does the ``.bak``
 serve.
 """
 import datetime as dt
+import errno
 import html
 import json
 import logging
@@ -35,6 +36,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import sys
 import threading
 import time
@@ -47,11 +49,16 @@ import fcntl
 
 from . import __version__ as dtVersion
 from . import common
-from .common import (aside_name, configure_log, fsync_directory, log, sweep_temporary,
-                     temporary_name, valid_night)
+from .common import (FILE_MODE, aside_name, configure_log, create_file, discard,
+                     fsync_directory, log, mode_of, open_lock, remove_leftover,
+                     sweep_temporary, temporary_name, valid_night, write_text)
 
 #: Files of the status web page, installed from the package data.
 PAGE_FILES = ('index.html', 'desi_transfer_status.js', 'desi_transfer_status.css')
+
+#: Mode of the installed status page files, whatever the umask: readable by
+#: the web server.
+PAGE_MODE = 0o644
 
 
 def _page_source():
@@ -138,7 +145,9 @@ def _installed_data_url(directory):
 
 def install_page(directory, url=None):
     """Copy the status page files (:data:`PAGE_FILES`) from the package data
-    to `directory`, each written to a temporary file renamed over the old.
+    to `directory`, each written to a new temporary file renamed over the old
+    (:func:`desitransfer.common.write_text`: never through a link planted in
+    the directory), with mode :data:`PAGE_MODE`.
 
     Parameters
     ----------
@@ -173,15 +182,7 @@ def install_page(directory, url=None):
                 log.warning("The packaged %s has no data URL element; its exposures are "
                             "not linked to %s.", page, url)
             content = text.encode('utf-8')
-        path = os.path.join(directory, name)
-        tmp = temporary_name(path)
-        try:
-            with open(tmp, 'wb') as out:
-                out.write(content)
-            os.replace(tmp, path)
-        finally:
-            if os.path.lexists(tmp):
-                os.remove(tmp)
+        write_text(os.path.join(directory, name), content, mode=PAGE_MODE)
         installed.append(name)
     if installed:
         log.info("Installed status page %s in %s; exposures link to %s.",
@@ -190,6 +191,24 @@ def install_page(directory, url=None):
     if missing:
         log.warning("Status page file(s) %s missing from the package data %s; "
                     "not installed in %s.", ', '.join(missing), source, directory)
+
+
+def _open_regular(path):
+    """The regular file `path` open for reading bytes, never through a link.
+
+    Raises :exc:`OSError` (errno ``ELOOP`` for a link, ``EINVAL`` for
+    anything but a regular file) if it is not one.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "a symbolic link, not followed", path) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", path)
+    return os.fdopen(fd, 'rb')
 
 
 def _milliseconds():
@@ -304,7 +323,7 @@ class TransferStatus(object):
             yield
             return
         name = os.path.join(self.directory, f'.desi_transfer_status_{year:d}.lock')
-        fd = os.open(name, os.O_RDONLY | os.O_CREAT, 0o666)
+        fd, _ = open_lock(name)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._locked.add(held)
@@ -321,10 +340,18 @@ class TransferStatus(object):
     def _read(path):
         """Records in `path` and the stamp of the file read.
 
-        Raises :exc:`FileNotFoundError`, or :exc:`ValueError` if malformed.
+        Raises :exc:`FileNotFoundError`, or :exc:`ValueError` if malformed
+        (a symbolic link or anything but a regular file is not followed: malformed).
         """
-        with open(path, 'rb') as f:
-            stamp = TransferStatus._stamp(os.fstat(f.fileno()))
+        try:
+            f = _open_regular(path)
+        except OSError as err:
+            if err.errno in (errno.ELOOP, errno.EINVAL):
+                raise ValueError(err.strerror) from None
+            raise
+        with f:
+            st = os.fstat(f.fileno())
+            stamp = TransferStatus._stamp(st)
             text = f.read()
         try:
             data = json.loads(text)
@@ -387,21 +414,18 @@ class TransferStatus(object):
             return
         try:
             with self._lock(year):
-                with open(path, 'rb') as f:
+                with _open_regular(path) as f:
                     st = os.fstat(f.fileno())
                     text = f.read()
                 if self._stamp(st) != stamp:
                     return  # Changed again meanwhile: checked at its next reading.
                 tmp = temporary_name(path + '.copy')
-                if os.path.lexists(tmp):
-                    os.remove(tmp)
                 try:
-                    self._write_file(tmp, text, st.st_mode & 0o7777)
+                    self._write_file(tmp, text, stat.S_IMODE(st.st_mode) & 0o777)
                     os.utime(tmp, ns=(time.time_ns(), stamp[3]))
                     os.replace(tmp, path + '.copy')
                 finally:
-                    if os.path.lexists(tmp):
-                        os.remove(tmp)
+                    discard(tmp)
         except OSError as err:
             log.debug("Could not write the copy of %s: %s.", path, err)
             return
@@ -425,9 +449,12 @@ class TransferStatus(object):
     @staticmethod
     def _write_file(path, text, mode):
         """Write `text` to the new file `path` with `mode`, synced to disk; its stamp.
+
+        The file is created by :func:`desitransfer.common.create_file`: a new
+        file, never reached through a link.
         """
-        with open(path, 'xb') as f:
-            os.fchmod(f.fileno(), mode)
+        f, _ = create_file(path, mode, beside=False)
+        with f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -447,19 +474,15 @@ class TransferStatus(object):
         path = self._path(year)
         # Not escaping non-ASCII is twice as fast, and the same for the usual digits.
         text = json.dumps(data, separators=(',', ':'), ensure_ascii=False).encode('utf-8')
-        try:
-            mode = os.stat(path).st_mode & 0o7777
-        except FileNotFoundError:
-            mask = os.umask(0)
-            os.umask(mask)
-            mode = 0o666 & ~mask
+        # The mode of the file replaced, else FILE_MODE: never from the umask,
+        # which is never changed (threads may be starting programs).
+        mode = mode_of(path, FILE_MODE)
         copy, tmp = temporary_name(path + '.copy'), temporary_name(path)
         bak = temporary_name(path + '.bak')
         try:
-            for stale in (copy, tmp, bak):
+            for target in (path + '.copy', path, path + '.bak'):
                 # Left by a killed process that had our process id before us.
-                if os.path.lexists(stale):
-                    os.remove(stale)
+                remove_leftover(target)
             self._write_file(copy, text, mode)
             stamp = self._write_file(tmp, text, mode)
             # The copy carries the time of the file it mirrors: a file written
@@ -473,13 +496,12 @@ class TransferStatus(object):
                 try:
                     os.link(path, bak)
                 except OSError:
-                    shutil.copy2(path, bak)
+                    self._copy_new(path, bak)
                 os.replace(bak, path + '.bak')
             os.replace(tmp, path)
         finally:
             for leftover in (copy, tmp, bak):
-                if os.path.lexists(leftover):
-                    os.remove(leftover)
+                discard(leftover)
         fsync_directory(self.directory)
         self._cache[year] = (stamp, data)
 
@@ -491,8 +513,25 @@ class TransferStatus(object):
         try:
             os.link(path, name)
         except OSError:
-            shutil.copy2(path, name)
+            TransferStatus._copy_new(path, name)
         return name
+
+    @staticmethod
+    def _copy_new(source, name):
+        """Copy the file `source` (not through a link) to the new file `name`
+        (:func:`desitransfer.common.create_file`), with its mode and times.
+        """
+        with _open_regular(source) as f:
+            st = os.fstat(f.fileno())
+            out, _ = create_file(name, stat.S_IMODE(st.st_mode) & 0o777, beside=False)
+            try:
+                with out:
+                    shutil.copyfileobj(f, out)
+                    out.flush()
+                    os.utime(out.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
+            except BaseException:
+                discard(name)
+                raise
 
     def _handle_malformed(self, year=None):
         """Handle malformed JSON files.

@@ -31,6 +31,7 @@ from . import __version__ as dtVersion
 from . import common, mirror
 from .common import MST, AlertHandler, configure_log, interval, log, single_instance
 from .mirror import IO_TIMEOUT, MAX_DELETE, REMOTE_ROOT, RSYNC
+from .processes import original_running
 
 #: The ssh program of ``--hwtables`` unless :envvar:`RSYNC_RSH` names one:
 #: the key ``~/.ssh/nersc``, and no other.
@@ -247,10 +248,17 @@ def running(pid_file):
         ``True`` if a duplicate process is detected.
     """
     global _lock
-    lock, holder = single_instance(pid_file)
+    try:
+        lock, holder = single_instance(pid_file)
+    except OSError as err:
+        log.critical("Cannot take the lock %s: %s; exiting.", pid_file, err)
+        return True
     if lock is None:
         log.critical("Another desi_tucson_transfer (pid %s) is running (lock %s); exiting.",
                      holder, pid_file)
+        return True
+    if original_running('desi_tucson_transfer'):
+        lock.close()
         return True
     _lock = lock
     return False

@@ -321,7 +321,12 @@ class Mirror(mirror.BaseMirror):
             log.info("Test mode: commands are logged, not run; nothing is changed.")
         else:
             lock_file = os.path.join(self.options.log, f'{PROGRAM}.pid')
-            self._lock, holder = single_instance(lock_file)
+            try:
+                self._lock, holder = single_instance(lock_file)
+            except OSError as err:
+                log.critical("Cannot take the lock %s: %s. Nothing was mirrored.",
+                             lock_file, err)
+                return 1
             if self._lock is None:
                 log.critical("Another %s (pid %s) is running (lock %s); exiting. "
                              "Nothing was mirrored.", PROGRAM, holder, lock_file)

@@ -125,7 +125,12 @@ class TransferDaemon(Settling, Nights, Reporting):
             log.info("Test mode: nothing is changed; commands are logged, not run.")
             self._loop()
             return 0
-        lock, holder = single_instance(self.lock_file)
+        try:
+            lock, holder = single_instance(self.lock_file)
+        except OSError as err:
+            log.critical("desi_transfer_daemon cannot take its lock %s: %s; it does not "
+                         "start.", self.lock_file, err)
+            return 1
         if lock is None:
             log.info("desi_transfer_daemon is already running (pid %s, lock %s); "
                      "nothing to do.", holder, self.lock_file)
