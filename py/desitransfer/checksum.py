@@ -14,9 +14,16 @@ is reported and never opened; only regular files are read, and opening one
 never blocks.  Files are hashed in a few threads, in chunks of
 :data:`CHUNK_SIZE` bytes, so that memory use does not depend on their size.
 
+Nor does it depend on what the checksum file or the directory hold: the
+checksum file is read only if it has at most :data:`MAX_CHECKSUM_FILE_SIZE`
+bytes and :data:`MAX_CHECKSUM_LINES` lines, problems are counted and only the
+first :data:`MAX_PROBLEMS_SHOWN` are described, and a name is quoted in a
+message with at most :data:`MAX_NAME_SHOWN` characters.
+
 The rules are described in full in the "Checksum verification" page of the
 documentation.
 """
+import bisect
 import hashlib
 import os
 import posixpath
@@ -31,8 +38,18 @@ from .common import log
 #: Bytes read at a time by each hashing thread.
 CHUNK_SIZE = 1 << 20
 
-#: Largest checksum file accepted, in bytes (a real one is well under 10 kB).
-MAX_CHECKSUM_FILE_SIZE = 4 << 20
+#: Largest checksum file accepted, in bytes (a real one lists a few dozen
+#: files in a few kB).
+MAX_CHECKSUM_FILE_SIZE = 1 << 20
+
+#: Most lines in a checksum file accepted.
+MAX_CHECKSUM_LINES = 10000
+
+#: Problems described one by one; the others are only counted.
+MAX_PROBLEMS_SHOWN = 10
+
+#: Characters of a name (or a line) quoted in a message at most.
+MAX_NAME_SHOWN = 200
 
 #: Most files hashed at the same time (also limited by the number of CPUs).
 MAX_WORKERS = 4
@@ -52,6 +69,50 @@ class _NotRegularFile(OSError):
     """
 
 
+class _Problems(list):
+    """Problems found: every one counted, the first `limit` kept (a list of
+    messages), in the order of the keys they were added with.
+
+    Memory does not depend on how many problems there are: a hostile checksum
+    file or directory yields a short message whatever it holds.
+
+    Attributes
+    ----------
+    total : :class:`int`
+        Problems added, kept or not.
+    """
+
+    def __init__(self, limit=MAX_PROBLEMS_SHOWN):
+        super().__init__()
+        self.limit = limit
+        self.total = 0
+        self._keys = []
+
+    def add(self, key, message):
+        """Count the problem `message`; keep it if it is among the first `limit`
+        in the order of `key`."""
+        self.total += 1
+        i = bisect.bisect_right(self._keys, key)
+        if i < self.limit:
+            self._keys.insert(i, key)
+            self.insert(i, message)
+            if len(self) > self.limit:
+                del self._keys[-1], self[-1]
+
+    def merge(self, other):
+        """Add the problems of `other`, a :class:`_Problems` (kept and counted)."""
+        for key, message in zip(other._keys, other):
+            self.add(key, message)
+        self.total += other.total - len(other)
+
+    def text(self):
+        """Every kept problem, one per line, after a line counting them all if
+        some are not kept."""
+        head = ([f"{self.total:d} problems (the first {len(self):d} follow)"]
+                if self.total > len(self) else [])
+        return '\n'.join(head + list(self))
+
+
 def verify_checksum(checksum_file):
     """Verify checksums supplied with the raw data.
 
@@ -67,7 +128,9 @@ def verify_checksum(checksum_file):
         checksum.  In addition to mismatches, there can be missing files,
         extraneous files, etc.  An empty string indicates no errors.
         Otherwise there is one problem per line, each naming the file or the
-        line of the checksum file concerned.
+        line of the checksum file concerned; if there are more than
+        :data:`MAX_PROBLEMS_SHOWN`, a first line counts them, and only the
+        first :data:`MAX_PROBLEMS_SHOWN` follow.
     """
     checksum_file = os.fspath(checksum_file)
     label = os.path.basename(checksum_file)
@@ -78,14 +141,15 @@ def verify_checksum(checksum_file):
     if not data.strip():
         return f"Checksum file {checksum_file} is empty."
     digests, unverified, problems = _parse(data, label)
+    del data
     directory = os.path.realpath(os.path.dirname(os.path.abspath(checksum_file)))
     t0 = time.monotonic()
-    problems += _verify_files(directory, {n: d for n, d in digests.items()
-                                          if n not in unverified})
-    problems += _extra_entries(directory, set(digests) | unverified | {label})
+    problems.merge(_verify_files(directory, {n: d for n, d in digests.items()
+                                             if n not in unverified}))
+    problems.merge(_extra_entries(directory, set(digests) | unverified | {label}))
     log.debug("Checked the %d names listed in %s in %.1f s: %d problem(s).",
-              len(digests), checksum_file, time.monotonic() - t0, len(problems))
-    return '\n'.join(problems)
+              len(digests), checksum_file, time.monotonic() - t0, problems.total)
+    return problems.text()
 
 
 def _reason(err):
@@ -95,8 +159,12 @@ def _reason(err):
 
 
 def _show(name):
-    """`name` as written in messages: quoted if it holds odd characters.
+    """`name` as written in messages: quoted, Python style, if it holds odd
+    characters (so that it is always one line), and cut after
+    :data:`MAX_NAME_SHOWN` characters.
     """
+    if len(name) > MAX_NAME_SHOWN:
+        return f"{name[:MAX_NAME_SHOWN]!r}... ({len(name):d} characters)"
     return name if name.isprintable() and name.strip() == name else repr(name)
 
 
@@ -132,13 +200,16 @@ def _open_nonblocking(path):
 
 
 def _read_checksum_file(checksum_file):
-    """Contents of `checksum_file`, refusing anything that is not a small regular file.
+    """Contents of `checksum_file`, refusing anything that is not a small regular
+    file of at most :data:`MAX_CHECKSUM_LINES` lines.
     """
     real = os.path.realpath(checksum_file)
     with _open_nonblocking(real) as f:
         data = f.read(MAX_CHECKSUM_FILE_SIZE + 1)
     if len(data) > MAX_CHECKSUM_FILE_SIZE:
         raise OSError(0, f"larger than {MAX_CHECKSUM_FILE_SIZE:d} bytes")
+    if data.count(b'\n') + (not data.endswith(b'\n')) > MAX_CHECKSUM_LINES:
+        raise OSError(0, f"more than {MAX_CHECKSUM_LINES:d} lines")
     return data
 
 
@@ -157,32 +228,33 @@ def _parse(data, label):
     :class:`tuple`
         A :class:`dict` mapping each normalized name to its digest; the
         :class:`set` of names that cannot be verified (invalid or conflicting
-        digests), but are listed all the same; and a :class:`list` of
-        problems, one message per bad line.
+        digests), but are listed all the same; and the problems, one message
+        per bad line (a :class:`list` of the first :data:`MAX_PROBLEMS_SHOWN`,
+        in line order, whose ``total`` attribute counts them all).
     """
-    digests, lines, unverified, problems = {}, {}, set(), []
+    digests, lines, unverified, problems = {}, {}, set(), _Problems()
     for number, raw in enumerate(data.split(b'\n'), start=1):
         if raw.endswith(b'\r'):
             raw = raw[:-1]
         if not raw.strip():
             continue
-        where = f"Line {number:d} of {label}"
+        where, key = f"Line {number:d} of {_show(label)}", (0, number)
         try:
             digest, name = _split_line(os.fsdecode(raw))
         except ValueError as err:
-            problems.append(f"{where}: {err}.")
+            problems.add(key, f"{where}: {err}.")
             continue
         problem = _digest_problem(digest)
         if problem:
             unverified.add(name)
-            problems.append(f"{where}: invalid digest for {_show(name)}, {problem}; "
-                            "not verified.")
+            problems.add(key, f"{where}: invalid digest for {_show(name)}, {problem}; "
+                         "not verified.")
             continue
         digest = digest.lower()
         if name in digests and digests[name] != digest:
             unverified.add(name)
-            problems.append(f"{where}: {_show(name)} is listed again with a different "
-                            f"digest (first on line {lines[name]:d}); not verified.")
+            problems.add(key, f"{where}: {_show(name)} is listed again with a different "
+                         f"digest (first on line {lines[name]:d}); not verified.")
         elif name not in digests:
             digests[name], lines[name] = digest, number
     return digests, unverified, problems
@@ -232,7 +304,7 @@ def _unescape(name):
     """Undo the escapes of :command:`sha256sum` in `name`.
     """
     if re.fullmatch(r'(?:[^\\]|\\[\\nr])*', name, re.DOTALL) is None:
-        raise ValueError(f"invalid escape sequence in name {name!r}")
+        raise ValueError(f"invalid escape sequence in name {_show(name)}")
     return re.sub(r'\\(.)', lambda m: _escapes[m.group(1)], name)
 
 
@@ -249,7 +321,7 @@ def _safe_name(name):
         or names the exposure directory itself.
     """
     if '\0' in name:
-        raise ValueError(f"name {name!r} contains a NUL character; not read")
+        raise ValueError(f"name {_show(name)} contains a NUL character; not read")
     if name.startswith('/'):
         raise ValueError(f"{_show(name)} is an absolute path; not read")
     if '..' in name.split('/'):
@@ -283,14 +355,14 @@ def _verify_files(directory, digests):
 
     Returns
     -------
-    :class:`list`
-        Problems found, one message each, sorted by name.
+    :class:`_Problems`
+        Problems found, one message each, in the order of the names.
     """
-    problems, jobs = [], []
+    problems, jobs = _Problems(), []
     for name in sorted(digests):
         path, size, problem = _locate(directory, name)
         if problem:
-            problems.append(problem)
+            problems.add((1, name), problem)
         else:
             jobs.append((size, name, path))
     # Largest files first keeps every thread busy until the end.
@@ -302,8 +374,10 @@ def _verify_files(directory, digests):
     else:
         with ThreadPoolExecutor(_workers(len(jobs))) as pool:
             results = list(pool.map(_compare, work))
-    problems += [p for p in results if p]
-    return sorted(problems)
+    for (name, _, _), problem in zip(work, results):
+        if problem:
+            problems.add((1, name), problem)
+    return problems
 
 
 def _locate(directory, name):
@@ -419,29 +493,30 @@ def _extra_entries(directory, listed):
 
     Returns
     -------
-    :class:`list`
-        Problems found, one message each, sorted by name.
+    :class:`_Problems`
+        Problems found, one message each, in the order of the names.
     """
     parents = {posixpath.dirname(n) for n in listed}
     parents |= {p for n in parents for p in _ancestors(n)}
-    problems = []
+    problems = _Problems()
     pending = ['']
     while pending:
         prefix = pending.pop()
         try:
+            # One entry at a time: a directory of millions of entries costs no memory.
             with os.scandir(os.path.join(directory, prefix)) as entries:
-                entries = [(prefix + e.name, e.stat(follow_symlinks=False).st_mode)
-                           for e in entries]
+                for entry in entries:
+                    name = prefix + entry.name
+                    mode = entry.stat(follow_symlinks=False).st_mode
+                    if stat.S_ISDIR(mode) and name in parents:
+                        pending.append(name + '/')
+                    elif name not in listed and name not in parents:
+                        problems.add((2, name), f"{_show(name)}: extra entry ({_kind(mode)}), "
+                                     "not listed in the checksum file.")
         except OSError as err:
-            problems.append(f"{_show(prefix or '.')}: could not be listed: {_reason(err)}.")
-            continue
-        for name, mode in entries:
-            if stat.S_ISDIR(mode) and name in parents:
-                pending.append(name + '/')
-            elif name not in listed and name not in parents:
-                problems.append(f"{_show(name)}: extra entry ({_kind(mode)}), "
-                                "not listed in the checksum file.")
-    return sorted(problems)
+            problems.add((2, prefix), f"{_show(prefix or '.')}: could not be listed: "
+                         f"{_reason(err)}.")
+    return problems
 
 
 def _ancestors(name):

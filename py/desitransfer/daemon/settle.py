@@ -9,6 +9,10 @@ copy-verify step (:mod:`~desitransfer.daemon.transfer`): the one place that
 decides, for new exposures, retries and catch-up alike, what is recorded,
 installed, retried and alerted; and the trouble that ends a pass.  These are
 methods of :class:`~desitransfer.daemon.core.TransferDaemon`.
+
+Names and messages that come from the mountain are logged escaped (see
+:func:`shown` and :func:`one_line`): one name is always one log line, and
+two different names never look the same.
 """
 import math
 import os
@@ -17,6 +21,7 @@ import time
 
 from ..common import log, valid_night
 from .actions import listdir
+from .state import MAX_REPORTED
 from .transfer import COPIED, DISK_FULL, FATAL, SOURCE_CHANGED, STOPPED, copy_verify
 
 #: The third pass in a row that cannot reach the mountain is emailed.
@@ -32,9 +37,39 @@ AUTO_REFRESH = 600
 #: Seconds a copy waits at most for the round trip to be measured.
 AUTO_WAIT = 10
 
+#: Refused links reported one by one in a pass; the others of the pass are
+#: counted in one message (and remembered all the same).
+MAX_TOLD = 20
+
+#: Key of ``reported`` while more refused links are found than can be remembered.
+TOO_MANY_REFUSED = 'too many refused links'
+
 
 def _passes(n):
     return f"{n:d} pass{'' if n == 1 else 'es'}"
+
+
+def shown(name):
+    """`name` (from the mountain) as written in a message: as it is if it is
+    plain printable text, otherwise quoted and escaped as :func:`repr` does,
+    so that it is one line, and two names never look the same (an
+    undecodable byte, kept as a surrogate, is shown as ``\\udcXX``)."""
+    plain = name.isprintable() and name.strip() == name and name[:1] not in ('"', "'")
+    return name if plain else repr(name)
+
+
+def one_line(text):
+    """`text` (from the mountain) with every character that is not printable
+    escaped as :func:`repr` does: a message that cannot span lines."""
+    if text.isprintable():
+        return text
+    return ''.join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _some(names, most=3):
+    """The first `most` of `names`, shown, and how many more."""
+    text = ', '.join(shown(n) for n in names[:most])
+    return text + (f' and {len(names) - most:d} more' if len(names) > most else '')
 
 
 class Settling(object):
@@ -204,7 +239,7 @@ class Settling(object):
                 log.critical("Exposure %s arrived after night %s was archived to HPSS; the "
                              "night must be archived again by hand.", o.name, o.link.night)
             return
-        problems = '; '.join(p.rstrip('.') for p in o.problems)
+        problems = one_line('; '.join(p.rstrip('.') for p in o.problems))
         installed = (f"It is installed in {where} anyway" if o.copy == COPIED else
                      f"It is incomplete, kept in {d.staging} and not installed")
         limit = self.conf['retries']
@@ -246,15 +281,38 @@ class Settling(object):
 
     def _report(self, d, survey):
         """Report, once each, what the mountain links but is not transferred, and
-        exposures left in staging whose link is gone."""
+        exposures left in staging whose link is gone.
+
+        A refused link is remembered while the mountain still has it (the
+        survey lists every entry of the transfer area, and every link of the
+        nights of the window it could list), at most :data:`MAX_REPORTED` of
+        them: past that, one CRITICAL message says how many cannot be
+        remembered, and an ERROR repeats it at each pass while it lasts.
+        """
         reported = self.state[d.name]['reported']
-        new = []
-        for name, why in sorted(survey.refused.items()):
+        window = set(self._window()) - set(survey.unknown_nights)
+        reported -= {k for k in reported if k.startswith('link ') and
+                     k[5:] not in survey.refused and
+                     ('/' not in k or k[5:].split('/')[0] in window)}
+        told, summed, untold = [], [], []
+        room = MAX_REPORTED - sum(1 for k in reported if k.startswith('link '))
+        for name in sorted(survey.refused):
             key = f'link {name}'
-            if key not in reported:
-                log.warning("%s/%s at %s is not transferred: %s.", d.source, name,
-                            self.mountain.name, why)
-                new.append(key)
+            if key in reported:
+                continue
+            if len(told) + len(summed) >= room:
+                untold.append(name)
+                continue
+            (told if len(told) < MAX_TOLD else summed).append(name)
+            reported.add(key)
+        for name in told:
+            log.warning("%s/%s at %s is not transferred: %s.", d.source, shown(name),
+                        self.mountain.name, one_line(survey.refused[name]))
+        if summed:
+            log.warning("%d more entries of %s at %s are not transferred (%s); each is "
+                        "reported once.", len(summed), d.source, self.mountain.name,
+                        _some(summed))
+        self._too_many_refused(d, reported, untold)
         for night in listdir(d.staging):
             if not valid_night(night) or night < self._oldest() or night in survey.unknown_nights:
                 continue
@@ -264,12 +322,24 @@ class Settling(object):
                 if name not in survey.links and key not in reported:
                     log.critical("Exposure %s is in staging (%s) but no longer linked at %s: "
                                  "it is not installed, recorded or archived. Check it, then "
-                                 "install it by hand or remove it.", name,
-                                 os.path.join(d.staging, night, expid), self.mountain.name)
-                    new.append(key)
-        if new:
-            reported += new
-            self.actions.save(self.state)
+                                 "install it by hand or remove it.", shown(name),
+                                 shown(os.path.join(d.staging, night, expid)),
+                                 self.mountain.name)
+                    reported.add(key)
+        self.actions.save(self.state)  # written only if something changed
+
+    def _too_many_refused(self, d, reported, untold):
+        """Say that the refused links `untold` cannot be remembered (see :meth:`_report`)."""
+        if not untold:
+            reported.discard(TOO_MANY_REFUSED)
+            return
+        level = log.error if TOO_MANY_REFUSED in reported else log.critical
+        level("%d more entries of %s at %s are not transferred (%s), but are not remembered: "
+              "%d refused links are remembered already, the most kept. They are said again "
+              "at each pass until the transfer area holds fewer; clean it up at %s.",
+              len(untold), d.source, self.mountain.name, _some(untold), MAX_REPORTED,
+              self.mountain.name)
+        reported.add(TOO_MANY_REFUSED)
 
     # ------------------------------------------------------------------
     # Trouble that ends a pass.
@@ -282,7 +352,8 @@ class Settling(object):
         n = state['unreachable']
         level = log.critical if n == UNREACHABLE_ALERT else log.error
         level("Could not %s at %s (%s in a row): %s; will try again next pass.", what,
-              self.mountain.name, _passes(n), ' '.join(detail.split())[-300:] or 'no answer')
+              self.mountain.name, _passes(n),
+              one_line(' '.join(detail.split())[-300:]) or 'no answer')
         self.actions.save(self.state)
 
     def _unlisted(self, d, survey):
@@ -297,8 +368,8 @@ class Settling(object):
             unlisted[night] = n = unlisted.get(night, 0) + 1
             level = log.critical if n == UNREACHABLE_ALERT else log.error
             level("Night %s could not be listed in %s at %s (%s, %s in a row); its exposures "
-                  "wait until it can be.", night, d.source, self.mountain.name, why,
-                  _passes(n))
+                  "wait until it can be.", night, d.source, self.mountain.name,
+                  one_line(why[:300]), _passes(n))
         if survey.unknown_nights or unlisted:
             self.actions.save(self.state)
 
@@ -311,7 +382,7 @@ class Settling(object):
             self.actions.save(self.state)
 
     def _disk_full(self, d, detail):
-        log.error("No space left (%s).", ' '.join(detail.split())[-300:])
+        log.error("No space left (%s).", one_line(' '.join(detail.split())[-300:]))
         log.critical("The disk of %s or %s is full: transfers stop for this pass, and copies "
                      "already in staging are kept. Free some space; the daemon carries on by "
                      "itself.", d.staging, d.destination)

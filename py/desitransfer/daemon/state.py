@@ -35,7 +35,10 @@ Per destination section it holds:
 ``reported``
     Problems already reported (malformed links, exposures left in staging),
     and nights whose morning report was sent, so that each is said once, also
-    across ``--once`` runs.
+    across ``--once`` runs.  In memory a set (a :class:`Reported`), on disk a
+    sorted list of strings.  A key is forgotten with its night, and a refused
+    link as soon as the mountain no longer has it; at most
+    :data:`MAX_REPORTED` refused links are remembered.
 ``late``
     ``{"NIGHT": [EXPID, ...]}``: exposures in which a catch-up found late or
     changed files, for the morning report.
@@ -45,18 +48,29 @@ Per destination section it holds:
 
 Only nights of the recent window are kept: older ones are settled history.
 A state file that is not JSON or not of this shape is kept as ``.bad``
-(``.bad.1``, ...) and the daemon starts afresh.
+(``.bad.1``, ...) and the daemon starts afresh.  The file is written only
+when something in it changed.
 """
 import json
 import os
 import re
 
-from ..common import aside_name, log, valid_night, write_json
+from ..common import aside_name, log, valid_night, write_text
 
 #: Name of the state file, next to the staging directory.
 STATE_FILE = 'desi_transfer_daemon_state.json'
 
+#: Most refused links at the mountain remembered as reported, per destination.
+MAX_REPORTED = 10000
+
 _expid = re.compile(r'[0-9]{8}')
+
+#: The night of a key of ``reported``: ``link NIGHT/...``, ``staging NIGHT/EXPID``,
+#: ``NIGHT report``, ``NIGHT kill file``.
+_key_night = re.compile(r'(?:link |staging )([0-9]{8})/|([0-9]{8}) ')
+
+#: The key of the alert of an HPSS outage, by the time it began.
+_key_outage = re.compile(r'hpss unavailable ([0-9]+)')
 
 
 def valid_link(link):
@@ -102,6 +116,35 @@ _FIELDS = {
 }
 
 
+class Reported(set):
+    """Keys of problems already reported: a set, so that looking one up takes
+    the same time however many there are; saved as a sorted list."""
+
+    def append(self, key):
+        """Remember `key` (as :meth:`set.add`)."""
+        self.add(key)
+
+
+def key_night(key):
+    """The night (YYYYMMDD) a key of ``reported`` belongs to, or ``None``."""
+    m = _key_night.match(key)
+    night = m and (m.group(1) or m.group(2))
+    return night if night and valid_night(night) else None
+
+
+def _settled(key, oldest, section):
+    """``True`` if the key `key` of ``reported`` in `section` can be forgotten:
+    its night is before `oldest`, or it is the alert of an HPSS outage that
+    is over.  A refused entry of the transfer area that is not in a night is
+    forgotten when the mountain no longer has it (see
+    :mod:`~desitransfer.daemon.settle`)."""
+    night = key_night(key)
+    if night is not None:
+        return night < oldest
+    m = _key_outage.fullmatch(key)
+    return m is not None and int(m.group(1)) != section['hpss_unavailable']
+
+
 class State(object):
     """The daemon's state file.
 
@@ -123,10 +166,13 @@ class State(object):
     def __init__(self, path, names, keep_bad=True):
         self.path = path
         self.new = False
+        self._saved = None  # the text of the file, as this object last wrote or read it
         try:
             with open(path) as f:
-                data = json.load(f)
+                text = f.read()
+            data = json.loads(text)
             _check(data, names)
+            self._saved = text
         except FileNotFoundError:
             self.new = True
             data = {}
@@ -142,15 +188,21 @@ class State(object):
             section = data.setdefault(name, {})
             for key, (default, _) in _FIELDS.items():
                 section.setdefault(key, default())
+            section['reported'] = Reported(section['reported'])
         self.data = data
 
     def __getitem__(self, name):
         return self.data[name]
 
     def save(self):
-        """Write the state atomically."""
+        """Write the state atomically, unless the file already holds it (as this
+        object read or wrote it last)."""
+        text = json.dumps(self.data, indent=1, sort_keys=True, default=sorted)
+        if text == self._saved:
+            return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        write_json(self.path, self.data)
+        write_text(self.path, text)
+        self._saved = text
 
     def forget_before(self, oldest):
         """Forget nights before `oldest` (YYYYMMDD): settled history."""
@@ -162,8 +214,8 @@ class State(object):
             for key in ('retries', 'pending'):
                 section[key] = {k: v for k, v in section[key].items() if k[:8] >= oldest}
             section['given_up'] = [k for k in section['given_up'] if k[:8] >= oldest]
-            section['reported'] = [k for k in section['reported']
-                                   if not re.match(r'[0-9]{8}', k) or k[:8] >= oldest]
+            reported = section['reported']
+            reported -= {k for k in reported if _settled(k, oldest, section)}
 
 
 def _check(data, names):
