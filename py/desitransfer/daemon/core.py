@@ -31,7 +31,7 @@ from .archive import Archive
 from .nights import Nights, due_time
 from .remote import Mountain
 from .report import Reporting
-from .settle import Settling
+from .settle import Settling, one_line, shown
 from .state import STATE_FILE, State, valid_link
 from .transfer import COPIED, FATAL, fatal
 
@@ -431,7 +431,8 @@ class TransferDaemon(Settling, Nights, Reporting):
         """
         link = '/'.join(link.rstrip('/').split('/')[-2:])
         if not valid_link(link):
-            log.error("%s is not an exposure NIGHT/EXPID; nothing is transferred.", link)
+            log.error("%s is not an exposure NIGHT/EXPID; nothing is transferred.",
+                      shown(link))
             return False
         night, expid = link.split('/')
         if (os.path.isdir(os.path.join(d.destination, night, expid)) and
@@ -443,7 +444,7 @@ class TransferDaemon(Settling, Nights, Reporting):
                                       d.data_root)
         if link not in survey.links:
             log.error("Exposure %s is not linked at %s (%s); nothing is transferred.", link,
-                      self.mountain.name, survey.refused.get(link, survey.answer))
+                      self.mountain.name, one_line(str(survey.refused.get(link, survey.answer))))
             return False
         log.info("Transferring exposure %s from %s.", link, d.source)
         outcomes = self._copy_verify(d, [survey.links[link]], status)
