@@ -148,10 +148,12 @@ def test_command(monkeypatch):
     d = DailyDirectory('/src/d0', '/dst/d0')
     assert d.log == '/dst/d0.log' and d.name == 'd0'
     assert d.command() == ['/bin/rsync', ssh, '--timeout=600', '--verbose', '--recursive',
-                           '--links', '--times', '--omit-dir-times', 'dts:/src/d0/', '/dst/d0/']
+                           '--links', '--safe-links', '--times', '--omit-dir-times',
+                           'dts:/src/d0/', '/dst/d0/']
     d = DailyDirectory('/src/d0', '/dst/d0', extra=['--include', '*.csv', '--exclude', '*'],
                        dirlinks=True)
-    assert d.command()[3:] == ['--verbose', '--recursive', '--copy-dirlinks', '--times',
+    # With dirlinks no link is copied by this command; see DailyDirectory.follow.
+    assert d.command()[3:] == ['--verbose', '--recursive', '--times',
                                '--omit-dir-times', '--include', '*.csv', '--exclude', '*',
                                'dts:/src/d0/', '/dst/d0/']
     monkeypatch.setenv('RSYNC_RSH', '"/opt/my ssh" -F /x')
@@ -335,10 +337,10 @@ def test_noon(kpno, monkeypatch):
         'notes.txt']
     assert (kpno.nersc('spectro', 'staging', 'lost+found', '20240101', '00001234',
                        'desi-00001234.fits.fz').read_text() == 'fits\n')
-    # calibration: links are kept as links, even dangling or leading out of the tree.
+    # calibration: links are kept as links, even dangling, but never leading out of the tree.
     assert tree(eng / 'calibration') == [
         'dangling -> does-not-exist', 'fp_calib.json', 'latest.json -> fp_calib.json',
-        f'outside -> {outside}', f'outside-dir -> {outdir}', 'sub/', 'sub/deep.txt']
+        'sub/', 'sub/deep.txt']
     for name in ('calib_logs', 'kpno', 'sequence_logs'):
         assert tree(eng / 'logs' / name) == [f'{name}-20240101.log']
     # hwtables: only *.csv at the top; near misses and subdirectories stay at the mountain.
@@ -363,9 +365,9 @@ def test_noon(kpno, monkeypatch):
     assert log[0] == f'DEBUG: desi_daily_transfer {__version__}'
     command = shlex.split(log[1][len('DEBUG: '):])
     assert command[0] == '/bin/rsync' and command[1].startswith(f"--rsh={os.environ['RSYNC_RSH']} ")
-    assert command[2:] == ['--timeout=600', '--verbose', '--recursive', '--links', '--times',
-                           '--omit-dir-times', 'dts:/data/focalplane/calibration/',
-                           f'{eng}/calibration/']
+    assert command[2:] == ['--timeout=600', '--verbose', '--recursive', '--links',
+                           '--safe-links', '--times', '--omit-dir-times',
+                           'dts:/data/focalplane/calibration/', f'{eng}/calibration/']
     assert re.fullmatch(f'DEBUG: Transfer start: {STAMP}', log[2])
     assert 'fp_calib.json' in log and 'latest.json -> fp_calib.json' in log
     def at(prefix):

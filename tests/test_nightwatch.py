@@ -224,17 +224,22 @@ def test_missing_top_level_file(kpno):
 
 
 def test_top_level_link_is_left_alone(kpno, tmp_path):
-    """A top-level file that is a link arrives as a link; what it points to keeps its mode."""
+    """A top-level file that is a link inside the nightwatch directory arrives
+    as a link; one pointing out of it is not copied (an error); what either
+    points to keeps its mode."""
     night = '20240101'
-    make_night(kpno, night, top_level=TOP_LEVEL[1:])
+    make_night(kpno, night, top_level=TOP_LEVEL[2:])
+    kpno.link(f'{SOURCE}/nightlinks.js', f'{night}/nightwatch_summary.html')
     target = tmp_path / 'private.html'
     target.write_text('private')
     target.chmod(0o600)
     kpno.link(f'{SOURCE}/nights.html', str(target))
     p = nightwatch_cli(kpno, '--once', '--night', night)
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert os.readlink(kpno_dir(kpno, 'nights.html')) == str(target)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert os.readlink(kpno_dir(kpno, 'nightlinks.js')) == f'{night}/nightwatch_summary.html'
+    assert not os.path.lexists(kpno_dir(kpno, 'nights.html'))
     assert mode(target) == 0o600
+    assert f'Top-level file dts:{SOURCE}/nights.html is a link out of' in log_text(kpno)
 
 
 def test_second_instance_refused(kpno):

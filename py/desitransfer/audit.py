@@ -24,6 +24,11 @@ recorded, and by the sizes of its files against the archive's index; with
 `deep`, every checksum is verified (:func:`desitransfer.checksum.verify_checksum`).
 A place that cannot be read (the mountain unreachable, HPSS not answering)
 is a disagreement too: an audit that could not look is not clean.
+
+What the mountain answers is checked as the daemon checks it (a link whose
+target is not a path of letters, digits and ``._+-`` is refused, see
+:func:`desitransfer.daemon.remote.safe_path`), and is written in the table
+escaped (Python style): a name from the mountain is always one line of it.
 """
 import os
 import re
@@ -40,7 +45,7 @@ from .common import Stop, dir_perm, file_perm, lstat_tree, valid_night
 from .daemon.actions import DryRun
 from .daemon.archive import Archive, _absent, archive_name, parse_listing
 from .daemon.nights import due_time
-from .daemon.remote import SURVEY_SCRIPT, Mountain, parse_survey
+from .daemon.remote import SURVEY_SCRIPT, Mountain, parse_survey, shown
 from .statistics import configured
 from .status import TransferStatus, read_status, status_directory
 
@@ -100,7 +105,9 @@ class Disagreement(namedtuple('Disagreement', ['night', 'expid', 'place', 'probl
 
 
 def _tail(text, size=200):
-    return ' '.join(text.split())[-size:] or 'no message'
+    """The end of `text` (from a command) on one line, control characters escaped."""
+    text = ''.join(c if c.isprintable() else repr(c)[1:-1] for c in ' '.join(text.split()))
+    return text[-size:] or 'no message'
 
 
 def _some(names):
@@ -506,8 +513,8 @@ class Night(object):
                      f"BatchMode=yes {self.host} true) and audit again")
         for name, why in sorted(self.refused.items()):
             if not _expid.fullmatch(name):
-                self.add(None, 'mountain', f"{d.source}/{night}/{name} is not transferred: "
-                         f"{why}", "rename or remove it at the mountain")
+                self.add(None, 'mountain', f"{d.source}/{night}/{shown(name)} is not "
+                         f"transferred: {why}", "rename or remove it at the mountain")
         if (not self.mountain_why and not self.links and not self.refused and
                 (self.exposures or self.rows)):
             self.add(None, 'mountain', f"no exposure of the night is linked in {d.source} at "

@@ -13,6 +13,12 @@ sections of the shipped ``desi_daily_transfer.ini`` (or of the file given with
 ``--configuration``).  Each directory keeps its own log, ``DESTINATION.log``.
 The noon run removes its completion file before it starts and writes it again
 when every directory has been tried: the Tucson mirror waits for that file.
+
+No link at the mountain leads outside the directory it is in: a directory
+keeps its links as links only if they point inside it (``--safe-links``), and
+a directory whose links to directories are followed (``dirlinks``) follows
+only those that resolve, at the mountain, inside it or under the directories
+of its ``dirlinks_under`` (:func:`desitransfer.daemon.remote.parse_links`).
 """
 import configparser
 import os
@@ -28,12 +34,17 @@ from .common import (SharedConnection, Stop, alert_options, configure_log, dir_p
                      environment_ssh, file_perm, log, rsync, rsync_ssh, run,
                      single_instance, stamp, write_text)
 from .configuration import ConfigurationError, _absolute, _get
+from .daemon.remote import (LINKS_ANSWER_LIMIT, LINKS_TOLD, link_copies, links_command,
+                            parse_links, safe_path, shown)
 
 #: Seconds before an rsync is killed.
 RSYNC_TIMEOUT = 2 * 3600
 
 #: Seconds before :command:`fix_permissions.sh` is killed.
 PERMISSION_TIMEOUT = 3600
+
+#: Seconds before the list of the links to directories of a directory is given up.
+LIST_TIMEOUT = 300
 
 #: The runs of a day.
 TIMEFRAMES = ('morning', 'noon')
@@ -42,7 +53,8 @@ TIMEFRAMES = ('morning', 'noon')
 COMPLETION = os.path.join('$DESI_ROOT', 'spectro', 'staging', 'status', 'daily.txt')
 
 #: Keys of a directory section of the configuration.
-_keys = ('timeframe', 'source', 'destination', 'include', 'include_from', 'dirlinks')
+_keys = ('timeframe', 'source', 'destination', 'include', 'include_from', 'dirlinks',
+         'dirlinks_under')
 
 
 class DailyDirectory(object):
@@ -57,10 +69,16 @@ class DailyDirectory(object):
     extra : :class:`list`, optional
         Extra :command:`rsync` arguments to splice into command.
     dirlinks : :class:`bool`, optional
-        If ``True``, convert source links into linked directory.
+        If ``True``, convert source links into linked directory: the links to
+        directories that resolve, at the mountain, inside `source` (or under
+        one of `dirlinks_under`) are copied as directories; no other link is
+        copied.
     name : :class:`str`, optional
         Name of the directory in messages and in the completion file; by
         default the last component of `destination`.
+    dirlinks_under : :class:`list`, optional
+        With `dirlinks`, directories at the mountain under which the links
+        may resolve, besides `source`.
 
     Attributes
     ----------
@@ -75,12 +93,14 @@ class DailyDirectory(object):
         What went wrong after the copy (lock, permissions, the log itself).
     """
 
-    def __init__(self, source, destination, extra=[], dirlinks=False, name=None):
+    def __init__(self, source, destination, extra=[], dirlinks=False, name=None,
+                 dirlinks_under=()):
         self.source = source
         self.destination = destination
         self.log = self.destination + '.log'
         self.extra = list(extra)
         self.dirlinks = dirlinks
+        self.dirlinks_under = list(dirlinks_under)
         self.name = name or os.path.basename(destination)
         self.ssh = None
         self.stop = None
@@ -94,14 +114,21 @@ class DailyDirectory(object):
         -------
         :class:`list`
             :func:`~desitransfer.common.rsync` from the mountain, with `extra`
-            right after ``--omit-dir-times`` and ``--links`` instead of
-            ``--copy-dirlinks`` unless `dirlinks`, through the ssh command.
+            right after ``--omit-dir-times``, through the ssh command.  It
+            never follows a link: unless `dirlinks`, ``--links --safe-links``
+            replace ``--copy-dirlinks`` (links pointing inside the directory
+            are kept as links, the others left out); with `dirlinks`, no link
+            is copied by this command (see :meth:`follow`).
         """
-        command = rsync(self.source, self.destination)
-        if not self.dirlinks:
-            command[command.index('--copy-dirlinks')] = '--links'
+        return self._command(self.source, self.destination, self.extra,
+                             [] if self.dirlinks else ['--links', '--safe-links'])
+
+    def _command(self, source, destination, extra, links):
+        command = rsync(source, destination)
+        at = command.index('--copy-dirlinks')
+        command[at:at + 1] = links
         after = command.index('--omit-dir-times') + 1
-        command[after:after] = self.extra
+        command[after:after] = extra
         command = rsync_ssh(command, self.ssh or environment_ssh())
         # An rsync that receives nothing for 10 minutes gives up (exit status 30).
         command.insert(2, '--timeout=600')
@@ -136,6 +163,8 @@ class DailyDirectory(object):
         command = self.command()
         if self.test:
             run(command, test=True)
+            if self.dirlinks:
+                self.follow()
             self.lock()
             if permission:
                 self.permission()
@@ -144,14 +173,73 @@ class DailyDirectory(object):
                      f"DEBUG: {shlex.join(command)}",
                      f"DEBUG: Transfer start: {stamp()}")
         result = run(command, timeout=RSYNC_TIMEOUT, stop=self.stop, quiet=True)
-        self._append(result.stdout, result.stderr, f"DEBUG: Transfer complete: {stamp()}")
-        if result.returncode != 0:
-            self._append(f"ERROR: rsync exit status {result.returncode:d}; "
+        self._append(result.stdout, result.stderr)
+        code = result.returncode
+        if code == 0 and self.dirlinks:
+            code = self.follow()
+        self._append(f"DEBUG: Transfer complete: {stamp()}")
+        if code != 0:
+            self._append(f"ERROR: rsync exit status {code:d}; "
                          f"{self.destination} is not locked.")
-            return result.returncode
+            return code
         self.lock()
         if permission:
             self.permission()
+        return 0
+
+    def follow(self):
+        """Copy, as directories, the links to directories under `source` that
+        resolve inside it, or under one of `dirlinks_under`.
+
+        The links are listed and resolved at the mountain in one round trip
+        (:func:`desitransfer.daemon.remote.parse_links`); each one followed
+        is copied from its physical directory there, by an :command:`rsync`
+        that follows no link (links in the same directory into the same
+        directory, one rsync).  A link that is not followed is an ``ERROR:``
+        line of the log and a problem of this directory.
+
+        Returns
+        -------
+        :class:`int`
+            0, or the status of the first :command:`rsync` that failed.
+        """
+        ssh = self.ssh or environment_ssh()
+        listing = ssh + ['dts', shlex.join(links_command(self.source,
+                                                         roots=self.dirlinks_under))]
+        if self.test:
+            run(listing, test=True)
+            log.info("Test mode, would copy the links to directories of %s that resolve "
+                     "inside it%s.", self.source, ''.join(f" or under {d}"
+                                                         for d in self.dirlinks_under))
+            return 0
+        self._append(f"DEBUG: Listing the links to directories of {self.source} at the mountain")
+        result = run(listing, timeout=LIST_TIMEOUT, ok=(0, 3), stop=self.stop, quiet=True,
+                     limit=LINKS_ANSWER_LIMIT)
+        if self.stop is not None and self.stop.is_set():
+            return result.returncode or -15
+        links = parse_links(result, self.source, roots=self.dirlinks_under)
+        if links.why:
+            self._append(f"ERROR: No link followed: {links.why}")
+            self.problems.append(f"no link followed ({links.why})")
+            return 0
+        refused = sorted(links.refused.items())
+        self._append(*[f"ERROR: Link {shown(link)} not followed: {why}"
+                       for link, why in refused[:LINKS_TOLD]])
+        if len(refused) > LINKS_TOLD:
+            self._append(f"ERROR: {len(refused) - LINKS_TOLD:d} more links not followed")
+        if links.refused:
+            first = min(links.refused)
+            self.problems.append(f"{len(links.refused):d} link(s) not followed, the first "
+                                 f"{shown(first)}: {links.refused[first]}")
+        for directory, into, filters in link_copies(links.follow):
+            destination = os.path.join(self.destination, into) if into else self.destination
+            command = self._command(directory, destination, filters, [])
+            self._append(f"DEBUG: {shlex.join(command)}")
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            result = run(command, timeout=RSYNC_TIMEOUT, stop=self.stop, quiet=True)
+            self._append(result.stdout, result.stderr)
+            if result.returncode != 0:
+                return result.returncode
         return 0
 
     def lock(self):
@@ -290,7 +378,19 @@ def _directory(parser, section):
     except ValueError:
         raise ConfigurationError(f"[{section}] dirlinks = {parser[section]['dirlinks']!r} "
                                  "is not yes or no") from None
-    d = DailyDirectory(source, destination, extra=extra, dirlinks=dirlinks, name=section)
+    if dirlinks and extra:
+        # A link is followed by an rsync of its own, to which the patterns do not apply.
+        raise ConfigurationError(f"[{section}] dirlinks = yes cannot be combined with "
+                                 "include or include_from")
+    under = _get(parser, section, 'dirlinks_under', default='').split()
+    for directory in under:
+        if not safe_path(directory):
+            raise ConfigurationError(f"[{section}] dirlinks_under: {directory!r} is not an "
+                                     "absolute path of letters, digits and ._+-")
+    if under and not dirlinks:
+        raise ConfigurationError(f"[{section}] dirlinks_under needs dirlinks = yes")
+    d = DailyDirectory(source, destination, extra=extra, dirlinks=dirlinks, name=section,
+                       dirlinks_under=under)
     d.timeframe = timeframe
     return d
 

@@ -15,6 +15,14 @@ are reset for the collaboration, and the top-level pages are synced and made
 world-readable.  Between 08:00 and 12:00 MST nothing is observed: the night
 that is ending is synced one last time, and the loop sleeps until noon.
 
+The nightwatch tree is opened to the collaboration and served on the web, so
+nothing from outside the night's directory at the mountain may reach it: the
+links to directories in the night are listed and resolved at the mountain
+first (:func:`desitransfer.daemon.remote.parse_links`), and only those that
+resolve inside the night are followed; no other link is followed or copied,
+and a top-level page that is a link out of the nightwatch directory is not
+copied (``--safe-links``).
+
 Catch-up on a specific night::
 
     desi_nightwatch_transfer --once --night 20200124
@@ -26,8 +34,11 @@ By-hand startup sequence (bash shell)::
     nohup nice -19 ${DESITRANSFER}/bin/desi_nightwatch_transfer &> /dev/null &
     tail -f ${DESI_ROOT}/spectro/nightwatch/desi_nightwatch_transfer.log
 """
+import errno
+import fnmatch
 import math
 import os
+import shlex
 import stat
 import sys
 import time
@@ -39,6 +50,8 @@ from . import __version__ as dtVersion
 from . import common
 from .common import (SharedConnection, Stop, alert_options, configure_log, idle_time, log,
                      rsync, rsync_ssh, run, single_instance, today, valid_night)
+from .daemon.remote import (LINKS_ANSWER_LIMIT, LINKS_TOLD, link_copies, links_command,
+                            parse_links, shown)
 from .processes import original_running
 
 #: Nightwatch output at the mountain (ssh host alias ``dts``), one directory a night.
@@ -54,6 +67,9 @@ TOP_LEVEL_MODE = 0o644
 
 #: Errors are counted over this many seconds for alerts.
 ERROR_WINDOW = 3600
+
+#: Refusals remembered (each said once); past that they are forgotten and said again.
+MAX_TOLD = 10000
 
 #: Subject of the alert emails: the one the collaboration's mail filters know
 #: for this command (the other commands say ``Error reported by ...``).
@@ -112,7 +128,7 @@ class NightwatchTransfer(object):
         self.kpno = os.path.join(top, 'kpno')
         self.log_file = os.path.join(top, 'desi_nightwatch_transfer.log')
         self.lock_file = os.path.join(top, 'desi_nightwatch_transfer.lock')
-        self.exclude = _patterns('desi_nightwatch_transfer_exclude.txt')[0]
+        self.exclude, self.excluded = _patterns('desi_nightwatch_transfer_exclude.txt')
         self.top_level = _patterns('desi_nightwatch_transfer_include.txt')[1]
         self.stop = Stop(options.kill)
         self.connection = SharedConnection()
@@ -121,6 +137,7 @@ class NightwatchTransfer(object):
         self._alerted = None
         self._last_night = None
         self._final = None
+        self._told = set()
 
     def run(self):
         """Refuse a second copy, then loop until stopped.
@@ -256,20 +273,20 @@ class NightwatchTransfer(object):
                          "%g minute(s).", night, SOURCE, self.options.sleep)
         if not found:
             return
+        links = self._links(night)
+        if links is None:
+            return
         night_dir = os.path.join(self.kpno, night)
         os.makedirs(self.kpno, exist_ok=True)
-        command = rsync(f'{SOURCE}/{night}', night_dir)
-        after = command.index('--omit-dir-times') + 1
-        command[after:after] = ['--exclude-from', self.exclude]
         log.info("Syncing night %s.", night)
-        result = self._rsync(command)
-        if result.returncode == 24:
-            log.warning("Some files of night %s vanished at the mountain while it was synced "
-                        "(rsync exit status 24); the next sync takes what is there then.", night)
-        elif self._failed(result):
-            self._error("Syncing night %s from dts:%s/%s failed (rsync exit status %d): %s; "
-                        "trying again in %g minute(s).", night, SOURCE, night,
-                        result.returncode, result.stderr.strip()[-300:], self.options.sleep)
+        if self._copy(night, links.tree, night_dir):
+            for directory, into, filters in link_copies(links.follow):
+                if self.stop.is_set():
+                    break
+                destination = os.path.join(night_dir, into) if into else night_dir
+                os.makedirs(os.path.dirname(destination), exist_ok=True)
+                self._copy(night, directory, destination, filters,
+                           f" (links followed into {into or '.'})")
         if self.stop.is_set():
             return
         if not self.options.permission:
@@ -284,11 +301,84 @@ class NightwatchTransfer(object):
         if not self.stop.is_set():
             self._sync_top_level()
 
+    def _links(self, night):
+        """The links to directories in `night` at the mountain, resolved there
+        (:class:`desitransfer.daemon.remote.Links`), those to follow without
+        the ones the exclude list leaves out; ``None`` if the night is not
+        to be synced now (the mountain could not be asked, or the night is
+        not a directory inside the nightwatch directory)."""
+        tree = f'{SOURCE}/{night}'
+        command = self.connection.ssh() + ['dts', shlex.join(links_command(tree, SOURCE))]
+        result = run(command, timeout=LIST_TIMEOUT, ok=(0, 3), stop=self.stop, quiet=True,
+                     limit=LINKS_ANSWER_LIMIT)
+        if result.returncode not in (0, 3):
+            if self._failed(result):
+                self._error("Could not list the links of night %s at dts:%s (exit status %d): "
+                            "%s; trying again in %g minute(s).", night, tree,
+                            result.returncode, result.stderr.strip()[-300:], self.options.sleep)
+            return None
+        links = parse_links(result, tree, SOURCE)
+        if links.why:
+            self._refuse(f"Night {night} is not synced: {links.why}.")
+            return None
+        follow = []
+        for link, target in links.follow:
+            inside = os.path.relpath(target, links.tree)
+            if self._excluded(link) or self._excluded(inside):
+                log.debug("Link %s/%s -> %s is excluded.", tree, link, target)
+            else:
+                follow.append((link, target))
+        refused = [(link, why) for link, why in sorted(links.refused.items())
+                   if not self._excluded(link)]
+        for link, why in refused[:LINKS_TOLD]:
+            self._refuse(f"Link {tree}/{shown(link)} is not followed: {why}.")
+        if len(refused) > LINKS_TOLD:
+            self._refuse(f"{len(refused) - LINKS_TOLD:d} more links of night {night} are not "
+                         "followed.")
+        return links._replace(follow=follow)
+
+    def _excluded(self, path):
+        """``True`` if a component of `path` (relative) matches a pattern of
+        the exclude list (each pattern is a name, matched at every level, as
+        rsync does for a pattern without ``/``)."""
+        parts = path.split('/')
+        return any(fnmatch.fnmatchcase(part, pattern.rstrip('/'))
+                   for pattern in self.excluded for part in parts)
+
+    def _refuse(self, message):
+        """An error, said once by this process; after that a DEBUG line."""
+        if message in self._told:
+            log.debug("%s", message)
+            return
+        if len(self._told) >= MAX_TOLD:
+            self._told.clear()
+        self._told.add(message)
+        self._error("%s", message)
+
+    def _copy(self, night, directory, destination, filters=(), what=''):
+        """rsync `directory` at the mountain (a physical path, checked) into
+        `destination`, following no link; ``True`` unless it failed."""
+        command = rsync(directory, destination)
+        command.remove('--copy-dirlinks')
+        after = command.index('--omit-dir-times') + 1
+        command[after:after] = ['--exclude-from', self.exclude] + list(filters)
+        result = self._rsync(command)
+        if result.returncode == 24:
+            log.warning("Some files of night %s%s vanished at the mountain while it was "
+                        "synced (rsync exit status 24); the next sync takes what is there "
+                        "then.", night, what)
+        elif self._failed(result):
+            self._error("Syncing night %s%s from dts:%s failed (rsync exit status %d): %s; "
+                        "trying again in %g minute(s).", night, what, directory,
+                        result.returncode, result.stderr.strip()[-300:], self.options.sleep)
+        return result.returncode in (0, 24)
+
     def _sync_top_level(self):
         """Sync the top-level files of the include list; make them world-readable."""
         # The names of the include list as sources: the same files as the
         # original's --files-from, without rsync's --relative that it implies.
-        command = (['/bin/rsync', '--verbose', '--links', '--times'] +
+        # --safe-links: a link out of the nightwatch directory is not copied.
+        command = (['/bin/rsync', '--verbose', '--links', '--safe-links', '--times'] +
                    [f'dts:{SOURCE}/{name}' for name in self.top_level] + [f'{self.kpno}/'])
         result = self._rsync(command)
         if self._failed(result):
@@ -297,14 +387,20 @@ class NightwatchTransfer(object):
                         result.returncode, result.stderr.strip()[-300:])
         for name in self.top_level:
             path = os.path.join(self.kpno, name)
+            unsafe = f'ignoring unsafe symlink "{name}"' in result.stdout
+            if unsafe:
+                self._refuse(f"Top-level file dts:{SOURCE}/{name} is a link out of "
+                             f"dts:{SOURCE}; it is not copied.")
             try:
-                st = os.lstat(path)
-                # A symbolic link is left alone: chmod would change what it points to.
-                if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) != TOP_LEVEL_MODE:
-                    os.chmod(path, TOP_LEVEL_MODE)
+                if not _world_readable(path):
+                    target = os.readlink(path) if os.path.islink(path) else ''
+                    if target.startswith('/') or '..' in target.split('/'):
+                        self._refuse(f"Top-level file {path} is a link out of {self.kpno} "
+                                     f"(to {target}); remove it.")
             except FileNotFoundError:
-                log.warning("Top-level file %s is not at NERSC (is it at dts:%s/?).",
-                            path, SOURCE)
+                if not unsafe:
+                    log.warning("Top-level file %s is not at NERSC (is it at dts:%s/?).",
+                                path, SOURCE)
             except OSError as err:
                 self._error("Could not make %s world-readable: %s.", path, err)
 
@@ -330,6 +426,42 @@ class NightwatchTransfer(object):
                      "dts:%s to %s; desi_nightwatch_transfer keeps trying every %g "
                      "minute(s); see the ERROR lines of %s.", self.options.maxerrors,
                      SOURCE, self.kpno, self.options.sleep, self.log_file)
+
+
+def _world_readable(path):
+    """Give the regular file `path` the mode :data:`TOP_LEVEL_MODE`, never
+    through a link: the file is opened without following a link, then
+    changed through that descriptor.
+
+    Returns
+    -------
+    :class:`bool`
+        ``False`` if `path` is not a regular file (a link is left alone, and
+        what it points to is not changed).
+    """
+    # O_PATH opens a file whatever its mode (chmod needs no read access), and
+    # with O_NOFOLLOW a link itself, which fstat then tells apart.
+    o_path = getattr(os, 'O_PATH', 0)
+    flags = (o_path or os.O_RDONLY | os.O_NONBLOCK) | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return False
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        if stat.S_IMODE(st.st_mode) != TOP_LEVEL_MODE:
+            if o_path:
+                # The descriptor's own file (fchmod does not take an O_PATH descriptor).
+                os.chmod(f'/proc/self/fd/{fd:d}', TOP_LEVEL_MODE)
+            else:
+                os.fchmod(fd, TOP_LEVEL_MODE)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _count(value):

@@ -18,7 +18,22 @@ program is started per link).  Entries of ``SOURCE`` that are not night
 directories are listed too, to be reported.  The answer is NUL-separated and
 ends with a marker, so that a truncated or garbled answer is recognised as
 *unknown*, never read as "no exposures".
+
+Nothing the mountain answers reaches a command line unless it passes
+:func:`safe_path`: every component of a path is letters, digits and
+``._+-``, and does not start with ``-``.  A wildcard (``*?[``) would be
+expanded by rsync at the mountain, whatever the quoting, and a shell
+character (``$``, a quote, a space) would be run by the remote shell under
+rsync's old argument handling; neither can pass.
+
+The same module lists the links to directories under a tree that
+:command:`desi_nightwatch_transfer` and :command:`desi_daily_transfer` copy
+(:data:`LINKS_SCRIPT`, :func:`parse_links`): each resolved at the mountain,
+so that only those inside the tree (or under a directory named in the
+configuration) are followed, each copied from its physical directory by an
+:command:`rsync` that follows no link (:func:`link_copies`).
 """
+import posixpath
 import re
 import shlex
 import threading
@@ -26,6 +41,12 @@ from collections import namedtuple
 
 from ..common import SharedConnection, log, round_trip, run, valid_night
 from .state import valid_link
+
+#: One component of a path at the mountain that may be put on a command line.
+_component = re.compile(r'[A-Za-z0-9._+][A-Za-z0-9._+-]*')
+
+#: Longest path at the mountain that may be put on a command line.
+MAX_PATH = 4096
 
 #: Seconds before a remote command is killed.
 REMOTE_TIMEOUT = 300
@@ -110,6 +131,44 @@ WATCH_SCRIPT = '; '.join([
     'echo quiet',
 ])
 
+#: Most links to directories followed in one tree (a bound on the commands
+#: run); the others are reported, not followed.
+MAX_LINKS = 1000
+
+#: Bytes of the answer of :data:`LINKS_SCRIPT` read at most.
+LINKS_ANSWER_LIMIT = 4 * 2**20
+
+#: Links not followed that are reported one by one; the others are counted.
+LINKS_TOLD = 20
+
+#: The links to directories under a tree, run by ``sh -c SCRIPT sh TREE
+#: DIRECTORY...`` at the mountain: first the physical path of TREE and of
+#: each DIRECTORY (``^PATH``, empty if it is not a directory that can be
+#: entered), then, for each link to a directory under TREE (links are not
+#: followed while looking), its path relative to TREE and its physical target
+#: (``cd -P`` and ``pwd -P``).  NUL-separated, with an end marker, as the survey.
+LINKS_SCRIPT = '; '.join([
+    'export LC_ALL=C',
+    'cd /',
+    't=$1',
+    """for d in "$@"; do if cd -P -- "$d" 2>/dev/null; then printf '^'; pwd -P; printf '\\0'; """
+    """else printf '^\\0'; fi; cd /; done""",
+    'cd -P -- "$t" || exit 3',
+    """find . -mindepth 1 -type l -xtype d -exec sh -c 'd=$1; shift; for l; do """
+    """if cd -P -- "$d/$l" 2>/dev/null; then printf "=%s\\0" "$l"; pwd -P; printf "\\0"; fi; """
+    """done' sh "$PWD" {} +""",
+    """printf '#find %d\\0' $?""",
+    """printf '#end\\0'""",
+])
+
+#: What :data:`LINKS_SCRIPT` found under a tree at the mountain.
+#:
+#: ``tree``: its physical path; ``follow``: ``(link, target)`` of each link to
+#: follow, relative to the tree and physical, sorted; ``refused``: link ->
+#: why it is not followed; ``why``: ``''``, or why the answer cannot be used
+#: (then nothing is followed, and the tree is not copied).
+Links = namedtuple('Links', ['tree', 'follow', 'refused', 'why'])
+
 _find_error = re.compile(r"^find: [‘'`\"](?P<path>.*?)[’'\"]?: (?P<why>.+)$")
 
 
@@ -178,7 +237,10 @@ class Mountain(object):
 
         Links are not followed (no ``--copy-dirlinks``): `source` is the
         physical directory found by the survey, so nothing outside it is read.
+        :exc:`ValueError` if `source` does not pass :func:`safe_path`.
         """
+        if not safe_path(source):
+            raise ValueError(f"{shown(source)} is not a path that may be put on a command line")
         command = ['/bin/rsync', '--verbose', '--recursive', '--times', '--omit-dir-times',
                    f'--timeout={RSYNC_IO_TIMEOUT:d}'] + list(extra)
         if dry_run:
@@ -360,7 +422,170 @@ def _refusal(name, target, data_root):
     if target is None:
         return 'its target is not a directory that can be read'
     if not target.startswith('/') or target.split('/')[-2:] != name.split('/'):
-        return f'its target {target} is not a directory {name}'
+        return f'its target {shown(target)} is not a directory {name}'
+    if not safe_path(target):
+        return (f'its target {shown(target)} is not a path of letters, digits and ._+- '
+                '(it would be read as a pattern or a command at the mountain)')
     if data_root and not target.startswith(data_root.rstrip('/') + '/'):
         return f'its target {target} is not under {data_root}'
     return ''
+
+
+def safe_path(path, relative=False):
+    """``True`` if `path`, from the mountain, may be put on a command line.
+
+    Parameters
+    ----------
+    path : :class:`str`
+        An absolute path; with `relative`, a relative one.
+    relative : :class:`bool`, optional
+        `path` is relative.
+
+    Returns
+    -------
+    :class:`bool`
+        ``True`` if `path` has at most :data:`MAX_PATH` characters and every
+        component is letters, digits and ``._+-``, does not start with ``-``,
+        and is neither ``.`` nor ``..`` (no empty component: ``/`` alone,
+        ``//`` and a trailing ``/`` are refused).
+    """
+    if not isinstance(path, str) or not 0 < len(path) <= MAX_PATH:
+        return False
+    if path.startswith('/') == relative:
+        return False
+    parts = path.split('/')[0 if relative else 1:]
+    return all(_component.fullmatch(p) and p not in ('.', '..') for p in parts)
+
+
+def shown(path):
+    """`path`, from the mountain, as written in a message: as it is if it has
+    only the characters of :func:`safe_path` (and ``/``), otherwise quoted and
+    escaped as :func:`repr` does, so that it is one line."""
+    return path if re.fullmatch(r'[A-Za-z0-9._+/-]*', path) else repr(path)
+
+
+def links_command(tree, inside='', roots=()):
+    """The command (a list of words) running :data:`LINKS_SCRIPT` at the
+    mountain for `tree`; see :func:`parse_links` for the other arguments."""
+    return ['sh', '-c', LINKS_SCRIPT, 'sh', tree] + ([inside] if inside else []) + list(roots)
+
+
+def parse_links(result, tree, inside='', roots=()):
+    """Read the answer of :data:`LINKS_SCRIPT` (:func:`links_command`): which
+    links to directories under `tree` may be followed.
+
+    A link is followed only if its path and its physical target pass
+    :func:`safe_path`, and its target is a directory under the tree (or under
+    one of `roots`) that does not hold the link itself.  At most
+    :data:`MAX_LINKS` are followed.
+
+    Parameters
+    ----------
+    result : :class:`desitransfer.common.Result`
+        The outcome of the command.
+    tree : :class:`str`
+        The directory at the mountain that is copied.
+    inside : :class:`str`, optional
+        If set, `tree` must resolve to a directory under this one (a night of
+        nightwatch is under the nightwatch directory, even if it is a link).
+    roots : :class:`list`, optional
+        Directories at the mountain under which links may resolve, besides
+        the tree (from the configuration).
+
+    Returns
+    -------
+    :class:`Links`
+    """
+    def unusable(why):
+        return Links('', [], {}, why)
+
+    asked = 1 + bool(inside) + len(roots)
+    if result.returncode != 0:
+        if result.returncode == 3:
+            return unusable(f"{tree} is not a directory at the mountain")
+        tail = ' '.join(result.stderr.split())[-300:] or 'no message'
+        return unusable(f"listing its links failed (return code {result.returncode:d}): {tail}")
+    tokens = result.stdout.split('\0')
+    if tokens[-1] == '':
+        tokens.pop()
+    if len(tokens) < asked + 1 or tokens[-1] != '#end':
+        return unusable("the list of its links is unreadable")
+    physical, found = [], {}
+    try:
+        for token in tokens[:asked]:
+            if not token.startswith('^') or (len(token) > 1 and not token.endswith('\n')):
+                raise ValueError(f'unexpected {token[:80]!r}')
+            physical.append(token[1:-1] or None)
+        i = asked
+        while i < len(tokens) - 1:
+            token = tokens[i]
+            if token.startswith('=./') and tokens[i + 1].endswith('\n'):
+                found[token[3:]] = tokens[i + 1][:-1]
+                i += 2
+            elif re.fullmatch(r'#find [0-9]+', token):
+                i += 1
+            else:
+                raise ValueError(f'unexpected {token[:80]!r}')
+    except (ValueError, IndexError) as err:
+        log.error("The list of links under %s is unreadable (%s).", tree, err)
+        return unusable("the list of its links is unreadable")
+    top = physical[0]
+    if top is None or not safe_path(top):
+        return unusable(f"{tree} resolves to {shown(top or '')}, not a path of letters, "
+                        "digits and ._+-")
+    if inside and not (physical[1] and top.startswith(physical[1].rstrip('/') + '/')):
+        return unusable(f"{tree} resolves to {top}, which is not under {inside}")
+    allowed = [top] + [p for p in physical[1 + bool(inside):] if p]
+    where = ' or '.join([tree] + list(roots))
+    follow, refused = [], {}
+    for link, target in sorted(found.items()):
+        why = _link_refusal(link, target, top, allowed, where)
+        if why:
+            refused[link] = why
+        elif len(follow) < MAX_LINKS:
+            follow.append((link, target))
+        else:
+            refused[link] = f'more than {MAX_LINKS:d} links to follow'
+    return Links(top, follow, refused, '')
+
+
+def _link_refusal(link, target, top, allowed, where):
+    """Why `link` (relative to the tree, physically at `top`) resolving to
+    `target` is not followed, or ``''``."""
+    if not safe_path(link, relative=True):
+        return 'its name is not a path of letters, digits and ._+-'
+    if not safe_path(target):
+        return f'it resolves to {shown(target)}, not a path of letters, digits and ._+-'
+    if not any(target.startswith(a.rstrip('/') + '/') for a in allowed):
+        return f'it resolves to {target}, outside {where}'
+    if f'{top}/{link}/'.startswith(target + '/'):
+        return f'it resolves to {target}, a directory that holds it'
+    return ''
+
+
+def link_copies(follow):
+    """The rsync copies that follow the links `follow` (see :class:`Links`).
+
+    Links named as their targets, in the same directory and resolving into
+    the same physical directory, are copied together (the layout
+    ``NIGHT/EXPID`` of exposures).
+
+    Returns
+    -------
+    :class:`list`
+        ``(directory, into, filters)`` for each copy: the physical directory
+        at the mountain, where it goes relative to the copy of the tree, and
+        the rsync filters choosing the links' targets in it (empty: all of it).
+    """
+    groups, copies = {}, []
+    for link, target in follow:
+        name = posixpath.basename(link)
+        if posixpath.basename(target) == name:
+            groups.setdefault((posixpath.dirname(target), posixpath.dirname(link)),
+                              []).append(name)
+        else:
+            copies.append((target, link, []))
+    for (directory, into), names in groups.items():
+        copies.append((directory, into, [f'--include=/{n}/***' for n in sorted(names)] +
+                       ['--exclude=*']))
+    return sorted(copies)
