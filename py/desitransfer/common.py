@@ -99,7 +99,7 @@ def command_environment(env=None):
 
 
 def run(command, timeout=DEFAULT_TIMEOUT, cwd=None, env=None, ok=(0,),
-        test=False, quiet=False, stop=None, limit=OUTPUT_LIMIT, output=None):
+        test=False, quiet=False, stop=None, limit=OUTPUT_LIMIT, output=None, names=False):
     """Run an external command: the one subprocess runner of the package.
 
     The command is an argument list, never passed to a shell.  It is logged
@@ -137,6 +137,11 @@ def run(command, timeout=DEFAULT_TIMEOUT, cwd=None, env=None, ok=(0,),
         as it arrives, whatever its size, and only its last `limit` bytes are
         kept in the result (for a long listing such as ``rsync --verbose`` of
         a large tree, whose summary comes last).
+    names : :class:`bool`, optional
+        The standard output is a list of file names: decode it as file names
+        are (:func:`os.fsdecode`), keeping an undecodable byte as a surrogate
+        so that two names never become one; whoever logs such a name escapes
+        it.
 
     Returns
     -------
@@ -162,7 +167,7 @@ def run(command, timeout=DEFAULT_TIMEOUT, cwd=None, env=None, ok=(0,),
         return Result(127, '', str(err))
     limit = max(1, int(limit))
     try:
-        out, err, why = _collect(proc, timeout, stop, limit, output)
+        out, err, why = _collect(proc, timeout, stop, limit, output, names)
     except BaseException:
         # Such as a full disk for `output`: the command does not outlive the call.
         _signal_group(proc, signal.SIGKILL)
@@ -192,15 +197,20 @@ def run(command, timeout=DEFAULT_TIMEOUT, cwd=None, env=None, ok=(0,),
     return Result(code, out, err)
 
 
-def _text(data):
+def _text(data, names=False):
     """Bytes of a command's output as text, as :mod:`subprocess` gives it
-    (the locale's encoding, undecodable bytes replaced, universal newlines)."""
+    (the locale's encoding, undecodable bytes replaced, universal newlines);
+    with `names`, as file names are decoded (:func:`os.fsdecode`: an
+    undecodable byte is kept as a surrogate, so that distinct names stay
+    distinct and name the same files again), newlines untouched."""
+    if names:
+        return os.fsdecode(bytes(data))
     if b'\r' in data:
         data = data.replace(b'\r\n', b'\n').replace(b'\r', b'\n')
     return data.decode(locale.getpreferredencoding(False), errors='replace')
 
 
-def _collect(proc, timeout, stop, limit, output):
+def _collect(proc, timeout, stop, limit, output, names=False):
     """Read the standard output and error of `proc` until both end and it
     exits, keeping at most `limit` bytes of each (see :func:`run`).
 
@@ -283,7 +293,7 @@ def _collect(proc, timeout, stop, limit, output):
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
-    return _text(out), _text(err), why
+    return _text(out, names), _text(err), why
 
 
 def _signal_group(proc, signum):

@@ -207,13 +207,15 @@ class Mountain(object):
         """Stop the shared connections and remove their private directory."""
         self.connection.close()
 
-    def remote(self, words, timeout=REMOTE_TIMEOUT, stream=0):
+    def remote(self, words, timeout=REMOTE_TIMEOUT, stream=0, names=False):
         """Run the command `words` (a list) at the mountain, over the connection
-        of `stream`; ssh's own failure is 255."""
+        of `stream`; ssh's own failure is 255.  With `names`, its answer is
+        file names (see :func:`desitransfer.common.run`)."""
         if not self.host:
-            return run(words, timeout=timeout, ok=(0,), quiet=True, stop=self.stop)
+            return run(words, timeout=timeout, ok=(0,), quiet=True, stop=self.stop,
+                       names=names)
         return run(self.ssh_command(stream) + [self.host, shlex.join(words)],
-                   timeout=timeout, ok=(0,), quiet=True, stop=self.stop)
+                   timeout=timeout, ok=(0,), quiet=True, stop=self.stop, names=names)
 
     def open_streams(self, streams):
         """Open, in the background, the connections of rsync streams 1 to
@@ -333,7 +335,7 @@ class Mountain(object):
         :class:`Survey`
         """
         result = self.remote(['sh', '-c', SURVEY_SCRIPT, 'sh', source, checksum_lock]
-                             + list(nights))
+                             + list(nights), names=True)
         return parse_survey(result, source, data_root)
 
 
