@@ -188,7 +188,10 @@ def run(command, timeout=DEFAULT_TIMEOUT, cwd=None, env=None, ok=(0,),
         code = OUTPUT_TOO_LARGE
         err += (f"\nStopped: its {why} passed the limit of {limit:d} bytes; "
                 "its answer is unknown.")
-    if code not in ok:
+    if why == 'stop' and code not in ok:
+        # Asked for (SIGTERM, the kill file): not a failure of the command.
+        log.info("Stopped on request: %s", quoted)
+    elif code not in ok:
         log.error("Command failed with return code %d%s: %s", code, where, quoted)
         if out.strip():
             log.error("Standard output of %s: %s", command[0], out.strip()[-4000:])

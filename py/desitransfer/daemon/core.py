@@ -179,14 +179,20 @@ class TransferDaemon(Settling, Nights, Reporting):
         """Wait `seconds` for the next pass, or less: while it waits, the
         mountain is watched (over the shared connection) and the wait ends as
         soon as a link is added to, or removed from, a night of the recent
-        window, or a night is created."""
+        window, or a night is created, since the survey of the pass."""
         log.debug("Sleeping %g seconds, or until a new exposure is linked.", seconds)
         deadline = time.monotonic() + seconds
         if seconds >= 2:
-            watched = []
+            watched, seen = [], []
             for d in self.directories:
                 watched += [d.source] + [os.path.join(d.source, n) for n in self._window()]
-            changed = self.mountain.watch(watched, seconds - 1)
+                survey = self._surveys.get(d.name)
+                seen.append(survey.stamp if survey is not None else '')
+            # Compared with what the pass's surveys saw, a link made while the
+            # pass ran ends the wait at once; without a survey of each
+            # destination, with what the watch sees first.
+            since = '\n'.join(seen) if all(seen) else ''
+            changed = self.mountain.watch(watched, seconds - 1, since)
             if changed:
                 log.debug("New at %s: the next pass starts now.", self.mountain.name)
                 return

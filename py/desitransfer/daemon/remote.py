@@ -64,7 +64,7 @@ Link = namedtuple('Link', ['night', 'expid', 'target', 'mtime'])
 
 
 class Survey(namedtuple('Survey', ['answer', 'links', 'refused', 'unknown_nights',
-                                   'result'])):
+                                   'result', 'stamp'], defaults=[''])):
     """What the mountain answered.
 
     Attributes
@@ -81,6 +81,9 @@ class Survey(namedtuple('Survey', ['answer', 'links', 'refused', 'unknown_nights
         nothing about them is concluded in this pass.
     result : :class:`desitransfer.common.Result`
         The remote command's outcome, for messages.
+    stamp : :class:`str`
+        The modification times of the transfer area and of the nights asked,
+        taken before anything was listed (see :meth:`Mountain.watch`).
     """
 
     @property
@@ -98,6 +101,10 @@ SURVEY_SCRIPT = '; '.join([
     'shift 2',
     """if [ -e "$lock" ]; then printf '#locked\\0#end\\0'; exit 0; fi""",
     'if [ ! -d "$src" ]; then echo "$src is not a directory" >&2; exit 3; fi',
+    # What the watch compares with (see WATCH_SCRIPT), taken before anything
+    # is listed: a link made after this is seen by the watch that follows.
+    """printf '%%%s\\0' "$(for n in "$@"; do shift; set -- "$@" "$src/$n"; done; """
+    'stat -c %y -- "$src" "$@" 2>/dev/null)"',
     # Entries of SOURCE that are not night directories, to be reported.
     """find "$src" -mindepth 1 -maxdepth 1 -regextype posix-extended \\( ! -type d -o ! """
     """-regex '.*/20[0-9]{2}(0[1-9]|1[0-2])(0[1-9]|[12][0-9]|3[01])' \\) -printf '!%P\\0'""",
@@ -115,19 +122,23 @@ SURVEY_SCRIPT = '; '.join([
 #: Most directories in one question of sizes (a bound on its command line).
 SIZES_CHUNK = 1000
 
-#: The watch, run by ``sh -c SCRIPT sh SECONDS PATH...`` at the mountain: it
-#: answers ``changed`` as soon as the modification time of one of the
-#: directories PATH changes (a link added, a night created), or ``quiet``
-#: after SECONDS.  It looks once a second, at the mountain: no traffic.
+#: The watch, run by ``sh -c SCRIPT sh SECONDS SINCE PATH...`` at the
+#: mountain: it answers ``changed`` as soon as the modification times of the
+#: directories PATH (a transfer area and its nights: a link added, a night
+#: created) differ from SINCE, what the last survey saw of them (or, if SINCE
+#: is empty, from what they are when it starts), or ``quiet`` after SECONDS.
+#: It looks once a second, at the mountain, and writes a ``.`` each time: when
+#: the connection is gone (the daemon stopped), that write ends it.
 WATCH_SCRIPT = '; '.join([
     'export LC_ALL=C',
     'cd /',
-    'n=$1',
-    'shift',
-    's0=$(stat -c %y -- "$@" 2>/dev/null)',
+    'n=$1 s0=$2',
+    'shift 2',
+    'if [ -z "$s0" ]; then s0=$(stat -c %y -- "$@" 2>/dev/null); fi',
     'i=0',
-    'while [ $i -lt "$n" ]; do sleep 1; s=$(stat -c %y -- "$@" 2>/dev/null); '
-    'if [ "$s" != "$s0" ]; then echo changed; exit 0; fi; i=$((i + 1)); done',
+    'while [ $i -le "$n" ]; do s=$(stat -c %y -- "$@" 2>/dev/null); '
+    'if [ "$s" != "$s0" ]; then echo changed; exit 0; fi; '
+    'if [ $i -lt "$n" ]; then sleep 1; printf . || exit 1; fi; i=$((i + 1)); done',
     'echo quiet',
 ])
 
@@ -292,7 +303,7 @@ class Mountain(object):
             return 0.0
         return round_trip(self.ssh_command(), self.host)
 
-    def watch(self, directories, seconds):
+    def watch(self, directories, seconds, since=''):
         """Wait up to `seconds` for a change at the mountain.
 
         Parameters
@@ -302,6 +313,11 @@ class Mountain(object):
             (a transfer area, tonight's directory in it).
         seconds : :class:`int`
             How long to wait at most.
+        since : :class:`str`, optional
+            What the last survey saw of `directories` (the ``stamp`` of each
+            :class:`Survey`, in the same order, joined by newlines): a change
+            made since then, even before the watch starts, is seen at once.
+            Empty: changes from when the watch starts.
 
         Returns
         -------
@@ -310,9 +326,9 @@ class Mountain(object):
             `seconds`, ``None`` if the mountain could not be asked (then the
             caller waits on its own).
         """
-        result = self.remote(['sh', '-c', WATCH_SCRIPT, 'sh', str(int(seconds))]
+        result = self.remote(['sh', '-c', WATCH_SCRIPT, 'sh', str(int(seconds)), since]
                              + list(directories), timeout=seconds + 60)
-        answer = result.stdout.strip() if result.returncode == 0 else ''
+        answer = result.stdout.replace('.', '').strip() if result.returncode == 0 else ''
         return {'changed': True, 'quiet': False}.get(answer)
 
     def survey(self, source, checksum_lock, nights, data_root=None):
@@ -353,11 +369,15 @@ def parse_survey(result, source, data_root=None):
         return Survey('locked', {}, {}, {}, result)
     prefix = source.rstrip('/') + '/'
     mtimes, targets, refused = {}, {}, {}
+    stamp = ''
     i = 0
     try:
         while i < len(tokens) - 1:
             token = tokens[i]
-            if token.startswith('!'):
+            if token.startswith('%') and i == 0:
+                stamp = token[1:]
+                i += 1
+            elif token.startswith('!'):
                 refused[token[1:]] = 'not a night directory'
                 i += 1
             elif token.startswith('@'):
@@ -400,7 +420,7 @@ def parse_survey(result, source, data_root=None):
         else:
             night, expid = name.split('/')
             links[name] = Link(night, expid, targets[path], mtime)
-    return Survey('links', links, refused, unknown_nights, result)
+    return Survey('links', links, refused, unknown_nights, result, stamp)
 
 
 def parse_sizes(answer, directories):
