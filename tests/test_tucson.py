@@ -9,6 +9,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -999,6 +1000,36 @@ def test_wait_is_bounded(site, monkeypatch):
     assert tree(site.mirror) == []
     assert site.subjects() == ['Error reported by desi_tucson_transfer!']
     assert 'has not answered 200' in site.bodies() and 'Nothing was mirrored' in site.bodies()
+
+
+def test_status_headers_one_byte_at_a_time(site, monkeypatch):
+    """A status page whose status line and headers come a byte at a time (each
+    read quick, the whole minutes) is abandoned after STATUS_DEADLINE: the
+    wait goes on, the next answer is a 200 and the copy is made."""
+    make_nersc(site.nersc, static=False)
+    slow = Answer(200, b'done', header_drip=0.05, headers=(('X-Padding', 'x' * 4000),))
+    site.web.route('/daily/finished.txt', slow, Answer(200, b'done'))
+    monkeypatch.setattr(tucson, 'STATUS_TIMEOUT', (2, 0.5))
+    monkeypatch.setattr(tucson, 'STATUS_DEADLINE', 1)
+    site.use_environment(monkeypatch)
+    options = _options(['-l', site.logs, '-S', '0.01'])
+    mirror = Mirror(options, _environment(options))
+    result = []
+    thread = threading.Thread(target=lambda: result.append(mirror.run()), daemon=True)
+    t0 = time.monotonic()
+    thread.start()
+    while len(site.web.requests) < 2 and time.monotonic() - t0 < 10:
+        time.sleep(0.02)
+    assert time.monotonic() - t0 < 3, "the status request was not abandoned in time"
+    thread.join(60)
+    assert not thread.is_alive(), "still running after 60 seconds"
+    assert result == [0]
+    with open(os.path.join(site.logs, 'desi_tucson_transfer.log')) as f:
+        logged = f.read()
+    assert 'Daily transfer incomplete' in logged
+    assert f'{site.env["DESISYNC_STATUS_URL"]}: not complete after 1 s; abandoned' in logged
+    assert site.web.requests == ['/daily/finished.txt'] * 2
+    assert tree(site.mirror) == expected()
 
 
 def test_sigterm_while_waiting(site):

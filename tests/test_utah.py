@@ -7,6 +7,7 @@ import shlex
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -592,6 +593,36 @@ def test_bad_tiles_list(site, monkeypatch, clock):
             f'{DAILY}/tiles/cumulative: {status} in ')
         assert summary(site.main_log(), 'survey/GFA').startswith('survey/GFA: ok in')
         assert tree(os.path.join(site.mirror, 'survey')) == ['GFA/2026/gfa-20260614.fits']
+
+
+def test_tiles_list_headers_one_byte_at_a_time(site, monkeypatch, clock):
+    """A list of tiles whose status line and headers come a byte at a time
+    (each read quick, the whole minutes) is abandoned after HTTP_DEADLINE:
+    tiles/cumulative is left as it is, the other directories are mirrored."""
+    make_nersc(site.nersc)
+    copy = os.path.join(site.mirror, DAILY, 'tiles', 'cumulative')
+    write(os.path.join(copy, '1000', '20260501', 'coadd.fits'))
+    site.web.route('/daily_tiles_cumulative.txt',
+                   Answer(200, TILES_LIST, header_drip=0.05,
+                          headers=(('X-Padding', 'x' * 4000),)))
+    monkeypatch.setattr(utah, 'HTTP_TIMEOUT', (2, 0.5))
+    monkeypatch.setattr(utah, 'HTTP_DEADLINE', 1)
+    args = only(f'{DAILY}/tiles/cumulative', 'survey/GFA')
+    result = []
+    thread = threading.Thread(target=lambda: result.append(site.run(monkeypatch, *args)),
+                              daemon=True)
+    t0 = time.monotonic()
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "still running after 60 seconds"
+    assert time.monotonic() - t0 < 5
+    assert result == [1]
+    assert tree(copy) == ['1000/20260501/coadd.fits']
+    assert site.subjects() == ['Error reported by desi_utah_transfer!']
+    assert 'not complete after 1 s; abandoned' in site.bodies()
+    assert summary(site.main_log(), f'{DAILY}/tiles/cumulative').startswith(
+        f'{DAILY}/tiles/cumulative: failed in ')
+    assert summary(site.main_log(), 'survey/GFA').startswith('survey/GFA: ok in')
 
 
 def test_command(site):

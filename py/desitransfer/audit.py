@@ -125,7 +125,7 @@ def survey(mountain, source, nights, data_root=''):
     trip, ignoring the checksum lock; see
     :meth:`desitransfer.daemon.remote.Mountain.survey`."""
     result = mountain.remote(['sh', '-c', SURVEY_SCRIPT, 'sh', source, ''] + list(nights),
-                             timeout=SURVEY_TIMEOUT)
+                             timeout=SURVEY_TIMEOUT, names=True)
     return parse_survey(result, source, data_root)
 
 

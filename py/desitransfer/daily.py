@@ -30,9 +30,9 @@ from argparse import ArgumentParser
 from importlib.resources import files
 
 from . import __version__ as dtVersion
-from .common import (SharedConnection, Stop, alert_options, configure_log, dir_perm,
-                     environment_ssh, file_perm, log, rsync, rsync_ssh, run,
-                     single_instance, stamp, write_text)
+from .common import (Result, SharedConnection, Stop, alert_options, configure_log,
+                     dir_perm, environment_ssh, file_perm, log, open_append, rsync, rsync_ssh,
+                     run, single_instance, stamp, write_text)
 from .configuration import ConfigurationError, _absolute, _get
 from .daemon.remote import (LINKS_ANSWER_LIMIT, LINKS_TOLD, link_copies, links_command,
                             parse_links, safe_path, shown)
@@ -137,13 +137,37 @@ class DailyDirectory(object):
     def _append(self, *texts):
         """Append `texts` to the log of this directory; a failure is a problem, not a crash."""
         try:
-            with open(self.log, 'a') as f:
+            with open_append(self.log) as f:
                 f.write(''.join(t if not t or t.endswith('\n') else t + '\n' for t in texts))
         except OSError as err:
-            problem = f"log {self.log} not written ({err.strerror})"
-            if problem not in self.problems:
-                self.problems.append(problem)
-                log.error("%s: could not write its log %s: %s.", self.name, self.log, err)
+            self._unlogged(err)
+
+    def _unlogged(self, err):
+        problem = f"log {self.log} not written ({err.strerror or err})"
+        if problem not in self.problems:
+            self.problems.append(problem)
+            log.error("%s: could not write its log %s: %s.", self.name, self.log, err)
+
+    def _rsync(self, command):
+        """Run the rsync `command`; its listing goes to the log as it comes
+        (a first copy of a large tree lists every file), its standard error
+        after it."""
+        try:
+            f = open_append(self.log, binary=True)
+        except OSError as err:
+            self._unlogged(err)
+            f = None
+        try:
+            result = run(command, timeout=RSYNC_TIMEOUT, stop=self.stop, quiet=True, output=f)
+        except OSError as err:
+            # Writing the listing failed (a full disk): rsync was stopped.
+            self._unlogged(err)
+            return Result(1, '', f"the log could not be written: {err}")
+        finally:
+            if f is not None:
+                f.close()
+        self._append(result.stderr)
+        return result
 
     def transfer(self, permission=True):
         """Data transfer operations for a single destination directory.
@@ -172,8 +196,7 @@ class DailyDirectory(object):
         self._append(f"DEBUG: desi_daily_transfer {dtVersion}",
                      f"DEBUG: {shlex.join(command)}",
                      f"DEBUG: Transfer start: {stamp()}")
-        result = run(command, timeout=RSYNC_TIMEOUT, stop=self.stop, quiet=True)
-        self._append(result.stdout, result.stderr)
+        result = self._rsync(command)
         code = result.returncode
         if code == 0 and self.dirlinks:
             code = self.follow()
@@ -236,8 +259,7 @@ class DailyDirectory(object):
             command = self._command(directory, destination, filters, [])
             self._append(f"DEBUG: {shlex.join(command)}")
             os.makedirs(os.path.dirname(destination), exist_ok=True)
-            result = run(command, timeout=RSYNC_TIMEOUT, stop=self.stop, quiet=True)
-            self._append(result.stdout, result.stderr)
+            result = self._rsync(command)
             if result.returncode != 0:
                 return result.returncode
         return 0
@@ -530,7 +552,12 @@ class DailyTransfer(object):
         if self.options.test:
             log.info("Test mode: commands are logged, not run; nothing is changed.")
             return self._transfer()
-        lock, holder = single_instance(self.lock_file)
+        try:
+            lock, holder = single_instance(self.lock_file)
+        except OSError as err:
+            log.critical("desi_daily_transfer cannot take its lock %s: %s; it does not start.",
+                         self.lock_file, err)
+            return 1
         if lock is None:
             log.error("Another desi_daily_transfer %s (pid %s) is still running (lock %s); "
                       "this one does nothing.", self.timeframe, holder, self.lock_file)

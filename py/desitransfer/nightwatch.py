@@ -147,7 +147,12 @@ class NightwatchTransfer(object):
         :class:`int`
             An exit status.
         """
-        lock, holder = single_instance(self.lock_file)
+        try:
+            lock, holder = single_instance(self.lock_file)
+        except OSError as err:
+            log.critical("desi_nightwatch_transfer cannot take its lock %s: %s; it does not start.",
+                         self.lock_file, err)
+            return 1
         if lock is None:
             # As for the daemon: a start by a keep-alive cron line is no error.
             log.info("desi_nightwatch_transfer is already running (pid %s, lock %s); "

@@ -26,17 +26,14 @@ below it is followed, and temporary files have names nobody can guess.  The
 command holds a lock on its destination, so that runs started by cron never
 pile up.
 """
-import contextvars
 import datetime as dt
 import errno
 import fcntl
 import os
 import re
 import secrets
-import socket
 import stat
 import sys
-import threading
 from argparse import ArgumentParser, ArgumentTypeError
 from codecs import lookup
 from collections import namedtuple
@@ -48,7 +45,7 @@ import requests
 import urllib3
 
 from . import __version__ as dtVersion
-from . import common
+from . import common, web
 from .common import MST, configure_log, log, sweep_temporary
 from .processes import lock_holder
 
@@ -129,152 +126,14 @@ def _origin(url):
     return (parts.scheme.lower(), (parts.hostname or '').lower(), port)
 
 
-class _Deadline:
-    """The total time one request may take, from the connection to the last
-    byte of the body, headers and redirects included.
-
-    The timeouts of :mod:`requests` bound each read, not the request: a server
-    sending a byte now and then, in the headers as in the body, would hold it
-    for ever.  When the deadline passes, every connection the request used is
-    shut down, which ends at once a read waiting for the server; the request
-    then fails and :attr:`expired` says why.
-
-    Parameters
-    ----------
-    seconds : :class:`float`
-        The time allowed.
-    """
-
-    def __init__(self, seconds):
-        self.seconds = seconds
-        #: ``True`` once the deadline has passed.
-        self.expired = False
-        self._sockets = []
-        self._over = False
-        self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
-        self._token = None
-
-    def __enter__(self):
-        self._token = _deadline.set(self)
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._timer.cancel()
-        with self._lock:
-            self._over = True
-            self._sockets = []
-        _deadline.reset(self._token)
-        return False
-
-    def watch(self, sock):
-        """Shut `sock` down when the deadline passes (at once if it has)."""
-        with self._lock:
-            if self._over:
-                return
-            if self.expired:
-                _shutdown(sock)
-            else:
-                self._sockets.append(sock)
-
-    def _expire(self):
-        with self._lock:
-            if self._over:
-                return
-            self.expired = True
-            for sock in self._sockets:
-                _shutdown(sock)
-
-
-#: The :class:`_Deadline` of the request in progress in this thread, if any.
-_deadline = contextvars.ContextVar('_deadline', default=None)
-
-
-def _shutdown(sock):
-    """End every read and write on `sock`, from any thread (closing it would
-    not wake a thread waiting in a read).  For TLS, the underlying socket is
-    shut down, leaving the TLS state to the thread that uses it."""
-    raw = sock if isinstance(sock, socket.socket) else getattr(sock, 'socket', None)
-    try:
-        socket.socket.shutdown(raw, socket.SHUT_RDWR)
-    except (OSError, TypeError):
-        pass  # already closed
-
-
-class _WatchedConnection:
-    """Mixin of the connection classes of :mod:`urllib3`: the socket of each
-    request is given to the :class:`_Deadline` in progress, as soon as it is
-    connected and again when the answer is read (a kept-alive connection is
-    connected once and used for several requests)."""
-
-    def connect(self, *args, **kwargs):
-        result = super().connect(*args, **kwargs)
-        self._watch()
-        return result
-
-    def getresponse(self, *args, **kwargs):
-        self._watch()
-        return super().getresponse(*args, **kwargs)
-
-    def _watch(self):
-        deadline = _deadline.get()
-        if deadline is not None and getattr(self, 'sock', None) is not None:
-            deadline.watch(self.sock)
-
-
-_watched_pools = {}
-
-
-def _watched_pool(pool_class):
-    """A subclass of the :mod:`urllib3` pool class `pool_class` whose
-    connections are :class:`_WatchedConnection`."""
-    if issubclass(pool_class.ConnectionCls, _WatchedConnection):
-        return pool_class
-    if pool_class not in _watched_pools:
-        connection = type(pool_class.ConnectionCls.__name__,
-                          (_WatchedConnection, pool_class.ConnectionCls), {})
-        _watched_pools[pool_class] = type(pool_class.__name__, (pool_class,),
-                                          {'ConnectionCls': connection})
-    return _watched_pools[pool_class]
-
-
-def _watch_manager(manager):
-    """Make the pools that `manager` creates use watched connections."""
-    manager.pool_classes_by_scheme = {scheme: _watched_pool(cls) for scheme, cls
-                                      in manager.pool_classes_by_scheme.items()}
-    return manager
-
-
-class _WatchedAdapter(requests.adapters.HTTPAdapter):
-    """The transport of :func:`_session`: every connection, through a proxy
-    or not, is subject to the :class:`_Deadline` of the request."""
-
-    def init_poolmanager(self, *args, **kwargs):
-        super().init_poolmanager(*args, **kwargs)
-        _watch_manager(self.poolmanager)
-
-    def proxy_manager_for(self, *args, **kwargs):
-        return _watch_manager(super().proxy_manager_for(*args, **kwargs))
-
-
-def _session():
-    """A :class:`requests.Session` whose requests :func:`_get` can bound in total."""
-    session = requests.Session()
-    for prefix in ('http://', 'https://'):
-        session.mount(prefix, _WatchedAdapter())
-    return session
-
-
 def _get(session, url, limit, out=None):
     """GET `url` with timeouts, following redirects only on the same server.
 
     Parameters
     ----------
     session : :class:`requests.Session`
-        The HTTP session, from :func:`_session` (another one is given its
-        transport).
+        The HTTP session, from :func:`desitransfer.web.session` (another
+        one is given its transport).
     url : :class:`str`
         What to get.
     limit : :class:`int`
@@ -293,10 +152,8 @@ def _get(session, url, limit, out=None):
         Anything but a complete 200 answer within the limits, :data:`DEADLINE`
         included.  An :exc:`OSError` writing `out` is raised as it is.
     """
-    for prefix in ('http://', 'https://'):
-        if not isinstance(session.get_adapter(prefix), _WatchedAdapter):
-            session.mount(prefix, _WatchedAdapter())
-    deadline = _Deadline(DEADLINE)
+    web.watch(session)
+    deadline = web.Deadline(DEADLINE)
     try:
         with deadline:
             answer = _follow(session, url, limit, out)
@@ -383,7 +240,7 @@ def _charset(headers):
 def _jpg_list(index, session=None):
     """Like :func:`jpg_list`, also saying whether the index was read."""
     if session is None:
-        with _session() as session:
+        with web.session() as session:
             return _jpg_list(index, session)
     try:
         answer = _get(session, index, INDEX_LIMIT)
@@ -646,7 +503,7 @@ def _download(files, destination, overwrite=False, test=False, parts=()):
                 same = False
             if same:
                 sweep_temporary(where)
-        with _session() as session:
+        with web.session() as session:
             for n, url in enumerate(files):
                 name = _jpg_name(url)
                 if name is None:

@@ -28,7 +28,7 @@ from datetime import timedelta
 import requests
 
 from . import __version__ as dtVersion
-from . import common, mirror
+from . import common, mirror, web
 from .common import MST, AlertHandler, configure_log, interval, log, single_instance
 from .mirror import IO_TIMEOUT, MAX_DELETE, REMOTE_ROOT, RSYNC
 from .processes import original_running
@@ -45,6 +45,10 @@ CATCHUP_NICENESS = 10
 
 #: Connect and read timeouts of a request to :envvar:`DESISYNC_STATUS_URL`.
 STATUS_TIMEOUT = (10, 60)
+
+#: Seconds one request to :envvar:`DESISYNC_STATUS_URL` may take in all:
+#: connection, status line, headers, redirects and body.
+STATUS_DEADLINE = 120
 
 #: How long to wait for :envvar:`DESISYNC_STATUS_URL` to answer 200.
 WAIT_LIMIT = timedelta(hours=12)
@@ -483,21 +487,17 @@ class Mirror(mirror.BaseMirror):
 
     def _wait_for_nersc(self):
         """Wait until :envvar:`DESISYNC_STATUS_URL` answers 200 (the daily
-        transfer at NERSC is finished), at most :data:`WAIT_LIMIT`."""
+        transfer at NERSC is finished), at most :data:`WAIT_LIMIT`; each
+        request takes at most :data:`STATUS_DEADLINE`."""
         if self.test:
             log.info("Test mode, would wait until %s answers 200.", self.status_url)
             return True
         deadline = common._utcnow() + WAIT_LIMIT
         while True:
-            try:
-                with requests.get(self.status_url, timeout=STATUS_TIMEOUT, stream=True) as r:
-                    answer = f"HTTP status {r.status_code:d}"
-                    if r.status_code == 200:
-                        log.info("%s answers 200: the daily transfer is finished.",
-                                 self.status_url)
-                        return True
-            except requests.RequestException as err:
-                answer = str(err)
+            answer = self._status()
+            if answer is None:
+                log.info("%s answers 200: the daily transfer is finished.", self.status_url)
+                return True
             if common._utcnow() >= deadline:
                 log.critical("%s has not answered 200 (the daily transfer at NERSC is not "
                              "finished) in %s; last answer: %s. Nothing was mirrored.",
@@ -509,6 +509,22 @@ class Mirror(mirror.BaseMirror):
                 log.warning("Stopped (%s) while waiting; nothing was mirrored.",
                             self.stop.reason)
                 return False
+
+    def _status(self):
+        """Ask :envvar:`DESISYNC_STATUS_URL` once, within :data:`STATUS_TIMEOUT`
+        and :data:`STATUS_DEADLINE`: ``None`` if it answers 200, else what it
+        answered (or why it did not)."""
+        late = f"not complete after {STATUS_DEADLINE:g} s; abandoned"
+        limit = web.Deadline(STATUS_DEADLINE)
+        try:
+            with limit, web.session() as session:
+                with session.get(self.status_url, timeout=STATUS_TIMEOUT, stream=True) as r:
+                    code = r.status_code
+        except requests.RequestException as err:
+            return late if limit.expired else str(err)
+        if limit.expired:
+            return late
+        return None if code == 200 else f"HTTP status {code:d}"
 
     def mirror(self):
         """Mirror every directory, priority ones first, up to ``--processes`` at once.

@@ -26,7 +26,6 @@ import shutil
 import stat
 import sys
 import tempfile
-import time
 from argparse import ArgumentParser
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +34,7 @@ import requests
 import urllib3
 
 from . import __version__ as dtVersion
-from . import common, mirror
+from . import common, mirror, web
 from .common import MST, alert_options, configure_log, log, single_instance
 from .mirror import IO_TIMEOUT, MAX_DELETE, REMOTE_ROOT, RSYNC
 
@@ -51,7 +50,8 @@ NICENESS = 10
 #: Connect and read timeouts of the request for a list of paths.
 HTTP_TIMEOUT = (10, 60)
 
-#: Seconds the download of a list of paths may take in all.
+#: Seconds the download of a list of paths may take in all: connection,
+#: status line, headers, redirects and body.
 HTTP_DEADLINE = 600
 
 #: Most bytes of a list of paths.
@@ -188,6 +188,17 @@ def parse_list(text):
 def download(url, stop=None):
     """GET the text at `url`, bounded in time and size.
 
+    The whole request, from the connection to the last byte of the body,
+    status line and headers included, may take at most :data:`HTTP_DEADLINE`
+    seconds (see :class:`desitransfer.web.Deadline`).
+
+    Parameters
+    ----------
+    url : :class:`str`
+        The list.
+    stop : :class:`desitransfer.common.Stop`, optional
+        Checked between pieces of the body.
+
     Returns
     -------
     :class:`str`
@@ -198,31 +209,43 @@ def download(url, stop=None):
     ValueError
         Anything but a complete 200 answer, in UTF-8, within the bounds.
     """
-    deadline = time.monotonic() + HTTP_DEADLINE
+    late = f"not complete after {HTTP_DEADLINE:g} s; abandoned"
+    deadline = web.Deadline(HTTP_DEADLINE)
     chunks, size = [], 0
     try:
-        with requests.get(url, timeout=HTTP_TIMEOUT, stream=True) as response:
-            if response.status_code != 200:
-                raise ValueError(f"HTTP status {response.status_code:d} {response.reason}")
-            for chunk in _chunks(response):
-                size += len(chunk)
-                if size > LIST_LIMIT:
-                    raise ValueError(f"more than {LIST_LIMIT:d} bytes; abandoned")
-                if time.monotonic() > deadline:
-                    raise ValueError(f"not complete after {HTTP_DEADLINE:g} s; abandoned")
-                if stop is not None and stop.is_set():
-                    raise ValueError(f"stopped ({stop.reason})")
-                chunks.append(chunk)
-            length = response.headers.get('Content-Length', '')
-            if (length.isdigit() and 'Content-Encoding' not in response.headers and
-                    int(length) != size):
-                raise ValueError(f"truncated: {size:d} of {length} bytes received")
+        with deadline, web.session() as session:
+            with session.get(url, timeout=HTTP_TIMEOUT, stream=True) as response:
+                if response.status_code != 200:
+                    raise ValueError(f"HTTP status {response.status_code:d} "
+                                     f"{response.reason}")
+                for chunk in _chunks(response):
+                    size += len(chunk)
+                    if size > LIST_LIMIT:
+                        raise ValueError(f"more than {LIST_LIMIT:d} bytes; abandoned")
+                    if deadline.expired:
+                        raise ValueError(late)
+                    if stop is not None and stop.is_set():
+                        raise ValueError(f"stopped ({stop.reason})")
+                    chunks.append(chunk)
+                length = response.headers.get('Content-Length', '')
+                if (length.isdigit() and 'Content-Encoding' not in response.headers and
+                        int(length) != size):
+                    raise ValueError(f"truncated: {size:d} of {length} bytes received")
     except urllib3.exceptions.HTTPError as err:
+        if deadline.expired:
+            raise ValueError(late) from None
         # ProtocolError('Connection broken: IncompleteRead(...)', IncompleteRead(...))
         reason = err.args[0] if err.args and isinstance(err.args[0], str) else err
         raise ValueError(f"reading the answer failed: {reason}") from None
-    except (requests.RequestException, OSError) as err:
+    except (requests.RequestException, OSError, ValueError) as err:
+        if deadline.expired:
+            raise ValueError(late) from None
+        if isinstance(err, ValueError):
+            raise
         raise ValueError(str(err) or err.__class__.__name__) from None
+    if deadline.expired:
+        # The end of a connection may look like the end of a body sent without a length.
+        raise ValueError(late)
     try:
         return b''.join(chunks).decode('utf-8')
     except UnicodeDecodeError as err:
@@ -230,8 +253,8 @@ def download(url, stop=None):
 
 
 def _chunks(response):
-    """The body of `response` in pieces as they arrive, so that a server sending
-    a byte now and then cannot stretch one read beyond the deadline."""
+    """The body of `response` in pieces as they arrive, so that the size limit
+    and a stop are checked as the body comes."""
     raw = response.raw
     if not hasattr(raw, 'read1'):
         # urllib3 before version 2: small pieces bound the wait instead.
