@@ -12,7 +12,7 @@ import time
 import pytest
 
 from desitransfer import daemon
-from desitransfer.common import Result, configure_log
+from desitransfer.common import configure_log
 from desitransfer.configuration import ConfigurationError, read_configuration
 from desitransfer.daemon import TransferDaemon, lock_directory, rsync_night, unlock_directory
 from desitransfer.daemon import transfer
@@ -345,24 +345,33 @@ def test_popen_is_the_runner(tmp_path):
                                                                               'err\n')
 
 
-def test_rsync_night_by_hand(tmp_path, monkeypatch):
-    """rsync_night: unlock, the documented rsync command, lock again."""
-    ran = []
-
-    def fake_run(command, **kwargs):
-        ran.append(command)
-        return Result(0, '', '')
-
-    monkeypatch.setattr(daemon, 'run', fake_run)
-    night = tmp_path / 'dest' / '20261119' / '00000001'
-    night.mkdir(parents=True)
-    (night / 'f').write_text('x')
-    lock_directory(str(night.parent))
-    result = rsync_night('/src', str(tmp_path / 'dest'), '20261119')
-    assert result.returncode == 0
-    assert ran == [['/bin/rsync', '--verbose', '--recursive', '--copy-dirlinks', '--times',
-                    '--omit-dir-times', 'dts:/src/20261119/', f'{night.parent}/']]
-    assert mode(night / 'f') == 0o440 and mode(night.parent) == 0o2750
+def test_rsync_night_by_hand(site, monkeypatch, caplog):
+    """rsync_night: unlock, copy the night's exposures from their physical
+    directories at the mountain, lock again; a link to anywhere else (a key
+    pair beside the data, say) is reported and never read."""
+    site.exposure(LAST, '00000001')
+    assert site.run() == 0
+    extra = os.path.join(site.data, LAST, '00000001', 'late.txt')
+    with open(extra, 'w') as f:
+        f.write('late\n')
+    private = os.path.join(site.top, 'private')
+    os.makedirs(private)
+    with open(os.path.join(private, 'id_ed25519'), 'w') as f:
+        f.write('secret\n')
+    os.symlink(private, os.path.join(site.source, LAST, '00000002'))
+    monkeypatch.setenv('RSYNC_RSH', site.ssh)
+    lock_directory(site.dest(LAST))
+    result = rsync_night(site.source, site.destination, LAST)
+    assert result.returncode == 0, result
+    with open(site.dest(LAST, '00000001', 'late.txt')) as f:
+        assert f.read() == 'late\n'
+    assert mode(site.dest(LAST, '00000001', 'late.txt')) == 0o440
+    assert mode(site.dest(LAST)) == 0o2750
+    assert sorted(os.listdir(site.dest(LAST))) == ['00000001']
+    assert f'{LAST}/00000002 at dts is not copied' in caplog.text
+    # The mountain cannot be asked: nothing is done, status 1.
+    monkeypatch.setenv('RSYNC_RSH', '/bin/false')
+    assert rsync_night(site.source, site.destination, LAST).returncode == 1
 
 
 def test_batches_and_outcome_times(site, caplog, monkeypatch):

@@ -22,13 +22,15 @@ outcomes), :mod:`~desitransfer.daemon.archive` (HPSS),
 :mod:`~desitransfer.daemon.cli` (the command line).
 """
 import os
+import shlex
 
 from ..checksum import verify_checksum
-from ..common import rsync, run
+from ..common import Result, Stop, log, run
 from .actions import lock_directory, unlock_directory
 from .cli import _options, main
 from .core import TransferDaemon
-from .remote import RSYNC_TIMEOUT
+from .remote import RSYNC_TIMEOUT, Mountain
+from .settle import one_line, shown
 
 __all__ = ['TransferDaemon', '_options', '_popen', 'lock_directory', 'main', 'rsync_night',
            'unlock_directory', 'verify_checksum']
@@ -57,10 +59,14 @@ def _popen(command):
 def rsync_night(source, destination, night, test=False):
     """Run an rsync command on an entire night, for example, to pick up delayed files.
 
-    For use by hand: the night is unlocked, synced from ``dts:SOURCE/NIGHT``
-    with :func:`desitransfer.common.rsync` and locked again.  The daemon's own
-    catch-up does not use it: it copies each changed exposure through its
-    one copy-verify step.
+    For use by hand: the night is unlocked, synced from the mountain (host
+    ``dts``, through the ssh program of :envvar:`RSYNC_RSH`) and locked again.
+    The night's links are resolved at the mountain first, as the daemon's
+    survey does: only an exposure link whose target passes its checks is
+    copied, from that physical directory, by an rsync that follows no link; a
+    link to anywhere else is reported and never read (the original followed
+    every link, ``--copy-dirlinks``).  The daemon's own catch-up does not use
+    it: it copies each changed exposure through its one copy-verify step.
 
     Parameters
     ----------
@@ -76,11 +82,33 @@ def rsync_night(source, destination, night, test=False):
     Returns
     -------
     :class:`desitransfer.common.Result`
-        The outcome of rsync.
+        The outcome of rsync (the first that failed), or status 1 if the
+        mountain could not be surveyed.
     """
     night_dir = os.path.join(destination, night)
-    unlock_directory(night_dir, test)
-    result = run(rsync(os.path.join(source, night), night_dir), timeout=RSYNC_TIMEOUT,
-                 test=test, ok=(0, 24))
-    lock_directory(night_dir, test)
-    return result
+    ssh = shlex.split(os.environ.get('RSYNC_RSH', '').strip()) or 'ssh'
+    mountain = Mountain('dts', ssh, Stop())
+    try:
+        survey = mountain.survey(source, '', [night])
+        if survey.answer != 'links' or night in survey.unknown_nights:
+            why = survey.unknown_nights.get(night) or survey.result.stderr.strip()[-200:]
+            log.error("Could not list night %s in %s at dts (%s); nothing is copied.",
+                      night, source, one_line(why or survey.answer))
+            return Result(1, '', 'the mountain could not be surveyed')
+        for name, why in sorted(survey.refused.items()):
+            log.warning("%s at dts is not copied: %s.", shown(name), one_line(str(why)))
+        groups = {}
+        for link in survey.links.values():
+            groups.setdefault(os.path.dirname(link.target), []).append(link.expid)
+        unlock_directory(night_dir, test)
+        result = Result(0, '', '')
+        for parent, expids in sorted(groups.items()):
+            extra = [f'--include=/{e}/***' for e in sorted(expids)] + ['--exclude=*']
+            r = run(mountain.rsync(parent, night_dir, extra=extra), timeout=RSYNC_TIMEOUT,
+                    test=test, ok=(0, 24))
+            if result.returncode in (0, 24):
+                result = r
+        lock_directory(night_dir, test)
+        return result
+    finally:
+        mountain.close()
