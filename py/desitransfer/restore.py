@@ -20,11 +20,9 @@ difference reported); another is verified against its checksum file, locked
 archived) and moved into the destination, under its final name only once it
 is complete.  Test mode (``-t``) reads and lists, and changes nothing.
 """
-import errno
 import os
 import posixpath
 import re
-import shutil
 import stat
 import sys
 import tarfile
@@ -427,17 +425,7 @@ class Restore(object):
             destination = os.path.join(night_dir, expid)
             if os.path.lexists(destination):
                 raise FileExistsError(f"{destination} appeared while restoring")
-            try:
-                os.rename(source, destination)
-            except OSError as err:
-                if err.errno != errno.EXDEV:
-                    raise
-                # Another file system: copy beside the final name, then rename.
-                partial = os.path.join(night_dir, f'.{expid}.partial')
-                self.actions.remove_tree(partial)
-                shutil.copytree(source, partial, symlinks=True)
-                os.rename(partial, destination)
-                self.actions.remove_tree(source)
+            self.actions.move_in(source, destination)
             if archived:
                 self.actions.remove_user_write(destination)
             done = True

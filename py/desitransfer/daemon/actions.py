@@ -157,20 +157,27 @@ class Actions(object):
             old = os.path.join(night, f'.{os.path.basename(destination)}.replaced')
             self.remove_tree(old)
             os.rename(destination, old)
-        try:
-            os.rename(staging, destination)
-        except OSError as err:
-            if err.errno != errno.EXDEV:
-                raise
-            partial = os.path.join(night, f'.{os.path.basename(destination)}.partial')
-            self.remove_tree(partial)
-            shutil.copytree(staging, partial, symlinks=True)
-            os.rename(partial, destination)
-            self.remove_tree(staging)
+        self.move_in(staging, destination)
         if old is not None:
             self.remove_tree(old)
         if archived:
             self.writable(night, on=False)
+
+    def move_in(self, source, destination):
+        """Rename the directory `source` to `destination` (which must not
+        exist); on another file system, copy it beside `destination`, rename
+        the copy in and remove `source`, so `destination` is never partial."""
+        try:
+            os.rename(source, destination)
+        except OSError as err:
+            if err.errno != errno.EXDEV:
+                raise
+            partial = os.path.join(os.path.dirname(destination),
+                                   f'.{os.path.basename(destination)}.partial')
+            self.remove_tree(partial)
+            shutil.copytree(source, partial, symlinks=True)
+            os.rename(partial, destination)
+            self.remove_tree(source)
 
     def remove_tree(self, path):
         """Remove `path` and everything in it, locked or not."""
