@@ -43,15 +43,18 @@ def timed(command, **kwargs):
     return time.perf_counter() - t0
 
 
-def configuration(run_dir, source, ssh, **common):
+def configuration(run_dir, source, ssh, logging=None, **common):
     """Write the configuration of a daemon copying from `source` (over `ssh`)
-    into a new NERSC tree in `run_dir`, with the ``[common]`` keys `common`;
-    the file and the tree."""
+    into a new NERSC tree in `run_dir`, with the ``[common]`` keys `common`
+    and the ``[logging]`` keys of the dict `logging` (no alert email unless
+    it says so); the file and the tree."""
     nersc = os.path.join(run_dir, 'nersc')
     for d in ('staging/raw', 'data', 'scratch'):
         os.makedirs(os.path.join(nersc, d))
     common = dict({'host': 'dts', 'ssh': ssh, 'temporary': f'{nersc}/scratch',
                    'checksum_lock': f'{run_dir}/checksum-running', 'sleep': 1}, **common)
+    logging = dict({'filename': f'{nersc}/daemon.log', 'size': 100000000, 'backups': 1,
+                    'to': ''}, **(logging or {}))
     config = os.path.join(run_dir, 'daemon.ini')
     with open(config, 'w') as f:
         f.write(f"""[DESI_SPECTRO_DATA]
@@ -61,12 +64,8 @@ destination = {nersc}/data
 hpss = desi/spectro/data
 checksum_file = checksum-{{exposure}}.sha256sum
 [common]
-""" + ''.join(f'{key} = {value}\n' for key, value in common.items()) + f"""[logging]
-filename = {nersc}/daemon.log
-size = 100000000
-backups = 1
-to =
-""")
+""" + ''.join(f'{key} = {value}\n' for key, value in common.items()) + "[logging]\n" +
+                ''.join(f'{key} = {value}\n' for key, value in logging.items()))
     return config, nersc
 
 

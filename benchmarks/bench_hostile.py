@@ -39,6 +39,7 @@ from argparse import ArgumentParser
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(TOP, 'tests'))
 
+from bench_backlog import configuration as backlog_configuration  # noqa: E402
 from loopback import free_port, start_sshd  # noqa: E402
 from desitransfer.mountain import make_exposure  # noqa: E402
 
@@ -74,34 +75,11 @@ class Mail(object):
 
 
 def configuration(run_dir, source, ssh, smtp):
-    nersc = os.path.join(run_dir, 'nersc')
-    for d in ('staging/raw', 'data', 'scratch'):
-        os.makedirs(os.path.join(nersc, d))
-    config = os.path.join(run_dir, 'daemon.ini')
-    with open(config, 'w') as f:
-        f.write(f"""[DESI_SPECTRO_DATA]
-source = {source}
-staging = {nersc}/staging/raw
-destination = {nersc}/data
-hpss = desi/spectro/data
-checksum_file = checksum-{{exposure}}.sha256sum
-[common]
-host = dts
-ssh = {ssh}
-temporary = {nersc}/scratch
-checksum_lock = {run_dir}/checksum-running
-catchup = 30
-backup = 30
-sleep = 1
-streams = 1
-[logging]
-filename = {nersc}/daemon.log
-size = 1000000000
-backups = 1
-to = desi-alarms@example.org
-smtp = 127.0.0.1:{smtp}
-""")
-    return config, nersc
+    """The daemon's configuration (the backlog benchmark's writer), its
+    alerts sent to the SMTP server on port `smtp`."""
+    return backlog_configuration(run_dir, source, ssh, catchup=30, backup=30, streams=1,
+                                 logging={'size': 1000000000, 'to': 'desi-alarms@example.org',
+                                          'smtp': f'127.0.0.1:{smtp}'})
 
 
 def one_pass(config, run_dir):
