@@ -29,7 +29,7 @@ from ..common import Result, Stop, log, run
 from .actions import lock_directory, unlock_directory
 from .cli import _options, main
 from .core import TransferDaemon
-from .remote import RSYNC_TIMEOUT, Mountain
+from .remote import RSYNC_TIMEOUT, Mountain, by_directory, only
 from .settle import one_line, shown
 
 __all__ = ['TransferDaemon', '_options', '_popen', 'lock_directory', 'main', 'rsync_night',
@@ -97,13 +97,10 @@ def rsync_night(source, destination, night, test=False):
             return Result(1, '', 'the mountain could not be surveyed')
         for name, why in sorted(survey.refused.items()):
             log.warning("%s at dts is not copied: %s.", shown(name), one_line(str(why)))
-        groups = {}
-        for link in survey.links.values():
-            groups.setdefault(os.path.dirname(link.target), []).append(link.expid)
         unlock_directory(night_dir, test)
         result = Result(0, '', '')
-        for parent, expids in sorted(groups.items()):
-            extra = [f'--include=/{e}/***' for e in sorted(expids)] + ['--exclude=*']
+        for parent, links in by_directory(survey.links.values()):
+            extra = only(sorted(link.expid for link in links))
             r = run(mountain.rsync(parent, night_dir, extra=extra), timeout=RSYNC_TIMEOUT,
                     test=test, ok=(0, 24))
             if result.returncode in (0, 24):

@@ -17,7 +17,7 @@ from .. import common
 from ..common import log, new_exposures
 from .actions import listdir
 from .archive import archive_name
-from .remote import RSYNC_TIMEOUT
+from .remote import RSYNC_TIMEOUT, by_directory, only
 from .transfer import COPIED, CONNECTION_LOST, classify, fatal
 
 #: A night not archived this long after its backup hour is alerted (once).
@@ -79,12 +79,9 @@ class Nights(object):
             return True
         log.info("%s of night %s: looking for late or changed files.",
                  'Final catch-up' if backup else 'Catch-up', night)
-        groups = {}
-        for link in links:
-            groups.setdefault(os.path.dirname(link.target), []).append(link)
         changed = []
-        for parent, members in sorted(groups.items()):
-            extra = [f'--include=/{link.expid}/***' for link in members] + ['--exclude=*']
+        for parent, members in by_directory(links):
+            extra = only(link.expid for link in members)
             dry = self.actions.ask(self.mountain.rsync(parent, os.path.join(d.destination, night),
                                                        extra=extra, dry_run=True),
                                    timeout=RSYNC_TIMEOUT, ok=(0, 24))

@@ -423,6 +423,20 @@ def parse_survey(result, source, data_root=None):
     return Survey('links', links, refused, unknown_nights, result, stamp)
 
 
+def only(names):
+    """rsync filters that copy only the directories `names` of the source."""
+    return [f'--include=/{name}/***' for name in names] + ['--exclude=*']
+
+
+def by_directory(links):
+    """The :class:`Link` `links` grouped by the physical directory holding
+    their targets (one rsync each), sorted by directory."""
+    groups = {}
+    for link in links:
+        groups.setdefault(posixpath.dirname(link.target), []).append(link)
+    return sorted(groups.items())
+
+
 def parse_sizes(answer, directories):
     """Read the answer of :command:`du --summarize --bytes` for `directories`:
     bytes in each; ``None`` unless it names each of them, and nothing else,
@@ -608,6 +622,5 @@ def link_copies(follow):
         else:
             copies.append((target, link, []))
     for (directory, into), names in groups.items():
-        copies.append((directory, into, [f'--include=/{n}/***' for n in sorted(names)] +
-                       ['--exclude=*']))
+        copies.append((directory, into, only(sorted(names))))
     return sorted(copies)

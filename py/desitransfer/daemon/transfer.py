@@ -26,7 +26,7 @@ from collections import namedtuple
 
 from ..common import log
 from ..status import _milliseconds
-from .remote import RSYNC_TIMEOUT
+from .remote import RSYNC_TIMEOUT, only
 
 #: What happened to the copy of an exposure.
 COPIED = 'copied'                     #: complete in staging: may be installed
@@ -381,7 +381,7 @@ class _Copy(object):
             if os.path.isdir(leftover):
                 self.actions.unlock(leftover)
         extra = ([f'--link-dest={os.path.join(self.basis, night)}'] if self.basis else [])
-        extra += [f'--include=/{link.expid}/***' for link in batch] + ['--exclude=*']
+        extra += only(link.expid for link in batch)
         what = (f"exposure {night}/{batch[0].expid}" if len(batch) == 1 else
                 f"{len(batch):d} exposures of night {night}")
         t0 = time.monotonic()
