@@ -158,7 +158,8 @@ class Site(SimpleNamespace):
 
     def ssh_wrapper(self, name, before_rsync='', before_command='', prefix=''):
         """Configure an ssh program that runs the shell line `before_rsync`
-        before connecting for rsync (``rsync --server`` on the command line),
+        (``$@``: the arguments of ssh) before connecting for rsync
+        (``rsync --server`` on the command line),
         `before_command` before any other connection, then the real ``dts``
         wrapper, with `prefix` (for example ``setpriv ...``) put before the
         remote command of connections that are not rsync's."""
@@ -174,7 +175,7 @@ rsync = 'rsync --server' in ' '.join(args)
 control = '-O' in args
 line = {before_rsync!r} if rsync else {before_command!r}
 if line and not control:
-    code = subprocess.run(['/bin/sh', '-c', line]).returncode
+    code = subprocess.run(['/bin/sh', '-c', line, 'sh'] + args).returncode
     if code:
         sys.exit(code)
 prefix = {prefix!r}

@@ -1,6 +1,6 @@
 # Licensed under a 3-clause BSD style license - see LICENSE.rst
 """How soon an exposure linked at the mountain is at NERSC, however it is
-linked: during a pass, in a burst; and a stop that leaves nothing running at
+linked: during a pass, in a burst, while a backlog is copied; and a stop that leaves nothing running at
 the mountain and no ERROR in the log.  The real daemon, against the loopback
 sshd; the fixtures are in ``fixtures_daemon.py``."""
 import os
@@ -8,7 +8,7 @@ import signal
 import time
 
 from desitransfer.mountain import make_exposure
-from fixtures_daemon import LAST
+from fixtures_daemon import EARLIER, LAST, TONIGHT
 
 
 def _wait_for(condition, seconds, proc=None, what=''):
@@ -31,7 +31,7 @@ def _watches(site):
                 argv = f.read().split(b'\0')
         except OSError:
             continue
-        if b'stat -c %y' in b' '.join(argv) and b'echo quiet' in b' '.join(argv) and \
+        if b'stat --printf=%y/' in b' '.join(argv) and b'echo quiet' in b' '.join(argv) and \
                 os.fsencode(site.source) in argv:
             found.append(int(name))
     return found
@@ -92,3 +92,40 @@ def test_stop_ends_the_watch_at_the_mountain_and_logs_no_error(site):
     assert 'desi_transfer_daemon stops.' in text
     assert 'ERROR' not in text, [line for line in text.splitlines() if 'ERROR' in line]
     site.assert_verified(LAST, '00003100')
+
+
+def test_exposure_linked_during_a_backlog_goes_ahead_of_it(site):
+    """While a backlog of two nights is copied (one stream, each rsync of it
+    slowed by 2 s), an exposure of tonight linked during the copy of the
+    first night is copied, verified and installed before the second night's
+    copy starts; tonight's exposures known at the survey go first."""
+    backlog = [(night, f'{first + i:08d}') for night, first in ((EARLIER, 3200), (LAST, 3300))
+               for i in range(2)]
+    for night, expid in backlog:
+        site.exposure(night, expid)
+    site.exposure(TONIGHT, '00003400')
+    new = '00003401'
+    make_exposure(site.data, site.source, TONIGHT, new, link=False)
+    link = os.path.join(site.source, TONIGHT, new)
+    target = os.path.join(site.data, TONIGHT, new)
+    order = os.path.join(site.top, 'order')
+    # Each rsync of a night says which (and whether the new exposure is
+    # installed by then); one of the backlog links the new exposure and
+    # takes 2 s.
+    line = (f'for n in {TONIGHT} {LAST} {EARLIER}; do case "$*" in *$n/*) '
+            f'[ -d {site.dest(TONIGHT, new)} ] && i=+; echo $n$i >> {order};; esac; done; '
+            f'case "$*" in *{TONIGHT}/*) ;; *) [ -L {link} ] || ln -s {target} {link}; '
+            'sleep 2;; esac')
+    site.ssh_wrapper('slow-backlog-ssh', before_rsync=line)
+    site.write_config(ssh=os.path.join(site.top, 'slow-backlog-ssh'), streams='1')
+    assert site.run('--debug') == 0
+    with open(order) as f:
+        nights = f.read().split()
+    # Tonight first, then the backlog newest first, the exposure linked
+    # meanwhile copied while the first night of the backlog was, and
+    # installed before the second night started.
+    assert nights[0] == TONIGHT and nights[1:3] == [LAST, TONIGHT], nights
+    assert nights[3] == EARLIER + '+', nights
+    for night, expid in backlog + [(TONIGHT, '00003400'), (TONIGHT, new)]:
+        site.assert_verified(night, expid)
+    assert 'during the copy of the backlog' in site.log_text()

@@ -189,8 +189,9 @@ def run(command, timeout=DEFAULT_TIMEOUT, cwd=None, env=None, ok=(0,),
         err += (f"\nStopped: its {why} passed the limit of {limit:d} bytes; "
                 "its answer is unknown.")
     if why == 'stop' and code not in ok:
-        # Asked for (SIGTERM, the kill file): not a failure of the command.
-        log.info("Stopped on request: %s", quoted)
+        # Asked for (SIGTERM, the kill file, the end of a watch): not a
+        # failure of the command.
+        log.log(logging.DEBUG if quiet else logging.INFO, "Stopped on request: %s", quoted)
     elif code not in ok:
         log.error("Command failed with return code %d%s: %s", code, where, quoted)
         if out.strip():

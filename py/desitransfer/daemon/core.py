@@ -31,9 +31,13 @@ from .archive import Archive
 from .nights import Nights, due_time
 from .remote import Mountain
 from .report import Reporting
-from .settle import Settling, one_line, shown
+from .settle import Settling, _some, one_line, shown
 from .state import STATE_FILE, State, valid_link
 from .transfer import COPIED, FATAL, fatal
+
+#: Longest watch at the mountain, in seconds, while a backlog is copied (a
+#: change ends it at once; the end of the copy too).
+ARRIVALS_WATCH = 60
 
 
 def _complete(options):
@@ -191,7 +195,7 @@ class TransferDaemon(Settling, Nights, Reporting):
             # Compared with what the pass's surveys saw, a link made while the
             # pass ran ends the wait at once; without a survey of each
             # destination, with what the watch sees first.
-            since = '\n'.join(seen) if all(seen) else ''
+            since = ''.join(seen) if all(seen) else ''
             changed = self.mountain.watch(watched, seconds - 1, since)
             if changed:
                 log.debug("New at %s: the next pass starts now.", self.mountain.name)
@@ -348,10 +352,12 @@ class TransferDaemon(Settling, Nights, Reporting):
         self._unlisted(d, survey)
         self._report(d, survey)
         state = self.state[d.name]
-        todo = [link for name, link in sorted(survey.links.items())
+        # The newest night first: tonight's exposures go ahead of a backlog.
+        todo = [link for name, link in sorted(survey.links.items(),
+                                              key=lambda item: (-int(item[1].night), item[0]))
                 if name not in state['given_up'] and
                 (name in state['retries'] or not self._installed(d, link))]
-        if todo and not self._copy(d, todo, status):
+        if todo and not self._copy(d, todo, status, self._arrivals(d, survey, todo)):
             return
         due = self._due_for_archive(d)
         if due:
@@ -371,9 +377,51 @@ class TransferDaemon(Settling, Nights, Reporting):
         if due:
             self._archive(d, status, due)
 
-    def _copy(self, d, links, status):
+    def _arrivals(self, d, survey, todo):
+        """What learns, while the backlog `todo` is copied, of exposures linked
+        at the mountain since `survey`: as the watch between passes does, it
+        waits for a change of the transfer area or of a night of the window,
+        then surveys again and passes on the links neither in `todo` nor
+        installed nor given up (see :func:`~desitransfer.daemon.transfer.copy_verify`)."""
+        known = {f'{link.night}/{link.expid}' for link in todo}
+        given_up = set(self.state[d.name]['given_up'])
+        window = self._window()
+        watched = [d.source] + [os.path.join(d.source, n) for n in window]
+
+        def arrivals(done, add):
+            since = survey.stamp
+            while since and not done.is_set():
+                changed = self.mountain.watch(watched, ARRIVALS_WATCH, since, stop=done)
+                if done.is_set():
+                    return
+                if changed is None:
+                    done.wait(ARRIVALS_WATCH)  # Unknown: the next pass finds them.
+                    continue
+                if not changed:
+                    continue
+                again = self.mountain.survey(d.source, self.conf['checksum_lock'], window,
+                                             d.data_root, stop=done)
+                if again.answer != 'links' or done.is_set():
+                    done.wait(1)  # Checksums are being computed, or no answer.
+                    continue
+                since = again.stamp
+                new = [link for name, link in sorted(again.links.items())
+                       if name not in known and name not in given_up and
+                       not self._installed(d, link)]
+                if new:
+                    known.update(f'{link.night}/{link.expid}' for link in new)
+                    log.info("%d exposure%s linked at %s during the copy of the backlog "
+                             "(%s): copied ahead of it.", len(new), '' if len(new) == 1 else 's',
+                             self.mountain.name, _some([f'{link.night}/{link.expid}'
+                                                        for link in new]))
+                    add(new)
+        return arrivals
+
+    def _copy(self, d, links, status, arrivals=None):
         """Copy-verify `links`, then settle their outcomes; ``False`` if the
-        pass must end (the mountain lost, a full disk, a stop)."""
+        pass must end (the mountain lost, a full disk, a stop).  With
+        `arrivals` (see :meth:`_arrivals`), exposures linked meanwhile go
+        ahead of them."""
         retries = self.state[d.name]['retries']
         new = [link for link in links if f'{link.night}/{link.expid}' not in retries]
         if new:
@@ -393,7 +441,7 @@ class TransferDaemon(Settling, Nights, Reporting):
                 if o.copy in FATAL and o.name in retries:
                     retries[o.name] -= 1  # Not the exposure's fault: the try does not count.
             self._settle(d, outcomes, status)
-        return fatal(self._copy_verify(d, links, status, settle)) is None
+        return fatal(self._copy_verify(d, links, status, settle, arrivals)) is None
 
     # ------------------------------------------------------------------
     # The documented single steps.

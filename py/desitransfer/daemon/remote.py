@@ -82,7 +82,8 @@ class Survey(namedtuple('Survey', ['answer', 'links', 'refused', 'unknown_nights
     result : :class:`desitransfer.common.Result`
         The remote command's outcome, for messages.
     stamp : :class:`str`
-        The modification times of the transfer area and of the nights asked,
+        The modification times of the transfer area and of the nights asked
+        (each followed by a ``/``, on one line),
         taken before anything was listed (see :meth:`Mountain.watch`).
     """
 
@@ -104,7 +105,7 @@ SURVEY_SCRIPT = '; '.join([
     # What the watch compares with (see WATCH_SCRIPT), taken before anything
     # is listed: a link made after this is seen by the watch that follows.
     """printf '%%%s\\0' "$(for n in "$@"; do shift; set -- "$@" "$src/$n"; done; """
-    'stat -c %y -- "$src" "$@" 2>/dev/null)"',
+    'stat --printf=%y/ -- "$src" "$@" 2>/dev/null)"',
     # Entries of SOURCE that are not night directories, to be reported.
     """find "$src" -mindepth 1 -maxdepth 1 -regextype posix-extended \\( ! -type d -o ! """
     """-regex '.*/20[0-9]{2}(0[1-9]|1[0-2])(0[1-9]|[12][0-9]|3[01])' \\) -printf '!%P\\0'""",
@@ -134,9 +135,9 @@ WATCH_SCRIPT = '; '.join([
     'cd /',
     'n=$1 s0=$2',
     'shift 2',
-    'if [ -z "$s0" ]; then s0=$(stat -c %y -- "$@" 2>/dev/null); fi',
+    'if [ -z "$s0" ]; then s0=$(stat --printf=%y/ -- "$@" 2>/dev/null); fi',
     'i=0',
-    'while [ $i -le "$n" ]; do s=$(stat -c %y -- "$@" 2>/dev/null); '
+    'while [ $i -le "$n" ]; do s=$(stat --printf=%y/ -- "$@" 2>/dev/null); '
     'if [ "$s" != "$s0" ]; then echo changed; exit 0; fi; '
     'if [ $i -lt "$n" ]; then sleep 1; printf . || exit 1; fi; i=$((i + 1)); done',
     'echo quiet',
@@ -218,15 +219,16 @@ class Mountain(object):
         """Stop the shared connections and remove their private directory."""
         self.connection.close()
 
-    def remote(self, words, timeout=REMOTE_TIMEOUT, stream=0, names=False):
+    def remote(self, words, timeout=REMOTE_TIMEOUT, stream=0, names=False, stop=None):
         """Run the command `words` (a list) at the mountain, over the connection
         of `stream`; ssh's own failure is 255.  With `names`, its answer is
-        file names (see :func:`desitransfer.common.run`)."""
+        file names (see :func:`desitransfer.common.run`).  It is interrupted
+        by `stop` if given, else by the mountain's."""
+        stop = self.stop if stop is None else stop
         if not self.host:
-            return run(words, timeout=timeout, ok=(0,), quiet=True, stop=self.stop,
-                       names=names)
+            return run(words, timeout=timeout, ok=(0,), quiet=True, stop=stop, names=names)
         return run(self.ssh_command(stream) + [self.host, shlex.join(words)],
-                   timeout=timeout, ok=(0,), quiet=True, stop=self.stop, names=names)
+                   timeout=timeout, ok=(0,), quiet=True, stop=stop, names=names)
 
     def open_streams(self, streams):
         """Open, in the background, the connections of rsync streams 1 to
@@ -303,7 +305,7 @@ class Mountain(object):
             return 0.0
         return round_trip(self.ssh_command(), self.host)
 
-    def watch(self, directories, seconds, since=''):
+    def watch(self, directories, seconds, since='', stop=None):
         """Wait up to `seconds` for a change at the mountain.
 
         Parameters
@@ -315,9 +317,11 @@ class Mountain(object):
             How long to wait at most.
         since : :class:`str`, optional
             What the last survey saw of `directories` (the ``stamp`` of each
-            :class:`Survey`, in the same order, joined by newlines): a change
+            :class:`Survey`, in the same order, one after the other): a change
             made since then, even before the watch starts, is seen at once.
             Empty: changes from when the watch starts.
+        stop : optional
+            Ends the watch when set (see :meth:`remote`).
 
         Returns
         -------
@@ -327,11 +331,11 @@ class Mountain(object):
             caller waits on its own).
         """
         result = self.remote(['sh', '-c', WATCH_SCRIPT, 'sh', str(int(seconds)), since]
-                             + list(directories), timeout=seconds + 60)
+                             + list(directories), timeout=seconds + 60, stop=stop)
         answer = result.stdout.replace('.', '').strip() if result.returncode == 0 else ''
         return {'changed': True, 'quiet': False}.get(answer)
 
-    def survey(self, source, checksum_lock, nights, data_root=None):
+    def survey(self, source, checksum_lock, nights, data_root=None, stop=None):
         """Ask, in one round trip, for the checksum lock and the exposure links
         of `nights` in `source`.
 
@@ -345,13 +349,15 @@ class Mountain(object):
             The nights to list (the recent window).
         data_root : :class:`str`, optional
             If set, a link is transferred only if it resolves under it.
+        stop : optional
+            Interrupts the survey (see :meth:`remote`).
 
         Returns
         -------
         :class:`Survey`
         """
         result = self.remote(['sh', '-c', SURVEY_SCRIPT, 'sh', source, checksum_lock]
-                             + list(nights), names=True)
+                             + list(nights), names=True, stop=stop)
         return parse_survey(result, source, data_root)
 
 

@@ -76,16 +76,18 @@ class Settling(object):
     """Record, install, retry and alert after copy-verify (part of
     :class:`~desitransfer.daemon.core.TransferDaemon`)."""
 
-    def _copy_verify(self, d, links, status, settle=None):
+    def _copy_verify(self, d, links, status, settle=None, arrivals=None):
         """Copy-verify `links` in up to ``[common] streams`` rsyncs at once, and
         settle each batch as soon as it is verified (with :meth:`_settle`, or
-        `settle`); the outcomes."""
+        `settle`); the outcomes.  With `arrivals`, exposures linked meanwhile
+        go ahead of a backlog (see :func:`~desitransfer.daemon.transfer.copy_verify`)."""
         if settle is None:
             def settle(outcomes):
                 self._settle(d, outcomes, status)
         streams = self._streams() if len(links) > 1 else 1
         return copy_verify(links, self.mountain, d.staging, d.checksum_file, self.actions,
-                           basis=d.destination, streams=streams, settle=settle)
+                           basis=d.destination, streams=streams, settle=settle,
+                           arrivals=arrivals)
 
     def _streams(self):
         """``[common] streams``; for ``auto``, one stream per

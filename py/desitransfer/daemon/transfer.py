@@ -17,6 +17,11 @@ taking batches of exposures from one queue; batches are cut by size, large
 first and small last, so the streams finish together.  A batch copied is
 verified by one hashing thread at a lower CPU priority, while the streams
 copy the next ones, and its outcomes go to the caller at once.
+
+While a backlog is copied, exposures the caller learns of meanwhile (linked
+at the mountain during the copy) do not wait behind it: they go to an extra
+stream kept for them (the express stream), which copies and verifies each
+as soon as it is known, then hands it to the caller like the others.
 """
 import os
 import queue
@@ -141,7 +146,7 @@ def _tail(text, size=300):
 
 
 def copy_verify(links, mountain, staging, checksum_file, actions, basis=None,
-                streams=1, settle=None):
+                streams=1, settle=None, arrivals=None):
     """Copy exposures into staging, lock and verify them.
 
     Exposures of a night whose targets share a directory at the mountain
@@ -179,6 +184,15 @@ def copy_verify(links, mountain, staging, checksum_file, actions, basis=None,
         as they are known: each batch once verified, while other batches are
         being copied; the fatal outcomes, if any, all together at the end.
         If it raises, every stream is stopped and the exception propagates.
+    arrivals : callable, optional
+        Called, in a thread of its own, as ``arrivals(done, add)`` when there
+        are more batches than streams (a backlog): it learns of new
+        exposures while the backlog is copied and passes each list of them
+        to ``add``, which puts them on the express stream, ahead of the
+        backlog; it must return soon after ``done.is_set()`` is true (the
+        backlog is copied, or the copy was stopped), and can be given `done`
+        as `stop` of :func:`desitransfer.common.run`.  Their outcomes are
+        settled like the others'; they are not in the list returned.
 
     Returns
     -------
@@ -193,12 +207,14 @@ def copy_verify(links, mountain, staging, checksum_file, actions, basis=None,
     for night in sorted({link.night for link in links}):
         actions.makedirs(os.path.join(staging, night))
     copy = _Copy(mountain, staging, checksum_file, actions, basis, batches)
+    # A backlog: batches wait for a stream.
+    express = arrivals if len(batches) > streams else None
     streams = min(streams, len(batches))
     if sizes:
         log.info("Copying %d exposures (%.1f MB) in %d rsync%s, %d at a time.", len(links),
                  sum(sizes.get(link.target, 0) for link in links) / 1e6, len(batches),
                  '' if len(batches) == 1 else 's', streams)
-    outcomes = copy.run(streams, settle)
+    outcomes = copy.run(streams, settle, express)
     return [outcomes[link] for link in links]
 
 
@@ -282,6 +298,28 @@ class _Abort(object):
         return STOPPED if self.stop.is_set() else self.kind
 
 
+class _Done(object):
+    """Set when the streams of a copy have copied everything (or were
+    stopped): the end of the express stream's watch."""
+
+    def __init__(self, abort):
+        self.abort = abort
+        self.event = threading.Event()
+
+    def set(self):
+        self.event.set()
+
+    def is_set(self):
+        return self.event.is_set() or self.abort.is_set()
+
+    def wait(self, seconds):
+        """Wait up to `seconds` (less if set); whether it is set."""
+        end = time.monotonic() + seconds
+        while not self.is_set() and time.monotonic() < end:
+            self.event.wait(min(0.2, max(0.0, end - time.monotonic())))
+        return self.is_set()
+
+
 def _lower_priority():
     """Make the calling thread (and threads it starts) yield the CPU to the copy."""
     try:
@@ -308,26 +346,45 @@ class _Copy(object):
             self.todo.put(batch)
         self.copied = queue.SimpleQueue()
         self.results = queue.SimpleQueue()
+        self.done = _Done(self.abort)
+        self.express = queue.SimpleQueue()
+        self.arrived = threading.Event()
 
-    def run(self, streams, settle):
-        threads = [threading.Thread(target=self._guard, args=(self._stream, n),
+    def run(self, streams, settle, arrivals=None):
+        threads = [threading.Thread(target=self._guard, args=('stream', self._stream, n),
                                     name=f'rsync-stream-{n:d}', daemon=True)
                    for n in range(streams)]
-        verifier = threading.Thread(target=self._guard, args=(self._verifier,),
-                                    name='verify', daemon=True)
-        for t in threads + [verifier]:
+        threads.append(threading.Thread(target=self._guard, args=('verifier', self._verifier),
+                                        name='verify', daemon=True))
+        if arrivals is not None:
+            threads += [
+                threading.Thread(target=self._guard, args=('arrivals', self._arrivals,
+                                                           arrivals),
+                                 name='arrivals', daemon=True),
+                threading.Thread(target=self._guard, args=('express', self._express, streams),
+                                 name=f'rsync-stream-{streams:d}-express', daemon=True)]
+            self.mountain.open_streams(streams + 1)
+        else:
+            self.arrived.set()
+        for t in threads:
             t.start()
-        outcomes, fatal_outcomes, running = {}, [], len(threads) + 1
+        outcomes, fatal_outcomes, running = {}, [], len(threads)
+        left = streams
         try:
             while running:
                 try:
                     item = self.results.get(timeout=0.2)
                 except queue.Empty:
                     continue
-                if item is None:
+                if isinstance(item, str):
                     running -= 1
-                    if running == 1:
-                        self.copied.put(None)  # The streams are done: so is the verifier.
+                    if item == 'stream':
+                        left -= 1
+                        if left == 0:
+                            # The backlog is copied: so is the verifier
+                            # when it is verified, and the watch ends.
+                            self.done.set()
+                            self.copied.put(None)
                 elif isinstance(item, BaseException):
                     raise item
                 else:
@@ -341,21 +398,53 @@ class _Copy(object):
             self.copied.put(None)
             raise
         finally:
-            for t in threads + [verifier]:
+            for t in threads:
                 t.join()
         if fatal_outcomes and settle is not None:
             settle(fatal_outcomes)
         return outcomes
 
-    def _guard(self, work, *args):
-        """Run `work`, passing on an unexpected exception to the calling thread."""
+    def _guard(self, kind, work, *args):
+        """Run `work`, passing on an unexpected exception to the calling
+        thread; then say that the thread of `kind` ended."""
         try:
             work(*args)
         except BaseException as err:
             self.abort.set(STOPPED)
             self.results.put(err)
         finally:
-            self.results.put(None)
+            self.results.put(kind)
+
+    def _arrivals(self, arrivals):
+        """Run the caller's `arrivals`; its failure ends the express stream,
+        not the copy."""
+        try:
+            arrivals(self.done, self._add)
+        except Exception as err:
+            log.warning("Exposures linked during the copy of the backlog wait for the next "
+                        "pass: %s: %s.", type(err).__name__, err, exc_info=True)
+        finally:
+            self.arrived.set()
+
+    def _add(self, links):
+        """Put `links` on the express stream."""
+        links = list(links)
+        for night in sorted({link.night for link in links}):
+            self.actions.makedirs(os.path.join(self.staging, night))
+        for batch in plan(links, None, 1):
+            self.express.put(batch)
+
+    def _express(self, n):
+        """The express stream (number `n`): copy and verify what is added,
+        until the backlog is copied and nothing more can arrive."""
+        while True:
+            try:
+                batch = self.express.get(timeout=0.1)
+            except queue.Empty:
+                if self.arrived.is_set() and self.express.empty():
+                    return
+                continue
+            self._copy(batch, n, verify=True)
 
     def _stream(self, n):
         while True:
@@ -369,7 +458,7 @@ class _Copy(object):
         self.results.put([Outcome(link, self.abort.outcome(), 0, self.abort.detail, None,
                                   None, None) for link in batch])
 
-    def _copy(self, batch, n):
+    def _copy(self, batch, n, verify=False):
         if self.abort.is_set():
             self._skip(batch)
             return
@@ -397,13 +486,15 @@ class _Copy(object):
             detail = self.abort.detail or detail
         log.debug("rsync of %s (stream %d): %s in %.1f s.", what, n, copy,
                   time.monotonic() - t0)
-        if copy == COPIED:
+        if copy == COPIED and verify:
+            self.results.put(self._verify(batch, result.returncode, rsync_ms))
+        elif copy == COPIED:
             self.copied.put((batch, result.returncode, rsync_ms))
         elif copy == FAILED and len(batch) > 1:
             log.warning("rsync of %s failed (return code %d); copying each on its own.",
                         what, result.returncode)
             for link in batch:
-                self._copy([link], n)
+                self._copy([link], n, verify)
         else:
             if copy in FATAL:
                 self.abort.set(copy, detail)
@@ -416,20 +507,23 @@ class _Copy(object):
             item = self.copied.get()
             if item is None:
                 return
-            batch, returncode, rsync_ms = item
-            outcomes = []
-            for link in batch:
-                exposure = os.path.join(self.staging, link.night, link.expid)
-                if self.abort.outcome() == STOPPED:
-                    outcomes.append(Outcome(link, STOPPED, returncode, '', None, None, None))
-                elif not self.actions.copied(exposure):
-                    outcomes.append(Outcome(link, SOURCE_CHANGED, returncode,
-                                            'not found at the mountain when copied', None,
-                                            rsync_ms, None))
-                else:
-                    self.actions.lock(exposure)
-                    errors = self.actions.verify(os.path.join(
-                        exposure, self.checksum_file.format(night=link.night, exposure=link.expid)))
-                    outcomes.append(Outcome(link, COPIED, returncode, '', errors, rsync_ms,
-                                            _milliseconds()))
-            self.results.put(outcomes)
+            self.results.put(self._verify(*item))
+
+    def _verify(self, batch, returncode, rsync_ms):
+        """Lock and verify the exposures of `batch`, copied: their outcomes."""
+        outcomes = []
+        for link in batch:
+            exposure = os.path.join(self.staging, link.night, link.expid)
+            if self.abort.outcome() == STOPPED:
+                outcomes.append(Outcome(link, STOPPED, returncode, '', None, None, None))
+            elif not self.actions.copied(exposure):
+                outcomes.append(Outcome(link, SOURCE_CHANGED, returncode,
+                                        'not found at the mountain when copied', None,
+                                        rsync_ms, None))
+            else:
+                self.actions.lock(exposure)
+                errors = self.actions.verify(os.path.join(
+                    exposure, self.checksum_file.format(night=link.night, exposure=link.expid)))
+                outcomes.append(Outcome(link, COPIED, returncode, '', errors, rsync_ms,
+                                        _milliseconds()))
+        return outcomes
