@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from desitransfer.checksum import _workers, verify_checksum
-from desitransfer.mountain import checksum_text, exposure_files
+from desitransfer.simulator import checksum_text, exposure_files
 
 EXPID = '00012345'
 MIB = 1 << 20

@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.join(TOP, 'tests'))
 
 from bench_backlog import configuration as backlog_configuration  # noqa: E402
 from loopback import free_port, start_sshd  # noqa: E402
-from desitransfer.mountain import make_exposure  # noqa: E402
+from desitransfer.simulator import make_exposure  # noqa: E402
 
 #: Yesterday: in the recent window, never due for catch-up or archive here.
 NIGHT = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=1)).strftime('%Y%m%d')

@@ -47,7 +47,7 @@ from bench_backlog import configuration  # noqa: E402
 from loopback import start_sshd  # noqa: E402
 from desitransfer.common import rsync, rsync_ssh, ssh_command  # noqa: E402
 from desitransfer.configuration import DEFAULT_STREAMS  # noqa: E402
-from desitransfer.mountain import make_mountain  # noqa: E402
+from desitransfer.simulator import make_mountain  # noqa: E402
 
 #: Two days ago: a finished night in the recent window.
 NIGHT = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=2)).strftime('%Y%m%d')

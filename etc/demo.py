@@ -28,7 +28,7 @@ TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(TOP, 'py'))
 
 from desitransfer.common import today  # noqa: E402
-from desitransfer.mountain import make_mountain, serve_archive_status  # noqa: E402
+from desitransfer.simulator import make_mountain, serve_archive_status  # noqa: E402
 
 
 def inventory(nersc, tape):

@@ -16,7 +16,7 @@ import pytest
 from desitransfer import common
 from desitransfer.common import configure_log
 from desitransfer.daemon import TransferDaemon, _options
-from desitransfer.mountain import exposure_files, make_exposure
+from desitransfer.simulator import exposure_files, make_exposure
 from loopback import terminate_when
 
 #: The fake present: tonight is 20261120 (in progress), 20261119 and 20261118 are finished.

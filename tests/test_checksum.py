@@ -10,7 +10,7 @@ import pytest
 
 from desitransfer import checksum
 from desitransfer.checksum import sha256_file, verify_checksum
-from desitransfer.mountain import exposure_files, make_exposure
+from desitransfer.simulator import exposure_files, make_exposure
 
 NIGHT, EXPID = '20240315', '00012345'
 CHECKSUM = f'checksum-{EXPID}.sha256sum'

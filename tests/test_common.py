@@ -16,7 +16,7 @@ from desitransfer import common
 from desitransfer.common import (empty_rsync, ensure_scratch, exclude_years, idle_time,
                                  new_exposures, rsync, rsync_ssh, ssh_command, stamp,
                                  today, yesterday, run, valid_night)
-from desitransfer.mountain import make_exposure
+from desitransfer.simulator import make_exposure
 
 
 def at(monkeypatch, *args):

@@ -11,12 +11,12 @@ import time
 
 import pytest
 
-from desitransfer import daemon
+from desitransfer import daemon, tape
 from desitransfer.common import configure_log
 from desitransfer.configuration import ConfigurationError, read_configuration
 from desitransfer.daemon import TransferDaemon, lock_directory, rsync_night, unlock_directory
 from desitransfer.daemon import transfer
-from desitransfer.mountain import checksum_text, exposure_files
+from desitransfer.simulator import checksum_text, exposure_files
 from fixtures_daemon import EARLIER, LAST, NOW, TONIGHT, mode, snapshot
 
 
@@ -199,7 +199,7 @@ def test_hpss_status_not_active(site, caplog, monkeypatch):
     caplog.set_level(logging.INFO)
     site.exposure(LAST, '00000600')
     site.write_config(backup='20')
-    monkeypatch.setattr(daemon.archive, 'HPSS_STATUS_TIMEOUT', 1)
+    monkeypatch.setattr(tape, 'HPSS_STATUS_TIMEOUT', 1)
     troubles = {
         "says the archive is 'down'": lambda: site.hpss_status.set_status('down'),
         'did not answer (JSONDecodeError': lambda: site.hpss_status.set_raw(

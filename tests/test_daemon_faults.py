@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from desitransfer.mountain import exposure_files
+from desitransfer.simulator import exposure_files
 from fixtures_daemon import EARLIER, LAST, snapshot
 
 

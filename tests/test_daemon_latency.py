@@ -7,7 +7,7 @@ import os
 import signal
 import time
 
-from desitransfer.mountain import make_exposure
+from desitransfer.simulator import make_exposure
 from fixtures_daemon import EARLIER, LAST, TONIGHT
 
 

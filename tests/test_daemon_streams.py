@@ -19,7 +19,7 @@ import pytest
 
 from desitransfer.configuration import DEFAULT_STREAMS, ConfigurationError, read_configuration
 from desitransfer.daemon import transfer
-from desitransfer.daemon.remote import Link, parse_sizes
+from desitransfer.mountain import Link, parse_sizes
 from desitransfer.daemon.transfer import MIN_BATCH_BYTES, plan
 from fixtures_daemon import LAST, snapshot
 
@@ -309,7 +309,7 @@ def test_sizes_unknown_means_by_count(site, caplog, answer):
     site.write_config(ssh=wrapper, streams='4')
     if answer.startswith('sleep'):
         # A hung question is given up after SIZES_TIMEOUT; here, a shorter one.
-        from desitransfer.daemon import remote
+        from desitransfer import mountain as remote
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(remote, 'SIZES_TIMEOUT', 1)
             assert site.run() == 0

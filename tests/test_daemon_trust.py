@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from desitransfer.daemon import actions
-from desitransfer.mountain import exposure_files, make_exposure
+from desitransfer import executor as actions
+from desitransfer.simulator import exposure_files, make_exposure
 from fixtures_daemon import EARLIER, LAST, NOW, snapshot
 
 ROOT = os.geteuid() == 0
@@ -638,7 +638,7 @@ def test_morning_report(site, caplog):
     assert not site.smtp.wait(2, timeout=0.5)  # only the alert of 00002603
     site.smtp.clear()
     # A late file for the morning catch-up, listed in the checksum file.
-    from desitransfer.mountain import checksum_text
+    from desitransfer.simulator import checksum_text
     files = exposure_files('00002600')
     files['late.json'] = b'{}\n'
     for name in ('late.json', 'checksum-00002600.sha256sum'):

@@ -16,7 +16,7 @@ import pytest
 
 from desitransfer.configuration import ConfigurationError, read_configuration
 from desitransfer.daemon import TransferDaemon, _options
-from desitransfer.mountain import checksum_text, exposure_files
+from desitransfer.simulator import checksum_text, exposure_files
 from desitransfer.status import TransferStatus
 from fixtures_daemon import EARLIER, LAST, mode
 

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from desitransfer import restore as restore_module
-from desitransfer.mountain import checksum_text, exposure_files, make_exposure
+from desitransfer.simulator import checksum_text, exposure_files, make_exposure
 from fixtures_daemon import EARLIER, LAST, mode, snapshot
 
 #: The thin script of the command, run as an operator runs it.

@@ -20,8 +20,8 @@ from fixtures_kpno import mode
 
 from desitransfer.audit import audit, format_table
 from desitransfer.common import Result, Stop
-from desitransfer.daemon.remote import Mountain, link_copies, parse_links, safe_path
-from desitransfer.mountain import exposure_files, make_exposure
+from desitransfer.mountain import Mountain, link_copies, parse_links, safe_path
+from desitransfer.simulator import exposure_files, make_exposure
 from desitransfer.nightwatch import NightwatchTransfer
 from desitransfer.nightwatch import _options as nightwatch_options
 

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from desitransfer import __version__, status
+from desitransfer import store as store_module
 from desitransfer.common import configure_log, log
 from desitransfer.status import TransferStatus, _options, main
 
@@ -24,7 +25,7 @@ NIGHT = '20230101'
 def clock(monkeypatch, *times):
     """Make the store see these times (ms), one per update that changes something."""
     values = iter(times)
-    monkeypatch.setattr(status, '_milliseconds', lambda: next(values))
+    monkeypatch.setattr(store_module, "milliseconds", lambda: next(values))
 
 
 def year_file(d, year=2023):
@@ -552,7 +553,7 @@ def fake_page(tmp_path, monkeypatch):
     source = tmp_path / 'data'
     source.mkdir()
     (source / 'index.html').write_text('<html>page</html>')
-    monkeypatch.setattr(status, '_page_source', lambda: source)
+    monkeypatch.setattr(store_module, "_page_source", lambda: source)
     return source
 
 
@@ -573,8 +574,8 @@ def test_install_page(tmp_path, fake_page, caplog):
 
 
 def test_install_packaged_page(tmp_path):
-    source = status._page_source()
-    shipped = [name for name in status.PAGE_FILES if (source / name).is_file()]
+    source = store_module._page_source()
+    shipped = [name for name in store_module.PAGE_FILES if (source / name).is_file()]
     d = tmp_path / 'status'
     TransferStatus(str(d))
     for name in shipped:

@@ -27,7 +27,7 @@ is a disagreement too: an audit that could not look is not clean.
 
 What the mountain answers is checked as the daemon checks it (a link whose
 target is not a path of letters, digits and ``._+-`` is refused, see
-:func:`desitransfer.daemon.remote.safe_path`), and is written in the table
+:func:`desitransfer.mountain.safe_path`), and is written in the table
 escaped (Python style): a name from the mountain is always one line of it.
 """
 import os
@@ -40,14 +40,14 @@ from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 
 from . import common
-from .checksum import _parse, _read_checksum_file, verify_checksum
-from .common import Stop, dir_perm, file_perm, lstat_tree, valid_night
-from .daemon.actions import DryRun
-from .daemon.archive import Archive, _absent, archive_name, parse_listing
-from .daemon.nights import due_time
-from .daemon.remote import SURVEY_SCRIPT, Mountain, parse_survey, shown
+from .checksum import parse_checksums, read_checksum_file, verify_checksum
+from .common import Stop, dir_perm, file_perm, lstat_tree, some, valid_night
+from .dates import due_time
+from .executor import DryRun
+from .tape import Archive, ABSENT, archive_name, parse_listing
+from .mountain import SURVEY_SCRIPT, Mountain, parse_survey, shown
 from .statistics import configured
-from .status import TransferStatus, read_status, status_directory
+from .store import TransferStatus, read_status, status_directory
 
 #: The places a night lives, in the order of the table.
 PLACES = ('mountain', 'nersc', 'status', 'tape')
@@ -110,12 +110,6 @@ def _tail(text, size=200):
     return text[-size:] or 'no message'
 
 
-def _some(names):
-    names = sorted(names)
-    more = f' and {len(names) - SHOWN:d} more' if len(names) > SHOWN else ''
-    return ', '.join(names[:SHOWN]) + more
-
-
 def _utc(ms):
     return time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(ms / 1000))
 
@@ -123,7 +117,7 @@ def _utc(ms):
 def survey(mountain, source, nights, data_root=''):
     """The daemon's survey of the links of `nights` in `source`, in one round
     trip, ignoring the checksum lock; see
-    :meth:`desitransfer.daemon.remote.Mountain.survey`."""
+    :meth:`desitransfer.mountain.Mountain.survey`."""
     result = mountain.remote(['sh', '-c', SURVEY_SCRIPT, 'sh', source, ''] + list(nights),
                              timeout=SURVEY_TIMEOUT, names=True)
     return parse_survey(result, source, data_root)
@@ -143,7 +137,7 @@ def tape_listing(archive, hpss):
                 text = f.read()
         except OSError:
             text = ''
-    if (result.returncode == 64 and any(w in result.stderr for w in _absent) and
+    if (result.returncode == 64 and any(w in result.stderr for w in ABSENT) and
             hpss.rstrip('/') in result.stderr):
         return {}, ''
     if result.returncode != 0:
@@ -552,7 +546,7 @@ class Night(object):
                          "is among the recent ones")
         if len(held) < 2 and backed:
             self.add(None, 'status', f"backup recorded for {len(backed):d} exposure(s) "
-                     f"({_some(backed)}) but {archive} is not on tape",
+                     f"({some(sorted(backed), SHOWN)}) but {archive} is not on tape",
                      self.rearchive(bool(held)))
         if len(held) == 2 and self.index is None:
             self.add(None, 'tape', f"the index of {archive} could not be read: "
@@ -613,9 +607,9 @@ class Night(object):
         bad_files = sorted(n for n, st in exposure.files.items()
                            if stat.S_IMODE(st.st_mode) != file_perm)
         if bad_dirs or bad_files:
-            what = [f"director{'y' if len(bad_dirs) == 1 else 'ies'} {_some(bad_dirs)} not "
+            what = [f"director{'y' if len(bad_dirs) == 1 else 'ies'} {some(sorted(bad_dirs), SHOWN)} not "
                     "0o2750 (0o2550 once archived)"] if bad_dirs else []
-            what += [f"file(s) {_some(bad_files)} not 0o440"] if bad_files else []
+            what += [f"file(s) {some(sorted(bad_files), SHOWN)} not 0o440"] if bad_files else []
             self.add(expid, 'nersc', f"modes: {'; '.join(what)}", f"fix them: find "
                      f"{exposure.path} -type f -exec chmod 440 {{}} + ; chmod 2750 on the "
                      "directories (2550 once the night is archived)")
@@ -643,7 +637,7 @@ class Night(object):
                           if st.st_mtime * 1000 > when[1] + CLOCK_TOLERANCE * 1000)
             if late:
                 self.add(expid, 'nersc', f"modified after its checksum was recorded at "
-                         f"{_utc(when[1])}: {_some(late)}",
+                         f"{_utc(when[1])}: {some(sorted(late), SHOWN)}",
                          self.reverify() + "; re-transfer if it fails")
                 return False
         return None
@@ -707,8 +701,8 @@ def light_check(exposure, name):
     or malformed, files listed but missing, files not listed.  The names
     come from the directory listing: no listed name is ever opened."""
     try:
-        digests, unverified, problems = _parse(
-            _read_checksum_file(os.path.join(exposure.path, name)), name)
+        digests, unverified, problems = parse_checksums(
+            read_checksum_file(os.path.join(exposure.path, name)), name)
     except OSError as err:
         return [f"its checksum file {name} cannot be read: {err.strerror or err}"]
     listed = set(digests) | unverified
@@ -718,8 +712,8 @@ def light_check(exposure, name):
     missing = listed - present
     extra = {n for n in exposure.entries if n not in listed and n not in parents} - {name}
     found = [p.rstrip('.') for p in problems[:SHOWN]]
-    found += [f"listed in {name} but missing: {_some(missing)}"] if missing else []
-    found += [f"not listed in {name}: {_some(extra)}"] if extra else []
+    found += [f"listed in {name} but missing: {some(sorted(missing), SHOWN)}"] if missing else []
+    found += [f"not listed in {name}: {some(sorted(extra), SHOWN)}"] if extra else []
     return found
 
 

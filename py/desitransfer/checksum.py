@@ -135,12 +135,12 @@ def verify_checksum(checksum_file):
     checksum_file = os.fspath(checksum_file)
     label = os.path.basename(checksum_file)
     try:
-        data = _read_checksum_file(checksum_file)
+        data = read_checksum_file(checksum_file)
     except OSError as err:
         return f"Could not read checksum file {checksum_file}: {_reason(err)}."
     if not data.strip():
         return f"Checksum file {checksum_file} is empty."
-    digests, unverified, problems = _parse(data, label)
+    digests, unverified, problems = parse_checksums(data, label)
     del data
     directory = os.path.realpath(os.path.dirname(os.path.abspath(checksum_file)))
     t0 = time.monotonic()
@@ -199,7 +199,7 @@ def _open_nonblocking(path):
         raise
 
 
-def _read_checksum_file(checksum_file):
+def read_checksum_file(checksum_file):
     """Contents of `checksum_file`, refusing anything that is not a small regular
     file of at most :data:`MAX_CHECKSUM_LINES` lines.
     """
@@ -213,7 +213,7 @@ def _read_checksum_file(checksum_file):
     return data
 
 
-def _parse(data, label):
+def parse_checksums(data, label):
     """Parse the contents of a checksum file.
 
     Parameters

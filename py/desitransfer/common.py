@@ -523,7 +523,8 @@ def remove_leftover(target):
     return False
 
 
-def _alive(pid):
+def alive(pid):
+    """``True`` if process `pid` exists (signal 0), as far as this user can tell."""
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, OverflowError):
@@ -561,7 +562,7 @@ def sweep_temporary(directory):
             m = _temporary.fullmatch(name)
             if m is None:
                 continue
-            if _alive(int(m.group('pid'))):
+            if alive(int(m.group('pid'))):
                 continue
             path = os.path.join(directory, name)
             try:
@@ -1370,7 +1371,7 @@ class SharedConnection(object):
                 top = tempfile.gettempdir()
                 for name in os.listdir(top):
                     m = re.fullmatch(r'desitransfer-ssh-([0-9]{1,10})-\w+', name)
-                    if m is not None and not _alive(int(m.group(1))):
+                    if m is not None and not alive(int(m.group(1))):
                         path = os.path.join(top, name)
                         try:
                             st = os.lstat(path)
@@ -1467,3 +1468,26 @@ def lstat_tree(directory):
             problems.append(f"{os.path.join(directory, prefix).rstrip('/')} cannot be listed: "
                             f"{err.strerror or err}")
     return entries, problems
+
+
+def shown(name):
+    """`name` (from the mountain) as written in a message: as it is if it is
+    plain printable text, otherwise quoted and escaped as :func:`repr` does,
+    so that it is one line, and two names never look the same (an
+    undecodable byte, kept as a surrogate, is shown as ``\\udcXX``)."""
+    plain = name.isprintable() and name.strip() == name and name[:1] not in ('"', "'")
+    return name if plain else repr(name)
+
+
+def one_line(text):
+    """`text` (from the mountain) with every character that is not printable
+    escaped as :func:`repr` does: a message that cannot span lines."""
+    if text.isprintable():
+        return text
+    return ''.join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def some(names, most=3):
+    """The first `most` of `names`, shown, and how many more."""
+    text = ', '.join(shown(n) for n in names[:most])
+    return text + (f' and {len(names) - most:d} more' if len(names) > most else '')

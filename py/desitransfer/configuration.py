@@ -172,7 +172,7 @@ def read_configuration(filename=None):
         raise ConfigurationError(f"configuration file {filename}: {message}") from None
 
 
-def _get(parser, section, key, convert=str, default=None):
+def get_value(parser, section, key, convert=str, default=None):
     """Get and convert one key; missing or bad values raise :class:`ConfigurationError`.
 
     A key missing from ``[common]`` or ``[logging]`` (or the whole section)
@@ -218,14 +218,14 @@ def _candidates(parser, section, key):
     return found
 
 
-def _absolute(value):
+def absolute(value):
     if not os.path.isabs(value):
         raise ValueError('an absolute path is required')
     return os.path.normpath(value)
 
 
 def _optional_absolute(value):
-    return _absolute(value) if value else ''
+    return absolute(value) if value else ''
 
 
 def _interval(value):
@@ -287,39 +287,39 @@ def _validate(parser):
     for section in parser.sections():
         if section in ('common', 'logging'):
             continue
-        source = _get(parser, section, 'source', _absolute)
-        staging = _get(parser, section, 'staging', _absolute)
-        destination = _get(parser, section, 'destination', _absolute)
+        source = get_value(parser, section, 'source', absolute)
+        staging = get_value(parser, section, 'staging', absolute)
+        destination = get_value(parser, section, 'destination', absolute)
         # As written (the archive's name is made of it), without a trailing /.
-        hpss = _get(parser, section, 'hpss').rstrip('/')
+        hpss = get_value(parser, section, 'hpss').rstrip('/')
         if not hpss:
             raise ConfigurationError(f"[{section}] hpss is empty")
-        checksum_file = _get(parser, section, 'checksum_file', _checksum_name)
-        data_root = _get(parser, section, 'data_root', _optional_absolute, default='')
+        checksum_file = get_value(parser, section, 'checksum_file', _checksum_name)
+        data_root = get_value(parser, section, 'data_root', _optional_absolute, default='')
         directories.append(DirectoryConfig(section, source, staging, destination,
                                            hpss, checksum_file, data_root))
     if not directories:
         raise ConfigurationError("no destination section (such as [DESI_SPECTRO_DATA])")
-    common = {'host': _get(parser, 'common', 'host'),
-              'ssh': _get(parser, 'common', 'ssh'),
+    common = {'host': get_value(parser, 'common', 'host'),
+              'ssh': get_value(parser, 'common', 'ssh'),
               'temporary': _candidates(parser, 'common', 'temporary'),
-              'checksum_lock': _get(parser, 'common', 'checksum_lock', _absolute),
-              'catchup': _get(parser, 'common', 'catchup', int),
-              'backup': _get(parser, 'common', 'backup', int),
-              'sleep': _get(parser, 'common', 'sleep', _interval),
-              'retries': _get(parser, 'common', 'retries', _count),
-              'recent': _get(parser, 'common', 'recent', _days),
-              'streams': _get(parser, 'common', 'streams', _streams),
-              'hpss': _get(parser, 'common', 'hpss'),
-              'hpss_status': _get(parser, 'common', 'hpss_status')}
+              'checksum_lock': get_value(parser, 'common', 'checksum_lock', absolute),
+              'catchup': get_value(parser, 'common', 'catchup', int),
+              'backup': get_value(parser, 'common', 'backup', int),
+              'sleep': get_value(parser, 'common', 'sleep', _interval),
+              'retries': get_value(parser, 'common', 'retries', _count),
+              'recent': get_value(parser, 'common', 'recent', _days),
+              'streams': get_value(parser, 'common', 'streams', _streams),
+              'hpss': get_value(parser, 'common', 'hpss'),
+              'hpss_status': get_value(parser, 'common', 'hpss_status')}
     if common['host'] and not common['ssh']:
         raise ConfigurationError("[common] ssh is empty but host is set")
-    logging_ = {'filename': _get(parser, 'logging', 'filename', _absolute),
-                'size': _get(parser, 'logging', 'size', _count),
-                'backups': _get(parser, 'logging', 'backups', _count),
-                'to': _get(parser, 'logging', 'to', _list),
-                'smtp': _get(parser, 'logging', 'smtp'),
-                'report': _get(parser, 'logging', 'report', _boolean)}
+    logging_ = {'filename': get_value(parser, 'logging', 'filename', absolute),
+                'size': get_value(parser, 'logging', 'size', _count),
+                'backups': get_value(parser, 'logging', 'backups', _count),
+                'to': get_value(parser, 'logging', 'to', _list),
+                'smtp': get_value(parser, 'logging', 'smtp'),
+                'report': get_value(parser, 'logging', 'report', _boolean)}
     if not re.fullmatch(r'[^:\s]+(:[0-9]+)?', logging_['smtp']):
         raise ConfigurationError(f"[logging] smtp = {logging_['smtp']!r} is not host:port")
     return directories, common, logging_

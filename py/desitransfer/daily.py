@@ -18,7 +18,7 @@ No link at the mountain leads outside the directory it is in: a directory
 keeps its links as links only if they point inside it (``--safe-links``), and
 a directory whose links to directories are followed (``dirlinks``) follows
 only those that resolve, at the mountain, inside it or under the directories
-of its ``dirlinks_under`` (:func:`desitransfer.daemon.remote.parse_links`).
+of its ``dirlinks_under`` (:func:`desitransfer.mountain.parse_links`).
 """
 import configparser
 import os
@@ -33,8 +33,8 @@ from . import __version__ as dtVersion
 from .common import (Result, SharedConnection, Stop, alert_options, configure_log,
                      dir_perm, environment_ssh, file_perm, log, open_append, rsync, rsync_ssh,
                      run, single_instance, stamp, write_text)
-from .configuration import ConfigurationError, _absolute, _get
-from .daemon.remote import (LINKS_ANSWER_LIMIT, LINKS_TOLD, link_copies, links_command,
+from .configuration import ConfigurationError, absolute, get_value
+from .mountain import (LINKS_ANSWER_LIMIT, LINKS_TOLD, link_copies, links_command,
                             parse_links, safe_path, shown)
 
 #: Seconds before an rsync is killed.
@@ -215,7 +215,7 @@ class DailyDirectory(object):
         resolve inside it, or under one of `dirlinks_under`.
 
         The links are listed and resolved at the mountain in one round trip
-        (:func:`desitransfer.daemon.remote.parse_links`); each one followed
+        (:func:`desitransfer.mountain.parse_links`); each one followed
         is copied from its physical directory there, by an :command:`rsync`
         that follows no link (links in the same directory into the same
         directory, one rsync).  A link that is not followed is an ``ERROR:``
@@ -379,18 +379,18 @@ def _directory(parser, section):
     if unknown:
         raise ConfigurationError(f"[{section}] {unknown[0]} is not a known key "
                                  f"({', '.join(_keys)})")
-    timeframe = _get(parser, section, 'timeframe')
+    timeframe = get_value(parser, section, 'timeframe')
     if timeframe not in TIMEFRAMES:
         raise ConfigurationError(f"[{section}] timeframe = {timeframe!r} is not morning or noon")
-    source = _get(parser, section, 'source', _absolute)
+    source = get_value(parser, section, 'source', absolute)
     if source == '/':
         raise ConfigurationError(f"[{section}] source = '/' is not valid")
-    destination = _destination(section, _get(parser, section, 'destination'))
+    destination = _destination(section, get_value(parser, section, 'destination'))
     extra = []
-    for pattern in _get(parser, section, 'include', default='').splitlines():
+    for pattern in get_value(parser, section, 'include', default='').splitlines():
         if pattern.strip():
             extra += ['--include', pattern.strip()]
-    include_from = _get(parser, section, 'include_from', default='')
+    include_from = get_value(parser, section, 'include_from', default='')
     if include_from:
         extra += ['--include-from', _include_from(section, include_from)]
     if extra:
@@ -404,7 +404,7 @@ def _directory(parser, section):
         # A link is followed by an rsync of its own, to which the patterns do not apply.
         raise ConfigurationError(f"[{section}] dirlinks = yes cannot be combined with "
                                  "include or include_from")
-    under = _get(parser, section, 'dirlinks_under', default='').split()
+    under = get_value(parser, section, 'dirlinks_under', default='').split()
     for directory in under:
         if not safe_path(directory):
             raise ConfigurationError(f"[{section}] dirlinks_under: {directory!r} is not an "

@@ -18,7 +18,7 @@ that is ending is synced one last time, and the loop sleeps until noon.
 The nightwatch tree is opened to the collaboration and served on the web, so
 nothing from outside the night's directory at the mountain may reach it: the
 links to directories in the night are listed and resolved at the mountain
-first (:func:`desitransfer.daemon.remote.parse_links`), and only those that
+first (:func:`desitransfer.mountain.parse_links`), and only those that
 resolve inside the night are followed; no other link is followed or copied,
 and a top-level page that is a link out of the nightwatch directory is not
 copied (``--safe-links``).
@@ -50,7 +50,7 @@ from . import __version__ as dtVersion
 from . import common
 from .common import (SharedConnection, Stop, alert_options, configure_log, idle_time, log,
                      rsync, rsync_ssh, run, single_instance, today, valid_night)
-from .daemon.remote import (LINKS_ANSWER_LIMIT, LINKS_TOLD, link_copies, links_command,
+from .mountain import (LINKS_ANSWER_LIMIT, LINKS_TOLD, link_copies, links_command,
                             parse_links, shown)
 from .processes import original_running
 
@@ -308,7 +308,7 @@ class NightwatchTransfer(object):
 
     def _links(self, night):
         """The links to directories in `night` at the mountain, resolved there
-        (:class:`desitransfer.daemon.remote.Links`), those to follow without
+        (:class:`desitransfer.mountain.Links`), those to follow without
         the ones the exclude list leaves out; ``None`` if the night is not
         to be synced now (the mountain could not be asked, or the night is
         not a directory inside the nightwatch directory)."""

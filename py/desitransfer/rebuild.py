@@ -38,12 +38,13 @@ import json
 import os
 
 from . import common
-from .audit import _some, light_check, read_places, status_rows
+from .audit import light_check, read_places, status_rows
 from .checksum import verify_checksum
-from .common import write_text
-from .daemon.archive import archive_name
+from .common import some, write_text
+from .tape import archive_name
 from .statistics import configured
-from .status import TransferStatus, _dates, _milliseconds, read_status, status_directory
+from .dates import dates
+from .store import TransferStatus, milliseconds, read_status, status_directory
 
 #: The stages, by code.
 _NAMES = {code: name for name, code in TransferStatus.stages.items()}
@@ -154,11 +155,11 @@ def rebuild(configuration=None, year=None, deep=False, directory=None, stop=None
     :class:`list`
         One :class:`Rebuilt` per status directory; nothing is written.
     """
-    started = _milliseconds()  # The clock of the records, to keep those made meanwhile.
+    started = milliseconds()  # The clock of the records, to keep those made meanwhile.
     year = int(year)
     sections, conf = configured(configuration)
     today = common._utcnow().strftime('%Y%m%d')
-    nights = [n for n in _dates(f'{year:d}0101', f'{year:d}1231') if n <= today]
+    nights = [n for n in dates(f'{year:d}0101', f'{year:d}1231') if n <= today]
     found = {}
     for d in sections:
         target = directory or status_directory(d)
@@ -277,7 +278,7 @@ def summary(rebuilt, current, problem=''):
     for what in ('only current', 'only rebuilt'):
         if diff[what]:
             lines.append(f"  exposures only in the {what.split()[1]} file: "
-                         f"{len(diff[what]):d} ({_some(diff[what])})")
+                         f"{len(diff[what]):d} ({some(sorted(diff[what]))})")
     for what, keys in sorted(diff['stages'].items()):
-        lines.append(f"  {what}: {len(keys):d} ({_some(keys)})")
+        lines.append(f"  {what}: {len(keys):d} ({some(sorted(keys))})")
     return lines

@@ -35,9 +35,9 @@ from .checksum import MAX_CHECKSUM_FILE_SIZE, sha256_file, verify_checksum
 from .common import (Stop, configure_log, dir_perm, file_perm, log, lstat_tree, run,
                      valid_night, write_text)
 from .configuration import ConfigurationError, read_configuration
-from .daemon.actions import Actions, DryRun
-from .daemon.archive import HTAR_TIMEOUT, Archive, archive_name
-from .status import TransferStatus, status_directory
+from .executor import Actions, DryRun
+from .tape import HTAR_TIMEOUT, Archive, archive_name
+from .store import TransferStatus, status_directory
 
 #: Mode of exposure directories in a night that is archived (user write removed).
 ARCHIVED_DIR_PERM = 0o2550

@@ -21,7 +21,7 @@ import stat
 
 from .common import lstat_tree, valid_night
 from .configuration import read_configuration
-from .status import TransferStatus, read_status, status_directory
+from .store import TransferStatus, read_status, status_directory
 
 _LINKED = TransferStatus.stages['linked']
 _CHECKSUM = TransferStatus.stages['checksum']

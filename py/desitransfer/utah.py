@@ -378,7 +378,7 @@ class Mirror(mirror.BaseMirror):
         for name in sorted(os.listdir(top)):
             m = re.fullmatch(rf'{PROGRAM}-([0-9]+)-\w+', name)
             path = os.path.join(top, name)
-            if (m is not None and not common._alive(int(m.group(1))) and
+            if (m is not None and not common.alive(int(m.group(1))) and
                     os.lstat(path).st_uid == os.getuid()):
                 shutil.rmtree(path, ignore_errors=True)
         return tempfile.mkdtemp(prefix=f'{PROGRAM}-{os.getpid():d}-')

@@ -13,11 +13,11 @@ store.  In the morning whole nights are compared again to pick up late
 files, and after noon each finished night is archived to HPSS with
 :command:`htar`.
 
-The flow lives in small modules: :mod:`~desitransfer.daemon.remote` (the
+The flow lives in small modules: :mod:`~desitransfer.mountain` (the
 mountain), :mod:`~desitransfer.daemon.transfer` (copy-verify and its
-outcomes), :mod:`~desitransfer.daemon.archive` (HPSS),
+outcomes), :mod:`~desitransfer.tape` (HPSS),
 :mod:`~desitransfer.daemon.state` (the state file),
-:mod:`~desitransfer.daemon.actions` (every change, and test mode),
+:mod:`~desitransfer.executor` (every change, and test mode),
 :mod:`~desitransfer.daemon.core` (the loop and one pass) and
 :mod:`~desitransfer.daemon.cli` (the command line).
 """
@@ -25,12 +25,11 @@ import os
 import shlex
 
 from ..checksum import verify_checksum
-from ..common import Result, Stop, log, run
-from .actions import lock_directory, unlock_directory
+from ..common import Result, Stop, log, one_line, run, shown
+from ..executor import lock_directory, unlock_directory
 from .cli import _options, main
 from .core import TransferDaemon
-from .remote import RSYNC_TIMEOUT, Mountain, by_directory, only
-from .settle import one_line, shown
+from ..mountain import RSYNC_TIMEOUT, Mountain, by_directory, only
 
 __all__ = ['TransferDaemon', '_options', '_popen', 'lock_directory', 'main', 'rsync_night',
            'unlock_directory', 'verify_checksum']

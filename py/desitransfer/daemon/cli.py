@@ -13,6 +13,7 @@ from argparse import ArgumentParser
 from .. import __version__ as dtVersion
 from ..common import log
 from ..configuration import ConfigurationError
+from .core import TransferDaemon
 
 
 def _options(args=None):
@@ -60,7 +61,6 @@ def main():
     :class:`int`
         An integer suitable for passing to :func:`sys.exit`.
     """
-    from .core import TransferDaemon
     options = _options()
     try:
         daemon = TransferDaemon(options)

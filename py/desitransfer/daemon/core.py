@@ -7,12 +7,12 @@ desitransfer.daemon.core
 :class:`TransferDaemon`: the loop of :command:`desi_transfer_daemon` and one
 pass, which for each destination reads as survey → copy-verify → record →
 install → catch-up → archive.  The steps live in the sibling modules:
-:mod:`~desitransfer.daemon.remote` (survey), :mod:`~desitransfer.daemon.transfer`
+:mod:`~desitransfer.mountain` (survey), :mod:`~desitransfer.daemon.transfer`
 (copy-verify), :mod:`~desitransfer.daemon.settle` (record, install, retry,
 alert), :mod:`~desitransfer.daemon.nights` (catch-up, archive) with
-:mod:`~desitransfer.daemon.archive` (HPSS), and
+:mod:`~desitransfer.tape` (HPSS), and
 :mod:`~desitransfer.daemon.state`; every change goes through
-:mod:`~desitransfer.daemon.actions`, which is also test mode.
+:mod:`~desitransfer.executor`, which is also test mode.
 """
 import argparse
 import datetime as dt
@@ -22,16 +22,17 @@ import time
 
 from .. import common
 from ..common import (Stop, configure_log, ensure_scratch, log, single_instance,
-                      sweep_temporary, valid_night)
+                      one_line, shown, some, sweep_temporary, valid_night)
+from ..dates import due_time
 from ..configuration import ConfigurationError, read_configuration
 from ..processes import original_running
-from ..status import TransferStatus
-from .actions import Actions, DryRun, listdir
-from .archive import Archive
-from .nights import Nights, due_time
-from .remote import Mountain
+from ..store import TransferStatus
+from ..executor import Actions, DryRun, listdir
+from ..tape import Archive
+from .nights import Nights
+from ..mountain import Mountain
 from .report import Reporting
-from .settle import Settling, _some, one_line, shown
+from .settle import Settling
 from .state import STATE_FILE, State, valid_link
 from .transfer import COPIED, FATAL, fatal
 
@@ -412,7 +413,7 @@ class TransferDaemon(Settling, Nights, Reporting):
                     known.update(f'{link.night}/{link.expid}' for link in new)
                     log.info("%d exposure%s linked at %s during the copy of the backlog "
                              "(%s): copied ahead of it.", len(new), '' if len(new) == 1 else 's',
-                             self.mountain.name, _some([f'{link.night}/{link.expid}'
+                             self.mountain.name, some([f'{link.night}/{link.expid}'
                                                         for link in new]))
                     add(new)
         return arrivals

@@ -10,25 +10,18 @@ that is late for tape.  These are methods of
 :class:`~desitransfer.daemon.core.TransferDaemon`.
 """
 import datetime as dt
-import functools
 import os
 
 from .. import common
 from ..common import log, new_exposures
-from .actions import listdir
-from .archive import archive_name
-from .remote import RSYNC_TIMEOUT, by_directory, only
+from ..dates import due_time
+from ..executor import listdir
+from ..tape import archive_name
+from ..mountain import RSYNC_TIMEOUT, by_directory, only
 from .transfer import COPIED, CONNECTION_LOST, classify, fatal
 
 #: A night not archived this long after its backup hour is alerted (once).
 OVERDUE = dt.timedelta(days=1)
-
-
-@functools.lru_cache(maxsize=4096)
-def due_time(night, hour):
-    """When `night` is due for a step at `hour` UTC: that hour the next day."""
-    start = dt.datetime.strptime(night, '%Y%m%d').replace(tzinfo=dt.timezone.utc)
-    return start + dt.timedelta(days=1, hours=hour)
 
 
 class Nights(object):

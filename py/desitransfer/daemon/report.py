@@ -18,11 +18,12 @@ import socket
 from email.message import EmailMessage
 
 from .. import common
+from ..audit import audit
 from ..common import log
+from ..dates import due_time
 from ..statistics import duration, latencies, latency_summary
-from .actions import listdir
-from .archive import archive_name
-from .nights import due_time
+from ..executor import listdir
+from ..tape import archive_name
 
 #: A night is reported during this time after its backup hour (a daemon
 #: stopped for longer does not send old reports).
@@ -111,7 +112,6 @@ class Reporting(object):
             text, n = self._report_directory(d, night)
             lines += text
             problems += n
-        from ..audit import audit  # the audit builds on the daemon's modules
         try:
             found = audit((self.directories, self.conf, self.log_conf), [night],
                           stop=self.stop)

@@ -19,8 +19,8 @@ import os
 import threading
 import time
 
-from ..common import log, valid_night
-from .actions import listdir
+from ..common import log, one_line, shown, some, valid_night
+from ..executor import listdir
 from .state import MAX_REPORTED
 from .transfer import COPIED, DISK_FULL, FATAL, SOURCE_CHANGED, STOPPED, copy_verify
 
@@ -47,29 +47,6 @@ TOO_MANY_REFUSED = 'too many refused links'
 
 def _passes(n):
     return f"{n:d} pass{'' if n == 1 else 'es'}"
-
-
-def shown(name):
-    """`name` (from the mountain) as written in a message: as it is if it is
-    plain printable text, otherwise quoted and escaped as :func:`repr` does,
-    so that it is one line, and two names never look the same (an
-    undecodable byte, kept as a surrogate, is shown as ``\\udcXX``)."""
-    plain = name.isprintable() and name.strip() == name and name[:1] not in ('"', "'")
-    return name if plain else repr(name)
-
-
-def one_line(text):
-    """`text` (from the mountain) with every character that is not printable
-    escaped as :func:`repr` does: a message that cannot span lines."""
-    if text.isprintable():
-        return text
-    return ''.join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def _some(names, most=3):
-    """The first `most` of `names`, shown, and how many more."""
-    text = ', '.join(shown(n) for n in names[:most])
-    return text + (f' and {len(names) - most:d} more' if len(names) > most else '')
 
 
 class Settling(object):
@@ -313,7 +290,7 @@ class Settling(object):
         if summed:
             log.warning("%d more entries of %s at %s are not transferred (%s); each is "
                         "reported once.", len(summed), d.source, self.mountain.name,
-                        _some(summed))
+                        some(summed))
         self._too_many_refused(d, reported, untold)
         for night in listdir(d.staging):
             if not valid_night(night) or night < self._oldest() or night in survey.unknown_nights:
@@ -339,7 +316,7 @@ class Settling(object):
         level("%d more entries of %s at %s are not transferred (%s), but are not remembered: "
               "%d refused links are remembered already, the most kept. They are said again "
               "at each pass until the transfer area holds fewer; clean it up at %s.",
-              len(untold), d.source, self.mountain.name, _some(untold), MAX_REPORTED,
+              len(untold), d.source, self.mountain.name, some(untold), MAX_REPORTED,
               self.mountain.name)
         reported.add(TOO_MANY_REFUSED)
 

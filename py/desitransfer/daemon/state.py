@@ -56,6 +56,7 @@ import os
 import re
 
 from ..common import aside_name, log, valid_night, write_text
+from ..mountain import EXPID, valid_link
 
 #: Name of the state file, next to the staging directory.
 STATE_FILE = 'desi_transfer_daemon_state.json'
@@ -63,7 +64,6 @@ STATE_FILE = 'desi_transfer_daemon_state.json'
 #: Most refused links at the mountain remembered as reported, per destination.
 MAX_REPORTED = 10000
 
-_expid = re.compile(r'[0-9]{8}')
 
 #: The night of a key of ``reported``: ``link NIGHT/...``, ``staging NIGHT/EXPID``,
 #: ``NIGHT report``, ``NIGHT kill file``.
@@ -71,13 +71,6 @@ _key_night = re.compile(r'(?:link |staging )([0-9]{8})/|([0-9]{8}) ')
 
 #: The key of the alert of an HPSS outage, by the time it began.
 _key_outage = re.compile(r'hpss unavailable ([0-9]+)')
-
-
-def valid_link(link):
-    """``True`` if `link` is ``NIGHT/EXPID`` with a real date and an 8-digit exposure."""
-    parts = link.split('/') if isinstance(link, str) else []
-    return (len(parts) == 2 and valid_night(parts[0]) and
-            _expid.fullmatch(parts[1]) is not None)
 
 
 def _is_count(value):
@@ -112,7 +105,7 @@ _FIELDS = {
                                                       0 <= v < 3600)),
     'late': (dict, lambda v: isinstance(v, dict) and
              all(valid_night(k) and isinstance(e, list) and
-                 all(_expid.fullmatch(x or '') for x in e) for k, e in v.items())),
+                 all(EXPID.fullmatch(x or '') for x in e) for k, e in v.items())),
 }
 
 

@@ -30,8 +30,8 @@ import time
 from collections import namedtuple
 
 from ..common import log
-from ..status import _milliseconds
-from .remote import RSYNC_TIMEOUT, only
+from ..store import milliseconds
+from ..mountain import RSYNC_TIMEOUT, only
 
 #: What happened to the copy of an exposure.
 COPIED = 'copied'                     #: complete in staging: may be installed
@@ -77,7 +77,7 @@ class Outcome(namedtuple('Outcome', ['link', 'copy', 'returncode', 'detail', 'er
 
     Attributes
     ----------
-    link : :class:`desitransfer.daemon.remote.Link`
+    link : :class:`desitransfer.mountain.Link`
         The exposure.
     copy : :class:`str`
         :data:`COPIED`, :data:`FAILED`, :data:`SOURCE_CHANGED`,
@@ -163,14 +163,14 @@ def copy_verify(links, mountain, staging, checksum_file, actions, basis=None,
     Parameters
     ----------
     links : :class:`list`
-        :class:`~desitransfer.daemon.remote.Link` of the exposures.
-    mountain : :class:`desitransfer.daemon.remote.Mountain`
+        :class:`~desitransfer.mountain.Link` of the exposures.
+    mountain : :class:`desitransfer.mountain.Mountain`
         Where they come from.
     staging : :class:`str`
         The staging area: each arrives as ``STAGING/NIGHT/EXPID``.
     checksum_file : :class:`str`
         Name of the checksum file, with ``{exposure}``.
-    actions : :class:`desitransfer.daemon.actions.Actions`
+    actions : :class:`desitransfer.executor.Actions`
         Makes the changes (or, in test mode, logs them).
     basis : :class:`str`, optional
         The destination: exposures installed there already serve as the
@@ -238,7 +238,7 @@ def plan(links, sizes, streams):
     Parameters
     ----------
     links : :class:`list`
-        :class:`~desitransfer.daemon.remote.Link` of the exposures, in order.
+        :class:`~desitransfer.mountain.Link` of the exposures, in order.
     sizes : :class:`dict` or ``None``
         Physical directory of an exposure -> bytes.
     streams : :class:`int`
@@ -477,7 +477,7 @@ class _Copy(object):
         result = self.actions.run(self.mountain.rsync(parent, staging_night, extra=extra,
                                                       stream=n),
                                   timeout=RSYNC_TIMEOUT, ok=(0, 24), stop=self.abort)
-        rsync_ms = _milliseconds()
+        rsync_ms = milliseconds()
         copy = classify(result, self.actions.stop)
         detail = _tail(result.stderr)
         if copy != COPIED and self.abort.is_set():
@@ -525,5 +525,5 @@ class _Copy(object):
                 errors = self.actions.verify(os.path.join(
                     exposure, self.checksum_file.format(night=link.night, exposure=link.expid)))
                 outcomes.append(Outcome(link, COPIED, returncode, '', errors, rsync_ms,
-                                        _milliseconds()))
+                                        milliseconds()))
         return outcomes

@@ -1,8 +1,8 @@
 # Licensed under a 3-clause BSD style license - see LICENSE.rst
 """
-============================
-desitransfer.daemon.archive
-============================
+=================
+desitransfer.tape
+=================
 
 HPSS, the tape archive, as :command:`desi_transfer_daemon` uses it: the
 NERSC status API, the listing of an archive directory (:command:`hsi`), the
@@ -18,7 +18,7 @@ import re
 import tempfile
 import threading
 
-from ..common import log
+from .common import log
 
 #: Seconds before htar, hsi or the status request is given up.
 HTAR_TIMEOUT = 12 * 3600
@@ -30,7 +30,7 @@ _ls_line = re.compile(r'[-dlcbps][-rwxsStT]{9}[+.@]?\s+[0-9]+\s+\S+\s+\S+\s+[0-9
                       r'[A-Z][a-z]{2}\s+[0-9]{1,2}\s+(?:[0-9]{1,2}:[0-9]{2}|[0-9]{4})\s+(?P<name>.+)')
 
 #: hsi's words for a path that does not exist.
-_absent = ('HPSS_ENOENT', 'No such file or directory')
+ABSENT = ('HPSS_ENOENT', 'No such file or directory')
 
 
 def archive_name(hpss, night):
@@ -50,7 +50,7 @@ class Archive(object):
         The NERSC status API for the archive.
     scratch : :class:`str`
         Directory for temporary files (the listing written by ``hsi -O``).
-    actions : :class:`desitransfer.daemon.actions.Actions`
+    actions : :class:`desitransfer.executor.Actions`
         Runs the commands (htar only logged in test mode).
     """
 
@@ -144,7 +144,7 @@ class Archive(object):
                     text = f.read()
             except OSError:
                 text = ''
-        if result.returncode == 64 and any(w in result.stderr for w in _absent) \
+        if result.returncode == 64 and any(w in result.stderr for w in ABSENT) \
                 and hpss.rstrip('/') in result.stderr:
             log.info("HPSS directory %s does not exist yet.", hpss)
             return set()

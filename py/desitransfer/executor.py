@@ -1,8 +1,8 @@
 # Licensed under a 3-clause BSD style license - see LICENSE.rst
 """
-============================
-desitransfer.daemon.actions
-============================
+=====================
+desitransfer.executor
+=====================
 
 Everything :command:`desi_transfer_daemon` changes goes through one
 :class:`Actions` object: copying, locking, installing, recording, saving
@@ -17,8 +17,8 @@ import os
 import shutil
 import stat
 
-from ..checksum import verify_checksum
-from ..common import dir_perm, file_perm, log, run
+from .checksum import verify_checksum
+from .common import dir_perm, file_perm, log, run
 
 
 def listdir(directory):
