@@ -436,3 +436,19 @@ def test_round_trip_in_state_validated(site, value):
         json.dump(state, f)
     assert site.run() == 0
     assert os.path.exists(site.state_file + '.bad')
+
+
+def test_idle_pass_asks_the_mountain_once(site):
+    """A ``--once`` pass that finds nothing new runs one command at the
+    mountain, the survey, over one connection: no measure of the round trip,
+    no connection opened for streams (``streams = auto``, a round trip known
+    from the pass before)."""
+    site.exposure(LAST, '00003900')
+    site.exposure(LAST, '00003901')
+    calls = site.ssh_wrapper('counting-ssh')
+    assert site.run() == 0
+    assert site.state()['round_trip'] is not None
+    before = len(calls())
+    assert site.run() == 0
+    ran = [c for c in calls()[before:] if '-O' not in c]
+    assert len(ran) == 1 and 'find' in ran[0][-1], ran

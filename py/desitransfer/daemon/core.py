@@ -93,7 +93,6 @@ class TransferDaemon(Settling, Nights, Reporting):
         self.failed = False
         self._rtt = None
         self._rtt_thread = None
-        self._started = False
         self._surveys = {}
         self._caught_up_now = set()
         self._copied_now = set()
@@ -327,16 +326,9 @@ class TransferDaemon(Settling, Nights, Reporting):
         status = self._status(d)
         self._replay_pending(d, status)
         log.debug("Looking for new exposures in %s.", d.source)
-        self._measure_round_trip()
-        if not self._started:
-            # The first pass after a start may find a backlog: the connections
-            # of the streams are opened while the survey runs (for auto, as
-            # many as the round trip last measured calls for; if none was,
-            # once it is); unused, they close by themselves.
-            self.mountain.open_streams(self._auto_streams(unknown=0)
-                                       if self.conf['streams'] == 'auto'
-                                       else self.conf['streams'])
-        self._started = True
+        # One connection to the mountain for a pass that finds nothing new:
+        # the round trip is measured, and the connections of further
+        # streams opened, only for a backlog (see _streams).
         survey = self.mountain.survey(d.source, self.conf['checksum_lock'], self._window(),
                                       d.data_root)
         if survey.answer == 'unknown':

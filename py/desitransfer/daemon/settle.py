@@ -93,8 +93,8 @@ class Settling(object):
 
     def _measure_round_trip(self):
         """For ``streams = auto``, measure the round trip to the mountain in the
-        background (the start of a pass does, while the survey runs) unless it
-        was measured less than :data:`AUTO_REFRESH` seconds ago.
+        background (when a pass finds a backlog, while the sizes are asked)
+        unless it was measured less than :data:`AUTO_REFRESH` seconds ago.
 
         The round trip is kept in the state file: after a start, the one the
         last run measured serves while it is measured again, so that a backlog
@@ -113,12 +113,7 @@ class Settling(object):
             return
 
         def measure():
-            # Over the shared connection once it is up (the survey opens it):
-            # another connection would cost a handshake.
-            deadline = time.monotonic() + AUTO_WAIT
-            while (self.mountain.host and not self.mountain.connection.is_open() and
-                   time.monotonic() < deadline and not self.stop.is_set()):
-                time.sleep(0.02)
+            # Over the shared connection, which the survey opened.
             rtt, last = None, self._rtt[1]
             try:
                 rtt = self.mountain.round_trip()
