@@ -73,7 +73,7 @@ case "${1:-}" in
         shift
         cd "$top"
         export PATH="$venv/bin:$PATH"
-        exec "$venv/bin/python" -m pytest "$@"
+        exec "$venv/bin/python" -m pytest -n auto --maxprocesses=4 "$@"
         ;;
     *)
         echo "usage: bash quickstart.sh {demo|test|setup} [arguments]" >&2
