@@ -26,7 +26,9 @@ def modules():
             if name.endswith('.py'):
                 path = os.path.join(directory, name)
                 dotted = os.path.relpath(path, os.path.dirname(PACKAGE))[:-3].replace('/', '.')
-                found[dotted[:-len('.__init__')] if dotted.endswith('.__init__') else dotted] = path
+                if dotted.endswith('.__init__'):
+                    dotted = dotted[:-len('.__init__')]
+                found[dotted] = path
     return found
 
 
@@ -129,9 +131,9 @@ def test_no_command_reaches_into_another(graph):
             tree = ast.parse(f.read())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
-                base = None
                 if node.level:
-                    parts = (name if path.endswith('__init__.py') else name.rsplit('.', 1)[0]).split('.')
+                    package = name if path.endswith('__init__.py') else name.rsplit('.', 1)[0]
+                    parts = package.split('.')
                     base = '.'.join(parts[:len(parts) - node.level + 1] +
                                     ([node.module] if node.module else []))
                 else:

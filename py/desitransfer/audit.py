@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import common
 from .checksum import parse_checksums, read_checksum_file, verify_checksum
-from .common import Stop, dir_perm, file_perm, lstat_tree, some, valid_night
+from .common import Stop, dir_perm, file_perm, lstat_tree, some, tail, valid_night
 from .dates import due_time
 from .executor import DryRun
 from .tape import Archive, ABSENT, archive_name, parse_listing
@@ -105,9 +105,8 @@ class Disagreement(namedtuple('Disagreement', ['night', 'expid', 'place', 'probl
 
 
 def _tail(text, size=200):
-    """The end of `text` (from a command) on one line, control characters escaped."""
-    text = ''.join(c if c.isprintable() else repr(c)[1:-1] for c in ' '.join(text.split()))
-    return text[-size:] or 'no message'
+    """The end of `text` (from a command) on one line (see :func:`~desitransfer.common.tail`)."""
+    return tail(text, size) or 'no message'
 
 
 def _utc(ms):
@@ -607,8 +606,9 @@ class Night(object):
         bad_files = sorted(n for n, st in exposure.files.items()
                            if stat.S_IMODE(st.st_mode) != file_perm)
         if bad_dirs or bad_files:
-            what = [f"director{'y' if len(bad_dirs) == 1 else 'ies'} {some(sorted(bad_dirs), SHOWN)} not "
-                    "0o2750 (0o2550 once archived)"] if bad_dirs else []
+            what = [f"director{'y' if len(bad_dirs) == 1 else 'ies'} "
+                    f"{some(sorted(bad_dirs), SHOWN)} not 0o2750 (0o2550 once archived)"
+                    ] if bad_dirs else []
             what += [f"file(s) {some(sorted(bad_files), SHOWN)} not 0o440"] if bad_files else []
             self.add(expid, 'nersc', f"modes: {'; '.join(what)}", f"fix them: find "
                      f"{exposure.path} -type f -exec chmod 440 {{}} + ; chmod 2750 on the "

@@ -68,6 +68,16 @@ OUTPUT_LIMIT = 64 * 2**20
 #: if killed by SIGXFSZ, "file size limit exceeded"): its answer is unknown.
 OUTPUT_TOO_LARGE = -signal.SIGXFSZ
 
+#: rsync's exit code when every file was copied.
+RSYNC_OK = 0
+
+#: rsync's exit code when some source files vanished before they could be
+#: copied (for example a temporary file): what was there was copied.
+RSYNC_VANISHED = 24
+
+#: rsync's exit codes meaning that everything it found was copied.
+RSYNC_DONE = (RSYNC_OK, RSYNC_VANISHED)
+
 #: Variables of the environment never passed to a command: ``RSYNC_OLD_ARGS``
 #: makes rsync (>= 3.2.4) hand its arguments to the remote shell unprotected.
 UNSAFE_ENVIRONMENT = ('RSYNC_OLD_ARGS',)
@@ -1491,3 +1501,10 @@ def some(names, most=3):
     """The first `most` of `names`, shown, and how many more."""
     text = ', '.join(shown(n) for n in names[:most])
     return text + (f' and {len(names) - most:d} more' if len(names) > most else '')
+
+
+def tail(text, size=300):
+    """The end of `text` (what a command said) on one line: its non-blank
+    lines joined by ``; ``, control characters escaped, the last `size`
+    characters."""
+    return one_line('; '.join(line.strip() for line in text.splitlines() if line.strip()))[-size:]

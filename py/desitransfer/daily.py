@@ -35,7 +35,7 @@ from .common import (Result, SharedConnection, Stop, alert_options, configure_lo
                      run, single_instance, stamp, write_text)
 from .configuration import ConfigurationError, absolute, get_value
 from .mountain import (LINKS_ANSWER_LIMIT, LINKS_TOLD, link_copies, links_command,
-                            parse_links, safe_path, shown)
+                       parse_links, safe_path, shown)
 
 #: Seconds before an rsync is killed.
 RSYNC_TIMEOUT = 2 * 3600

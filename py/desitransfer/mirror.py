@@ -28,7 +28,7 @@ from argparse import ArgumentTypeError
 from collections import namedtuple
 from importlib.resources import files
 
-from .common import Stop, log, open_append, run, ssh_command, stamp
+from .common import RSYNC_DONE, Stop, log, open_append, run, ssh_command, stamp
 
 #: The rsync program.
 RSYNC = '/usr/bin/rsync'
@@ -427,12 +427,12 @@ class BaseMirror(object):
         # rsync --verbose of a first mirror lists every file: its output goes
         # to the log as it comes; the result keeps its tail, with --stats.
         with self._open_log(d, command) as output:
-            result = run(command, timeout=RSYNC_TIMEOUT, ok=(0, 24), stop=self.stop,
+            result = run(command, timeout=RSYNC_TIMEOUT, ok=RSYNC_DONE, stop=self.stop,
                          output=output)
             self._close_log(d, output, result,
                             time.monotonic() - t0 if self.timed_log else None)
         stats = tuple(_statistics(result.stdout))
-        if result.returncode in (0, 24):
+        if result.returncode in RSYNC_DONE:
             return 'ok', stats
         if self.stop.is_set():
             log.warning("Mirroring %s stopped (%s); see %s.", d.name, self.stop.reason,
@@ -477,11 +477,11 @@ class BaseMirror(object):
                      test=self.test, quiet=True)
         if self.test:
             return 'ok'
-        if result.returncode not in (0, 24):
+        if result.returncode not in RSYNC_DONE:
             self._append_log(d, command, result)
         entries = [line for line in result.stdout.splitlines()
                    if line.strip() and line.split(None, 4)[-1] != '.']
-        if result.returncode in (0, 24):
+        if result.returncode in RSYNC_DONE:
             return 'ok' if entries else 'empty'
         if (result.returncode == 23 and not entries and
                 'No such file or directory' in result.stderr):

@@ -48,10 +48,11 @@ from importlib.resources import files
 
 from . import __version__ as dtVersion
 from . import common
-from .common import (SharedConnection, Stop, alert_options, configure_log, idle_time, log,
-                     rsync, rsync_ssh, run, single_instance, today, valid_night)
+from .common import (RSYNC_DONE, SharedConnection, Stop, alert_options, configure_log,
+                     idle_time, log, rsync, rsync_ssh, run, single_instance, today,
+                     valid_night)
 from .mountain import (LINKS_ANSWER_LIMIT, LINKS_TOLD, link_copies, links_command,
-                            parse_links, shown)
+                       parse_links, shown)
 from .processes import original_running
 
 #: Nightwatch output at the mountain (ssh host alias ``dts``), one directory a night.
@@ -236,17 +237,17 @@ class NightwatchTransfer(object):
         """Run an rsync from the mountain through the shared connection."""
         command = rsync_ssh(command, self.connection.ssh())
         command.insert(2, '--timeout=600')
-        return run(command, timeout=timeout, ok=(0, 24), stop=self.stop, quiet=True)
+        return run(command, timeout=timeout, ok=RSYNC_DONE, stop=self.stop, quiet=True)
 
     def _failed(self, result):
         """``True`` if `result` is a failure, not a stop that was asked for."""
-        return result.returncode not in (0, 24) and not self.stop.is_set()
+        return result.returncode not in RSYNC_DONE and not self.stop.is_set()
 
     def _find(self, night):
         """``True`` if `night` is a directory at the mountain, ``False`` if
         not, ``None`` if the mountain could not be asked."""
         result = self._rsync(['/bin/rsync', '--list-only', f'dts:{SOURCE}/'], LIST_TIMEOUT)
-        if result.returncode not in (0, 24):
+        if result.returncode not in RSYNC_DONE:
             if self._failed(result):
                 self._error("Could not list dts:%s/ to look for night %s (rsync exit status "
                             "%d): %s; trying again in %g minute(s).", SOURCE, night,
@@ -376,7 +377,7 @@ class NightwatchTransfer(object):
             self._error("Syncing night %s%s from dts:%s failed (rsync exit status %d): %s; "
                         "trying again in %g minute(s).", night, what, directory,
                         result.returncode, result.stderr.strip()[-300:], self.options.sleep)
-        return result.returncode in (0, 24)
+        return result.returncode in RSYNC_DONE
 
     def _sync_top_level(self):
         """Sync the top-level files of the include list; make them world-readable."""

@@ -25,7 +25,7 @@ import os
 import shlex
 
 from ..checksum import verify_checksum
-from ..common import Result, Stop, log, one_line, run, shown
+from ..common import RSYNC_DONE, Result, Stop, log, one_line, run, shown
 from ..executor import lock_directory, unlock_directory
 from .cli import _options, main
 from .core import TransferDaemon
@@ -101,8 +101,8 @@ def rsync_night(source, destination, night, test=False):
         for parent, links in by_directory(survey.links.values()):
             extra = only(sorted(link.expid for link in links))
             r = run(mountain.rsync(parent, night_dir, extra=extra), timeout=RSYNC_TIMEOUT,
-                    test=test, ok=(0, 24))
-            if result.returncode in (0, 24):
+                    test=test, ok=RSYNC_DONE)
+            if result.returncode in RSYNC_DONE:
                 result = r
         lock_directory(night_dir, test)
         return result

@@ -13,7 +13,7 @@ import datetime as dt
 import os
 
 from .. import common
-from ..common import log, new_exposures
+from ..common import RSYNC_DONE, log, new_exposures
 from ..dates import due_time
 from ..executor import listdir
 from ..tape import archive_name
@@ -77,7 +77,7 @@ class Nights(object):
             extra = only(link.expid for link in members)
             dry = self.actions.ask(self.mountain.rsync(parent, os.path.join(d.destination, night),
                                                        extra=extra, dry_run=True),
-                                   timeout=RSYNC_TIMEOUT, ok=(0, 24))
+                                   timeout=RSYNC_TIMEOUT, ok=RSYNC_DONE)
             outcome = classify(dry, self.stop)
             if outcome == CONNECTION_LOST:
                 self._unreachable(d, f'look for late files of night {night}', dry.stderr)

@@ -29,7 +29,7 @@ import threading
 import time
 from collections import namedtuple
 
-from ..common import log
+from ..common import RSYNC_DONE, log, tail
 from ..store import milliseconds
 from ..mountain import RSYNC_TIMEOUT, only
 
@@ -129,20 +129,15 @@ class Outcome(namedtuple('Outcome', ['link', 'copy', 'returncode', 'detail', 'er
 
 def classify(result, stop):
     """What an rsync `result` means for the exposures it carried."""
-    if stop.is_set() and result.returncode not in (0, 24):
+    if stop.is_set() and result.returncode not in RSYNC_DONE:
         return STOPPED
     if any(word in result.stderr for word in _FULL):
         return DISK_FULL
-    if result.returncode in (0, 24):
+    if result.returncode in RSYNC_DONE:
         return COPIED
     if result.returncode in LOST_CONNECTION:
         return CONNECTION_LOST
     return FAILED
-
-
-def _tail(text, size=300):
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return '; '.join(lines)[-size:]
 
 
 def copy_verify(links, mountain, staging, checksum_file, actions, basis=None,
@@ -476,10 +471,10 @@ class _Copy(object):
         t0 = time.monotonic()
         result = self.actions.run(self.mountain.rsync(parent, staging_night, extra=extra,
                                                       stream=n),
-                                  timeout=RSYNC_TIMEOUT, ok=(0, 24), stop=self.abort)
+                                  timeout=RSYNC_TIMEOUT, ok=RSYNC_DONE, stop=self.abort)
         rsync_ms = milliseconds()
         copy = classify(result, self.actions.stop)
-        detail = _tail(result.stderr)
+        detail = tail(result.stderr)
         if copy != COPIED and self.abort.is_set():
             # Stopped because another stream lost the connection or filled the disk.
             copy = self.abort.outcome()
