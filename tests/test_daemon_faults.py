@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from desitransfer.common import configure_log
+from desitransfer.daemon import TransferDaemon
 from desitransfer.simulator import exposure_files
 from fixtures_daemon import EARLIER, LAST, snapshot
 
@@ -465,3 +467,28 @@ def test_no_retries_when_retries_is_zero(site, caplog):
     assert caplog.text.count('rsync --server') == 0  # the log names rsync by path
     assert site.state()['retries'] == {}
     assert site.state()['given_up'] == [f'{LAST}/00000810']
+
+
+def test_truncated_state_file_loses_nothing(site, caplog):
+    """A state file cut short (a full disk, a crash of the file system) is
+    read from its copy: the retry count and the reports already sent stay;
+    the damaged file is kept aside."""
+    caplog.set_level(logging.INFO)
+    site.exposure(LAST, '00000790')
+    assert site.run() == 0
+    d = TransferDaemon(site.options())
+    d.state['DESI_SPECTRO_DATA']['retries']['20261119/00000791'] = 1
+    d.state['DESI_SPECTRO_DATA']['reported'].append('20261119 report')
+    d.state.save()
+    configure_log()
+    with open(site.state_file) as f:
+        text = f.read()
+    with open(site.state_file, 'w') as f:
+        f.write(text[:len(text) // 2])
+    d = TransferDaemon(site.options())
+    configure_log()
+    assert d.state['DESI_SPECTRO_DATA']['retries'] == {'20261119/00000791': 1}
+    assert '20261119 report' in d.state['DESI_SPECTRO_DATA']['reported']
+    assert 'read from its copy' in caplog.text and 'starts afresh' not in caplog.text
+    with open(site.state_file + '.bad') as f:
+        assert f.read() == text[:len(text) // 2]

@@ -47,9 +47,15 @@ Per destination section it holds:
     ``[common] streams = auto`` (in the first section only), or ``null``.
 
 Only nights of the recent window are kept: older ones are settled history.
-A state file that is not JSON or not of this shape is kept as ``.bad``
-(``.bad.1``, ...) and the daemon starts afresh.  The file is written only
-when something in it changed.
+The file is written only when something in it changed, as the status store
+writes: first a complete second copy, ``desi_transfer_daemon_state.json.copy``,
+then the file itself, each to a new temporary file, synced and renamed.  A
+state file that is not JSON or not of this shape while its copy is
+good is read from the copy (nothing is lost: retry counts, reports already
+sent); the bad file is kept as ``.bad`` (``.bad.1``, ...).  Only if the copy
+is bad too does the daemon start afresh.  A state file that is missing means
+a start afresh (a first start, or an operator removed it): its copy is not
+read, and is rewritten.
 """
 import json
 import os
@@ -158,25 +164,32 @@ class State(object):
 
     def __init__(self, path, names, keep_bad=True):
         self.path = path
+        self.copy = path + '.copy'
         self.new = False
         self._saved = None  # the text of the file, as this object last wrote or read it
-        try:
-            with open(path) as f:
-                text = f.read()
-            data = json.loads(text)
-            _check(data, names)
-            self._saved = text
-        except FileNotFoundError:
+        data, why = _read(path, names)
+        if why == 'missing':
+            # Never written, or removed to start afresh: the copy is not read.
             self.new = True
             data = {}
-        except (OSError, ValueError) as err:
+        elif why is not None:
+            copy, copy_why = _read(self.copy, names)
             bad = aside_name(path, '.bad')
-            log.error("State file %s is unreadable (%s); it is kept as %s and the daemon "
-                      "starts afresh: nights are looked up on tape again, and exposures "
-                      "waiting to be transferred again are not retried.", path, err, bad)
+            if copy_why is None:
+                log.warning("State file %s is unreadable (%s); it is kept as %s and the "
+                            "state is read from its copy %s: nothing is lost.", path,
+                            why, bad, self.copy)
+                data = copy
+            else:
+                log.error("State file %s is unreadable (%s); it is kept as %s and the "
+                          "daemon starts afresh (its copy %s: %s): nights are looked up "
+                          "on tape again, and exposures waiting to be transferred again "
+                          "are not retried.", path, why, bad, self.copy, copy_why)
+                data = {}
             if keep_bad:
                 os.replace(path, bad)
-            data = {}
+        else:
+            self._saved = json.dumps(data, indent=1, sort_keys=True, default=sorted)
         for name in names:
             section = data.setdefault(name, {})
             for key, (default, _) in _FIELDS.items():
@@ -194,6 +207,9 @@ class State(object):
         if text == self._saved:
             return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        # The copy first: if the file is damaged, whatever the copy holds was
+        # saved before, or is the same.
+        write_text(self.copy, text)
         write_text(self.path, text)
         self._saved = text
 
@@ -209,6 +225,20 @@ class State(object):
             section['given_up'] = [k for k in section['given_up'] if k[:8] >= oldest]
             reported = section['reported']
             reported -= {k for k in reported if _settled(k, oldest, section)}
+
+
+def _read(path, names):
+    """The state in `path` and ``None``; or ``{}`` and why it cannot be used
+    (``'missing'`` if there is no such file)."""
+    try:
+        with open(path) as f:
+            data = json.loads(f.read())
+        _check(data, names)
+    except FileNotFoundError:
+        return {}, 'missing'
+    except (OSError, ValueError) as err:
+        return {}, str(err) or type(err).__name__
+    return data, None
 
 
 def _check(data, names):
