@@ -90,12 +90,18 @@ def test_master_connection_dies_mid_pass(site):
     left behind."""
     wrapper, calls, kills = make_ssh_wrapper(site, kill_master=True)
     # One command at a time: with streams = auto the round trip is measured
-    # while the survey runs, and a master killed under a running command
-    # fails that command (the pass ends; tests of test_daemon_streams).
+    # while the sizes are asked, and with a backlog of more than one batch
+    # the mountain is watched while it is copied; a master killed under a
+    # running command fails that command (the pass ends; tests of
+    # test_daemon_streams).  So one stream, and one batch per pass.
     site.write_config(ssh=wrapper, streams='1')
     expids = [f'{100 + i:08d}' for i in range(4)]
     for e in expids:
         site.exposure(LAST, e)
+    command, env = site.command('--once', '--debug')
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    first = len(calls())
     site.exposure(EARLIER, '00000090')
     command, env = site.command('--once', '--debug')
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
@@ -111,7 +117,8 @@ def test_master_connection_dies_mid_pass(site):
     assert site.installed() == (expected_tree(LAST, expids) |
                                     expected_tree(EARLIER, ['00000090']))
     # Ours, not a leftover of the test: the daemon's pid named its control directory.
-    used = {a.split('=', 1)[1] for c in calls() for a in c if a.startswith('ControlPath=')}
+    used = {a.split('=', 1)[1] for c in calls()[first:] for a in c
+            if a.startswith('ControlPath=')}
     assert used and all(p.startswith(f'/tmp/desitransfer-ssh-{proc.pid}-') for p in used), used
     assert glob.glob(f'/tmp/desitransfer-ssh-{proc.pid}-*') == []
     assert processes_mentioning(f'/tmp/desitransfer-ssh-{proc.pid}-') == []

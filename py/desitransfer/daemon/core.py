@@ -238,14 +238,11 @@ class TransferDaemon(Settling, Nights, Reporting):
         """Say once a day, by email, that the kill file keeps the daemon from working:
         a kill file forgotten after maintenance would stop transfers silently."""
         now = common._utcnow()
-        key = f"{now:%Y%m%d} kill file"
-        reported = self.state[self.directories[0].name]['reported']
-        if key in reported:
+        if not self.state.first_time(self.directories[0].name, f"{now:%Y%m%d} kill file"):
             return
         log.critical("On %s UTC %s exists, so desi_transfer_daemon stops as soon as it starts "
                      "and transfers nothing; remove it to let transfers resume.",
                      f"{now:%Y-%m-%d}", self.options.kill)
-        reported.append(key)
         self.actions.save(self.state)
 
     def _first_start(self):

@@ -319,10 +319,9 @@ class Nights(object):
             self.actions.save(self.state)
             return
         start = dt.datetime.fromtimestamp(since / 1000, dt.timezone.utc)
-        key = f'hpss unavailable {since:d}'
-        if now - start >= OVERDUE and key not in state['reported'] and not self.test:
+        if (now - start >= OVERDUE and not self.test and
+                self.state.first_time(d.name, f'hpss unavailable {since:d}')):
             log.critical("HPSS has not been available for archiving since %s UTC (now: %s); "
                          "nights %s wait to be archived.", start.strftime('%Y-%m-%d %H:%M'),
                          why, ', '.join(due))
-            state['reported'].append(key)
             self.actions.save(self.state)

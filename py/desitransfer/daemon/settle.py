@@ -293,13 +293,12 @@ class Settling(object):
             for expid in listdir(os.path.join(d.staging, night)):
                 name = f'{night}/{expid}'
                 key = f'staging {name}'
-                if name not in survey.links and key not in reported:
+                if name not in survey.links and self.state.first_time(d.name, key):
                     log.critical("Exposure %s is in staging (%s) but no longer linked at %s: "
                                  "it is not installed, recorded or archived. Check it, then "
                                  "install it by hand or remove it.", shown(name),
                                  shown(os.path.join(d.staging, night, expid)),
                                  self.mountain.name)
-                    reported.add(key)
         self.actions.save(self.state)  # written only if something changed
 
     def _too_many_refused(self, d, reported, untold):

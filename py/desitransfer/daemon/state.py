@@ -200,6 +200,17 @@ class State(object):
     def __getitem__(self, name):
         return self.data[name]
 
+    def first_time(self, name, key):
+        """``True`` the first time `key` (a problem, a report) is said for
+        section `name`, which is then remembered with the state, across runs,
+        until its night leaves the window: the one "say it once" of every
+        alert.  Saving is the caller's."""
+        reported = self.data[name]['reported']
+        if key in reported:
+            return False
+        reported.add(key)
+        return True
+
     def save(self):
         """Write the state atomically, unless the file already holds it (as this
         object read or wrote it last)."""
