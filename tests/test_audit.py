@@ -345,7 +345,8 @@ def test_hostile_checksum_file(archived):
         'checksum-00000190.sha256sum: 354 bytes at NERSC, 265 on tape => re-verify')
 
 
-@pytest.mark.parametrize('args, message', [
+#: Bad command lines of the audit, and the error each gets.
+BAD_INPUT = [
     (['--audit', '2026111'], "--audit takes a night (YYYYMMDD, a real date) or a year (YYYY), "
                              "not '2026111'."),
     (['--audit', '20261131'], "--audit takes a night"),
@@ -361,22 +362,27 @@ def test_hostile_checksum_file(archived):
                                                      "does not exist; nothing to audit"),
     ([LAST, '--deep'], "--deep goes with --audit, --rebuild or --statistics only."),
     (['--audit', LAST, '-c', '/nonexistent.ini'], "configuration file /nonexistent.ini cannot "
-                                                  "be read: No such file or directory")])
-def test_bad_input(archived, args, message):
-    """One error line, exit status 2, nothing changed."""
+                                                  "be read: No such file or directory")]
+
+
+def test_bad_input(archived):
+    """Each bad command line: one error line, exit status 2, nothing changed
+    (all against one archived site, which none may change)."""
     site = archived
     before = snapshot(site.top, skip={str(site.hpss.log)})
     command, env = site.command()
-    if '-c' not in args and args[0] != LAST:
-        args = ['-c', site.config] + args
-    p = subprocess.run(['desi_transfer_status'] + args, env=env, capture_output=True,
-                       text=True, timeout=60)
-    assert p.returncode == 2, p.stdout + p.stderr
-    errors = [line for line in p.stderr.splitlines() if 'error' in line]
-    assert errors == [f'desi_transfer_status: error: {message}'] or \
-        (len(errors) == 1 and errors[0].startswith(f'desi_transfer_status: error: {message}'))
-    assert p.stdout == ''
-    assert snapshot(site.top, skip={str(site.hpss.log)}) == before
+    for args, message in BAD_INPUT:
+        if '-c' not in args and args[0] != LAST:
+            args = ['-c', site.config] + args
+        p = subprocess.run(['desi_transfer_status'] + args, env=env, capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 2, (args, p.stdout + p.stderr)
+        errors = [line for line in p.stderr.splitlines() if 'error' in line]
+        assert errors == [f'desi_transfer_status: error: {message}'] or \
+            (len(errors) == 1 and
+             errors[0].startswith(f'desi_transfer_status: error: {message}')), (args, errors)
+        assert p.stdout == '', args
+        assert snapshot(site.top, skip={str(site.hpss.log)}) == before, args
 
 
 def test_audit_refuses_bad_nights(archived):

@@ -149,6 +149,7 @@ def test_kill_file_keeps_it_from_starting(daemon_site):
     assert code == 0 and f'{site.kill} exists: desi_transfer_daemon will not start' in out
 
 
+@pytest.mark.alone
 def test_original_is_detected_and_start_refused(daemon_site, original, tmp_path,
                                                 unprivileged, caplog):
     """A desi_transfer_daemon of another installation: reported by status,

@@ -257,6 +257,7 @@ def test_second_instance_refused(kpno):
         lock.close()
 
 
+@pytest.mark.alone
 def test_original_running_refused(kpno, tmp_path):
     """A desi_nightwatch_transfer of another installation (the original's)
     runs: this one refuses to start, saying how to stop it, and copies nothing."""

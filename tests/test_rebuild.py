@@ -219,22 +219,27 @@ def test_rebuild_full_disk(recorded):
     assert snapshot(site.status_dir) == before
 
 
-@pytest.mark.parametrize('args, message', [
+#: Bad command lines of the rebuild, and the error each gets.
+BAD_INPUT = [
     (['--rebuild', LAST], f"--rebuild takes a year (YYYY), not '{LAST}'."),
     (['--rebuild', '2026', '--json'], "--json does not go with --rebuild."),
     (['--replace', LAST], "--replace goes with --audit, --rebuild or --statistics only."),
     (['--rebuild', '2026', '--statistics', '2026'], "argument --statistics: not allowed with "
-                                                    "argument --rebuild")])
-def test_bad_input(recorded, args, message):
+                                                    "argument --rebuild")]
+
+
+def test_bad_input(recorded):
+    """Each bad command line (against one site, which none may change)."""
     site = recorded
     before = snapshot(site.status_dir)
     command, env = site.command()
-    config = ['-c', site.config] if args[0] != '--replace' else ['-d', site.status_dir]
-    p = subprocess.run(['desi_transfer_status'] + config + args, env=env,
-                       capture_output=True, text=True, timeout=60)
-    assert p.returncode == 2
-    assert p.stderr.splitlines()[-1] == f'desi_transfer_status: error: {message}'
-    assert snapshot(site.status_dir) == before
+    for args, message in BAD_INPUT:
+        config = ['-c', site.config] if args[0] != '--replace' else ['-d', site.status_dir]
+        p = subprocess.run(['desi_transfer_status'] + config + args, env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2, args
+        assert p.stderr.splitlines()[-1] == f'desi_transfer_status: error: {message}'
+        assert snapshot(site.status_dir) == before, args
 
 
 def test_differences():

@@ -666,6 +666,7 @@ def _cmdline(pid):
         return f.read()
 
 
+@pytest.mark.alone
 def test_command_refuses_beside_the_original(site, tmp_path):
     """The original's desi_tucson_transfer (which holds no kernel lock) runs:
     this one refuses, saying how to stop it, and mirrors nothing."""

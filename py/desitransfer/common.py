@@ -1505,6 +1505,24 @@ def some(names, most=3):
 
 def tail(text, size=300):
     """The end of `text` (what a command said) on one line: its non-blank
-    lines joined by ``; ``, control characters escaped, the last `size`
+    lines joined by semicolons, control characters escaped, the last `size`
     characters."""
     return one_line('; '.join(line.strip() for line in text.splitlines() if line.strip()))[-size:]
+
+
+def repeat(step, wait, stop, once=False):
+    """The loop of a long-running command: ``step()``, then ``wait(result)``
+    and again, until `stop` is set; with `once`, one step.
+
+    Returns
+    -------
+    object
+        What the last step returned (``None`` if none ran).
+    """
+    result = None
+    while not stop.is_set():
+        result = step()
+        if once or stop.is_set():
+            break
+        wait(result)
+    return result

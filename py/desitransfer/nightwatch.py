@@ -49,11 +49,10 @@ from importlib.resources import files
 from . import __version__ as dtVersion
 from . import common
 from .common import (RSYNC_DONE, SharedConnection, Stop, alert_options, configure_log,
-                     idle_time, log, rsync, rsync_ssh, run, single_instance, today,
-                     valid_night)
+                     idle_time, log, repeat, rsync, rsync_ssh, run, today, valid_night)
 from .mountain import (LINKS_ANSWER_LIMIT, LINKS_TOLD, link_copies, links_command,
                        parse_links, shown)
-from .processes import original_running
+from .processes import exclusively
 
 #: Nightwatch output at the mountain (ssh host alias ``dts``), one directory a night.
 SOURCE = '/exposures/nightwatch'
@@ -148,29 +147,18 @@ class NightwatchTransfer(object):
         :class:`int`
             An exit status.
         """
+        return exclusively('desi_nightwatch_transfer', self.lock_file, self._work)
+
+    def _work(self):
+        self.stop.handle_signals()
+        log.info("desi_nightwatch_transfer %s starts: dts:%s/%s -> %s, every %g minute(s).",
+                 dtVersion, SOURCE, self.options.night or 'NIGHT', self.kpno,
+                 self.options.sleep)
         try:
-            lock, holder = single_instance(self.lock_file)
-        except OSError as err:
-            log.critical("desi_nightwatch_transfer cannot take its lock %s: %s; it does not start.",
-                         self.lock_file, err)
-            return 1
-        if lock is None:
-            # As for the daemon: a start by a keep-alive cron line is no error.
-            log.info("desi_nightwatch_transfer is already running (pid %s, lock %s); "
-                     "nothing to do.", holder, self.lock_file)
-            return 0
-        with lock:
-            if original_running('desi_nightwatch_transfer'):
-                return 1
-            self.stop.handle_signals()
-            log.info("desi_nightwatch_transfer %s starts: dts:%s/%s -> %s, every %g minute(s).",
-                     dtVersion, SOURCE, self.options.night or 'NIGHT', self.kpno,
-                     self.options.sleep)
-            try:
-                return self.loop()
-            finally:
-                self.connection.close()
-                log.info("desi_nightwatch_transfer stops (%s).", self.stop.reason or 'done')
+            return self.loop()
+        finally:
+            self.connection.close()
+            log.info("desi_nightwatch_transfer stops (%s).", self.stop.reason or 'done')
 
     def loop(self):
         """Run :meth:`run_once` and pause, until SIGTERM or the kill file.
@@ -180,12 +168,9 @@ class NightwatchTransfer(object):
         :class:`int`
             0, or with ``--once`` 1 if the iteration had errors.
         """
-        while not self.stop.is_set():
-            errors, pause = self.run_once()
-            if self.options.once:
-                return 1 if errors else 0
-            self.stop.wait(pause)
-        return 0
+        last = repeat(self.run_once, lambda result: self.stop.wait(result[1]), self.stop,
+                      self.options.once)
+        return 1 if self.options.once and last is not None and last[0] else 0
 
     def run_once(self):
         """One iteration; an unexpected error is logged and counted, never fatal.

@@ -24,7 +24,7 @@ import sys
 import sysconfig
 from collections import namedtuple
 
-from .common import log
+from .common import log, single_instance
 
 #: A process running a program: its id, its user and its command line.
 Process = namedtuple('Process', ['pid', 'user', 'command'])
@@ -322,3 +322,31 @@ def original_running(program):
                  '; '.join(f'pid {p.pid:d} ({p.command[:200]})' for p in originals), program,
                  ' '.join(str(p.pid) for p in originals))
     return True
+
+
+def exclusively(program, lock_file, work):
+    """Run `work` (a callable returning an exit status) as the one running
+    copy of `program`: holding the kernel lock `lock_file`, and only if no
+    copy of it from another installation runs (see :func:`original_running`).
+
+    Returns
+    -------
+    :class:`int`
+        What `work` returned; 0 if another copy holds the lock (a start by a
+        keep-alive cron line is no error); 1 if the lock cannot be taken or
+        a copy of another installation runs.
+    """
+    try:
+        lock, holder = single_instance(lock_file)
+    except OSError as err:
+        log.critical("%s cannot take its lock %s: %s; it does not start.", program, lock_file,
+                     err)
+        return 1
+    if lock is None:
+        log.info("%s is already running (pid %s, lock %s); nothing to do.", program, holder,
+                 lock_file)
+        return 0
+    with lock:
+        if original_running(program):
+            return 1
+        return work()

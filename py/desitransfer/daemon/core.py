@@ -21,11 +21,11 @@ import os
 import time
 
 from .. import common
-from ..common import (Stop, configure_log, ensure_scratch, log, single_instance,
-                      one_line, shown, some, sweep_temporary, valid_night)
+from ..common import (Stop, configure_log, ensure_scratch, log, one_line, repeat, shown,
+                      some, sweep_temporary, valid_night)
 from ..dates import due_time
 from ..configuration import ConfigurationError, read_configuration
-from ..processes import original_running
+from ..processes import exclusively
 from ..store import TransferStatus
 from ..executor import Actions, DryRun, listdir
 from ..tape import Archive
@@ -35,6 +35,31 @@ from .report import Reporting
 from .settle import Settling
 from .state import STATE_FILE, State, valid_link
 from .transfer import COPIED, FATAL, fatal
+
+class Pass(object):
+    """What one pass has done so far, made anew for each pass.
+
+    Attributes
+    ----------
+    surveys : :class:`dict`
+        Destination name -> the :class:`~desitransfer.mountain.Survey` of the pass.
+    copied : :class:`set`
+        ``NIGHT/EXPID`` copied, verified and installed in this pass.
+    caught_up : :class:`set`
+        Nights caught up in this pass.
+    nights : :class:`dict`
+        Destination name -> nights of the recent window in it (listed once).
+    failed : :class:`bool`
+        ``True`` if a step could not do its job (``--once`` exits 1).
+    """
+
+    def __init__(self):
+        self.surveys = {}
+        self.copied = set()
+        self.caught_up = set()
+        self.nights = {}
+        self.failed = False
+
 
 #: Longest watch at the mountain, in seconds, while a backlog is copied (a
 #: change ends it at once; the end of the copy too).
@@ -90,13 +115,9 @@ class TransferDaemon(Settling, Nights, Reporting):
         self.lock_file = os.path.join(self.top, 'desi_transfer_daemon.lock')
         self.state = State(os.path.join(self.top, STATE_FILE),
                            [d.name for d in self.directories], keep_bad=not self.test)
-        self.failed = False
         self._rtt = None
         self._rtt_thread = None
-        self._surveys = {}
-        self._caught_up_now = set()
-        self._copied_now = set()
-        self._nights = {}
+        self.this_pass = Pass()
 
     def _configure_log(self, debug):
         """Re-configure the default logger returned by ``desiutil.log``.
@@ -129,29 +150,20 @@ class TransferDaemon(Settling, Nights, Reporting):
             log.info("Test mode: nothing is changed; commands are logged, not run.")
             self._loop()
             return 0
+        return exclusively('desi_transfer_daemon', self.lock_file, self._work)
+
+    def _work(self):
+        """The run, holding the lock."""
+        for directory in [self.top] + [self._status_directory(d) for d in self.directories]:
+            sweep_temporary(directory)
         try:
-            lock, holder = single_instance(self.lock_file)
+            self.actions.save(self.state)
         except OSError as err:
-            log.critical("desi_transfer_daemon cannot take its lock %s: %s; it does not "
-                         "start.", self.lock_file, err)
-            return 1
-        if lock is None:
-            log.info("desi_transfer_daemon is already running (pid %s, lock %s); "
-                     "nothing to do.", holder, self.lock_file)
-            return 0
-        with lock:
-            if original_running('desi_transfer_daemon'):
-                return 1
-            for directory in [self.top] + [self._status_directory(d) for d in self.directories]:
-                sweep_temporary(directory)
-            try:
-                self.actions.save(self.state)
-            except OSError as err:
-                log.error("Could not write the state file %s: %s.", self.state.path, err)
-            if self.stop.is_set():
-                self._kill_file_left()
-            self._loop()
-        return 1 if self.options.once and self.failed else 0
+            log.error("Could not write the state file %s: %s.", self.state.path, err)
+        if self.stop.is_set():
+            self._kill_file_left()
+        self._loop()
+        return 1 if self.options.once and self.this_pass.failed else 0
 
     def _loop(self):
         """Pass, sleep and pass again until SIGTERM or the kill file stops the
@@ -160,11 +172,8 @@ class TransferDaemon(Settling, Nights, Reporting):
         if self.state.new:
             self._first_start()
         try:
-            while not self.stop.is_set():
-                self.transfer()
-                if self.options.once or self.stop.is_set():
-                    break
-                self._wait(self.conf['sleep'])
+            repeat(self.transfer, lambda _: self._wait(self.conf['sleep']), self.stop,
+                   self.options.once)
             self._keep_round_trip()
         finally:
             self.mountain.close()
@@ -190,7 +199,7 @@ class TransferDaemon(Settling, Nights, Reporting):
             watched, seen = [], []
             for d in self.directories:
                 watched += [d.source] + [os.path.join(d.source, n) for n in self._window()]
-                survey = self._surveys.get(d.name)
+                survey = self.this_pass.surveys.get(d.name)
                 seen.append(survey.stamp if survey is not None else '')
             # Compared with what the pass's surveys saw, a link made while the
             # pass ran ends the wait at once; without a survey of each
@@ -205,12 +214,8 @@ class TransferDaemon(Settling, Nights, Reporting):
         self.stop.wait(max(0.0, deadline - time.monotonic()))
 
     def _pass(self):
-        self.failed = False
+        self.this_pass = Pass()
         self.archive.new_pass()
-        self._surveys = {}
-        self._caught_up_now = set()
-        self._copied_now = set()
-        self._nights = {}
         self.state.forget_before(self._oldest())
         for d in self.directories:
             if self.stop.is_set():
@@ -218,14 +223,14 @@ class TransferDaemon(Settling, Nights, Reporting):
             try:
                 self.directory(d)
             except OSError as err:
-                self.failed = True
+                self.this_pass.failed = True
                 if err.errno in (errno.ENOSPC, errno.EDQUOT):
                     self._disk_full(d, str(err))
                 else:
                     log.critical("Transfer pass of %s failed: %s: %s; the next pass will "
                                  "try again.", d.name, type(err).__name__, err, exc_info=True)
             except Exception as err:
-                self.failed = True
+                self.this_pass.failed = True
                 log.critical("Transfer pass of %s failed: %s: %s; the next pass will try "
                              "again.", d.name, type(err).__name__, err, exc_info=True)
         try:
@@ -299,15 +304,15 @@ class TransferDaemon(Settling, Nights, Reporting):
         """Nights in the destination from the recent window: one listing per
         pass (again after an install), compared as strings first, so that
         years of history cost next to nothing."""
-        if d.name not in self._nights:
+        if d.name not in self.this_pass.nights:
             oldest = self._oldest()
             try:
                 names = os.listdir(d.destination)
             except OSError:
                 names = []
-            self._nights[d.name] = sorted(n for n in names
+            self.this_pass.nights[d.name] = sorted(n for n in names
                                           if len(n) == 8 and n >= oldest and valid_night(n))
-        return list(self._nights[d.name])
+        return list(self.this_pass.nights[d.name])
 
     def _installed(self, d, link):
         return os.path.isdir(os.path.join(d.destination, link.night, link.expid))
@@ -338,7 +343,7 @@ class TransferDaemon(Settling, Nights, Reporting):
                      "pass.", self.mountain.name, self.conf['checksum_lock'])
             return
         self._reachable(d)
-        self._surveys[d.name] = survey
+        self.this_pass.surveys[d.name] = survey
         self._unlisted(d, survey)
         self._report(d, survey)
         state = self.state[d.name]
@@ -361,7 +366,7 @@ class TransferDaemon(Settling, Nights, Reporting):
                 if not self.catchup(d, night, status):
                     return
                 state['caught_up'].append(night)
-                self._caught_up_now.add(night)
+                self.this_pass.caught_up.add(night)
                 self.actions.save(self.state)
         due = self._due_for_archive(d)
         if due:

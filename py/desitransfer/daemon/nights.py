@@ -66,7 +66,7 @@ class Nights(object):
         # An exposure copied in this very pass is as fresh as a catch-up would make it.
         links = [link for link in survey.links.values()
                  if link.night == night and self._installed(d, link) and
-                 f'{night}/{link.expid}' not in self._copied_now]
+                 f'{night}/{link.expid}' not in self.this_pass.copied]
         if not links:
             log.info("Night %s is up to date: every exposure was copied in this pass.", night)
             return True
@@ -86,7 +86,7 @@ class Nights(object):
                 log.error("Catch-up of night %s could not compare it with %s (rsync "
                           "returned %d); will try again next pass.", night,
                           self.mountain.name, dry.returncode)
-                self.failed = True
+                self.this_pass.failed = True
                 return False
             found = new_exposures(dry.stdout)
             changed += [link for link in members if link.expid in found]
@@ -104,7 +104,7 @@ class Nights(object):
         for a call by hand outside a pass (or of a night outside the recent
         window), one survey of that night alone; ``None`` if the mountain
         could not tell (wait) or checksums are being computed there."""
-        survey = self._surveys.get(d.name)
+        survey = self.this_pass.surveys.get(d.name)
         if survey is not None and night in self._window():
             return survey
         survey = self.mountain.survey(d.source, self.conf['checksum_lock'], [night],
@@ -157,7 +157,7 @@ class Nights(object):
             on_tape = self.archive.on_tape(d.hpss, night)
             if on_tape is None:
                 # Unknown: wait, never write the archive again.
-                self.failed = True
+                self.this_pass.failed = True
                 if not on_tape_only:
                     self._hpss_unavailable(d, due, 'hsi could not list the archive')
                 return
@@ -213,7 +213,7 @@ class Nights(object):
         survey = self._survey_for(d, night)
         if survey is None or night in survey.unknown_nights:
             return False
-        if night in self._caught_up_now:
+        if night in self.this_pass.caught_up:
             log.info("Night %s was caught up in this pass; archiving it.", night)
         elif night in survey.nights:
             if not self.catchup(d, night, status, backup=True):
@@ -250,7 +250,7 @@ class Nights(object):
             return self._archived(d, night, status)
         if self.test:
             return False
-        self.failed = True
+        self.this_pass.failed = True
         failures = state['archive_failures']
         failures[night] = failures.get(night, 0) + 1
         # Emailed once per night, also when cron starts each pass with --once.
@@ -278,7 +278,7 @@ class Nights(object):
         if installed - recorded:
             held = self.archive.exposures(d.hpss, night)
             if held is None:
-                self.failed = True
+                self.this_pass.failed = True
                 return False
             missing = sorted(installed - held)
             if missing:

@@ -164,14 +164,14 @@ class Settling(object):
                                         for _, _, stage, failure, ms in o.records()]
         if complete:
             self.actions.save(self.state)
-        self._nights.pop(d.name, None)  # a new night directory may appear
+        self.this_pass.nights.pop(d.name, None)  # a new night directory may appear
         for o in complete:
             self.actions.install(os.path.join(d.staging, o.link.night, o.link.expid),
                                  os.path.join(d.destination, o.link.night, o.link.expid))
         self.actions.record(status, [r for o in outcomes for r in o.records()])
         for o in complete:
             del state['pending'][o.name]
-            self._copied_now.add(o.name)
+            self.this_pass.copied.add(o.name)
         for o in outcomes:
             self._conclude(d, o)
         self.actions.save(self.state)
@@ -182,7 +182,7 @@ class Settling(object):
                 log.info("Stopped; %d exposure%s stay in staging (or at the mountain) for "
                          "the next run.", waiting, '' if waiting == 1 else 's')
             elif fatal.copy == DISK_FULL:
-                self.failed = True
+                self.this_pass.failed = True
                 self._disk_full(d, fatal.detail)
             else:
                 self._unreachable(d, f'copy exposures of night {fatal.link.night}',
@@ -319,7 +319,7 @@ class Settling(object):
     # ------------------------------------------------------------------
     def _unreachable(self, d, what, detail):
         """Count passes in a row that could not reach the mountain; alert on the third."""
-        self.failed = True
+        self.this_pass.failed = True
         state = self.state[d.name]
         state['unreachable'] += 1
         n = state['unreachable']
@@ -337,7 +337,7 @@ class Settling(object):
             log.info("Night %s can be listed again at %s.", night, self.mountain.name)
             del unlisted[night]
         for night, why in sorted(survey.unknown_nights.items()):
-            self.failed = True
+            self.this_pass.failed = True
             unlisted[night] = n = unlisted.get(night, 0) + 1
             level = log.critical if n == UNREACHABLE_ALERT else log.error
             level("Night %s could not be listed in %s at %s (%s, %s in a row); its exposures "
