@@ -128,4 +128,27 @@ def test_exposure_linked_during_a_backlog_goes_ahead_of_it(site):
     assert nights[3] == EARLIER + '+', nights
     for night, expid in backlog + [(TONIGHT, '00003400'), (TONIGHT, new)]:
         site.assert_verified(night, expid)
-    assert 'during the copy of the backlog' in site.log_text()
+    assert 'copied at once, ahead of them' in site.log_text()
+
+
+def test_exposure_linked_during_a_long_copy_is_copied_beside_it(site):
+    """An exposure linked while another, alone, takes seconds to copy (a
+    large exposure over the wide-area link) is copied, verified and
+    installed beside it, not after it."""
+    site.exposure(LAST, '00003500')
+    new = '00003501'
+    make_exposure(site.data, site.source, LAST, new, link=False)
+    link = os.path.join(site.source, LAST, new)
+    target = os.path.join(site.data, LAST, new)
+    first, beside = os.path.join(site.top, 'first'), os.path.join(site.top, 'beside')
+    # The first rsync links the new exposure and takes 3 s; at its end, is
+    # the new one installed?
+    line = (f'if [ ! -e {first} ]; then touch {first}; ln -s {target} {link}; sleep 3; '
+            f'[ -d {site.dest(LAST, new)} ] && touch {beside}; fi; true')
+    site.ssh_wrapper('slow-first-ssh', before_rsync=line)
+    site.write_config(ssh=os.path.join(site.top, 'slow-first-ssh'), streams='1')
+    assert site.run('--debug') == 0
+    assert os.path.exists(beside)
+    for expid in ('00003500', new):
+        site.assert_verified(LAST, expid)
+    assert 'copied at once, ahead of them' in site.log_text()

@@ -131,23 +131,29 @@ SURVEY_SCRIPT = '; '.join([
 #: Most directories in one question of sizes (a bound on its command line).
 SIZES_CHUNK = 1000
 
+#: Looks a second of :data:`WATCH_SCRIPT` (a ``stat`` of a few directories
+#: each: next to nothing at the mountain).
+WATCH_LOOKS = 4
+
 #: The watch, run by ``sh -c SCRIPT sh SECONDS SINCE PATH...`` at the
 #: mountain: it answers ``changed`` as soon as the modification times of the
 #: directories PATH (a transfer area and its nights: a link added, a night
 #: created) differ from SINCE, what the last survey saw of them (or, if SINCE
 #: is empty, from what they are when it starts), or ``quiet`` after SECONDS.
-#: It looks once a second, at the mountain, and writes a ``.`` each time: when
-#: the connection is gone (the daemon stopped), that write ends it.
+#: It looks :data:`WATCH_LOOKS` times a second, at the mountain, and writes a
+#: ``.`` each time: when the connection is gone (the daemon stopped), that
+#: write ends it.
 WATCH_SCRIPT = '; '.join([
     'export LC_ALL=C',
     'cd /',
-    'n=$1 s0=$2',
+    f'n=$(($1 * {WATCH_LOOKS:d})) s0=$2',
     'shift 2',
     'if [ -z "$s0" ]; then s0=$(stat --printf=%y/ -- "$@" 2>/dev/null); fi',
     'i=0',
     'while [ $i -le "$n" ]; do s=$(stat --printf=%y/ -- "$@" 2>/dev/null); '
     'if [ "$s" != "$s0" ]; then echo changed; exit 0; fi; '
-    'if [ $i -lt "$n" ]; then sleep 1; printf . || exit 1; fi; i=$((i + 1)); done',
+    f'if [ $i -lt "$n" ]; then sleep {1 / WATCH_LOOKS:g}; printf . || exit 1; fi; '
+    'i=$((i + 1)); done',
     'echo quiet',
 ])
 

@@ -61,7 +61,7 @@ class Pass(object):
         self.failed = False
 
 
-#: Longest watch at the mountain, in seconds, while a backlog is copied (a
+#: Longest watch at the mountain, in seconds, while exposures are copied (a
 #: change ends it at once; the end of the copy too).
 ARRIVALS_WATCH = 60
 
@@ -373,7 +373,7 @@ class TransferDaemon(Settling, Nights, Reporting):
             self._archive(d, status, due)
 
     def _arrivals(self, d, survey, todo):
-        """What learns, while the backlog `todo` is copied, of exposures linked
+        """What learns, while `todo` is copied, of exposures linked
         at the mountain since `survey`: as the watch between passes does, it
         waits for a change of the transfer area or of a night of the window,
         then surveys again and passes on the links neither in `todo` nor
@@ -405,10 +405,11 @@ class TransferDaemon(Settling, Nights, Reporting):
                        not self._installed(d, link)]
                 if new:
                     known.update(f'{link.night}/{link.expid}' for link in new)
-                    log.info("%d exposure%s linked at %s during the copy of the backlog "
-                             "(%s): copied ahead of it.", len(new), '' if len(new) == 1 else 's',
-                             self.mountain.name, some([f'{link.night}/{link.expid}'
-                                                        for link in new]))
+                    log.info("%d exposure%s linked at %s during the copy of %d other%s "
+                             "(%s): copied at once, ahead of them.", len(new),
+                             '' if len(new) == 1 else 's', self.mountain.name, len(todo),
+                             '' if len(todo) == 1 else 's',
+                             some([f'{link.night}/{link.expid}' for link in new]))
                     add(new)
         return arrivals
 

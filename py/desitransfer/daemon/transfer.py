@@ -18,10 +18,11 @@ first and small last, so the streams finish together.  A batch copied is
 verified by one hashing thread at a lower CPU priority, while the streams
 copy the next ones, and its outcomes go to the caller at once.
 
-While a backlog is copied, exposures the caller learns of meanwhile (linked
-at the mountain during the copy) do not wait behind it: they go to an extra
-stream kept for them (the express stream), which copies and verifies each
-as soon as it is known, then hands it to the caller like the others.
+While exposures are copied (a backlog, or one that takes seconds), those the
+caller learns of meanwhile (linked at the mountain during the copy) do not
+wait behind them: they go to an extra stream kept for them (the express
+stream), which copies and verifies each as soon as it is known, then hands
+it to the caller like the others.
 """
 import os
 import queue
@@ -180,14 +181,14 @@ def copy_verify(links, mountain, staging, checksum_file, actions, basis=None,
         being copied; the fatal outcomes, if any, all together at the end.
         If it raises, every stream is stopped and the exception propagates.
     arrivals : callable, optional
-        Called, in a thread of its own, as ``arrivals(done, add)`` when there
-        are more batches than streams (a backlog): it learns of new
-        exposures while the backlog is copied and passes each list of them
-        to ``add``, which puts them on the express stream, ahead of the
-        backlog; it must return soon after ``done.is_set()`` is true (the
-        backlog is copied, or the copy was stopped), and can be given `done`
-        as `stop` of :func:`desitransfer.common.run`.  Their outcomes are
-        settled like the others'; they are not in the list returned.
+        Called, in a thread of its own, as ``arrivals(done, add)``: it
+        learns of new exposures while `links` are copied (one exposure that
+        takes seconds, or a backlog) and passes each list of them to
+        ``add``, which puts them on the express stream, ahead of `links`; it
+        must return soon after ``done.is_set()`` is true (`links` are
+        copied, or the copy was stopped), and can be given `done` as `stop`
+        of :func:`desitransfer.common.run`.  Their outcomes are settled like
+        the others'; they are not in the list returned.
 
     Returns
     -------
@@ -202,14 +203,15 @@ def copy_verify(links, mountain, staging, checksum_file, actions, basis=None,
     for night in sorted({link.night for link in links}):
         actions.makedirs(os.path.join(staging, night))
     copy = _Copy(mountain, staging, checksum_file, actions, basis, batches)
-    # A backlog: batches wait for a stream.
-    express = arrivals if len(batches) > streams else None
+    # A backlog (batches wait for a stream): the express stream's connection
+    # is opened at once; otherwise when an exposure arrives.
+    backlog = len(batches) > streams
     streams = min(streams, len(batches))
     if sizes:
         log.info("Copying %d exposures (%.1f MB) in %d rsync%s, %d at a time.", len(links),
                  sum(sizes.get(link.target, 0) for link in links) / 1e6, len(batches),
                  '' if len(batches) == 1 else 's', streams)
-    outcomes = copy.run(streams, settle, express)
+    outcomes = copy.run(streams, settle, arrivals, backlog)
     return [outcomes[link] for link in links]
 
 
@@ -345,7 +347,7 @@ class _Copy(object):
         self.express = queue.SimpleQueue()
         self.arrived = threading.Event()
 
-    def run(self, streams, settle, arrivals=None):
+    def run(self, streams, settle, arrivals=None, backlog=False):
         threads = [threading.Thread(target=self._guard, args=('stream', self._stream, n),
                                     name=f'rsync-stream-{n:d}', daemon=True)
                    for n in range(streams)]
@@ -358,7 +360,8 @@ class _Copy(object):
                                  name='arrivals', daemon=True),
                 threading.Thread(target=self._guard, args=('express', self._express, streams),
                                  name=f'rsync-stream-{streams:d}-express', daemon=True)]
-            self.mountain.open_streams(streams + 1)
+            if backlog:
+                self.mountain.open_streams(streams + 1)
         else:
             self.arrived.set()
         for t in threads:
