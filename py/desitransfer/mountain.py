@@ -319,7 +319,7 @@ class Mountain(object):
             return 0.0
         return round_trip(self.ssh_command(), self.host)
 
-    def watch(self, directories, seconds, since='', stop=None):
+    def watch(self, directories, seconds, since='', stop=None, stream=0):
         """Wait up to `seconds` for a change at the mountain.
 
         Parameters
@@ -336,6 +336,8 @@ class Mountain(object):
             Empty: changes from when the watch starts.
         stop : optional
             Ends the watch when set (see :meth:`remote`).
+        stream : :class:`int`, optional
+            Over the connection of this rsync stream.
 
         Returns
         -------
@@ -345,11 +347,12 @@ class Mountain(object):
             caller waits on its own).
         """
         result = self.remote(['sh', '-c', WATCH_SCRIPT, 'sh', str(int(seconds)), since]
-                             + list(directories), timeout=seconds + 60, stop=stop)
+                             + list(directories), timeout=seconds + 60, stop=stop,
+                             stream=stream)
         answer = result.stdout.replace('.', '').strip() if result.returncode == 0 else ''
         return {'changed': True, 'quiet': False}.get(answer)
 
-    def survey(self, source, checksum_lock, nights, data_root=None, stop=None):
+    def survey(self, source, checksum_lock, nights, data_root=None, stop=None, stream=0):
         """Ask, in one round trip, for the checksum lock and the exposure links
         of `nights` in `source`.
 
@@ -365,13 +368,15 @@ class Mountain(object):
             If set, a link is transferred only if it resolves under it.
         stop : optional
             Interrupts the survey (see :meth:`remote`).
+        stream : :class:`int`, optional
+            Over the connection of this rsync stream.
 
         Returns
         -------
         :class:`Survey`
         """
         result = self.remote(['sh', '-c', SURVEY_SCRIPT, 'sh', source, checksum_lock]
-                             + list(nights), names=True, stop=stop)
+                             + list(nights), names=True, stop=stop, stream=stream)
         return parse_survey(result, source, data_root)
 
 

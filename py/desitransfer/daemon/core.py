@@ -383,10 +383,11 @@ class TransferDaemon(Settling, Nights, Reporting):
         window = self._window()
         watched = [d.source] + [os.path.join(d.source, n) for n in window]
 
-        def arrivals(done, add):
+        def arrivals(done, add, stream):
             since = survey.stamp
             while since and not done.is_set():
-                changed = self.mountain.watch(watched, ARRIVALS_WATCH, since, stop=done)
+                changed = self.mountain.watch(watched, ARRIVALS_WATCH, since, stop=done,
+                                              stream=stream)
                 if done.is_set():
                     return
                 if changed is None:
@@ -395,7 +396,7 @@ class TransferDaemon(Settling, Nights, Reporting):
                 if not changed:
                     continue
                 again = self.mountain.survey(d.source, self.conf['checksum_lock'], window,
-                                             d.data_root, stop=done)
+                                             d.data_root, stop=done, stream=stream)
                 if again.answer != 'links' or done.is_set():
                     done.wait(1)  # Checksums are being computed, or no answer.
                     continue

@@ -78,7 +78,9 @@ class Settling(object):
             n = self._auto_streams()
         else:
             n = self.conf['streams']
-        self.mountain.open_streams(n)  # while the sizes are asked
+        # While the sizes are asked: the streams' connections, and the
+        # express stream's, for exposures linked meanwhile.
+        self.mountain.open_streams(n + 1)
         return n
 
     def _round_trip(self):

@@ -71,6 +71,11 @@ SPLIT = 2
 #: How much lower the CPU priority of verification is than the copy's (nice).
 VERIFY_NICE = 5
 
+#: How much lower the CPU priority of the copy's streams (their rsync and ssh)
+#: is than the express stream's, so that an exposure linked during a copy is
+#: not slowed by it where the CPU is short (nice).
+STREAM_NICE = 2
+
 
 class Outcome(namedtuple('Outcome', ['link', 'copy', 'returncode', 'detail', 'errors',
                                      'rsync_ms', 'checksum_ms'])):
@@ -181,14 +186,17 @@ def copy_verify(links, mountain, staging, checksum_file, actions, basis=None,
         being copied; the fatal outcomes, if any, all together at the end.
         If it raises, every stream is stopped and the exception propagates.
     arrivals : callable, optional
-        Called, in a thread of its own, as ``arrivals(done, add)``: it
+        Called, in a thread of its own, as ``arrivals(done, add, stream)``: it
         learns of new exposures while `links` are copied (one exposure that
         takes seconds, or a backlog) and passes each list of them to
         ``add``, which puts them on the express stream, ahead of `links`; it
         must return soon after ``done.is_set()`` is true (`links` are
         copied, or the copy was stopped), and can be given `done` as `stop`
-        of :func:`desitransfer.common.run`.  Their outcomes are settled like
-        the others'; they are not in the list returned.
+        of :func:`desitransfer.common.run`; it may ask the mountain over
+        the connection of `stream`, the express stream's (the others carry
+        the bulk of the copy: an answer there waits behind it).  Their
+        outcomes are settled like the others'; they are not in the list
+        returned.
 
     Returns
     -------
@@ -203,15 +211,12 @@ def copy_verify(links, mountain, staging, checksum_file, actions, basis=None,
     for night in sorted({link.night for link in links}):
         actions.makedirs(os.path.join(staging, night))
     copy = _Copy(mountain, staging, checksum_file, actions, basis, batches)
-    # A backlog (batches wait for a stream): the express stream's connection
-    # is opened at once; otherwise when an exposure arrives.
-    backlog = len(batches) > streams
     streams = min(streams, len(batches))
     if sizes:
         log.info("Copying %d exposures (%.1f MB) in %d rsync%s, %d at a time.", len(links),
                  sum(sizes.get(link.target, 0) for link in links) / 1e6, len(batches),
                  '' if len(batches) == 1 else 's', streams)
-    outcomes = copy.run(streams, settle, arrivals, backlog)
+    outcomes = copy.run(streams, settle, arrivals)
     return [outcomes[link] for link in links]
 
 
@@ -317,12 +322,13 @@ class _Done(object):
         return self.is_set()
 
 
-def _lower_priority():
-    """Make the calling thread (and threads it starts) yield the CPU to the copy."""
+def _lower_priority(nice=VERIFY_NICE):
+    """Make the calling thread (and the threads and processes it starts)
+    yield the CPU to the others: `nice` lower."""
     try:
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid,
-                       min(19, os.getpriority(os.PRIO_PROCESS, tid) + VERIFY_NICE))
+                       min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
     except (AttributeError, OSError):
         pass
 
@@ -346,22 +352,22 @@ class _Copy(object):
         self.done = _Done(self.abort)
         self.express = queue.SimpleQueue()
         self.arrived = threading.Event()
+        self.express_stream = None
 
-    def run(self, streams, settle, arrivals=None, backlog=False):
+    def run(self, streams, settle, arrivals=None):
         threads = [threading.Thread(target=self._guard, args=('stream', self._stream, n),
                                     name=f'rsync-stream-{n:d}', daemon=True)
                    for n in range(streams)]
         threads.append(threading.Thread(target=self._guard, args=('verifier', self._verifier),
                                         name='verify', daemon=True))
         if arrivals is not None:
+            self.express_stream = streams
             threads += [
                 threading.Thread(target=self._guard, args=('arrivals', self._arrivals,
                                                            arrivals),
                                  name='arrivals', daemon=True),
                 threading.Thread(target=self._guard, args=('express', self._express, streams),
                                  name=f'rsync-stream-{streams:d}-express', daemon=True)]
-            if backlog:
-                self.mountain.open_streams(streams + 1)
         else:
             self.arrived.set()
         for t in threads:
@@ -417,9 +423,9 @@ class _Copy(object):
         """Run the caller's `arrivals`; its failure ends the express stream,
         not the copy."""
         try:
-            arrivals(self.done, self._add)
+            arrivals(self.done, self._add, self.express_stream)
         except Exception as err:
-            log.warning("Exposures linked during the copy of the backlog wait for the next "
+            log.warning("Exposures linked during the copy wait for the next "
                         "pass: %s: %s.", type(err).__name__, err, exc_info=True)
         finally:
             self.arrived.set()
@@ -445,6 +451,8 @@ class _Copy(object):
             self._copy(batch, n, verify=True)
 
     def _stream(self, n):
+        if self.express_stream is not None:
+            _lower_priority(STREAM_NICE)  # their rsync and ssh too
         while True:
             try:
                 batch = self.todo.get_nowait()
