@@ -198,7 +198,7 @@ class TransferDaemon(Settling, Nights, Reporting):
         if seconds >= 2:
             watched, seen = [], []
             for d in self.directories:
-                watched += [d.source] + [os.path.join(d.source, n) for n in self._window()]
+                watched += self._watched(d, self._window())
                 survey = self.this_pass.surveys.get(d.name)
                 seen.append(survey.stamp if survey is not None else '')
             # Compared with what the pass's surveys saw, a link made while the
@@ -372,6 +372,12 @@ class TransferDaemon(Settling, Nights, Reporting):
         if due:
             self._archive(d, status, due)
 
+    @staticmethod
+    def _watched(d, window):
+        """What a watch of `d` looks at, in the order of its survey's stamp:
+        the transfer area and the nights of `window` in it."""
+        return [d.source] + [os.path.join(d.source, n) for n in window]
+
     def _arrivals(self, d, survey, todo):
         """What learns, while `todo` is copied, of exposures linked
         at the mountain since `survey`: as the watch between passes does, it
@@ -381,7 +387,7 @@ class TransferDaemon(Settling, Nights, Reporting):
         known = {f'{link.night}/{link.expid}' for link in todo}
         given_up = set(self.state[d.name]['given_up'])
         window = self._window()
-        watched = [d.source] + [os.path.join(d.source, n) for n in window]
+        watched = self._watched(d, window)
 
         def arrivals(done, add, stream):
             since = survey.stamp
