@@ -316,10 +316,13 @@ def test_errors_alert_once(kpno, smtp_server, monkeypatch):
     env = {k: v for k, v in os.environ.items() if k != 'USER'}
     proc = subprocess.Popen(['desi_nightwatch_transfer', '--kill', str(kpno.kill),
                              '--alert-to', 'desi-alarms@example.org', '--smtp',
-                             smtp_server.hostport, '-e', '2', '-s', '0.002'], env=env,
+                             smtp_server.hostport, '-e', '2', '-s', '0.002',
+                             # A night given: every pass lists, whatever the hour (in
+                             # 08:00-12:00 MST the loop would sleep until noon).
+                             '--night', '20261204'], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        assert smtp_server.wait(1, timeout=30)
+        assert smtp_server.wait(1, timeout=30), proc_log(kpno)[-4000:]
         deadline = time.monotonic() + 30
         while proc_log(kpno).count('ERROR:') < 12:
             assert time.monotonic() < deadline and proc.poll() is None
