@@ -440,16 +440,25 @@ def test_round_trip_in_state_validated(site, value):
 
 
 def test_idle_pass_asks_the_mountain_once(site):
-    """A ``--once`` pass that finds nothing new runs one command at the
-    mountain, the survey, over one connection: no measure of the round trip,
-    no connection opened for streams (``streams = auto``, a round trip known
-    from the pass before)."""
+    """A ``--once`` pass that finds nothing new opens one connection to the
+    mountain, for the survey; the round trip is measured after it, over the
+    same connection (``streams = auto``): no connection is opened for
+    streams, yet a backlog found by the next run knows its streams at once."""
     site.exposure(LAST, '00003900')
     site.exposure(LAST, '00003901')
     calls = site.ssh_wrapper('counting-ssh')
     assert site.run() == 0
     assert site.state()['round_trip'] is not None
+    with open(site.state_file) as f:
+        state = json.load(f)
+    state['DESI_SPECTRO_DATA']['round_trip'] = None  # never measured
+    with open(site.state_file, 'w') as f:
+        json.dump(state, f)
     before = len(calls())
     assert site.run() == 0
     ran = [c for c in calls()[before:] if '-O' not in c]
-    assert len(ran) == 1 and 'find' in ran[0][-1], ran
+    assert [c[-1] for c in ran][1:] == ['cat'] and 'find' in ran[0][-1], ran
+    paths = {a for c in ran for a in c if a.startswith('ControlPath=')}
+    assert len(paths) == 1, ran
+    # The survey went first; the measurement, after it, is kept.
+    assert site.state()['round_trip'] is not None

@@ -1406,10 +1406,17 @@ class SharedConnection(object):
         """Stop the shared connections, if any is open, and remove their private directory."""
         if self._directory is None:
             return
-        for name in sorted(os.listdir(self._directory)):
-            control = os.path.join(self._directory, name)
-            run(self._command() + ['-o', f'ControlPath={control}', '-O', 'exit', self.host],
-                timeout=30, quiet=True, ok=(0, 255))
+        # All at once: one after the other, each ssh start adds to the stop.
+        closing = [threading.Thread(target=run, name=f'close-{name}', daemon=True,
+                                    args=(self._command() + ['-o', f'ControlPath={control}',
+                                                             '-O', 'exit', self.host],),
+                                    kwargs={'timeout': 30, 'quiet': True, 'ok': (0, 255)})
+                   for name in sorted(os.listdir(self._directory))
+                   for control in [os.path.join(self._directory, name)]]
+        for thread in closing:
+            thread.start()
+        for thread in closing:
+            thread.join(timeout=60)
         shutil.rmtree(self._directory, ignore_errors=True)
         self._directory = None
 

@@ -329,8 +329,8 @@ class TransferDaemon(Settling, Nights, Reporting):
         self._replay_pending(d, status)
         log.debug("Looking for new exposures in %s.", d.source)
         # One connection to the mountain for a pass that finds nothing new:
-        # the round trip is measured, and the connections of further
-        # streams opened, only for a backlog (see _streams).
+        # the connections of further streams are opened only for a backlog
+        # (see _streams).
         survey = self.mountain.survey(d.source, self.conf['checksum_lock'], self._window(),
                                       d.data_root)
         if survey.answer == 'unknown':
@@ -343,6 +343,9 @@ class TransferDaemon(Settling, Nights, Reporting):
                      "pass.", self.mountain.name, self.conf['checksum_lock'])
             return
         self._reachable(d)
+        # Over the connection the survey opened, in the background: a backlog
+        # found by a later pass (or run) knows its number of streams at once.
+        self._measure_round_trip()
         self.this_pass.surveys[d.name] = survey
         self._unlisted(d, survey)
         self._report(d, survey)

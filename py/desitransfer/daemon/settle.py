@@ -95,8 +95,9 @@ class Settling(object):
 
     def _measure_round_trip(self):
         """For ``streams = auto``, measure the round trip to the mountain in the
-        background (when a pass finds a backlog, while the sizes are asked)
-        unless it was measured less than :data:`AUTO_REFRESH` seconds ago.
+        background, over the connection of the survey (after each survey that
+        answered, and when a pass finds a backlog), unless it was measured less
+        than :data:`AUTO_REFRESH` seconds ago.
 
         The round trip is kept in the state file: after a start, the one the
         last run measured serves while it is measured again, so that a backlog
