@@ -6,7 +6,7 @@ desitransfer.executor
 
 Everything :command:`desi_transfer_daemon` changes goes through one
 :class:`Actions` object: copying, locking, installing, recording, saving
-its state, archiving.  Test mode is :class:`DryRun`, the same interface
+its state, archiving, emailing a report.  Test mode is :class:`DryRun`, the same interface
 logging ``Test mode, would ...`` for each change instead of making it, so
 the flow itself has no test-mode branches.  Questions that only read (the
 listing at the mountain, a dry-run rsync, ``hsi ls``) go through
@@ -15,7 +15,10 @@ listing at the mountain, a dry-run rsync, ``hsi ls``) go through
 import errno
 import os
 import shutil
+import smtplib
+import socket
 import stat
+from email.message import EmailMessage
 
 from .checksum import verify_checksum
 from .common import dir_perm, file_perm, log, run
@@ -78,6 +81,32 @@ def unlock_directory(directory, test=False):
         log.info("Test mode, would add user write permission in %s.", directory)
     elif os.path.isdir(directory) and not os.path.islink(directory):
         _chmod_tree(directory, lambda m: m | stat.S_IWUSR, lambda m: m | stat.S_IWUSR)
+
+
+#: Seconds before the SMTP server is given up.
+SMTP_TIMEOUT = 30
+
+
+def send_email(mailhost, recipients, subject, body, program='desi_transfer_daemon'):
+    """Send a plain-text email through `mailhost` (``host:port``).
+
+    Raises
+    ------
+    OSError
+        If the server cannot be reached or refuses it (:exc:`smtplib.SMTPException`
+        is an :exc:`OSError`).
+    """
+    host, _, port = mailhost.rpartition(':')
+    if not host:
+        host, port = port, '25'
+    message = EmailMessage()
+    message['From'] = f"{os.environ.get('USER', 'desi')}@{socket.getfqdn()}"
+    message['To'] = ', '.join(recipients)
+    message['Subject'] = subject
+    message['X-Mailer'] = program
+    message.set_content(body)
+    with smtplib.SMTP(host, int(port), timeout=SMTP_TIMEOUT) as smtp:
+        smtp.send_message(message)
 
 
 class Actions(object):
@@ -202,6 +231,12 @@ class Actions(object):
         """Write the state file."""
         state.save()
 
+    def email(self, mailhost, recipients, subject, body, what='an email'):
+        """Email `body` (see :func:`send_email`), `what` it is, as said in test
+        mode; ``True`` if sent, :exc:`OSError` if it fails."""
+        send_email(mailhost, recipients, subject, body)
+        return True
+
 
 class DryRun(Actions):
     """Test mode: log each change instead of making it."""
@@ -250,3 +285,7 @@ class DryRun(Actions):
 
     def save(self, state):
         log.debug("Test mode, would write %s.", state.path)
+
+    def email(self, mailhost, recipients, subject, body, what='an email'):
+        log.info("Test mode, would email %s to %s: %s", what, ', '.join(recipients), subject)
+        return False

@@ -31,7 +31,7 @@ from ..executor import Actions, DryRun, listdir
 from ..tape import Archive
 from .nights import Nights
 from ..mountain import Mountain
-from .report import Reporting
+from .report import MorningReport
 from .settle import Settling
 from .state import STATE_FILE, State, valid_link
 from .transfer import COPIED, FATAL, fatal
@@ -79,7 +79,7 @@ def _complete(options):
     return argparse.Namespace(**values)
 
 
-class TransferDaemon(Settling, Nights, Reporting):
+class TransferDaemon(Settling, Nights):
     """Manage data transfer configuration, options, and operations.
 
     Parameters
@@ -118,6 +118,9 @@ class TransferDaemon(Settling, Nights, Reporting):
         self._rtt = None
         self._rtt_thread = None
         self.this_pass = Pass()
+        self.reports = MorningReport(self.directories, self.conf, self.log_conf, self.state,
+                                     self.actions, self.stop, self.tape, self._status,
+                                     self._recent_nights)
 
     def _configure_log(self, debug):
         """Re-configure the default logger returned by ``desiutil.log``.
@@ -234,7 +237,7 @@ class TransferDaemon(Settling, Nights, Reporting):
                 log.critical("Transfer pass of %s failed: %s: %s; the next pass will try "
                              "again.", d.name, type(err).__name__, err, exc_info=True)
         try:
-            self._reports()
+            self.reports.send()
         except Exception as err:
             log.error("The morning report failed: %s: %s; the next pass will try again.",
                       type(err).__name__, err, exc_info=True)

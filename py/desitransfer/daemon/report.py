@@ -8,14 +8,11 @@ The morning report of :command:`desi_transfer_daemon`: once the backup hour
 of a night has passed, one email (to the alert list, but not an alarm) says
 how the night went: exposures transferred and verified, failures and retries,
 late files caught up, the archive, the latency from link to verified, and
-what the audit of the night disagrees on.  These are methods of
-:class:`~desitransfer.daemon.core.TransferDaemon`.
+what the audit of the night disagrees on (:class:`MorningReport`).
 """
 import datetime as dt
 import os
-import smtplib
 import socket
-from email.message import EmailMessage
 
 from .. import common
 from ..audit import audit
@@ -29,36 +26,45 @@ from ..tape import archive_name
 #: stopped for longer does not send old reports).
 REPORT_WINDOW = dt.timedelta(days=1)
 
-#: Seconds before the SMTP server is given up.
-SMTP_TIMEOUT = 30
 
+class MorningReport(object):
+    """The morning report of each night, a collaborator of
+    :class:`~desitransfer.daemon.core.TransferDaemon` given only what it reads.
 
-def send_email(mailhost, recipients, subject, body, program='desi_transfer_daemon'):
-    """Send a plain-text email through `mailhost` (``host:port``).
-
-    Raises
-    ------
-    OSError
-        If the server cannot be reached or refuses it (:exc:`smtplib.SMTPException`
-        is an :exc:`OSError`).
+    Parameters
+    ----------
+    directories : :class:`list`
+        The daemon's destinations (:class:`~desitransfer.configuration.Directory`).
+    conf, log_conf : :class:`dict`
+        The ``[common]`` and ``[logging]`` sections of the configuration.
+    state : :class:`~desitransfer.daemon.state.State`
+        The daemon's state (the reports already sent are kept there).
+    actions : :class:`~desitransfer.executor.Actions`
+        Emails and saves the state (logs instead in test mode).
+    stop : :class:`~desitransfer.common.Stop`
+        No report is started once it is set.
+    tape : :class:`bool`
+        Whether archiving is enabled.
+    status : callable
+        The status store of a destination, or ``None`` (see
+        :meth:`~desitransfer.daemon.core.TransferDaemon._status`).
+    recent_nights : callable
+        The recent nights of a destination.
     """
-    host, _, port = mailhost.rpartition(':')
-    if not host:
-        host, port = port, '25'
-    message = EmailMessage()
-    message['From'] = f"{os.environ.get('USER', 'desi')}@{socket.getfqdn()}"
-    message['To'] = ', '.join(recipients)
-    message['Subject'] = subject
-    message['X-Mailer'] = program
-    message.set_content(body)
-    with smtplib.SMTP(host, int(port), timeout=SMTP_TIMEOUT) as smtp:
-        smtp.send_message(message)
 
+    def __init__(self, directories, conf, log_conf, state, actions, stop, tape, status,
+                 recent_nights):
+        self.directories = directories
+        self.conf = conf
+        self.log_conf = log_conf
+        self.state = state
+        self.actions = actions
+        self.stop = stop
+        self.tape = tape
+        self._status = status
+        self._recent_nights = recent_nights
 
-class Reporting(object):
-    """The morning report (part of :class:`~desitransfer.daemon.core.TransferDaemon`)."""
-
-    def _reports(self):
+    def send(self):
         """Send the report of every night whose backup hour passed within
         :data:`REPORT_WINDOW` and that was not reported yet."""
         if not self.log_conf['report'] or not self.log_conf['to']:
@@ -77,18 +83,16 @@ class Reporting(object):
             if self.stop.is_set():
                 return
             subject, body = self.report(night)
-            if self.test:
-                log.info("Test mode, would email the report of night %s to %s: %s", night,
-                         ', '.join(self.log_conf['to']), subject)
-                continue
             try:
-                send_email(self.log_conf['smtp'], self.log_conf['to'], subject, body)
+                sent = self.actions.email(self.log_conf['smtp'], self.log_conf['to'], subject,
+                                          body, what=f'the report of night {night}')
             except OSError as err:
                 log.error("Could not email the report of night %s through %s (%s); will try "
                           "again next pass.", night, self.log_conf['smtp'], err)
                 continue
-            log.info("Emailed the report of night %s to %s.", night,
-                     ', '.join(self.log_conf['to']))
+            if sent:
+                log.info("Emailed the report of night %s to %s.", night,
+                         ', '.join(self.log_conf['to']))
             reported.append(key)
             self.actions.save(self.state)
 
