@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.join(TOP, 'tests'))
 sys.path.insert(0, os.path.join(TOP, 'py'))
 
 from loopback import start_sshd  # noqa: E402
-from desitransfer.common import rsync, rsync_ssh, ssh_command  # noqa: E402
+from desitransfer.common import rsync  # noqa: E402
+from desitransfer.transport import rsync_ssh, ssh_command  # noqa: E402
 from desitransfer.simulator import make_mountain, serve_archive_status  # noqa: E402
 
 #: Two days ago: finished, due for catch-up and archive, in the recent window.

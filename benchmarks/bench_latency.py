@@ -67,7 +67,7 @@ sys.path.insert(0, os.path.join(TOP, 'py'))
 from bench_backlog import configuration as backlog_configuration  # noqa: E402
 from bench_wan import WINDOW, DelayProxy, wan_ssh  # noqa: E402
 from loopback import start_sshd  # noqa: E402
-from desitransfer.common import rsync_ssh, ssh_command  # noqa: E402
+from desitransfer.transport import rsync_ssh, ssh_command  # noqa: E402
 from desitransfer.configuration import (DEFAULTS, ConfigurationError,  # noqa: E402
                                         read_configuration)
 from desitransfer.simulator import exposure_files, make_exposure  # noqa: E402

@@ -45,7 +45,8 @@ sys.path.insert(0, os.path.join(TOP, 'py'))
 
 from bench_backlog import configuration  # noqa: E402
 from loopback import start_sshd  # noqa: E402
-from desitransfer.common import rsync, rsync_ssh, ssh_command  # noqa: E402
+from desitransfer.common import rsync  # noqa: E402
+from desitransfer.transport import rsync_ssh, ssh_command  # noqa: E402
 from desitransfer.configuration import DEFAULT_STREAMS  # noqa: E402
 from desitransfer.simulator import make_mountain  # noqa: E402
 

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from desitransfer import common
-from desitransfer.common import configure_log
+from desitransfer.alerts import configure_log
 from desitransfer.daemon import TransferDaemon, _options
 from desitransfer.simulator import exposure_files, make_exposure
 from loopback import terminate_when

@@ -14,7 +14,7 @@ import subprocess
 import threading
 import time
 
-from desitransfer import common
+from desitransfer import runner
 from loopback import terminate_when
 
 #: The present of most tests: 11:00 on 15 June 2026 at Kitt Peak.
@@ -73,7 +73,7 @@ class Recorder(object):
 
     def __call__(self, command, **kwargs):
         if '--list-only' in command:
-            return common.Result(0, 'drwxr-xr-x 4,096 2026/06/15 12:00:00 .\n'
+            return runner.Result(0, 'drwxr-xr-x 4,096 2026/06/15 12:00:00 .\n'
                                     '-rw-r--r-- 4 2026/06/15 12:00:00 file\n', '')
         with self._lock:
             self.started.append(command)
@@ -82,7 +82,7 @@ class Recorder(object):
         time.sleep(self.seconds)
         with self._lock:
             self._running -= 1
-        return common.Result(0, 'Number of regular files transferred: 1,234\n'
+        return runner.Result(0, 'Number of regular files transferred: 1,234\n'
                                 'Total transferred file size: 5,678,901 bytes\n', '')
 
 

@@ -12,10 +12,11 @@ import time
 import pytest
 
 import desitransfer
-from desitransfer import common
+from desitransfer import alerts, common, files, processes, text, transport
 from desitransfer.common import (empty_rsync, ensure_scratch, exclude_years, idle_time,
-                                 new_exposures, rsync, rsync_ssh, ssh_command, stamp,
-                                 today, yesterday, run, valid_night)
+                                 new_exposures, rsync, stamp, today, valid_night, yesterday)
+from desitransfer.runner import run
+from desitransfer.transport import rsync_ssh, ssh_command
 from desitransfer.simulator import make_exposure
 
 
@@ -308,7 +309,7 @@ def test_run_stop_event(tmp_path):
 
 def test_stop_kill_file_and_wait(tmp_path):
     kill = tmp_path / 'stop'
-    stop = common.Stop(str(kill), interval=0.05)
+    stop = processes.Stop(str(kill), interval=0.05)
     assert not stop.is_set()
     t0 = time.monotonic()
     assert stop.wait(0.2) is False
@@ -324,7 +325,7 @@ def test_stop_kill_file_and_wait(tmp_path):
 
 def test_stop_signal_and_run(tmp_path):
     import signal as signal_
-    stop = common.Stop(str(tmp_path / 'stop'), interval=0.05)
+    stop = processes.Stop(str(tmp_path / 'stop'), interval=0.05)
     old = signal_.getsignal(signal_.SIGTERM)
     try:
         stop.handle_signals()
@@ -334,7 +335,7 @@ def test_stop_signal_and_run(tmp_path):
     finally:
         signal_.signal(signal_.SIGTERM, old)
     # A command under run() ends when the kill file appears.
-    stop = common.Stop(str(tmp_path / 'stop2'))
+    stop = processes.Stop(str(tmp_path / 'stop2'))
     import threading
     threading.Timer(0.3, (tmp_path / 'stop2').touch).start()
     t0 = time.monotonic()
@@ -344,12 +345,12 @@ def test_stop_signal_and_run(tmp_path):
 
 def test_single_instance(tmp_path):
     path = str(tmp_path / 'sub' / 'x.lock')
-    lock, holder = common.single_instance(path)
+    lock, holder = processes.single_instance(path)
     assert lock is not None and holder is None
     with open(path) as f:
         assert f.read().strip() == str(os.getpid())
     # Another process is refused while we hold it, and told our pid.
-    code = ('import sys; from desitransfer.common import single_instance; '
+    code = ('import sys; from desitransfer.processes import single_instance; '
             f'l, h = single_instance({path!r}); print(h); sys.exit(0 if l else 3)')
     p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     assert p.returncode == 3 and p.stdout.strip() == str(os.getpid())
@@ -360,15 +361,15 @@ def test_single_instance(tmp_path):
 
 def test_environment_ssh(monkeypatch):
     monkeypatch.delenv('RSYNC_RSH', raising=False)
-    assert common.environment_ssh()[:3] == ['ssh', '-o', 'BatchMode=yes']
+    assert transport.environment_ssh()[:3] == ['ssh', '-o', 'BatchMode=yes']
     monkeypatch.setenv('RSYNC_RSH', '/x/ssh -F "/a b/config"')
-    c = common.environment_ssh(control='/tmp/c')
+    c = transport.environment_ssh(control='/tmp/c')
     assert c[:3] == ['/x/ssh', '-F', '/a b/config'] and 'ControlPath=/tmp/c' in c
 
 
 def test_write_json_and_sweep(tmp_path):
     path = str(tmp_path / 'state.json')
-    common.write_json(path, {'a': 1})
+    files.write_json(path, {'a': 1})
     assert os.listdir(tmp_path) == ['state.json']
     # A temporary file of a writer that is gone, and one of a live process.
     dead = subprocess.Popen(['true'])
@@ -379,29 +380,29 @@ def test_write_json_and_sweep(tmp_path):
     live.write_text('{')
     other = tmp_path / 'notes.tmp'
     other.write_text('x')
-    assert common.sweep_temporary(str(tmp_path)) == [str(stale)]
+    assert files.sweep_temporary(str(tmp_path)) == [str(stale)]
     assert sorted(os.listdir(tmp_path)) == sorted([live.name, 'notes.tmp', 'state.json'])
-    assert common.sweep_temporary(str(tmp_path / 'missing')) == []
+    assert files.sweep_temporary(str(tmp_path / 'missing')) == []
 
 
 def test_write_text(tmp_path):
     path = tmp_path / 'daily.txt'
-    common.write_text(str(path), 'one\n')
-    common.write_text(str(path), 'two\nlines\n')
+    files.write_text(str(path), 'one\n')
+    files.write_text(str(path), 'two\nlines\n')
     assert path.read_text() == 'two\nlines\n' and os.listdir(tmp_path) == ['daily.txt']
     # A write that fails (here the rename over a directory) leaves no temporary file.
     (tmp_path / 'taken').mkdir()
     with pytest.raises(OSError):
-        common.write_text(str(tmp_path / 'taken'), 'x')
+        files.write_text(str(tmp_path / 'taken'), 'x')
     assert sorted(os.listdir(tmp_path)) == ['daily.txt', 'taken']
     with pytest.raises(OSError):
-        common.write_text(str(tmp_path / 'missing' / 'x.txt'), 'x')
+        files.write_text(str(tmp_path / 'missing' / 'x.txt'), 'x')
 
 
 def test_shared_connection(dts, monkeypatch):
     """Commands share one ssh connection; close() ends it and removes its directory."""
     monkeypatch.setenv('RSYNC_RSH', dts.ssh)
-    connection = common.SharedConnection()
+    connection = transport.SharedConnection()
     ssh = connection.ssh()
     assert ssh[0] == dts.ssh and 'ControlMaster=auto' in ssh
     control = [o.split('=', 1)[1] for o in ssh if o.startswith('ControlPath=')][0]
@@ -415,13 +416,13 @@ def test_shared_connection(dts, monkeypatch):
     assert not os.path.exists(os.path.dirname(control))
     connection.close()
     # A connection never used leaves nothing behind.
-    common.SharedConnection().close()
+    transport.SharedConnection().close()
     # The directory of a process killed before close() is removed by the next one.
     dead = subprocess.Popen(['true'])
     dead.wait()
     stale = tempfile.mkdtemp(prefix=f'desitransfer-ssh-{dead.pid:d}-')
     mine = tempfile.mkdtemp(prefix=f'desitransfer-ssh-{os.getpid():d}-')
-    connection = common.SharedConnection()
+    connection = transport.SharedConnection()
     assert os.path.basename(os.path.dirname(control)).startswith(
         f'desitransfer-ssh-{os.getpid()}-')
     connection.ssh()
@@ -430,7 +431,7 @@ def test_shared_connection(dts, monkeypatch):
     os.rmdir(mine)
     # Another ssh program than RSYNC_RSH's.
     monkeypatch.delenv('RSYNC_RSH')
-    connection = common.SharedConnection(program=[dts.ssh, '-q'])
+    connection = transport.SharedConnection(program=[dts.ssh, '-q'])
     ssh = connection.ssh()
     assert ssh[:3] == [dts.ssh, '-q', '-o'] and run(ssh + ['dts', 'true']).returncode == 0
     connection.close()
@@ -439,7 +440,7 @@ def test_shared_connection(dts, monkeypatch):
 def test_alert_options():
     from argparse import ArgumentParser
     parser = ArgumentParser()
-    common.alert_options(parser)
+    alerts.alert_options(parser)
     o = parser.parse_args([])
     assert (o.alert_to, o.smtp) == (['desi-alarms-transfer@desi.lbl.gov'], 'localhost:25')
     o = parser.parse_args(['--alert-to', 'a@b.org, c@d.org', '--smtp', 'mail:2525'])
@@ -460,17 +461,17 @@ def test_lstat_tree(tmp_path, unprivileged):
     (top / 'sub' / 'b.fits').write_bytes(b'y' * 3)
     (top / 'link').symlink_to('/etc')
     (top / 'sub' / 'deeper' / 'c').write_text('c')
-    entries, problems = common.lstat_tree(str(top))
+    entries, problems = files.lstat_tree(str(top))
     assert sorted(entries) == ['a.fits', 'link', 'sub', 'sub/b.fits', 'sub/deeper',
                                'sub/deeper/c']
     assert entries['a.fits'].st_size == 10 and entries['sub/b.fits'].st_size == 3
     assert stat.S_ISLNK(entries['link'].st_mode) and stat.S_ISDIR(entries['sub'].st_mode)
     assert problems == []
-    assert common.lstat_tree(str(tmp_path / 'missing')) == (
+    assert files.lstat_tree(str(tmp_path / 'missing')) == (
         {}, [f'{tmp_path}/missing cannot be listed: No such file or directory'])
     # A subdirectory that cannot be read, as an unprivileged user.
     d = unprivileged.directory()
-    script = ("import json, os, sys; from desitransfer.common import lstat_tree; "
+    script = ("import json, os, sys; from desitransfer.files import lstat_tree; "
               "os.makedirs(sys.argv[1] + '/e/locked'); open(sys.argv[1] + '/e/f', 'w').close(); "
               "os.chmod(sys.argv[1] + '/e/locked', 0); "
               "e, p = lstat_tree(sys.argv[1] + '/e'); print(json.dumps([sorted(e), p]))")
@@ -498,32 +499,32 @@ def test_round_trip(dts, tmp_path):
     """The round trip over ssh is measured by exchanging lines with cat; a
     host that cannot be reached, or a program that does not answer, is
     None, within the time given."""
-    rtt = common.round_trip([dts.ssh], 'dts')
+    rtt = transport.round_trip([dts.ssh], 'dts')
     assert rtt is not None and 0 < rtt < 1
-    assert common.round_trip([dts.ssh, '-o', 'ConnectTimeout=2'], 'nowhere.invalid') is None
+    assert transport.round_trip([dts.ssh, '-o', 'ConnectTimeout=2'], 'nowhere.invalid') is None
     silent = tmp_path / 'silent'
     silent.write_text('#!/bin/sh\nexec sleep 60\n')
     silent.chmod(0o755)
     t0 = time.monotonic()
-    assert common.round_trip([str(silent)], 'dts', timeout=1) is None
+    assert transport.round_trip([str(silent)], 'dts', timeout=1) is None
     assert time.monotonic() - t0 < 5
-    assert common.round_trip([str(tmp_path / 'missing')], 'dts') is None
+    assert transport.round_trip([str(tmp_path / 'missing')], 'dts') is None
     # A program that stops reading after the first line: the next cannot be
     # written (broken pipe).
     deaf = tmp_path / 'deaf'
     deaf.write_text('#!/bin/sh\nread line\nexec 0<&-\necho "$line"\nsleep 5\n')
     deaf.chmod(0o755)
-    assert common.round_trip([str(deaf)], 'dts', timeout=2) is None
+    assert transport.round_trip([str(deaf)], 'dts', timeout=2) is None
 
 
 @pytest.mark.parametrize('value, bare, seconds', [
     ('30s', 1, 30), ('15m', 1, 900), ('1h', 60, 3600), ('2d', 1, 172800), ('1.5m', 1, 90),
     ('30', 1, 30), ('1', 60, 60), (' 2 m ', 1, 120)])
 def test_interval(value, bare, seconds):
-    assert common.interval(value, bare=bare) == seconds
+    assert text.interval(value, bare=bare) == seconds
 
 
 @pytest.mark.parametrize('value', ['0', '0s', '-1', 'm', '10x', '1e9999', 'inf', 'nan', ''])
 def test_interval_refused(value):
     with pytest.raises(ValueError, match='is not a positive time'):
-        common.interval(value)
+        text.interval(value)

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from desitransfer.common import single_instance
-from desitransfer.processes import alive, lock_holder, original_processes, script_of
+from desitransfer.processes import (alive, lock_holder, original_processes, script_of,
+                                    single_instance)
 
 #: The thin script of the command, run as an operator runs it.
 INIT = [sys.executable, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -201,7 +201,7 @@ def test_original_is_detected_and_start_refused(daemon_site, original, tmp_path,
 
 STUBBORN = '''
 import signal, subprocess, sys, time
-from desitransfer.common import single_instance
+from desitransfer.processes import single_instance
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 lock, _ = single_instance(sys.argv[1])
 child = subprocess.Popen(['sleep', '120'])

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from desitransfer import daemon, tape
-from desitransfer.common import configure_log
+from desitransfer.alerts import configure_log
 from desitransfer.configuration import ConfigurationError, read_configuration
 from desitransfer.daemon import TransferDaemon, lock_directory, rsync_night, unlock_directory
 from desitransfer.daemon import transfer

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from desitransfer.common import configure_log
+from desitransfer.alerts import configure_log
 from desitransfer.daemon import TransferDaemon
 from desitransfer.simulator import exposure_files
 from fixtures_daemon import EARLIER, LAST, snapshot

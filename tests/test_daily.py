@@ -12,7 +12,7 @@ import pytest
 from fixtures_kpno import mode
 
 from desitransfer import __version__, daily
-from desitransfer.common import single_instance
+from desitransfer.processes import single_instance
 from desitransfer.configuration import ConfigurationError
 from desitransfer.daily import DailyDirectory, _config, _options
 

@@ -15,7 +15,7 @@ from fixtures_kpno import mode
 from loopback import terminate_when
 
 from desitransfer import common, nightwatch
-from desitransfer.common import single_instance
+from desitransfer.processes import single_instance
 from desitransfer.nightwatch import NightwatchTransfer, _options
 
 SOURCE = '/exposures/nightwatch'

@@ -2,7 +2,7 @@
 """Security of the shared helpers (issue 16): what a hostile mountain, a
 hostile command or another local user can do through them.
 
-* Row 3: the output of every command is bounded (:func:`desitransfer.common.run`),
+* Row 3: the output of every command is bounded (:func:`desitransfer.runner.run`),
   even an endless answer over ssh; ``RSYNC_OLD_ARGS`` never reaches rsync.
 * Row 2: alert emails and the alert memory are bounded.
 * Row 6: nothing is created through a link planted, by another user, in a
@@ -21,8 +21,8 @@ import time
 
 import pytest
 
-from desitransfer import common, status
-from desitransfer.common import OUTPUT_TOO_LARGE, run
+from desitransfer import alerts, common, files, processes, runner, status
+from desitransfer.runner import OUTPUT_TOO_LARGE, run
 
 ROOT = os.geteuid() == 0
 
@@ -34,7 +34,7 @@ ENDLESS = """
 import json, resource, sys, time
 # A gigabyte of address space: an unbounded reader fails instead of eating the host.
 resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
-from desitransfer.common import run
+from desitransfer.runner import run
 t0 = time.monotonic()
 r = run([sys.argv[1], 'dts', 'cat /dev/zero'], timeout=30, quiet=True)
 print(json.dumps({'code': r.returncode, 'too_large': r.too_large, 'out': len(r.stdout),
@@ -51,10 +51,10 @@ def test_endless_answer_over_ssh_is_cut(dts):
     assert p.returncode == 0, p.stderr[-2000:]
     found = json.loads(p.stdout.splitlines()[-1])
     assert found['code'] == OUTPUT_TOO_LARGE and found['too_large']
-    assert found['out'] == common.OUTPUT_LIMIT
+    assert found['out'] == runner.OUTPUT_LIMIT
     assert 'passed the limit' in found['err'][0]
     assert found['seconds'] < 15
-    assert found['rss'] < 6 * common.OUTPUT_LIMIT
+    assert found['rss'] < 6 * runner.OUTPUT_LIMIT
 
 
 def test_output_limits_and_streaming(tmp_path):
@@ -104,7 +104,7 @@ def test_rsync_old_args_never_passed(dts, tmp_path, monkeypatch):
                 env=env, quiet=True)
         assert 'INJECTED' not in r.stderr
         assert r.returncode == 0 and (copy / 'desi-00012345.fits.fz').read_text() == 'data'
-    assert 'RSYNC_OLD_ARGS' not in common.command_environment()
+    assert 'RSYNC_OLD_ARGS' not in runner.command_environment()
     assert run(['sh', '-c', 'echo ${RSYNC_OLD_ARGS-unset}']).stdout == 'unset\n'
 
 
@@ -112,24 +112,24 @@ def test_rsync_old_args_never_passed(dts, tmp_path, monkeypatch):
 # Row 2: alert emails and the alert memory are bounded.
 # ----------------------------------------------------------------------
 @pytest.fixture
-def alerts():
+def alert_log():
     """Reset the shared logger after the test."""
     yield common.log
-    common.configure_log()
+    alerts.configure_log()
 
 
-def test_huge_alert_is_cut(alerts, smtp_server, tmp_path):
+def test_huge_alert_is_cut(alert_log, smtp_server, tmp_path):
     """A megabyte of junk in a CRITICAL message (a hostile checksum file):
     the email is cut at 64 KiB and says so; the memory keeps a short key."""
     memory = tmp_path / 'alerts.json'
-    log = common.configure_log(to=['a@example.org'], mailhost=smtp_server.hostport,
+    log = alerts.configure_log(to=['a@example.org'], mailhost=smtp_server.hostport,
                                program='desi_transfer_daemon', memory=str(memory))
     junk = ''.join(f'{i:08d} junk line of a hostile checksum file\n' for i in range(25000))
     log.critical("Checksum errors in 20260101/00012345: %s", junk)
     assert smtp_server.wait(1)
     body = smtp_server.messages[0].get_content()
-    assert len(body.encode()) <= common.ALERT_BODY_LIMIT
-    assert body.rstrip().endswith(f'bytes cut: the limit is {common.ALERT_BODY_LIMIT:d} bytes.]')
+    assert len(body.encode()) <= alerts.ALERT_BODY_LIMIT
+    assert body.rstrip().endswith(f'bytes cut: the limit is {alerts.ALERT_BODY_LIMIT:d} bytes.]')
     assert 'Checksum errors in 20260101/00012345: 00000000 junk' in body
     assert memory.stat().st_size < 1000
     # The same message again is remembered: no second email.
@@ -137,7 +137,7 @@ def test_huge_alert_is_cut(alerts, smtp_server, tmp_path):
     assert not smtp_server.wait(2, timeout=0.3)
 
 
-def test_alert_memory_bounded(alerts, smtp_server, tmp_path, caplog):
+def test_alert_memory_bounded(alert_log, smtp_server, tmp_path, caplog):
     """A memory file too large, corrupt or planted as a link is set aside with
     one error, never loaded whole; the memory keeps at most ALERT_KEYS keys."""
     memory = tmp_path / 'alerts.json'
@@ -145,26 +145,26 @@ def test_alert_memory_bounded(alerts, smtp_server, tmp_path, caplog):
     # Valid, but far more alerts than are kept.
     memory.write_text(json.dumps({f'alert {i:05d} ' + 'x' * 300: now - 5000 + i / 10
                                   for i in range(5000)}))
-    log = common.configure_log(to=['a@example.org'], mailhost=smtp_server.hostport,
+    log = alerts.configure_log(to=['a@example.org'], mailhost=smtp_server.hostport,
                                program='p', memory=str(memory))
     log.critical("One more alert.")
     assert smtp_server.wait(1)
     kept = json.loads(memory.read_text())
-    assert len(kept) == common.ALERT_KEYS and 'One more alert.' in kept
+    assert len(kept) == alerts.ALERT_KEYS and 'One more alert.' in kept
     assert 'alert 04999 ' + 'x' * 300 in kept and 'alert 00000 ' + 'x' * 300 not in kept
-    assert all(len(k) <= common.ALERT_KEY_SIZE for k in kept)
+    assert all(len(k) <= alerts.ALERT_KEY_SIZE for k in kept)
     # Too large, corrupt, a link: each set aside with one error.
     victim = tmp_path / 'victim'
     victim.write_text('{"secret": 1}')
     for what, make in (('too large', lambda: memory.write_text(
-                           '{"a": 1, "b": "' + 'x' * common.ALERT_MEMORY_LIMIT + '"}')),
+                           '{"a": 1, "b": "' + 'x' * alerts.ALERT_MEMORY_LIMIT + '"}')),
                        ('corrupt', lambda: memory.write_text('{"a": ')),
                        ('link', lambda: memory.symlink_to(victim))):
         for p in tmp_path.glob('alerts.json*'):
             p.unlink()
         make()
         caplog.clear()
-        handler = common.AlertHandler(smtp_server.hostport, ['a@example.org'], 'p',
+        handler = alerts.AlertHandler(smtp_server.hostport, ['a@example.org'], 'p',
                                       memory=str(memory))
         assert handler._sent == {}, what
         errors = [r for r in caplog.records if 'Alert memory' in r.getMessage()]
@@ -215,18 +215,18 @@ def test_no_file_created_through_planted_links(unprivileged, tmp_path):
                        env=unprivileged.env(), capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     # write_text: the state file is written beside the planted link.
-    common.write_text(os.path.join(shared, 'state.json'), '{"state": 1}')
+    files.write_text(os.path.join(shared, 'state.json'), '{"state": 1}')
     assert open(os.path.join(shared, 'state.json')).read() == '{"state": 1}'
     assert not os.path.islink(os.path.join(shared, 'state.json'))
     # The single-instance lock is refused, not followed nor truncated.
     with pytest.raises(OSError, match='symbolic link'):
-        common.single_instance(os.path.join(shared, 'daemon.lock'))
+        processes.single_instance(os.path.join(shared, 'daemon.lock'))
     # The log file is refused, not appended to through the link.
     try:
         with pytest.raises(OSError, match='symbolic link'):
-            common.configure_log(filename=os.path.join(shared, 'daemon.log'))
+            alerts.configure_log(filename=os.path.join(shared, 'daemon.log'))
     finally:
-        common.configure_log()
+        alerts.configure_log()
     # The status page is installed beside the planted links.
     status.install_page(shared)
     assert '<html' in open(os.path.join(shared, 'index.html')).read().lower()
@@ -236,7 +236,7 @@ def test_no_file_created_through_planted_links(unprivileged, tmp_path):
         store.update('20260101', 12345, 'rsync')
     assert not (victims / 'created').exists()
     # A sweep removes neither a link nor another user's file.
-    assert common.sweep_temporary(shared) == []
+    assert files.sweep_temporary(shared) == []
     assert os.path.islink(os.path.join(shared, f'.swept.{dead}.tmp'))
     assert os.path.exists(os.path.join(shared, f'.nobody.{dead}.tmp')) or not ROOT
     for name in VICTIMS:
@@ -257,12 +257,14 @@ import json, os, stat, sys
 calls = []
 umask = os.umask
 os.umask = lambda mask: calls.append(mask) or umask(mask)
-from desitransfer import common, status
+from desitransfer import status
+from desitransfer.files import write_text
+from desitransfer.processes import single_instance
 d = sys.argv[1]
 store = status.TransferStatus(os.path.join(d, 'status'), year=2026)
 store.update('20260101', 12345, 'rsync')
-common.write_text(os.path.join(d, 'state.json'), '{}')
-lock, _ = common.single_instance(os.path.join(d, 'daemon.lock'))
+write_text(os.path.join(d, 'state.json'), '{}')
+lock, _ = single_instance(os.path.join(d, 'daemon.lock'))
 modes = {os.path.relpath(os.path.join(r, f), d): stat.S_IMODE(os.lstat(os.path.join(r, f)).st_mode)
          for r, _, files in os.walk(d) for f in files}
 print(json.dumps({'umask': calls, 'modes': modes}))

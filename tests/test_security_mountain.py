@@ -19,7 +19,8 @@ from fixtures_daemon import LAST
 from fixtures_kpno import mode
 
 from desitransfer.audit import audit, format_table
-from desitransfer.common import Result, Stop
+from desitransfer.processes import Stop
+from desitransfer.runner import Result
 from desitransfer.mountain import Mountain, link_copies, parse_links, safe_path
 from desitransfer.simulator import exposure_files, make_exposure
 from desitransfer.nightwatch import NightwatchTransfer

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from desitransfer import spacewatch
-from desitransfer.common import configure_log
+from desitransfer.alerts import configure_log
 from desitransfer.spacewatch import download_jpg, jpg_list
 from fixtures_http import CROPPED, Answer, jpeg
 from unprivileged import NOBODY

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from conftest import free_port
-from desitransfer import common
+from desitransfer import alerts, common, runner
 
 ARCHIVE = 'desi/spectro/data/desi_spectro_data_20201231.tar'
 LISTING = re.compile(r'^-r[-w][-x]r[-w][-x][-r][-w][-x]\s+1 desi\s+desi\s+(\d+) [A-Z][a-z]{2} [ 0-9]\d '
@@ -267,13 +267,13 @@ def test_calls_are_logged(hpss, night, tmp_path):
 
 def test_emulator_through_the_runner(hpss, night, tmp_path):
     """The package's runner finds the emulators on PATH and reports failures."""
-    result = common.run(['hsi', 'mkdir', '-p', 'desi/spectro/data'])
+    result = runner.run(['hsi', 'mkdir', '-p', 'desi/spectro/data'])
     assert result.returncode == 0
-    result = common.run(['htar', '-cvhf', ARCHIVE, '-H', 'crc:verify=all', '20201231'],
+    result = runner.run(['htar', '-cvhf', ARCHIVE, '-H', 'crc:verify=all', '20201231'],
                         cwd=night)
     assert result.returncode == 0, result.stderr
     assert result.stdout.endswith('HTAR: HTAR SUCCESSFUL\n')
-    result = common.run(['hsi', 'ls', '-l', 'nothere'])
+    result = runner.run(['hsi', 'ls', '-l', 'nothere'])
     assert result.returncode == 64
     assert 'HPSS_ENOENT' in result.stderr
 
@@ -355,21 +355,21 @@ def test_smtp_server_collects_messages(smtp_server):
 
 
 #
-# Alert emails from desitransfer.common
+# Alert emails from desitransfer.alerts
 #
 @pytest.fixture
-def alerts():
+def alert_log():
     """Reset the shared logger after the test."""
     yield common.log
-    common.configure_log()
+    alerts.configure_log()
 
 
 def alert_handlers():
-    return [h for h in common.log.handlers if isinstance(h, common.AlertHandler)]
+    return [h for h in common.log.handlers if isinstance(h, alerts.AlertHandler)]
 
 
-def test_critical_is_emailed_once(alerts, smtp_server):
-    log = common.configure_log(to=['desi-alarms@example.org'], mailhost=smtp_server.hostport,
+def test_critical_is_emailed_once(alert_log, smtp_server):
+    log = alerts.configure_log(to=['desi-alarms@example.org'], mailhost=smtp_server.hostport,
                                program='desi_transfer_daemon')
     assert log is common.log
     log.critical("Checksum error in %s: %s", '20201231/00012345', 'digest mismatch')
@@ -397,8 +397,8 @@ def test_critical_is_emailed_once(alerts, smtp_server):
     assert len(smtp_server.messages) == 2
 
 
-def test_critical_repeated_after_window(alerts, smtp_server):
-    log = common.configure_log(to=['a@example.org'], mailhost=smtp_server.hostport,
+def test_critical_repeated_after_window(alert_log, smtp_server):
+    log = alerts.configure_log(to=['a@example.org'], mailhost=smtp_server.hostport,
                                program='desi_transfer_daemon')
     log.critical("HPSS backup of 20201231 failed.")
     assert smtp_server.wait(1)
@@ -407,9 +407,9 @@ def test_critical_repeated_after_window(alerts, smtp_server):
     assert smtp_server.wait(2)
 
 
-def test_dead_smtp_server_does_not_raise(alerts, smtp_server, capsys):
+def test_dead_smtp_server_does_not_raise(alert_log, smtp_server, capsys):
     dead = f'127.0.0.1:{free_port()}'
-    log = common.configure_log(to=['a@example.org'], mailhost=dead,
+    log = alerts.configure_log(to=['a@example.org'], mailhost=dead,
                                program='desi_transfer_daemon')
     log.critical("Checksum error in 20201231/00012345.")
     err = capsys.readouterr().err
@@ -423,8 +423,8 @@ def test_dead_smtp_server_does_not_raise(alerts, smtp_server, capsys):
     assert len(smtp_server.messages) == 1
 
 
-def test_bad_critical_call_does_not_raise(alerts, smtp_server, monkeypatch):
-    log = common.configure_log(to=['a@example.org'], mailhost=smtp_server.hostport,
+def test_bad_critical_call_does_not_raise(alert_log, smtp_server, monkeypatch):
+    log = alerts.configure_log(to=['a@example.org'], mailhost=smtp_server.hostport,
                                program='desi_transfer_daemon')
     # Only the alert handler: pytest's own log capture rightly fails on bad arguments.
     monkeypatch.setattr(log, 'propagate', False)
@@ -434,28 +434,28 @@ def test_bad_critical_call_does_not_raise(alerts, smtp_server, monkeypatch):
     assert 'Exposure %d failed' in body and "bad log arguments ('00012345',)" in body
 
 
-def test_log_file(alerts, tmp_path):
+def test_log_file(alert_log, tmp_path):
     filename = tmp_path / 'logs' / 'desi_transfer_daemon.log'
-    log = common.configure_log(filename=str(filename))
+    log = alerts.configure_log(filename=str(filename))
     log.debug("Not shown at INFO level.")
     log.info("Transferring %s.", '20201231/00012345')
     text = filename.read_text()
     assert 'Not shown' not in text
     assert re.search(r'^INFO:test_servers\.py:\d+:test_log_file:\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d: '
                      r'Transferring 20201231/00012345\.$', text, re.M), text
-    log = common.configure_log(debug=True, filename=str(filename))
+    log = alerts.configure_log(debug=True, filename=str(filename))
     log.debug("Shown at DEBUG level.")
     assert 'DEBUG:' in filename.read_text()
-    common.configure_log()
+    alerts.configure_log()
     log.info("After the reset.")
     assert 'After the reset' not in filename.read_text()
 
 
-def test_configure_log_twice(alerts, smtp_server, tmp_path):
+def test_configure_log_twice(alert_log, smtp_server, tmp_path):
     filename = tmp_path / 'transfer.log'
     before = list(common.log.handlers)
     for _ in range(2):
-        log = common.configure_log(filename=str(filename), to=['a@example.org'],
+        log = alerts.configure_log(filename=str(filename), to=['a@example.org'],
                                    mailhost=smtp_server.hostport, program='desi_transfer_daemon')
     added = [h for h in log.handlers if h not in before]
     assert len(added) == 2
@@ -465,16 +465,16 @@ def test_configure_log_twice(alerts, smtp_server, tmp_path):
     assert smtp_server.wait(1)
     assert not smtp_server.wait(2, timeout=0.2)
     assert filename.read_text().count('Disk full on staging.') == 1
-    common.configure_log()
+    alerts.configure_log()
     assert common.log.handlers == [h for h in before if not getattr(h, '_desitransfer', False)]
     assert common.log.level == logging.INFO
 
 
-def test_alert_memory_spans_runs(alerts, smtp_server, tmp_path):
+def test_alert_memory_spans_runs(alert_log, smtp_server, tmp_path):
     """With a memory file, a new process (a new handler) does not repeat an alert."""
     memory = tmp_path / 'alerts.json'
     for run in range(3):
-        log = common.configure_log(to=['a@example.org'], mailhost=smtp_server.hostport,
+        log = alerts.configure_log(to=['a@example.org'], mailhost=smtp_server.hostport,
                                    program='desi_transfer_daemon', memory=str(memory))
         log.critical("HPSS archive of night %s failed.", '20201231')
     assert smtp_server.wait(1)
@@ -484,7 +484,7 @@ def test_alert_memory_spans_runs(alerts, smtp_server, tmp_path):
     assert set(json.loads(memory.read_text())) == {"HPSS archive of night 20201231 failed.",
                                                    "Another problem."}
     memory.write_text('not json')
-    log = common.configure_log(to=['a@example.org'], mailhost=smtp_server.hostport,
+    log = alerts.configure_log(to=['a@example.org'], mailhost=smtp_server.hostport,
                                program='desi_transfer_daemon', memory=str(memory))
     log.critical("Another problem.")
     assert smtp_server.wait(3)

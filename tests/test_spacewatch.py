@@ -13,7 +13,7 @@ import time
 import pytest
 
 from desitransfer import common, spacewatch
-from desitransfer.common import configure_log
+from desitransfer.alerts import configure_log
 from desitransfer.spacewatch import (SpacewatchHTMLParser, _days, _options, download_jpg,
                                      jpg_list)
 from fixtures_http import CROPPED, Answer, jpeg

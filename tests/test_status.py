@@ -16,7 +16,8 @@ import pytest
 
 from desitransfer import __version__, status
 from desitransfer import store as store_module
-from desitransfer.common import configure_log, log
+from desitransfer.alerts import configure_log
+from desitransfer.common import log
 from desitransfer.status import TransferStatus, _options, main
 
 NIGHT = '20230101'

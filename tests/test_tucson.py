@@ -15,7 +15,8 @@ import time
 import pytest
 
 from desitransfer import common, tucson
-from desitransfer.common import SSH_OPTIONS, configure_log
+from desitransfer.alerts import configure_log
+from desitransfer.transport import SSH_OPTIONS
 from desitransfer.tucson import (Mirror, _environment, _options, _rsync, read_directories,
                                  running)
 from fixtures_http import Answer
@@ -618,7 +619,7 @@ def test_command_refuses_malformed_environment(site, name, value):
 def lock_held(pid_file):
     """Another process holds the lock `pid_file` until the end of the block."""
     holder = subprocess.Popen([sys.executable, '-c', 'import time\n'
-                               'from desitransfer.common import single_instance\n'
+                               'from desitransfer.processes import single_instance\n'
                                f'lock, _ = single_instance({pid_file!r})\n'
                                'print("locked", flush=True)\ntime.sleep(60)\n'],
                               stdout=subprocess.PIPE, text=True)

@@ -13,7 +13,9 @@ import time
 import pytest
 
 from desitransfer import __version__, common, utah
-from desitransfer.common import SSH_OPTIONS, configure_log, single_instance
+from desitransfer.alerts import configure_log
+from desitransfer.processes import single_instance
+from desitransfer.transport import SSH_OPTIONS
 from desitransfer.utah import (Mirror, _environment, _options, add_user_write, download,
                                night_window, parse_list, read_directories)
 from fixtures_http import Answer

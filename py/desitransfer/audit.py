@@ -41,7 +41,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import common
 from .checksum import parse_checksums, read_checksum_file, verify_checksum
-from .common import Stop, dir_perm, file_perm, lstat_tree, some, tail, valid_night
+from .common import dir_perm, file_perm, valid_night
+from .files import lstat_tree
+from .processes import Stop
+from .text import some, tail
 from .dates import due_time
 from .executor import DryRun
 from .tape import Archive, ABSENT, archive_name, parse_listing
@@ -105,7 +108,7 @@ class Disagreement(namedtuple('Disagreement', ['night', 'expid', 'place', 'probl
 
 
 def _tail(text, size=200):
-    """The end of `text` (from a command) on one line (see :func:`~desitransfer.common.tail`)."""
+    """The end of `text` (from a command) on one line (see :func:`~desitransfer.text.tail`)."""
     return tail(text, size) or 'no message'
 
 
@@ -191,7 +194,7 @@ def tape_index(archive, hpss, night):
 
 class Exposure(namedtuple('Exposure', ['path', 'st', 'entries', 'problems'])):
     """An exposure directory at NERSC: its :func:`os.lstat`, and
-    :func:`desitransfer.common.lstat_tree` of what is in it."""
+    :func:`desitransfer.files.lstat_tree` of what is in it."""
 
     __slots__ = ()
 
@@ -270,7 +273,7 @@ class Auditor(object):
         Verify every checksum.
     directory : :class:`str`, optional
         The status directory; by default ``status`` beside each staging directory.
-    stop : :class:`desitransfer.common.Stop`, optional
+    stop : :class:`desitransfer.processes.Stop`, optional
         Interrupts the commands (the survey, hsi, htar).
     """
 
@@ -377,7 +380,7 @@ def read_places(d, conf, nights, status_dir=None, stop=None):
         Nights, YYYYMMDD.
     status_dir : :class:`str`, optional
         The status directory; not read if not set.
-    stop : :class:`desitransfer.common.Stop`, optional
+    stop : :class:`desitransfer.processes.Stop`, optional
         Interrupts the commands; NERSC is not read further once it is set.
 
     Returns
@@ -739,7 +742,7 @@ def audit(configuration=None, nights=(), deep=False, directory=None, stop=None):
     directory : :class:`str`, optional
         The status directory; by default ``status`` beside each staging
         directory, as the daemon has it.
-    stop : :class:`desitransfer.common.Stop`, optional
+    stop : :class:`desitransfer.processes.Stop`, optional
         Interrupts the audit (the daemon's stop request).
 
     Returns

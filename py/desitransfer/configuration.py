@@ -14,7 +14,7 @@ import re
 from collections import namedtuple
 from importlib.resources import files
 
-from .common import interval
+from .text import interval
 
 class DirectoryConfig(namedtuple('DirectoryConfig', ['name', 'source', 'staging',
                                                     'destination', 'hpss', 'checksum_file',

@@ -9,7 +9,7 @@ at the long-running commands, :command:`desi_transfer_daemon` and
 :command:`desi_nightwatch_transfer`, from cron or by hand.
 
 Whether a command runs, and as which process, is told by its single-instance
-lock (:func:`desitransfer.common.single_instance`): the kernel lock itself,
+lock (:func:`desitransfer.processes.single_instance`): the kernel lock itself,
 not a search of command lines, so a crash never leaves a stale answer and a
 text editor showing the program is never taken for it.  A copy of the
 program from another installation, such as the original package, holds no
@@ -28,7 +28,7 @@ import time
 from argparse import ArgumentError, ArgumentParser
 
 from . import __version__ as dtVersion
-from .common import open_append
+from .files import open_append
 from .configuration import ConfigurationError, read_configuration
 from .processes import (alive, descendants, installed_scripts, lock_holder, original_processes,
                         started, stat_fields, user_of)

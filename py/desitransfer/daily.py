@@ -30,9 +30,12 @@ from argparse import ArgumentParser
 from importlib.resources import files
 
 from . import __version__ as dtVersion
-from .common import (Result, SharedConnection, Stop, alert_options, configure_log,
-                     dir_perm, environment_ssh, file_perm, log, open_append, rsync, rsync_ssh,
-                     run, single_instance, stamp, write_text)
+from .alerts import alert_options, configure_log
+from .common import dir_perm, file_perm, log, rsync, stamp
+from .files import open_append, write_text
+from .processes import Stop, single_instance
+from .runner import Result, run
+from .transport import SharedConnection, environment_ssh, rsync_ssh
 from .configuration import ConfigurationError, absolute, get_value
 from .mountain import (LINKS_ANSWER_LIMIT, LINKS_TOLD, link_copies, links_command,
                        parse_links, safe_path, shown)
@@ -84,8 +87,8 @@ class DailyDirectory(object):
     ----------
     ssh : :class:`list`
         The ssh command of :command:`rsync`; if ``None``,
-        :func:`~desitransfer.common.environment_ssh`.
-    stop : :class:`~desitransfer.common.Stop`
+        :func:`~desitransfer.transport.environment_ssh`.
+    stop : :class:`~desitransfer.processes.Stop`
         If set, stops a running command.
     test : :class:`bool`
         If ``True``, log what would run and change nothing.
@@ -491,7 +494,7 @@ def _config(timeframe, configuration=None):
 
 
 def _exit_status(code):
-    """An exit status (1-255) for a failed return code of :func:`~desitransfer.common.run`:
+    """An exit status (1-255) for a failed return code of :func:`~desitransfer.runner.run`:
     a command killed by signal N (-N) gives 128 + N, as in a shell."""
     return 128 - code if code < 0 else min(code, 255)
 

@@ -21,7 +21,8 @@ import stat
 from email.message import EmailMessage
 
 from .checksum import verify_checksum
-from .common import dir_perm, file_perm, log, run
+from .common import dir_perm, file_perm, log
+from .runner import run
 
 
 def listdir(directory):
@@ -114,7 +115,7 @@ class Actions(object):
 
     Parameters
     ----------
-    stop : :class:`desitransfer.common.Stop`
+    stop : :class:`desitransfer.processes.Stop`
         Every command is interrupted when this is set.
     """
 

@@ -28,7 +28,11 @@ from argparse import ArgumentTypeError
 from collections import namedtuple
 from importlib.resources import files
 
-from .common import RSYNC_DONE, Stop, log, open_append, run, ssh_command, stamp
+from .common import log, stamp
+from .files import open_append
+from .processes import Stop
+from .runner import run
+from .transport import RSYNC_DONE, ssh_command
 
 #: The rsync program.
 RSYNC = '/usr/bin/rsync'
@@ -237,7 +241,7 @@ def transport(ssh=None):
     -------
     :class:`list`
         ``--rsh`` with the ssh program, to which the options of
-        :func:`~desitransfer.common.ssh_command` are added so that it never
+        :func:`~desitransfer.transport.ssh_command` are added so that it never
         waits for a password or a dead connection; without one, the
         password file of the rsync daemon, ``~/.desi``.
 

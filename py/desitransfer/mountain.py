@@ -39,7 +39,9 @@ import shlex
 import threading
 from collections import namedtuple
 
-from .common import SharedConnection, log, round_trip, run, valid_night
+from .common import log, valid_night
+from .runner import run
+from .transport import SharedConnection, round_trip
 
 #: One component of a path at the mountain that may be put on a command line.
 _component = re.compile(r'[A-Za-z0-9._+][A-Za-z0-9._+-]*')
@@ -87,7 +89,7 @@ class Survey(namedtuple('Survey', ['answer', 'links', 'refused', 'unknown_nights
     unknown_nights : :class:`dict`
         Nights that could not be listed (for example unreadable) -> why:
         nothing about them is concluded in this pass.
-    result : :class:`desitransfer.common.Result`
+    result : :class:`desitransfer.runner.Result`
         The remote command's outcome, for messages.
     stamp : :class:`str`
         The modification times of the transfer area and of the nights asked
@@ -208,7 +210,7 @@ class Mountain(object):
         ssh host alias (``dts``); empty for a source on this machine.
     ssh : :class:`str`
         The ssh program, used for every connection, including rsync's.
-    stop : :class:`desitransfer.common.Stop`
+    stop : :class:`desitransfer.processes.Stop`
         Interrupts every command.
     """
 
@@ -236,7 +238,7 @@ class Mountain(object):
     def remote(self, words, timeout=REMOTE_TIMEOUT, stream=0, names=False, stop=None):
         """Run the command `words` (a list) at the mountain, over the connection
         of `stream`; ssh's own failure is 255.  With `names`, its answer is
-        file names (see :func:`desitransfer.common.run`).  It is interrupted
+        file names (see :func:`desitransfer.runner.run`).  It is interrupted
         by `stop` if given, else by the mountain's."""
         stop = self.stop if stop is None else stop
         if not self.host:
@@ -313,7 +315,7 @@ class Mountain(object):
 
     def round_trip(self):
         """The network round trip to the mountain in seconds (see
-        :func:`desitransfer.common.round_trip`); 0 for a local source,
+        :func:`desitransfer.transport.round_trip`); 0 for a local source,
         ``None`` if it cannot be measured."""
         if not self.host:
             return 0.0
@@ -542,7 +544,7 @@ def parse_links(result, tree, inside='', roots=()):
 
     Parameters
     ----------
-    result : :class:`desitransfer.common.Result`
+    result : :class:`desitransfer.runner.Result`
         The outcome of the command.
     tree : :class:`str`
         The directory at the mountain that is copied.

@@ -48,11 +48,13 @@ from importlib.resources import files
 
 from . import __version__ as dtVersion
 from . import common
-from .common import (RSYNC_DONE, SharedConnection, Stop, alert_options, configure_log,
-                     idle_time, log, repeat, rsync, rsync_ssh, run, today, valid_night)
+from .alerts import alert_options, configure_log
+from .common import idle_time, log, rsync, today, valid_night
+from .processes import Stop, exclusively, repeat
+from .runner import run
+from .transport import RSYNC_DONE, SharedConnection, rsync_ssh
 from .mountain import (LINKS_ANSWER_LIMIT, LINKS_TOLD, link_copies, links_command,
                        parse_links, shown)
-from .processes import exclusively
 
 #: Nightwatch output at the mountain (ssh host alias ``dts``), one directory a night.
 SOURCE = '/exposures/nightwatch'

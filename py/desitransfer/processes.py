@@ -5,12 +5,13 @@ desitransfer.processes
 ======================
 
 Processes as ``/proc`` shows them: whether one is alive and when it started,
-its parents and children, the holder of a single-instance lock
-(:func:`desitransfer.common.single_instance`) read from ``/proc/locks``
-without taking it, and :func:`original_processes`, copies of a program from
-another installation (such as the original desitransfer) that hold no such
-lock.  Used by :command:`desi_transfer_init` and by the long-running commands
-at start-up.
+its parents and children; the single-instance lock of a command
+(:func:`single_instance`), and its holder read from ``/proc/locks`` without
+taking it; :func:`original_processes`, copies of a program from another
+installation (such as the original desitransfer) that hold no such lock; and
+the loop of a long-running command and the request to stop it
+(:func:`repeat`, :class:`Stop`).  Used by :command:`desi_transfer_init` and
+by the long-running commands.
 """
 
 import datetime as dt
@@ -20,11 +21,15 @@ import os
 import pwd
 import re
 import shlex
+import signal
+import stat
 import sys
 import sysconfig
+import threading
+import time
 from collections import namedtuple
 
-from .common import log, single_instance
+from .common import FILE_MODE, log
 
 #: A process running a program: its id, its user and its command line.
 Process = namedtuple('Process', ['pid', 'user', 'command'])
@@ -350,3 +355,180 @@ def exclusively(program, lock_file, work):
         if original_running(program):
             return 1
         return work()
+
+
+# ----------------------------------------------------------------------
+# Single-instance locks, and the loop and stop of long-running commands.
+# ----------------------------------------------------------------------
+class Stop(object):
+    """A request to stop: SIGTERM (once :meth:`handle_signals` is called),
+    the kill file, or :meth:`set`.
+
+    It can be passed as `stop` to :func:`~desitransfer.runner.run`, which then notices the kill
+    file within a second too, and :meth:`wait` sleeps in short steps so that
+    the kill file ends a long sleep within `interval` seconds.
+
+    Parameters
+    ----------
+    kill : :class:`str`, optional
+        Stop when this file exists.
+    interval : :class:`float`, optional
+        Seconds between looks for the kill file while waiting.
+    """
+
+    def __init__(self, kill=None, interval=2.0):
+        self.kill = kill
+        self.interval = interval
+        self.event = threading.Event()
+        self.reason = None
+
+    def set(self, reason='stop requested'):
+        """Ask every loop and command using this object to stop."""
+        if not self.event.is_set():
+            self.reason = reason
+        self.event.set()
+
+    def handle_signals(self, *signums):
+        """Set this object when one of `signums` (default SIGTERM) arrives."""
+        for signum in signums or (signal.SIGTERM,):
+            signal.signal(signum, lambda n, frame: self.set(f'{signal.Signals(n).name} received'))
+
+    def is_set(self):
+        """``True`` once a stop was asked for; looks for the kill file."""
+        if self.event.is_set():
+            return True
+        if self.kill and os.path.exists(self.kill):
+            log.info("%s exists; stopping.", self.kill)
+            self.set(f'{self.kill} exists')
+            return True
+        return False
+
+    def wait(self, seconds):
+        """Sleep up to `seconds`, less if a stop is asked for.
+
+        Returns
+        -------
+        :class:`bool`
+            ``True`` if stopping.
+        """
+        deadline = time.monotonic() + seconds
+        while not self.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.event.wait(min(left, self.interval))
+        return True
+
+
+def open_lock(path, mode=FILE_MODE):
+    """Open the lock file `path`, created with `mode` if it is missing,
+    never through a symbolic link (safe in a directory that other users may
+    write).  Take the lock with :func:`fcntl.flock` on the descriptor.
+
+    Parameters
+    ----------
+    path : :class:`str`
+        The lock file.
+    mode : :class:`int`, optional
+        Permission bits of a new lock file (set explicitly, whatever the umask).
+
+    Returns
+    -------
+    :class:`tuple`
+        The open descriptor (read and write if allowed, else read only: a
+        lock needs no more) and ``True`` if this call created the file.
+
+    Raises
+    ------
+    OSError
+        If `path` is a symbolic link or not a regular file (refused, with the
+        reason), or cannot be opened.
+    """
+    flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # A planted FIFO does not block.
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | flags, 0o600)
+    except FileExistsError:
+        created = False
+        try:
+            try:
+                fd = os.open(path, os.O_RDWR | flags)
+            except PermissionError:
+                fd = os.open(path, os.O_RDONLY | flags)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise OSError(errno.ELOOP, "a symbolic link, not followed: refusing to use "
+                              "it as a lock file", path) from None
+            raise
+    else:
+        created = True
+        try:
+            os.fchmod(fd, mode)
+        except BaseException:
+            os.close(fd)
+            raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file: refusing to use it as a lock file",
+                      path)
+    return fd, created
+
+
+def single_instance(path):
+    """Take the single-instance lock `path`: an exclusive kernel lock
+    (:func:`fcntl.flock`) that dies with its process, so a crash never leaves
+    a stale lock behind, and a recycled pid never looks like a holder.
+
+    The lock file is opened by :func:`open_lock`, never through a link; the
+    pid is written only into a lock file of this user with one name (made by
+    this program), never into a file another user planted or linked there.
+
+    Parameters
+    ----------
+    path : :class:`str`
+        The lock file; created (with its directory) if missing.  The holder's
+        pid is written in it, for people.
+
+    Returns
+    -------
+    :class:`tuple`
+        ``(file, None)`` with the open lock file (keep it open to keep the
+        lock) or ``(None, pid)`` if another process holds it, `pid` being
+        what that process wrote (``'unknown'`` if nothing, or not a pid).
+
+    Raises
+    ------
+    OSError
+        If the lock file cannot be opened, or is a link or not a regular file.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, created = open_lock(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode('ascii', errors='replace').strip()
+        os.close(fd)
+        return None, holder if re.fullmatch(r'[0-9]{1,10}', holder) else 'unknown'
+    st = os.fstat(fd)
+    writable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+    if writable and (created or (st.st_uid == os.geteuid() and st.st_nlink == 1)):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f'{os.getpid():d}\n'.encode('ascii'), 0)
+    return os.fdopen(fd, 'r+' if writable else 'r'), None
+
+
+def repeat(step, wait, stop, once=False):
+    """The loop of a long-running command: ``step()``, then ``wait(result)``
+    and again, until `stop` is set; with `once`, one step.
+
+    Returns
+    -------
+    object
+        What the last step returned (``None`` if none ran).
+    """
+    result = None
+    while not stop.is_set():
+        result = step()
+        if once or stop.is_set():
+            break
+        wait(result)
+    return result

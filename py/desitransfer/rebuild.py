@@ -40,7 +40,8 @@ import os
 from . import common
 from .audit import light_check, read_places, status_rows
 from .checksum import verify_checksum
-from .common import some, write_text
+from .files import write_text
+from .text import some
 from .tape import archive_name
 from .statistics import configured
 from .dates import dates
@@ -147,7 +148,7 @@ def rebuild(configuration=None, year=None, deep=False, directory=None, stop=None
         Verify every checksum for the outcome of stage ``checksum``.
     directory : :class:`str`, optional
         The status directory; by default ``status`` beside each staging directory.
-    stop : :class:`desitransfer.common.Stop`, optional
+    stop : :class:`desitransfer.processes.Stop`, optional
         Interrupts the commands.
 
     Returns

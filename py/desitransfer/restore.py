@@ -32,8 +32,11 @@ from collections import namedtuple
 
 from . import __version__ as dtVersion
 from .checksum import MAX_CHECKSUM_FILE_SIZE, sha256_file, verify_checksum
-from .common import (Stop, configure_log, dir_perm, file_perm, log, lstat_tree, run,
-                     valid_night, write_text)
+from .alerts import configure_log
+from .common import dir_perm, file_perm, log, valid_night
+from .files import lstat_tree, write_text
+from .processes import Stop
+from .runner import run
 from .configuration import ConfigurationError, read_configuration
 from .executor import Actions, DryRun
 from .tape import HTAR_TIMEOUT, Archive, archive_name

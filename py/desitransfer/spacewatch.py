@@ -46,7 +46,9 @@ import urllib3
 
 from . import __version__ as dtVersion
 from . import common, web
-from .common import MST, configure_log, log, sweep_temporary
+from .alerts import configure_log
+from .common import MST, log
+from .files import sweep_temporary
 from .processes import lock_holder
 
 #: Path of the day directories on the Spacewatch server.
@@ -336,7 +338,7 @@ def _create_temporary(directory, name):
 
     Its name, ``.NAME.RANDOM.PID.tmp``, cannot be guessed (so nobody can put
     anything there beforehand) and is one that
-    :func:`~desitransfer.common.sweep_temporary` removes once this process is
+    :func:`~desitransfer.files.sweep_temporary` removes once this process is
     gone.  It is created only if nothing has that name, and never through a
     link (``O_CREAT | O_EXCL | O_NOFOLLOW``), readable by this user only
     until it is complete.

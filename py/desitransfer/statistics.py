@@ -19,7 +19,8 @@ import os
 import re
 import stat
 
-from .common import lstat_tree, valid_night
+from .common import valid_night
+from .files import lstat_tree
 from .configuration import read_configuration
 from .store import TransferStatus, read_status, status_directory
 

@@ -25,7 +25,8 @@ from argparse import Action, ArgumentParser
 from . import __version__ as dtVersion
 from . import common
 from .audit import Auditor, format_table
-from .common import configure_log, log, valid_night
+from .alerts import configure_log
+from .common import log, valid_night
 from .configuration import ConfigurationError, read_configuration
 from .dates import dates
 from .rebuild import rebuild, summary

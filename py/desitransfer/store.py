@@ -44,9 +44,10 @@ from urllib.parse import urlsplit
 
 import fcntl
 
-from .common import (FILE_MODE, aside_name, create_file, discard,
-                     fsync_directory, log, mode_of, open_lock, remove_leftover,
-                     sweep_temporary, temporary_name, valid_night, write_text)
+from .common import FILE_MODE, log, valid_night
+from .files import (aside_name, create_file, discard, fsync_directory, mode_of, remove_leftover,
+                    sweep_temporary, temporary_name, write_text)
+from .processes import open_lock
 
 #: Files of the status web page, installed from the package data.
 PAGE_FILES = ('index.html', 'desi_transfer_status.js', 'desi_transfer_status.css')
@@ -141,7 +142,7 @@ def _installed_data_url(directory):
 def install_page(directory, url=None):
     """Copy the status page files (:data:`PAGE_FILES`) from the package data
     to `directory`, each written to a new temporary file renamed over the old
-    (:func:`desitransfer.common.write_text`: never through a link planted in
+    (:func:`desitransfer.files.write_text`: never through a link planted in
     the directory), with mode :data:`PAGE_MODE`.
 
     Parameters
@@ -445,7 +446,7 @@ class TransferStatus(object):
     def _write_file(path, text, mode):
         """Write `text` to the new file `path` with `mode`, synced to disk; its stamp.
 
-        The file is created by :func:`desitransfer.common.create_file`: a new
+        The file is created by :func:`desitransfer.files.create_file`: a new
         file, never reached through a link.
         """
         f, _ = create_file(path, mode, beside=False)
@@ -514,7 +515,7 @@ class TransferStatus(object):
     @staticmethod
     def _copy_new(source, name):
         """Copy the file `source` (not through a link) to the new file `name`
-        (:func:`desitransfer.common.create_file`), with its mode and times.
+        (:func:`desitransfer.files.create_file`), with its mode and times.
         """
         with _open_regular(source) as f:
             st = os.fstat(f.fileno())

@@ -173,7 +173,7 @@ class Archive(object):
 
         Returns
         -------
-        :class:`desitransfer.common.Result`
+        :class:`desitransfer.runner.Result`
             htar's outcome; the listing of `hpss` is asked again afterwards.
         """
         self._listings.pop(hpss, None)

@@ -29,9 +29,11 @@ import requests
 
 from . import __version__ as dtVersion
 from . import common, mirror, web
-from .common import MST, AlertHandler, configure_log, interval, log, single_instance
+from .alerts import AlertHandler, configure_log
+from .common import MST, log
+from .processes import original_running, single_instance
+from .text import interval
 from .mirror import IO_TIMEOUT, MAX_DELETE, REMOTE_ROOT, RSYNC
-from .processes import original_running
 
 #: The ssh program of ``--hwtables`` unless :envvar:`RSYNC_RSH` names one:
 #: the key ``~/.ssh/nersc``, and no other.

@@ -34,8 +34,10 @@ import requests
 import urllib3
 
 from . import __version__ as dtVersion
-from . import common, mirror, web
-from .common import MST, alert_options, configure_log, log, single_instance
+from . import common, mirror, processes, web
+from .alerts import alert_options, configure_log
+from .common import MST, log
+from .processes import single_instance
 from .mirror import IO_TIMEOUT, MAX_DELETE, REMOTE_ROOT, RSYNC
 
 #: The name of the command, in logs, alerts and file names.
@@ -196,7 +198,7 @@ def download(url, stop=None):
     ----------
     url : :class:`str`
         The list.
-    stop : :class:`desitransfer.common.Stop`, optional
+    stop : :class:`desitransfer.processes.Stop`, optional
         Checked between pieces of the body.
 
     Returns
@@ -378,7 +380,7 @@ class Mirror(mirror.BaseMirror):
         for name in sorted(os.listdir(top)):
             m = re.fullmatch(rf'{PROGRAM}-([0-9]+)-\w+', name)
             path = os.path.join(top, name)
-            if (m is not None and not common.alive(int(m.group(1))) and
+            if (m is not None and not processes.alive(int(m.group(1))) and
                     os.lstat(path).st_uid == os.getuid()):
                 shutil.rmtree(path, ignore_errors=True)
         return tempfile.mkdtemp(prefix=f'{PROGRAM}-{os.getpid():d}-')

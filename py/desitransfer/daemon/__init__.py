@@ -25,7 +25,11 @@ import os
 import shlex
 
 from ..checksum import verify_checksum
-from ..common import RSYNC_DONE, Result, Stop, log, one_line, run, shown
+from ..common import log
+from ..processes import Stop
+from ..runner import Result, run
+from ..text import one_line, shown
+from ..transport import RSYNC_DONE
 from ..executor import lock_directory, unlock_directory
 from .cli import _options, main
 from .core import TransferDaemon
@@ -38,7 +42,7 @@ __all__ = ['TransferDaemon', '_options', '_popen', 'lock_directory', 'main', 'rs
 def _popen(command):
     """Simple wrapper for :class:`subprocess.Popen` to avoid repeated code.
 
-    A thin wrapper of :func:`desitransfer.common.run`, the one subprocess
+    A thin wrapper of :func:`desitransfer.runner.run`, the one subprocess
     runner, kept for scripts written against it.
 
     Parameters
@@ -80,7 +84,7 @@ def rsync_night(source, destination, night, test=False):
 
     Returns
     -------
-    :class:`desitransfer.common.Result`
+    :class:`desitransfer.runner.Result`
         The outcome of rsync (the first that failed), or status 1 if the
         mountain could not be surveyed.
     """

@@ -21,11 +21,13 @@ import os
 import time
 
 from .. import common
-from ..common import (Stop, configure_log, ensure_scratch, log, one_line, repeat, shown,
-                      some, sweep_temporary, valid_night)
+from ..alerts import configure_log
+from ..common import ensure_scratch, log, valid_night
+from ..files import sweep_temporary
+from ..processes import Stop, exclusively, repeat
+from ..text import one_line, shown, some
 from ..dates import due_time
 from ..configuration import ConfigurationError, read_configuration
-from ..processes import exclusively
 from ..store import TransferStatus
 from ..executor import Actions, DryRun, listdir
 from ..tape import Archive

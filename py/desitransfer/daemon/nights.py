@@ -13,7 +13,8 @@ import datetime as dt
 import os
 
 from .. import common
-from ..common import RSYNC_DONE, log, new_exposures
+from ..common import log, new_exposures
+from ..transport import RSYNC_DONE
 from ..dates import due_time
 from ..executor import listdir
 from ..tape import archive_name

@@ -19,7 +19,8 @@ import os
 import threading
 import time
 
-from ..common import log, one_line, shown, some, valid_night
+from ..common import log, valid_night
+from ..text import one_line, shown, some
 from ..executor import listdir
 from .state import MAX_REPORTED
 from .transfer import COPIED, DISK_FULL, FATAL, SOURCE_CHANGED, STOPPED, copy_verify

@@ -61,7 +61,8 @@ import json
 import os
 import re
 
-from ..common import aside_name, log, valid_night, write_text
+from ..common import log, valid_night
+from ..files import aside_name, write_text
 from ..mountain import EXPID, valid_link
 
 #: Name of the state file, next to the staging directory.

@@ -30,7 +30,9 @@ import threading
 import time
 from collections import namedtuple
 
-from ..common import RSYNC_DONE, log, tail
+from ..common import log
+from ..text import tail
+from ..transport import RSYNC_DONE
 from ..store import milliseconds
 from ..mountain import RSYNC_TIMEOUT, only
 
@@ -192,7 +194,7 @@ def copy_verify(links, mountain, staging, checksum_file, actions, basis=None,
         ``add``, which puts them on the express stream, ahead of `links`; it
         must return soon after ``done.is_set()`` is true (`links` are
         copied, or the copy was stopped), and can be given `done` as `stop`
-        of :func:`desitransfer.common.run`; it may ask the mountain over
+        of :func:`desitransfer.runner.run`; it may ask the mountain over
         the connection of `stream`, the express stream's (the others carry
         the bulk of the copy: an answer there waits behind it).  Their
         outcomes are settled like the others'; they are not in the list
@@ -279,7 +281,7 @@ def plan(links, sizes, streams):
 
 class _Abort(object):
     """The stop request of the daemon, or the first fatal outcome of a stream,
-    which stops the others: usable as `stop` of :func:`desitransfer.common.run`."""
+    which stops the others: usable as `stop` of :func:`desitransfer.runner.run`."""
 
     def __init__(self, stop):
         self.stop = stop
