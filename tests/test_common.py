@@ -47,6 +47,8 @@ def test_rsync_ssh():
     assert c[1].startswith("--rsh='/x/my ssh' -o BatchMode=yes")
     assert c[2:] == rsync('/a', '/b')[1:]
     assert 'ControlPath=/tmp/c' in ' '.join(ssh_command('ssh', control='/tmp/c'))
+    t = rsync_ssh(rsync('/a', '/b'), ['ssh'], io_timeout=600)
+    assert t[:3] == ['/bin/rsync', '--rsh=ssh', '--timeout=600'] and t[3:] == c[2:]
 
 
 def test_exclude_years(monkeypatch):

@@ -35,7 +35,7 @@ from .common import dir_perm, file_perm, log, rsync, stamp
 from .files import open_append, write_text
 from .processes import Stop, single_instance
 from .runner import Result, run
-from .transport import SharedConnection, environment_ssh, rsync_ssh
+from .transport import RSYNC_IO_TIMEOUT, SharedConnection, environment_ssh, rsync_ssh
 from .configuration import ConfigurationError, absolute, get_value
 from .mountain import (LINKS_ANSWER_LIMIT, LINKS_TOLD, link_copies, links_command,
                        parse_links, safe_path, shown)
@@ -132,9 +132,8 @@ class DailyDirectory(object):
         command[at:at + 1] = links
         after = command.index('--omit-dir-times') + 1
         command[after:after] = extra
-        command = rsync_ssh(command, self.ssh or environment_ssh())
         # An rsync that receives nothing for 10 minutes gives up (exit status 30).
-        command.insert(2, '--timeout=600')
+        command = rsync_ssh(command, self.ssh or environment_ssh(), io_timeout=RSYNC_IO_TIMEOUT)
         return command
 
     def _append(self, *texts):

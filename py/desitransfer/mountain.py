@@ -41,7 +41,7 @@ from collections import namedtuple
 
 from .common import log, valid_night
 from .runner import run
-from .transport import SharedConnection, round_trip
+from .transport import RSYNC_IO_TIMEOUT, SharedConnection, round_trip
 
 #: One component of a path at the mountain that may be put on a command line.
 _component = re.compile(r'[A-Za-z0-9._+][A-Za-z0-9._+-]*')
@@ -57,7 +57,6 @@ SIZES_TIMEOUT = 120
 
 #: Seconds before an rsync is killed; ``--timeout`` stops an rsync that hears nothing.
 RSYNC_TIMEOUT = 2 * 3600
-RSYNC_IO_TIMEOUT = 600
 
 #: An exposure link at the mountain: its night and exposure, the physical
 #: directory it resolves to, and its modification time (Unix seconds).

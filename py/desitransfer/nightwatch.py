@@ -52,7 +52,7 @@ from .alerts import alert_options, configure_log
 from .common import idle_time, log, rsync, today, valid_night
 from .processes import Stop, exclusively, repeat
 from .runner import run
-from .transport import RSYNC_DONE, SharedConnection, rsync_ssh
+from .transport import RSYNC_DONE, RSYNC_IO_TIMEOUT, SharedConnection, rsync_ssh
 from .mountain import (LINKS_ANSWER_LIMIT, LINKS_TOLD, link_copies, links_command,
                        parse_links, shown)
 
@@ -222,8 +222,7 @@ class NightwatchTransfer(object):
     # ------------------------------------------------------------------
     def _rsync(self, command, timeout=RSYNC_TIMEOUT):
         """Run an rsync from the mountain through the shared connection."""
-        command = rsync_ssh(command, self.connection.ssh())
-        command.insert(2, '--timeout=600')
+        command = rsync_ssh(command, self.connection.ssh(), io_timeout=RSYNC_IO_TIMEOUT)
         return run(command, timeout=timeout, ok=RSYNC_DONE, stop=self.stop, quiet=True)
 
     def _failed(self, result):

@@ -40,6 +40,10 @@ RSYNC_VANISHED = 24
 #: rsync's exit codes meaning that everything it found was copied.
 RSYNC_DONE = (RSYNC_OK, RSYNC_VANISHED)
 
+#: Seconds after which an rsync that receives nothing gives up (``--timeout``;
+#: exit status 30).
+RSYNC_IO_TIMEOUT = 600
+
 
 def environment_ssh(control=None):
     """The ssh command for rsync and remote commands, from :envvar:`RSYNC_RSH`
@@ -73,7 +77,7 @@ def ssh_command(ssh='ssh', control=None):
     return command
 
 
-def rsync_ssh(command, ssh):
+def rsync_ssh(command, ssh, io_timeout=None):
     """Make an rsync command use an ssh command as its transport.
 
     Parameters
@@ -82,13 +86,17 @@ def rsync_ssh(command, ssh):
         An rsync command, such as returned by :func:`~desitransfer.common.rsync`.
     ssh : :class:`list`
         An ssh command, such as returned by :func:`ssh_command`.
+    io_timeout : :class:`int`, optional
+        If given, rsync gives up (exit status 30) when nothing is received for
+        this many seconds (``--timeout``).
 
     Returns
     -------
     :class:`list`
-        A copy of `command` with ``--rsh`` set.
+        A copy of `command` with ``--rsh`` (and ``--timeout``) set.
     """
-    return command[:1] + ['--rsh=' + shlex.join(ssh)] + command[1:]
+    timeout = [] if io_timeout is None else [f'--timeout={io_timeout:d}']
+    return command[:1] + ['--rsh=' + shlex.join(ssh)] + timeout + command[1:]
 
 
 class SharedConnection(object):
