@@ -129,12 +129,15 @@ class DelayProxy(object):
                 pause = due - loop.time()
                 if pause > 0:
                     await asyncio.sleep(pause)
-                if not data:
-                    if writer.can_write_eof():
-                        writer.write_eof()
-                    return
-                writer.write(data)
-                await writer.drain()
+                try:
+                    if not data:
+                        if writer.can_write_eof():
+                            writer.write_eof()
+                        return
+                    writer.write(data)
+                    await writer.drain()
+                except OSError:
+                    return  # The other side is gone: so is this connection.
                 # The window opens again when the acknowledgement is back.
                 loop.call_later(self.delay, release, len(data))
 
@@ -156,8 +159,9 @@ class DelayProxy(object):
                     break
             await delivery
         except OSError:
+            pass  # A side closed or reset the connection: it ends.
+        finally:
             delivery.cancel()
-            raise
 
 
 def wan_ssh(dts, work, port):

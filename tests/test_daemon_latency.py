@@ -7,6 +7,11 @@ import os
 import signal
 import time
 
+import threading
+
+from desitransfer.mountain import Mountain
+from desitransfer.processes import Stop
+from desitransfer.runner import Result
 from desitransfer.simulator import make_exposure
 from fixtures_daemon import EARLIER, LAST, TONIGHT
 
@@ -49,8 +54,8 @@ def _watches(site):
 
 def test_link_made_during_a_pass_starts_the_next_at_once(site):
     """An exposure linked after the survey of a pass, while another is being
-    copied, is copied as soon as that pass ends, not a whole sleep later; so
-    is each link of a burst."""
+    copied, and not seen during the copy, is copied as soon as that pass
+    ends, not a whole sleep later; so is each link of a burst."""
     site.exposure(LAST, '00003000')
     # The next two exposures are written but not linked yet: the rsync of the
     # first links the second (after the survey), the second the third.
@@ -61,7 +66,10 @@ def test_link_made_during_a_pass_starts_the_next_at_once(site):
     targets = [os.path.join(site.data, LAST, e) for e in later]
     line = '; '.join(f'if [ ! -e {link} ]; then ln -s {target} {link}; exit 0; fi'
                      for link, target in zip(links, targets))
-    site.ssh_wrapper('linking-ssh', before_rsync=f'( {line} ); sleep 0.3')
+    # The watch during the copy (on the express stream's connection, mux1)
+    # cannot be run: only the watch between passes can see these links.
+    site.ssh_wrapper('linking-ssh', before_rsync=f'( {line} ); sleep 0.3',
+                     before_command="case \"$*\" in *'/mux1 '*'w=$(('*) exit 255;; esac")
     site.write_config(ssh=os.path.join(site.top, 'linking-ssh'), sleep='60s')
     proc = site.start('--debug')
     try:
@@ -161,3 +169,47 @@ def test_exposure_linked_during_a_long_copy_is_copied_beside_it(site):
     for expid in ('00003500', new):
         site.assert_verified(LAST, expid)
     assert 'copied at once, ahead of them' in site.log_text()
+
+
+def test_watch_and_survey_in_one_command(tmp_path):
+    """The watch during a copy surveys as soon as it sees a change, in the
+    same command: quiet is ``False``; a link made since the last survey
+    (even before the watch starts) comes back as a survey that lists it,
+    with the stamp the next watch compares with; a lost answer is ``None``."""
+    data, source = str(tmp_path / 'data'), str(tmp_path / 'dts')
+    lock = str(tmp_path / 'checksum-running')
+    make_exposure(data, source, TONIGHT, '00003500')
+    mountain = Mountain('', 'ssh', Stop())
+    first = mountain.survey(source, lock, [TONIGHT])
+    assert first.answer == 'links' and first.stamp
+    assert mountain.watch_survey(1, first.stamp, source, lock, [TONIGHT]) is False
+    # Linked before the watch starts: seen at its first look.
+    make_exposure(data, source, TONIGHT, '00003501')
+    t0 = time.monotonic()
+    again = mountain.watch_survey(60, first.stamp, source, lock, [TONIGHT])
+    assert time.monotonic() - t0 < 5
+    assert again.answer == 'links', again
+    assert sorted(again.links) == [f'{TONIGHT}/00003500', f'{TONIGHT}/00003501']
+    assert again.stamp != first.stamp
+    # Linked while it watches: seen within a look or two.
+    timer = threading.Timer(0.5, make_exposure, (data, source, TONIGHT, '00003502'))
+    timer.start()
+    try:
+        third = mountain.watch_survey(60, again.stamp, source, lock, [TONIGHT])
+    finally:
+        timer.join()
+    assert f'{TONIGHT}/00003502' in third.links
+    # The checksum lock, seen after the change, is the survey's answer.
+    with open(lock, 'w'):
+        pass
+    make_exposure(data, source, TONIGHT, '00003503')
+    assert mountain.watch_survey(60, third.stamp, source, lock, [TONIGHT]).answer == 'locked'
+    os.remove(lock)
+    # An answer cut short is not a survey.
+    broken = Mountain('', 'ssh', Stop())
+    broken.remote = lambda words, **kw: Result(0, '..changed\0%x\0@' + source, '')
+    assert broken.watch_survey(1, 'x', source, lock, [TONIGHT]).answer == 'unknown'
+    broken.remote = lambda words, **kw: Result(0, '..garbage', '')
+    assert broken.watch_survey(1, 'x', source, lock, [TONIGHT]) is None
+    broken.remote = lambda words, **kw: Result(255, '', 'ssh: lost')
+    assert broken.watch_survey(1, 'x', source, lock, [TONIGHT]) is None

@@ -102,13 +102,10 @@ class Survey(namedtuple('Survey', ['answer', 'links', 'refused', 'unknown_nights
         return sorted({link.night for link in self.links.values()})
 
 
-#: The survey, run by ``sh -c SCRIPT sh SOURCE LOCK NIGHT...`` at the mountain
-#: (one line, so that it is logged on one line).
-SURVEY_SCRIPT = '; '.join([
-    'export LC_ALL=C',
-    'cd /',
-    'src=$1 lock=$2',
-    'shift 2',
+#: What the survey compares and lists, after ``src`` (the transfer area) and
+#: ``lock`` (the checksum lock) are set and the nights of the window are the
+#: arguments (see :data:`SURVEY_SCRIPT`).
+_SURVEY_BODY = [
     """if [ -e "$lock" ]; then printf '#locked\\0#end\\0'; exit 0; fi""",
     'if [ ! -d "$src" ]; then echo "$src is not a directory" >&2; exit 3; fi',
     # What the watch compares with (see WATCH_SCRIPT), taken before anything
@@ -127,7 +124,12 @@ SURVEY_SCRIPT = '; '.join([
     """printf "=%s\\0" "$l"; pwd -P; printf "\\0"; fi; done' sh {} + \\); """
     """printf '#find %d\\0' $?; fi""",
     """printf '#end\\0'""",
-])
+]
+
+#: The survey, run by ``sh -c SCRIPT sh SOURCE LOCK NIGHT...`` at the mountain
+#: (one line, so that it is logged on one line).
+SURVEY_SCRIPT = '; '.join(['export LC_ALL=C', 'cd /', 'src=$1 lock=$2', 'shift 2'] +
+                          _SURVEY_BODY)
 
 #: Most directories in one question of sizes (a bound on its command line).
 SIZES_CHUNK = 1000
@@ -157,6 +159,29 @@ WATCH_SCRIPT = '; '.join([
     'i=$((i + 1)); done',
     'echo quiet',
 ])
+
+#: The watch and the survey in one command, run by ``sh -c SCRIPT sh SECONDS
+#: SINCE SOURCE LOCK NIGHT...`` at the mountain: it watches the transfer area
+#: SOURCE and its NIGHTs as :data:`WATCH_SCRIPT` does (SINCE is the stamp of
+#: the last survey) and, as soon as one changed, answers ``changed`` and the
+#: survey's answer (see :data:`SURVEY_SCRIPT`), with no second command to
+#: start and no second round trip; or ``quiet`` after SECONDS.
+WATCH_SURVEY_SCRIPT = '; '.join([
+    'export LC_ALL=C',
+    'cd /',
+    f'w=$(($1 * {WATCH_LOOKS:d})) s0=$2 src=$3 lock=$4',
+    'shift 4',
+    # As the survey's stamp.
+    'stamp() { for n in "$@"; do shift; set -- "$@" "$src/$n"; done; '
+    'stat --printf=%y/ -- "$src" "$@" 2>/dev/null; }',
+    'if [ -z "$s0" ]; then s0=$(stamp "$@"); fi',
+    's=$s0 i=0',
+    'while [ $i -le "$w" ]; do s=$(stamp "$@"); if [ "$s" != "$s0" ]; then break; fi; '
+    f'if [ $i -lt "$w" ]; then sleep {1 / WATCH_LOOKS:g}; printf . || exit 1; fi; '
+    'i=$((i + 1)); done',
+    'if [ "$s" = "$s0" ]; then echo quiet; exit 0; fi',
+    """printf 'changed\\0'""",
+] + _SURVEY_BODY)
 
 #: Most links to directories followed in one tree (a bound on the commands
 #: run); the others are reported, not followed.
@@ -352,6 +377,35 @@ class Mountain(object):
                              stream=stream)
         answer = result.stdout.replace('.', '').strip() if result.returncode == 0 else ''
         return {'changed': True, 'quiet': False}.get(answer)
+
+    def watch_survey(self, seconds, since, source, checksum_lock, nights, data_root=None,
+                     stop=None, stream=0):
+        """:meth:`watch` the transfer area `source` and its `nights` for up
+        to `seconds`, and as soon as one of them changed since the survey of
+        stamp `since`, :meth:`survey` them, all in one command at the
+        mountain: a link is known one round trip after the look that sees it.
+
+        Returns
+        -------
+        :class:`Survey`, ``False`` or ``None``
+            The survey made after a change (its answer may be ``locked`` or
+            ``unknown``, as that of :meth:`survey`); ``False`` if nothing
+            changed in `seconds`; ``None`` if the watch could not be asked
+            or its answer is not understood.
+        """
+        result = self.remote(['sh', '-c', WATCH_SURVEY_SCRIPT, 'sh', str(int(seconds)), since,
+                              source, checksum_lock] + list(nights),
+                             timeout=seconds + REMOTE_TIMEOUT, names=True, stop=stop,
+                             stream=stream)
+        if result.returncode != 0:
+            return None
+        answer = result.stdout.lstrip('.')
+        if answer.strip() == 'quiet':
+            return False
+        if not answer.startswith('changed\0'):
+            return None
+        return parse_survey(result._replace(stdout=answer[len('changed\0'):]), source,
+                            data_root)
 
     def survey(self, source, checksum_lock, nights, data_root=None, stop=None, stream=0):
         """Ask, in one round trip, for the checksum lock and the exposure links

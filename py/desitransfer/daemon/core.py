@@ -120,6 +120,9 @@ class TransferDaemon(Settling, Nights):
         self._rtt = None
         self._rtt_thread = None
         self.this_pass = Pass()
+        # The survey made by the watch that ended the last wait:
+        # (destination, window, survey), or None.
+        self._watched_survey = None
         self.reports = MorningReport(self.directories, self.conf, self.log_conf, self.state,
                                      self.actions, self.stop, self.tape, self._status,
                                      self._recent_nights)
@@ -210,7 +213,18 @@ class TransferDaemon(Settling, Nights):
             # pass ran ends the wait at once; without a survey of each
             # destination, with what the watch sees first.
             since = ''.join(seen) if all(seen) else ''
-            changed = self.mountain.watch(watched, seconds - 1, since)
+            if len(self.directories) == 1:
+                # The watch surveys as soon as it sees a change, in the same
+                # command: the pass it starts begins with that survey.
+                d, window = self.directories[0], self._window()
+                found = self.mountain.watch_survey(seconds - 1, since, d.source,
+                                                   self.conf['checksum_lock'], window,
+                                                   d.data_root)
+                changed = None if found is None else found is not False
+                if changed and found.answer == 'links':
+                    self._watched_survey = (d.name, window, found)
+            else:
+                changed = self.mountain.watch(watched, seconds - 1, since)
             if changed:
                 log.debug("New at %s: the next pass starts now.", self.mountain.name)
                 return
@@ -336,8 +350,7 @@ class TransferDaemon(Settling, Nights):
         # One connection to the mountain for a pass that finds nothing new:
         # the connections of further streams are opened only for a backlog
         # (see _streams).
-        survey = self.mountain.survey(d.source, self.conf['checksum_lock'], self._window(),
-                                      d.data_root)
+        survey = self._survey(d)
         if survey.answer == 'unknown':
             if not self.stop.is_set():
                 self._unreachable(d, f"list the exposures in {d.source}",
@@ -380,6 +393,15 @@ class TransferDaemon(Settling, Nights):
         if due:
             self._archive(d, status, due)
 
+    def _survey(self, d):
+        """The survey of `d` for this pass: the one made by the watch that
+        started it, if that watch looked at the same window, else a new one."""
+        window = self._window()
+        watched, self._watched_survey = self._watched_survey, None
+        if watched is not None and watched[:2] == (d.name, window):
+            return watched[2]
+        return self.mountain.survey(d.source, self.conf['checksum_lock'], window, d.data_root)
+
     @staticmethod
     def _watched(d, window):
         """What a watch of `d` looks at, in the order of its survey's stamp:
@@ -395,23 +417,22 @@ class TransferDaemon(Settling, Nights):
         known = {f'{link.night}/{link.expid}' for link in todo}
         given_up = set(self.state[d.name]['given_up'])
         window = self._window()
-        watched = self._watched(d, window)
 
         def arrivals(done, add, stream):
             since = survey.stamp
             while since and not done.is_set():
-                changed = self.mountain.watch(watched, ARRIVALS_WATCH, since, stop=done,
-                                              stream=stream)
+                # The watch and, after a change, the survey: one command.
+                again = self.mountain.watch_survey(ARRIVALS_WATCH, since, d.source,
+                                                   self.conf['checksum_lock'], window,
+                                                   d.data_root, stop=done, stream=stream)
                 if done.is_set():
                     return
-                if changed is None:
+                if again is None:
                     done.wait(ARRIVALS_WATCH)  # Unknown: the next pass finds them.
                     continue
-                if not changed:
-                    continue
-                again = self.mountain.survey(d.source, self.conf['checksum_lock'], window,
-                                             d.data_root, stop=done, stream=stream)
-                if again.answer != 'links' or done.is_set():
+                if again is False:
+                    continue  # Quiet.
+                if again.answer != 'links':
                     done.wait(1)  # Checksums are being computed, or no answer.
                     continue
                 since = again.stamp
