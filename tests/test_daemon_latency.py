@@ -213,3 +213,29 @@ def test_watch_and_survey_in_one_command(tmp_path):
     assert broken.watch_survey(1, 'x', source, lock, [TONIGHT]) is None
     broken.remote = lambda words, **kw: Result(255, '', 'ssh: lost')
     assert broken.watch_survey(1, 'x', source, lock, [TONIGHT]) is None
+
+
+def test_stop_during_a_copy_ends_the_watch_at_the_mountain(site):
+    """SIGTERM while a backlog is copied and the mountain is watched for
+    links made meanwhile (over the express stream's connection): nothing of
+    the daemon runs on at the mountain, and the stop logs no ERROR."""
+    for expid in ('00003600', '00003601'):
+        site.exposure(EARLIER, expid)
+    marker = os.path.join(site.top, 'copying')
+    site.ssh_wrapper('slow-ssh', before_rsync=f'touch {marker}; sleep 30')
+    site.write_config(ssh=os.path.join(site.top, 'slow-ssh'), streams='1', sleep='60s')
+    proc = site.start('--debug')
+    try:
+        _wait_for(lambda: os.path.exists(marker), 60, proc, 'the copy')
+        _wait_for(lambda: _watches(site), 20, proc, 'the watch during the copy')
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        _wait_for(lambda: not _watches(site), 5, None, 'the watch to end')
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    text = site.log_text()
+    assert 'desi_transfer_daemon stops.' in text
+    assert 'ERROR' not in text, [line for line in text.splitlines() if 'ERROR' in line]
