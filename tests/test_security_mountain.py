@@ -21,7 +21,8 @@ from fixtures_kpno import mode
 from desitransfer.audit import audit, format_table
 from desitransfer.processes import Stop
 from desitransfer.runner import Result
-from desitransfer.mountain import Mountain, link_copies, parse_links, safe_path
+from desitransfer.mountain import (Mountain, link_copies, parse_links, parse_survey,
+                                   safe_path)
 from desitransfer.simulator import exposure_files, make_exposure
 from desitransfer.nightwatch import NightwatchTransfer
 from desitransfer.nightwatch import _options as nightwatch_options
@@ -332,3 +333,18 @@ def test_daily_follows_only_links_inside_the_tree(kpno):
     calibration = kpno.nersc('engineering', 'focalplane', 'calibration')
     assert tree(calibration) == ['fp_calib.json', 'latest.json -> fp_calib.json']
     assert holds(kpno.nersc(), KEY) == []
+
+
+@pytest.mark.parametrize('stamp', ['$(touch /tmp/owned)/', '-rf/', 'x' * 40000,
+                                   '2026-12-05 01:02:03.1 +0000/' * 2000])
+def test_survey_stamp_that_is_not_one_is_not_passed_on(stamp):
+    """The survey's stamp goes on the next watch's command line: only what
+    ``stat --printf=%y/`` prints, bounded, is kept; anything else is
+    dropped (the watch then compares with what it sees when it starts)."""
+    good = '2026-12-05 01:02:03.123456789 +0000/2026-12-04 23:59:59.000000001 -0700/'
+    for given, kept in ((good, good), (stamp, '')):
+        answer = f'%{given}\0@/dts/{LAST}/00000001\0' + '1.5\0=/dts/' + \
+            f'{LAST}/00000001\0/data/{LAST}/00000001\n\0#find 0\0#end\0'
+        survey = parse_survey(Result(0, answer, ''), '/dts', '/data')
+        assert survey.answer == 'links' and survey.stamp == kept
+        assert list(survey.links) == [f'{LAST}/00000001']

@@ -522,7 +522,9 @@ def screen(browser):
         context = browser.new_context(**WIDTHS[width])
         contexts.append(context)
         pg = watch(context.new_page())
-        pg.clock.install(time=now)
+        # The installed clock runs until paused: installed a little before
+        # `now`, it is never past it when paused there, however slow the machine.
+        pg.clock.install(time=now - timedelta(seconds=30))
         pg.clock.pause_at(now)
         return pg
 

@@ -64,6 +64,16 @@ Link = namedtuple('Link', ['night', 'expid', 'target', 'mtime'])
 
 EXPID = re.compile(r'[0-9]{8}')
 
+#: A survey's stamp as ``stat --printf=%y/`` prints it (``2026-12-05
+#: 01:02:03.123456789 +0000/`` for each directory), which the next watch is
+#: given on its command line: anything else is not used.
+STAMP = re.compile(r'([0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})? '
+                   r'[+-][0-9]{4}/)*')
+
+#: Longest stamp used (a bound on the watch's command line): the transfer
+#: area and a window of a few hundred nights.
+MAX_STAMP = 32 * 1024
+
 
 def valid_link(link):
     """``True`` if `link` is ``NIGHT/EXPID`` with a real date and an 8-digit exposure."""
@@ -455,7 +465,10 @@ def parse_survey(result, source, data_root=None):
         while i < len(tokens) - 1:
             token = tokens[i]
             if token.startswith('%') and i == 0:
-                stamp = token[1:]
+                # A stamp that is not one is not passed on: the next watch
+                # then compares with what it sees when it starts.
+                stamp = token[1:] if (len(token) <= MAX_STAMP and
+                                      STAMP.fullmatch(token[1:])) else ''
                 i += 1
             elif token.startswith('!'):
                 refused[token[1:]] = 'not a night directory'

@@ -203,6 +203,7 @@ class TransferDaemon(Settling, Nights):
         window, or a night is created, since the survey of the pass."""
         log.debug("Sleeping %g seconds, or until a new exposure is linked.", seconds)
         deadline = time.monotonic() + seconds
+        self._watched_survey = None  # Only the survey of this wait's watch serves.
         if seconds >= 2:
             watched, seen = [], []
             for d in self.directories:
