@@ -20,6 +20,7 @@ import pytest
 from desitransfer.configuration import DEFAULT_STREAMS, ConfigurationError, read_configuration
 from desitransfer.daemon import transfer
 from desitransfer.mountain import Link, parse_sizes
+from desitransfer.daemon.streams import AUTO_MAX_STREAMS, StreamPlanner
 from desitransfer.daemon.transfer import MIN_BATCH_BYTES, plan
 from fixtures_daemon import LAST, snapshot
 
@@ -462,3 +463,59 @@ def test_idle_pass_asks_the_mountain_once(site):
     assert len(paths) == 1, ran
     # The survey went first; the measurement, after it, is kept.
     assert site.state()['round_trip'] is not None
+
+
+class _Mountain(object):
+    """A mountain that answers the round trip after `delay` seconds."""
+
+    name = 'dts'
+
+    def __init__(self, rtt, delay=0.0):
+        self.rtt, self.delay, self.opened, self.asked = rtt, delay, [], 0
+
+    def round_trip(self):
+        self.asked += 1
+        time.sleep(self.delay)
+        return self.rtt
+
+    def open_streams(self, n):
+        self.opened.append(n)
+
+
+def test_stream_planner_on_its_own():
+    """The planner needs only a mountain, the setting and where the round
+    trip is kept: a number is taken as it is; ``auto`` uses the round trip
+    kept from the last run at once while it is measured again, and keeps
+    the new one when the daemon stops."""
+    saved = []
+    fixed = StreamPlanner(_Mountain(0.05), 3, {'round_trip': None}, lambda: saved.append(1),
+                          threading.Event())
+    assert fixed.streams() == 3 and fixed.mountain.opened == [4]  # and the express stream's
+    fixed.measure()
+    fixed.keep()
+    assert fixed.mountain.asked == 0 and not saved
+    section = {'round_trip': 0.02}
+    mountain = _Mountain(0.2, delay=0.3)
+    auto = StreamPlanner(mountain, 'auto', section, lambda: saved.append(1), threading.Event())
+    assert auto.streams() == 3  # 20 ms kept from the last run, not waited for
+    assert auto.round_trip() == 0.02
+    deadline = time.monotonic() + 10
+    while auto.round_trip() != 0.2:  # measured in the background
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    auto.keep()  # kept for the next run
+    assert section['round_trip'] == 0.2 and saved == [1] and mountain.asked == 1
+    assert auto.streams() == AUTO_MAX_STREAMS  # 200 ms: capped
+    assert mountain.asked == 1  # measured again only after AUTO_REFRESH
+    # Never measured: the first copy waits for the measurement, and a stop
+    # (--once) for the measurement under way, to keep it.
+    section = {'round_trip': None}
+    first = StreamPlanner(_Mountain(0.01, delay=0.2), 'auto', section,
+                          lambda: saved.append(2), threading.Event())
+    assert first.streams() == 2
+    section['round_trip'] = None
+    other = StreamPlanner(_Mountain(0.03, delay=0.2), 'auto', section,
+                          lambda: saved.append(3), threading.Event())
+    other.measure()
+    other.keep()
+    assert section['round_trip'] == 0.03 and saved == [1, 3]

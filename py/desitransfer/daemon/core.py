@@ -9,7 +9,8 @@ pass, which for each destination reads as survey → copy-verify → record →
 install → catch-up → archive.  The steps live in the sibling modules:
 :mod:`~desitransfer.mountain` (survey), :mod:`~desitransfer.daemon.transfer`
 (copy-verify), :mod:`~desitransfer.daemon.settle` (record, install, retry,
-alert), :mod:`~desitransfer.daemon.nights` (catch-up, archive) with
+alert), :mod:`~desitransfer.daemon.streams` (how many rsync streams),
+:mod:`~desitransfer.daemon.nights` (catch-up, archive) with
 :mod:`~desitransfer.tape` (HPSS), and
 :mod:`~desitransfer.daemon.state`; every change goes through
 :mod:`~desitransfer.executor`, which is also test mode.
@@ -36,6 +37,7 @@ from ..mountain import Mountain
 from .report import MorningReport
 from .settle import Settling
 from .state import STATE_FILE, State, valid_link
+from .streams import StreamPlanner
 from .transfer import COPIED, FATAL, fatal
 
 class Pass(object):
@@ -117,8 +119,9 @@ class TransferDaemon(Settling, Nights):
         self.lock_file = os.path.join(self.top, 'desi_transfer_daemon.lock')
         self.state = State(os.path.join(self.top, STATE_FILE),
                            [d.name for d in self.directories], keep_bad=not self.test)
-        self._rtt = None
-        self._rtt_thread = None
+        self.planner = StreamPlanner(self.mountain, self.conf['streams'],
+                                     self.state[self.directories[0].name], self._save_state,
+                                     self.stop)
         self.this_pass = Pass()
         # The survey made by the watch that ended the last wait:
         # (destination, window, survey), or None.
@@ -164,14 +167,18 @@ class TransferDaemon(Settling, Nights):
         """The run, holding the lock."""
         for directory in [self.top] + [self._status_directory(d) for d in self.directories]:
             sweep_temporary(directory)
-        try:
-            self.actions.save(self.state)
-        except OSError as err:
-            log.error("Could not write the state file %s: %s.", self.state.path, err)
+        self._save_state()
         if self.stop.is_set():
             self._kill_file_left()
         self._loop()
         return 1 if self.options.once and self.this_pass.failed else 0
+
+    def _save_state(self):
+        """Save the state; a failure is an ERROR, not the end of the run."""
+        try:
+            self.actions.save(self.state)
+        except OSError as err:
+            log.error("Could not write the state file %s: %s.", self.state.path, err)
 
     def _loop(self):
         """Pass, sleep and pass again until SIGTERM or the kill file stops the
@@ -182,7 +189,7 @@ class TransferDaemon(Settling, Nights):
         try:
             repeat(self.transfer, lambda _: self._wait(self.conf['sleep']), self.stop,
                    self.options.once)
-            self._keep_round_trip()
+            self.planner.keep()
         finally:
             self.mountain.close()
         log.info("desi_transfer_daemon stops.")
@@ -350,7 +357,7 @@ class TransferDaemon(Settling, Nights):
         log.debug("Looking for new exposures in %s.", d.source)
         # One connection to the mountain for a pass that finds nothing new:
         # the connections of further streams are opened only for a backlog
-        # (see _streams).
+        # (see StreamPlanner.streams).
         survey = self._survey(d)
         if survey.answer == 'unknown':
             if not self.stop.is_set():
@@ -364,7 +371,7 @@ class TransferDaemon(Settling, Nights):
         self._reachable(d)
         # Over the connection the survey opened, in the background: a backlog
         # found by a later pass (or run) knows its number of streams at once.
-        self._measure_round_trip()
+        self.planner.measure()
         self.this_pass.surveys[d.name] = survey
         self._unlisted(d, survey)
         self._report(d, survey)

@@ -14,10 +14,7 @@ Names and messages that come from the mountain are logged escaped (see
 :func:`shown` and :func:`one_line`): one name is always one log line, and
 two different names never look the same.
 """
-import math
 import os
-import threading
-import time
 
 from ..common import log, valid_night
 from ..text import one_line, shown, some
@@ -27,16 +24,6 @@ from .transfer import COPIED, DISK_FULL, FATAL, SOURCE_CHANGED, STOPPED, copy_ve
 
 #: The third pass in a row that cannot reach the mountain is emailed.
 UNREACHABLE_ALERT = 3
-
-#: ``[common] streams = auto``: one stream per this many seconds of round
-#: trip (one ssh stream carries about 2 MiB per round trip), at most
-#: :data:`AUTO_MAX_STREAMS`, measured again after :data:`AUTO_REFRESH` seconds.
-AUTO_STREAM_RTT = 0.008
-AUTO_MAX_STREAMS = 8
-AUTO_REFRESH = 600
-
-#: Seconds a copy waits at most for the round trip to be measured.
-AUTO_WAIT = 10
 
 #: Refused links reported one by one in a pass; the others of the pass are
 #: counted in one message (and remembered all the same).
@@ -62,97 +49,10 @@ class Settling(object):
         if settle is None:
             def settle(outcomes):
                 self._settle(d, outcomes, status)
-        streams = self._streams() if len(links) > 1 else 1
+        streams = self.planner.streams() if len(links) > 1 else 1
         return copy_verify(links, self.mountain, d.staging, d.checksum_file, self.actions,
                            basis=d.destination, streams=streams, settle=settle,
                            arrivals=arrivals)
-
-    def _streams(self):
-        """``[common] streams``; for ``auto``, one stream per
-        :data:`AUTO_STREAM_RTT` (or part of it) of round trip to the mountain,
-        1 to :data:`AUTO_MAX_STREAMS` (see :meth:`_measure_round_trip`)."""
-        if self.conf['streams'] == 'auto':
-            self._measure_round_trip()
-            if self._round_trip() is None:
-                # Never measured here: wait for the measurement of this pass.
-                self._rtt_thread.join(timeout=AUTO_WAIT)
-            n = self._auto_streams()
-        else:
-            n = self.conf['streams']
-        # While the sizes are asked: the streams' connections, and the
-        # express stream's, for exposures linked meanwhile.
-        self.mountain.open_streams(n + 1)
-        return n
-
-    def _round_trip(self):
-        """The round trip measured last, in seconds, or ``None``."""
-        return self._rtt[1] if self._rtt else None
-
-    def _auto_streams(self, unknown=1):
-        """Streams for the round trip measured last (`unknown` if none yet)."""
-        rtt = self._round_trip()
-        return unknown if rtt is None else max(1, min(AUTO_MAX_STREAMS,
-                                                      math.ceil(rtt / AUTO_STREAM_RTT)))
-
-    def _measure_round_trip(self):
-        """For ``streams = auto``, measure the round trip to the mountain in the
-        background, over the connection of the survey (after each survey that
-        answered, and when a pass finds a backlog), unless it was measured less
-        than :data:`AUTO_REFRESH` seconds ago.
-
-        The round trip is kept in the state file: after a start, the one the
-        last run measured serves while it is measured again, so that a backlog
-        found by the first pass does not wait for the measurement.
-        """
-        if self.conf['streams'] != 'auto':
-            return
-        section = self.state[self.directories[0].name]
-        if self._rtt is None:
-            self._rtt = (None, section['round_trip'])
-        elif self._rtt[1] is not None:
-            section['round_trip'] = round(self._rtt[1], 6)  # saved with the state
-        now = time.monotonic()
-        if self._rtt_thread is not None and (self._rtt_thread.is_alive() or
-                                             now - self._rtt[0] <= AUTO_REFRESH):
-            return
-
-        def measure():
-            # Over the shared connection, which the survey opened.
-            rtt, last = None, self._rtt[1]
-            try:
-                rtt = self.mountain.round_trip()
-            except Exception as err:  # a thread of its own: said here, or lost
-                log.warning("Could not measure the round trip to %s: %s: %s.",
-                            self.mountain.name, type(err).__name__, err)
-            finally:  # unknown: the last measurement, if any, stands
-                self._rtt = (time.monotonic(), last if rtt is None else rtt)
-            if rtt is None:
-                return
-            n = self._auto_streams()
-            log.info("Round trip to %s: %.1f ms; a backlog is copied in up to %d "
-                     "stream%s.", self.mountain.name, 1000 * rtt, n, '' if n == 1 else 's')
-            if last is None:  # the first measurement ever
-                self.mountain.open_streams(n)
-
-        self._rtt_thread = threading.Thread(target=measure, name='round-trip', daemon=True)
-        self._rtt_thread.start()
-
-    def _keep_round_trip(self):
-        """Before the daemon stops, keep the round trip measured last in the
-        state file; if none is known yet, let the measurement end first (a
-        ``--once`` pass may end before it)."""
-        if self.conf['streams'] != 'auto' or self._rtt_thread is None:
-            return
-        section = self.state[self.directories[0].name]
-        if section['round_trip'] is None and not self.stop.is_set():
-            self._rtt_thread.join(timeout=AUTO_WAIT)
-        rtt = self._round_trip()
-        if rtt is not None and section['round_trip'] != round(rtt, 6):
-            section['round_trip'] = round(rtt, 6)
-            try:
-                self.actions.save(self.state)
-            except OSError as err:
-                log.error("Could not write the state file %s: %s.", self.state.path, err)
 
     def _settle(self, d, outcomes, status):
         """Record and install what :func:`~desitransfer.daemon.transfer.copy_verify`
