@@ -192,11 +192,17 @@ def test_vanished_file_is_a_warning(kpno, monkeypatch):
     night = '20240101'
     make_night(kpno, night)
     # The sender, slowed to 400 KiB/s, is still on the big file (more than its
-    # buffers hold) when the last file is removed.
+    # buffers hold) when the last file is removed: as soon as the big file
+    # is being written at NERSC, so after the file list was sent, however
+    # slowly the machine starts rsync.
     kpno.write(f'{SOURCE}/{night}/0-big.bin', 'x' * 800_000)
     vanishing = kpno.write(f'{SOURCE}/{night}/zz-last.html')
+    receiving = kpno_dir(kpno, night)
+    remove = (f'i=0; while [ $i -lt 400 ] && ! ls -a {receiving} 2>/dev/null | '
+              f"grep -q '^\\.0-big\\.bin\\.'; do sleep 0.05; i=$((i + 1)); done; "
+              f'rm -f {vanishing}')
     monkeypatch.setenv('RSYNC_RSH', kpno.wrapper(
-        'ssh-vanish', f'(sleep 0.6; rm -f {vanishing}) >/dev/null 2>&1 &',
+        'ssh-vanish', f'({remove}) >/dev/null 2>&1 &',
         match=f'nightwatch/{night}/', server_args=['--bwlimit=400']))
     p = nightwatch_cli(kpno, '--once', '--night', night)
     assert p.returncode == 0, p.stdout + p.stderr
