@@ -10,8 +10,11 @@ import pytest
 
 from loopback import free_port, start_sshd, wait_for_port  # noqa: F401
 
-# Every tests/fixtures_*.py is a plugin of fixtures (tests/ is on sys.path).
-pytest_plugins = sorted(p.stem for p in Path(__file__).parent.glob('fixtures_*.py'))
+# Every tests/fixtures_*.py is a plugin of fixtures (tests/ is on sys.path);
+# fixtures_servers first, as others import it (a plugin imported before pytest
+# loads it would not have its assertions rewritten).
+pytest_plugins = sorted((p.stem for p in Path(__file__).parent.glob('fixtures_*.py')),
+                        key=lambda stem: (stem != 'fixtures_servers', stem))
 
 
 @pytest.fixture(scope='session')

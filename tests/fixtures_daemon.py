@@ -1,7 +1,8 @@
 # Licensed under a 3-clause BSD style license - see LICENSE.rst
 """Fixtures of the daemon tests: a simulated mountain behind the real sshd,
-a NERSC tree and a configuration (``site``), a fake clock (``clock``), and
-ssh wrappers that misbehave on purpose (``Site.ssh_wrapper``).
+a NERSC tree and a configuration (``site``), a fake clock (``clock``),
+ssh wrappers that misbehave on purpose (``Site.ssh_wrapper``), and sites
+built once per module that each test gets a copy of (``site_templates``).
 """
 import datetime as dt
 import json
@@ -17,6 +18,7 @@ from desitransfer import common
 from desitransfer.alerts import configure_log
 from desitransfer.daemon import TransferDaemon, _options
 from desitransfer.simulator import exposure_files, make_exposure
+from fixtures_servers import HPSS, HPSS_BIN
 from loopback import terminate_when
 
 #: The fake present: tonight is 20261120 (in progress), 20261119 and 20261118 are finished.
@@ -256,6 +258,66 @@ def site(tmp_path, dts, hpss, hpss_status_server, smtp_server, clock):
     top = str(tmp_path)
     return make_site(top, f'{top}/mountain', dts, hpss, hpss_status_server, smtp_server,
                      clock)
+
+
+@pytest.fixture(scope='module')
+def site_templates(tmp_path_factory, dts, _status_server_session, _smtp_server_session):
+    """``site_templates(build)``: the top directory of a site that
+    ``build(site)`` made (daemon passes, archives on the emulated tape), at
+    the fake present, once per module and test process; see :func:`copy_site`
+    for a test's own copy of it."""
+    built = {}
+
+    def template(build):
+        if build not in built:
+            top = tmp_path_factory.mktemp(f'template-{build.__name__.strip("_")}')
+            with pytest.MonkeyPatch.context() as mp:
+                root, calls = top / 'hpss_home', top / 'hpss_calls.jsonl'
+                root.mkdir()
+                mp.setenv('HPSS_EMULATOR_ROOT', str(root))
+                mp.setenv('HPSS_EMULATOR_LOG', str(calls))
+                mp.delenv('HPSS_EMULATOR_FAIL', raising=False)
+                mp.setenv('PATH', str(HPSS_BIN) + os.pathsep + os.environ.get('PATH', ''))
+                now = dt.datetime(*NOW, tzinfo=dt.timezone.utc)
+                mp.setattr(common, '_utcnow', lambda: now)
+                made = make_site(str(top), f'{top}/mountain', dts, HPSS(root, calls, mp),
+                                 _status_server_session, _smtp_server_session, None)
+                try:
+                    build(made)
+                finally:
+                    configure_log()
+                    _status_server_session.reset()
+                    _smtp_server_session.clear()
+            built[build] = str(top)
+        return built[build]
+    return template
+
+
+def copy_site(template, site):
+    """Make the new `site` of a test a copy of the site built in `template`
+    (see ``site_templates``), at the test's own paths: its files (modes and
+    times kept), links at the mountain pointing into the copy (with their
+    times, which are the link times), and the configuration, the daemon's
+    log and the record of HPSS calls naming the copy; the same as if the
+    test had built it."""
+    subprocess.run(['cp', '-a', '--', f'{template}/.', site.top], check=True)
+    for root, dirs, files in os.walk(site.top):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                target = os.readlink(path)
+                if target == template or target.startswith(template + '/'):
+                    st = os.lstat(path)
+                    os.unlink(path)
+                    os.symlink(site.top + target[len(template):], path)
+                    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+            elif name.endswith(('.ini', '.log', '.jsonl')):
+                with open(path, errors='surrogateescape') as f:
+                    text = f.read()
+                if template in text:
+                    with open(path, 'w', errors='surrogateescape') as f:
+                        f.write(text.replace(template, site.top))
+    return site
 
 
 @pytest.fixture

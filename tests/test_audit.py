@@ -14,7 +14,7 @@ from desitransfer import audit as audit_module
 from desitransfer.audit import Disagreement, audit, format_table
 from desitransfer.configuration import DirectoryConfig, read_configuration
 from desitransfer.status import TransferStatus
-from fixtures_daemon import EARLIER, LAST, snapshot
+from fixtures_daemon import EARLIER, LAST, copy_site, snapshot
 
 ARCHIVE = 'desi/spectro/data/desi_spectro_data_{}.tar'.format
 
@@ -23,8 +23,7 @@ def expid(night, j):
     return f'{int(night[-2:]) * 10 + j:08d}'
 
 
-@pytest.fixture
-def archived(site):
+def _archived(site):
     """Two finished nights of three exposures, transferred, verified and
     archived by the daemon: every place agrees."""
     for night in (EARLIER, LAST):
@@ -34,6 +33,12 @@ def archived(site):
     assert site.run() == 0
     assert len(site.htar_calls()) == 2
     return site
+
+
+@pytest.fixture
+def archived(site, site_templates):
+    """A copy of the site that :func:`_archived` built once for this module."""
+    return copy_site(site_templates(_archived), site)
 
 
 def status_command(site, *args, env=None):

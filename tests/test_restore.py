@@ -19,7 +19,7 @@ import pytest
 
 from desitransfer import restore as restore_module
 from desitransfer.simulator import checksum_text, exposure_files, make_exposure
-from fixtures_daemon import EARLIER, LAST, mode, snapshot
+from fixtures_daemon import EARLIER, LAST, copy_site, mode, snapshot
 
 #: The thin script of the command, run as an operator runs it.
 RESTORE = [sys.executable, os.path.join(os.path.dirname(os.path.dirname(
@@ -82,8 +82,7 @@ def work_directories(site):
     return [n for n in os.listdir(site.staging) if n.startswith('.desi_transfer_restore')]
 
 
-@pytest.fixture
-def archived(site):
+def _archived(site):
     """Two finished nights of three exposures, transferred, verified and
     archived by the daemon."""
     for night in (EARLIER, LAST):
@@ -94,6 +93,12 @@ def archived(site):
     assert len(site.htar_calls()) == 2
     assert mode(site.dest(LAST)) == 0o2550
     return site
+
+
+@pytest.fixture
+def archived(site, site_templates):
+    """A copy of the site that :func:`_archived` built once for this module."""
+    return copy_site(site_templates(_archived), site)
 
 
 #
