@@ -17,6 +17,9 @@ from desitransfer.common import (empty_rsync, ensure_scratch, exclude_years, idl
                                  new_exposures, rsync, stamp, today, valid_night, yesterday)
 from desitransfer.runner import run
 from desitransfer.transport import rsync_ssh, ssh_command
+from desitransfer.mountain import Mountain
+from desitransfer.processes import Stop
+from desitransfer.rsynccommand import RSYNC_DONE, RSYNC_OK, RSYNC_VANISHED, rsync_command
 from desitransfer.simulator import make_exposure
 
 
@@ -530,3 +533,23 @@ def test_interval(value, bare, seconds):
 def test_interval_refused(value):
     with pytest.raises(ValueError, match='is not a positive time'):
         text.interval(value)
+
+
+def test_one_rsync_command_builder():
+    """Every rsync command between the mountain and NERSC has the same
+    layout: program, transport, timeout, dry run, options, sources,
+    destination; the documented rsync() and the daemon's copy are built so."""
+    assert (RSYNC_OK, RSYNC_VANISHED) == RSYNC_DONE == (0, 24)
+    assert rsync_command(['-v'], ['a/', 'b/'], 'c/', ssh=['ssh', '-o', 'X=1 2'], io_timeout=5,
+                         dry_run=True) == ['/bin/rsync', "--rsh=ssh -o 'X=1 2'", '--timeout=5',
+                                           '--dry-run', '-v', 'a/', 'b/', 'c/']
+    assert rsync_command(['--list-only'], ['dts:/x/']) == ['/bin/rsync', '--list-only', 'dts:/x/']
+    assert rsync('/a', '/b', test=True) == ['/bin/rsync', '--dry-run', '--verbose', '--recursive',
+                                            '--copy-dirlinks', '--times', '--omit-dir-times',
+                                            'dts:/a/', '/b/']
+    command = Mountain('dts', 'ssh', Stop()).rsync('/data/20261120', '/staging', extra=['-x'],
+                                                   dry_run=True, stream=2)
+    assert command[0] == '/bin/rsync' and command[1].startswith('--rsh=ssh ')
+    assert 'mux2' in command[1]
+    assert command[2:] == ['--timeout=600', '--dry-run', '--verbose', '--recursive', '--times',
+                           '--omit-dir-times', '-x', 'dts:/data/20261120/', '/staging/']

@@ -20,6 +20,8 @@ import re
 import pytz
 from desiutil.log import get_logger
 
+from .rsynccommand import rsync_command
+
 
 #: Permission of locked directories (group-readable, setgid).
 dir_perm = 0o2750
@@ -71,11 +73,8 @@ def rsync(s, d, test=False, config='dts', reverse=False):
         src, dst = f'{s}/', f'{host}{d}/'
     else:
         src, dst = f'{host}{s}/', f'{d}/'
-    c = ['/bin/rsync', '--verbose', '--recursive', '--copy-dirlinks',
-         '--times', '--omit-dir-times', src, dst]
-    if test:
-        c.insert(1, '--dry-run')
-    return c
+    return rsync_command(['--verbose', '--recursive', '--copy-dirlinks', '--times',
+                          '--omit-dir-times'], [src], dst, dry_run=test)
 
 
 def exclude_years(start_year):

@@ -31,11 +31,12 @@ from importlib.resources import files
 
 from . import __version__ as dtVersion
 from .alerts import alert_options, configure_log
-from .common import dir_perm, file_perm, log, rsync, stamp
+from .common import dir_perm, file_perm, log, stamp
 from .files import open_append, write_text
 from .processes import Stop, single_instance
 from .runner import Result, run
-from .transport import RSYNC_IO_TIMEOUT, SharedConnection, environment_ssh, rsync_ssh
+from .rsynccommand import RSYNC_IO_TIMEOUT, rsync_command
+from .transport import SharedConnection, environment_ssh
 from .configuration import ConfigurationError, absolute, get_value
 from .mountain import (LINKS_ANSWER_LIMIT, LINKS_TOLD, link_copies, links_command,
                        parse_links, safe_path, shown)
@@ -127,14 +128,13 @@ class DailyDirectory(object):
                              [] if self.dirlinks else ['--links', '--safe-links'])
 
     def _command(self, source, destination, extra, links):
-        command = rsync(source, destination)
-        at = command.index('--copy-dirlinks')
-        command[at:at + 1] = links
-        after = command.index('--omit-dir-times') + 1
-        command[after:after] = extra
-        # An rsync that receives nothing for 10 minutes gives up (exit status 30).
-        command = rsync_ssh(command, self.ssh or environment_ssh(), io_timeout=RSYNC_IO_TIMEOUT)
-        return command
+        # As the original's rsync command, with the links options and the
+        # section's; one that receives nothing for 10 minutes gives up (exit
+        # status 30).
+        return rsync_command(['--verbose', '--recursive'] + list(links) +
+                             ['--times', '--omit-dir-times'] + list(extra),
+                             [f'dts:{source}/'], f'{destination}/',
+                             ssh=self.ssh or environment_ssh(), io_timeout=RSYNC_IO_TIMEOUT)
 
     def _append(self, *texts):
         """Append `texts` to the log of this directory; a failure is a problem, not a crash."""

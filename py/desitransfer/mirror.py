@@ -32,7 +32,8 @@ from .common import log, stamp
 from .files import open_append
 from .processes import Stop
 from .runner import run
-from .transport import RSYNC_DONE, ssh_command
+from .rsynccommand import RSYNC_DONE
+from .transport import ssh_command
 
 #: The rsync program.
 RSYNC = '/usr/bin/rsync'

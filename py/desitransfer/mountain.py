@@ -41,7 +41,8 @@ from collections import namedtuple
 
 from .common import log, valid_night
 from .runner import run
-from .transport import RSYNC_IO_TIMEOUT, SharedConnection, round_trip
+from .rsynccommand import RSYNC_IO_TIMEOUT, rsync_command
+from .transport import SharedConnection, round_trip
 
 #: One component of a path at the mountain that may be put on a command line.
 _component = re.compile(r'[A-Za-z0-9._+][A-Za-z0-9._+-]*')
@@ -306,16 +307,12 @@ class Mountain(object):
         """
         if not safe_path(source):
             raise ValueError(f"{shown(source)} is not a path that may be put on a command line")
-        command = ['/bin/rsync', '--verbose', '--recursive', '--times', '--omit-dir-times',
-                   f'--timeout={RSYNC_IO_TIMEOUT:d}'] + list(extra)
-        if dry_run:
-            command.insert(1, '--dry-run')
-        if self.host:
-            command.insert(1, '--rsh=' + shlex.join(self.ssh_command(stream)))
-            command.append(f'{self.host}:{source}/')
-        else:
-            command.append(f'{source}/')
-        return command + [f'{destination}/']
+        return rsync_command(['--verbose', '--recursive', '--times', '--omit-dir-times'] +
+                             list(extra),
+                             [f'{self.host}:{source}/' if self.host else f'{source}/'],
+                             f'{destination}/',
+                             ssh=self.ssh_command(stream) if self.host else None,
+                             io_timeout=RSYNC_IO_TIMEOUT, dry_run=dry_run)
 
     def sizes(self, directories):
         """Bytes in each of `directories` (physical exposure directories) at

@@ -49,10 +49,11 @@ from importlib.resources import files
 from . import __version__ as dtVersion
 from . import common
 from .alerts import alert_options, configure_log
-from .common import idle_time, log, rsync, today, valid_night
+from .common import idle_time, log, today, valid_night
 from .processes import Stop, exclusively, repeat
 from .runner import run
-from .transport import RSYNC_DONE, RSYNC_IO_TIMEOUT, SharedConnection, rsync_ssh
+from .rsynccommand import RSYNC_DONE, RSYNC_IO_TIMEOUT, RSYNC_VANISHED, rsync_command
+from .transport import SharedConnection
 from .mountain import (LINKS_ANSWER_LIMIT, LINKS_TOLD, link_copies, links_command,
                        parse_links, shown)
 
@@ -220,9 +221,10 @@ class NightwatchTransfer(object):
     # ------------------------------------------------------------------
     # The steps of a sync.
     # ------------------------------------------------------------------
-    def _rsync(self, command, timeout=RSYNC_TIMEOUT):
+    def _rsync(self, options, sources, destination=None, timeout=RSYNC_TIMEOUT):
         """Run an rsync from the mountain through the shared connection."""
-        command = rsync_ssh(command, self.connection.ssh(), io_timeout=RSYNC_IO_TIMEOUT)
+        command = rsync_command(options, sources, destination, ssh=self.connection.ssh(),
+                                io_timeout=RSYNC_IO_TIMEOUT)
         return run(command, timeout=timeout, ok=RSYNC_DONE, stop=self.stop, quiet=True)
 
     def _failed(self, result):
@@ -232,7 +234,7 @@ class NightwatchTransfer(object):
     def _find(self, night):
         """``True`` if `night` is a directory at the mountain, ``False`` if
         not, ``None`` if the mountain could not be asked."""
-        result = self._rsync(['/bin/rsync', '--list-only', f'dts:{SOURCE}/'], LIST_TIMEOUT)
+        result = self._rsync(['--list-only'], [f'dts:{SOURCE}/'], timeout=LIST_TIMEOUT)
         if result.returncode not in RSYNC_DONE:
             if self._failed(result):
                 self._error("Could not list dts:%s/ to look for night %s (rsync exit status "
@@ -350,12 +352,10 @@ class NightwatchTransfer(object):
     def _copy(self, night, directory, destination, filters=(), what=''):
         """rsync `directory` at the mountain (a physical path, checked) into
         `destination`, following no link; ``True`` unless it failed."""
-        command = rsync(directory, destination)
-        command.remove('--copy-dirlinks')
-        after = command.index('--omit-dir-times') + 1
-        command[after:after] = ['--exclude-from', self.exclude] + list(filters)
-        result = self._rsync(command)
-        if result.returncode == 24:
+        result = self._rsync(['--verbose', '--recursive', '--times', '--omit-dir-times',
+                              '--exclude-from', self.exclude] + list(filters),
+                             [f'dts:{directory}/'], f'{destination}/')
+        if result.returncode == RSYNC_VANISHED:
             log.warning("Some files of night %s%s vanished at the mountain while it was "
                         "synced (rsync exit status 24); the next sync takes what is there "
                         "then.", night, what)
@@ -370,9 +370,8 @@ class NightwatchTransfer(object):
         # The names of the include list as sources: the same files as the
         # original's --files-from, without rsync's --relative that it implies.
         # --safe-links: a link out of the nightwatch directory is not copied.
-        command = (['/bin/rsync', '--verbose', '--links', '--safe-links', '--times'] +
-                   [f'dts:{SOURCE}/{name}' for name in self.top_level] + [f'{self.kpno}/'])
-        result = self._rsync(command)
+        result = self._rsync(['--verbose', '--links', '--safe-links', '--times'],
+                             [f'dts:{SOURCE}/{name}' for name in self.top_level], f'{self.kpno}/')
         if self._failed(result):
             self._error("Syncing the top-level files %s from dts:%s/ failed (rsync exit "
                         "status %d): %s.", ', '.join(self.top_level), SOURCE,

@@ -22,6 +22,7 @@ import time
 from .common import log
 from .processes import alive
 from .runner import command_environment, run
+from .rsynccommand import rsync_command
 
 
 #: Options that make every ssh connection non-interactive and quick to fail.
@@ -30,19 +31,6 @@ SSH_OPTIONS = ('-o', 'BatchMode=yes',
                '-o', 'ServerAliveInterval=30',
                '-o', 'ServerAliveCountMax=4')
 
-#: rsync's exit code when every file was copied.
-RSYNC_OK = 0
-
-#: rsync's exit code when some source files vanished before they could be
-#: copied (for example a temporary file): what was there was copied.
-RSYNC_VANISHED = 24
-
-#: rsync's exit codes meaning that everything it found was copied.
-RSYNC_DONE = (RSYNC_OK, RSYNC_VANISHED)
-
-#: Seconds after which an rsync that receives nothing gives up (``--timeout``;
-#: exit status 30).
-RSYNC_IO_TIMEOUT = 600
 
 
 def environment_ssh(control=None):
@@ -95,8 +83,7 @@ def rsync_ssh(command, ssh, io_timeout=None):
     :class:`list`
         A copy of `command` with ``--rsh`` (and ``--timeout``) set.
     """
-    timeout = [] if io_timeout is None else [f'--timeout={io_timeout:d}']
-    return command[:1] + ['--rsh=' + shlex.join(ssh)] + timeout + command[1:]
+    return rsync_command(command[1:], [], ssh=ssh, io_timeout=io_timeout, program=command[0])
 
 
 class SharedConnection(object):

@@ -29,7 +29,7 @@ from ..common import log
 from ..processes import Stop
 from ..runner import Result, run
 from ..text import one_line, shown
-from ..transport import RSYNC_DONE
+from ..rsynccommand import RSYNC_DONE
 from ..executor import lock_directory, unlock_directory
 from .cli import _options, main
 from .core import TransferDaemon

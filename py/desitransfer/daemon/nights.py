@@ -14,7 +14,7 @@ import os
 
 from .. import common
 from ..common import log, new_exposures
-from ..transport import RSYNC_DONE
+from ..rsynccommand import RSYNC_DONE
 from ..dates import due_time
 from ..executor import listdir
 from ..tape import archive_name

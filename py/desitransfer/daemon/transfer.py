@@ -32,7 +32,7 @@ from collections import namedtuple
 
 from ..common import log
 from ..text import tail
-from ..transport import RSYNC_DONE
+from ..rsynccommand import RSYNC_DONE
 from ..store import milliseconds
 from ..mountain import RSYNC_TIMEOUT, only
 
