@@ -35,7 +35,7 @@ from ..tape import Archive
 from .nights import Nights
 from ..mountain import Mountain
 from .report import MorningReport
-from .settle import Settling
+from .settle import Settler
 from .state import STATE_FILE, State, valid_link
 from .streams import StreamPlanner
 from .transfer import COPIED, FATAL, fatal
@@ -83,7 +83,7 @@ def _complete(options):
     return argparse.Namespace(**values)
 
 
-class TransferDaemon(Settling, Nights):
+class TransferDaemon(Nights):
     """Manage data transfer configuration, options, and operations.
 
     Parameters
@@ -122,6 +122,8 @@ class TransferDaemon(Settling, Nights):
         self.planner = StreamPlanner(self.mountain, self.conf['streams'],
                                      self.state[self.directories[0].name], self._save_state,
                                      self.stop)
+        self.settler = Settler(self.state, self.mountain, self.actions, self.conf['retries'],
+                               self.planner, self._window)
         self.this_pass = Pass()
         # The survey made by the watch that ended the last wait:
         # (destination, window, survey), or None.
@@ -252,7 +254,7 @@ class TransferDaemon(Settling, Nights):
             except OSError as err:
                 self.this_pass.failed = True
                 if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                    self._disk_full(d, str(err))
+                    self.settler.disk_full(d, str(err))
                 else:
                     log.critical("Transfer pass of %s failed: %s: %s; the next pass will "
                                  "try again.", d.name, type(err).__name__, err, exc_info=True)
@@ -353,7 +355,7 @@ class TransferDaemon(Settling, Nights):
             Configuration for the destination directory.
         """
         status = self._status(d)
-        self._replay_pending(d, status)
+        self.settler.replay_pending(d, status)
         log.debug("Looking for new exposures in %s.", d.source)
         # One connection to the mountain for a pass that finds nothing new:
         # the connections of further streams are opened only for a backlog
@@ -361,20 +363,20 @@ class TransferDaemon(Settling, Nights):
         survey = self._survey(d)
         if survey.answer == 'unknown':
             if not self.stop.is_set():
-                self._unreachable(d, f"list the exposures in {d.source}",
-                                  survey.result.stderr)
+                self.settler.unreachable(d, f"list the exposures in {d.source}",
+                                         survey.result.stderr, self.this_pass)
             return
         if survey.answer == 'locked':
             log.info("Checksums are being computed at %s (%s exists); waiting for the next "
                      "pass.", self.mountain.name, self.conf['checksum_lock'])
             return
-        self._reachable(d)
+        self.settler.reachable(d)
         # Over the connection the survey opened, in the background: a backlog
         # found by a later pass (or run) knows its number of streams at once.
         self.planner.measure()
         self.this_pass.surveys[d.name] = survey
-        self._unlisted(d, survey)
-        self._report(d, survey)
+        self.settler.unlisted(d, survey, self.this_pass)
+        self.settler.report(d, survey)
         state = self.state[d.name]
         # The newest night first: tonight's exposures go ahead of a backlog.
         todo = [link for name, link in sorted(survey.links.items(),
@@ -480,8 +482,9 @@ class TransferDaemon(Settling, Nights):
             for o in outcomes:
                 if o.copy in FATAL and o.name in retries:
                     retries[o.name] -= 1  # Not the exposure's fault: the try does not count.
-            self._settle(d, outcomes, status)
-        return fatal(self._copy_verify(d, links, status, settle, arrivals)) is None
+            self.settler.settle(d, outcomes, status, self.this_pass)
+        return fatal(self.settler.copy_verify(d, links, status, self.this_pass, settle,
+                                              arrivals)) is None
 
     # ------------------------------------------------------------------
     # The documented single steps.
@@ -541,7 +544,7 @@ class TransferDaemon(Settling, Nights):
                       self.mountain.name, one_line(str(survey.refused.get(link, survey.answer))))
             return False
         log.info("Transferring exposure %s from %s.", link, d.source)
-        outcomes = self._copy_verify(d, [survey.links[link]], status)
+        outcomes = self.settler.copy_verify(d, [survey.links[link]], status, self.this_pass)
         return fatal(outcomes) is None and outcomes[0].copy == COPIED
 
     def checksum(self, checksum_file, status):

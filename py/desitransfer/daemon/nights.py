@@ -81,7 +81,8 @@ class Nights(object):
                                    timeout=RSYNC_TIMEOUT, ok=RSYNC_DONE)
             outcome = classify(dry, self.stop)
             if outcome == CONNECTION_LOST:
-                self._unreachable(d, f'look for late files of night {night}', dry.stderr)
+                self.settler.unreachable(d, f'look for late files of night {night}', dry.stderr,
+                                         self.this_pass)
                 return False
             if outcome != COPIED:
                 log.error("Catch-up of night %s could not compare it with %s (rsync "
@@ -98,7 +99,7 @@ class Nights(object):
                  ', '.join(link.expid for link in changed))
         late = self.state[d.name]['late'].setdefault(night, [])
         late += [link.expid for link in changed if link.expid not in late]
-        return fatal(self._copy_verify(d, changed, status)) is None
+        return fatal(self.settler.copy_verify(d, changed, status, self.this_pass)) is None
 
     def _survey_for(self, d, night):
         """What the mountain says of `night` of `d`: this pass's survey, or,

@@ -7,8 +7,9 @@ desitransfer.daemon.settle
 What :command:`desi_transfer_daemon` does with the outcomes of the
 copy-verify step (:mod:`~desitransfer.daemon.transfer`): the one place that
 decides, for new exposures, retries and catch-up alike, what is recorded,
-installed, retried and alerted; and the trouble that ends a pass.  These are
-methods of :class:`~desitransfer.daemon.core.TransferDaemon`.
+installed, retried and alerted; and the trouble that ends a pass: one
+:class:`Settler`, a collaborator of
+:class:`~desitransfer.daemon.core.TransferDaemon`.
 
 Names and messages that come from the mountain are logged escaped (see
 :func:`shown` and :func:`one_line`): one name is always one log line, and
@@ -37,24 +38,51 @@ def _passes(n):
     return f"{n:d} pass{'' if n == 1 else 'es'}"
 
 
-class Settling(object):
-    """Record, install, retry and alert after copy-verify (part of
-    :class:`~desitransfer.daemon.core.TransferDaemon`)."""
+class Settler(object):
+    """Record, install, retry and alert after copy-verify; the trouble that
+    ends a pass.  One collaborator of
+    :class:`~desitransfer.daemon.core.TransferDaemon`, given only what it
+    uses; what a pass did goes in the :class:`~desitransfer.daemon.state.Pass`
+    given to each call.
 
-    def _copy_verify(self, d, links, status, settle=None, arrivals=None):
+    Parameters
+    ----------
+    state : :class:`~desitransfer.daemon.state.State`
+        The daemon's state (retries, given up, pending records, what was said).
+    mountain : :class:`~desitransfer.mountain.Mountain`
+        Where exposures are copied from.
+    actions : :class:`~desitransfer.executor.Actions`
+        Every change (test mode: :class:`~desitransfer.executor.DryRun`).
+    retries : :class:`int`
+        ``[common] retries``.
+    planner : :class:`~desitransfer.daemon.streams.StreamPlanner`
+        How many rsync streams copy a backlog.
+    window : callable
+        The nights of the recent window, oldest first (it moves with the date).
+    """
+
+    def __init__(self, state, mountain, actions, retries, planner, window):
+        self.state = state
+        self.mountain = mountain
+        self.actions = actions
+        self.retries = retries
+        self.planner = planner
+        self.window = window
+
+    def copy_verify(self, d, links, status, this_pass, settle=None, arrivals=None):
         """Copy-verify `links` in up to ``[common] streams`` rsyncs at once, and
-        settle each batch as soon as it is verified (with :meth:`_settle`, or
+        settle each batch as soon as it is verified (with :meth:`settle`, or
         `settle`); the outcomes.  With `arrivals`, exposures linked meanwhile
         go ahead of a backlog (see :func:`~desitransfer.daemon.transfer.copy_verify`)."""
         if settle is None:
             def settle(outcomes):
-                self._settle(d, outcomes, status)
+                self.settle(d, outcomes, status, this_pass)
         streams = self.planner.streams() if len(links) > 1 else 1
         return copy_verify(links, self.mountain, d.staging, d.checksum_file, self.actions,
                            basis=d.destination, streams=streams, settle=settle,
                            arrivals=arrivals)
 
-    def _settle(self, d, outcomes, status):
+    def settle(self, d, outcomes, status, this_pass):
         """Record and install what :func:`~desitransfer.daemon.transfer.copy_verify`
         did: the one place deciding install, wait, retry and alert.
 
@@ -68,14 +96,14 @@ class Settling(object):
                                         for _, _, stage, failure, ms in o.records()]
         if complete:
             self.actions.save(self.state)
-        self.this_pass.nights.pop(d.name, None)  # a new night directory may appear
+        this_pass.nights.pop(d.name, None)  # a new night directory may appear
         for o in complete:
             self.actions.install(os.path.join(d.staging, o.link.night, o.link.expid),
                                  os.path.join(d.destination, o.link.night, o.link.expid))
         self.actions.record(status, [r for o in outcomes for r in o.records()])
         for o in complete:
             del state['pending'][o.name]
-            self.this_pass.copied.add(o.name)
+            this_pass.copied.add(o.name)
         for o in outcomes:
             self._conclude(d, o)
         self.actions.save(self.state)
@@ -86,11 +114,11 @@ class Settling(object):
                 log.info("Stopped; %d exposure%s stay in staging (or at the mountain) for "
                          "the next run.", waiting, '' if waiting == 1 else 's')
             elif fatal.copy == DISK_FULL:
-                self.this_pass.failed = True
-                self._disk_full(d, fatal.detail)
+                this_pass.failed = True
+                self.disk_full(d, fatal.detail)
             else:
-                self._unreachable(d, f'copy exposures of night {fatal.link.night}',
-                                  fatal.detail)
+                self.unreachable(d, f'copy exposures of night {fatal.link.night}',
+                                 fatal.detail, this_pass)
             return False
         return True
 
@@ -120,7 +148,7 @@ class Settling(object):
         problems = one_line('; '.join(p.rstrip('.') for p in o.problems))
         installed = (f"It is installed in {where} anyway" if o.copy == COPIED else
                      f"It is incomplete, kept in {d.staging} and not installed")
-        limit = self.conf['retries']
+        limit = self.retries
         if o.name in retries:
             if retries[o.name] < limit:
                 log.error("Exposure %s still has errors: %s.", o.name, problems)
@@ -140,7 +168,7 @@ class Settling(object):
         log.critical("Exposure %s has errors: %s. %s and %s.", o.name, problems, installed,
                      later)
 
-    def _replay_pending(self, d, status):
+    def replay_pending(self, d, status):
         """Record exposures installed by a daemon killed before it recorded them."""
         pending = self.state[d.name]['pending']
         if not pending:
@@ -157,7 +185,7 @@ class Settling(object):
         pending.clear()
         self.actions.save(self.state)
 
-    def _report(self, d, survey):
+    def report(self, d, survey):
         """Report, once each, what the mountain links but is not transferred, and
         exposures left in staging whose link is gone.
 
@@ -168,7 +196,9 @@ class Settling(object):
         remembered, and an ERROR repeats it at each pass while it lasts.
         """
         reported = self.state[d.name]['reported']
-        window = set(self._window()) - set(survey.unknown_nights)
+        window = self.window()
+        oldest = window[0]
+        window = set(window) - set(survey.unknown_nights)
         reported -= {k for k in reported if k.startswith('link ') and
                      k[5:] not in survey.refused and
                      ('/' not in k or k[5:].split('/')[0] in window)}
@@ -192,7 +222,7 @@ class Settling(object):
                         some(summed))
         self._too_many_refused(d, reported, untold)
         for night in listdir(d.staging):
-            if not valid_night(night) or night < self._oldest() or night in survey.unknown_nights:
+            if not valid_night(night) or night < oldest or night in survey.unknown_nights:
                 continue
             for expid in listdir(os.path.join(d.staging, night)):
                 name = f'{night}/{expid}'
@@ -206,7 +236,7 @@ class Settling(object):
         self.actions.save(self.state)  # written only if something changed
 
     def _too_many_refused(self, d, reported, untold):
-        """Say that the refused links `untold` cannot be remembered (see :meth:`_report`)."""
+        """Say that the refused links `untold` cannot be remembered (see :meth:`report`)."""
         if not untold:
             reported.discard(TOO_MANY_REFUSED)
             return
@@ -221,9 +251,9 @@ class Settling(object):
     # ------------------------------------------------------------------
     # Trouble that ends a pass.
     # ------------------------------------------------------------------
-    def _unreachable(self, d, what, detail):
+    def unreachable(self, d, what, detail, this_pass):
         """Count passes in a row that could not reach the mountain; alert on the third."""
-        self.this_pass.failed = True
+        this_pass.failed = True
         state = self.state[d.name]
         state['unreachable'] += 1
         n = state['unreachable']
@@ -233,7 +263,7 @@ class Settling(object):
               one_line(' '.join(detail.split())[-300:]) or 'no answer')
         self.actions.save(self.state)
 
-    def _unlisted(self, d, survey):
+    def unlisted(self, d, survey, this_pass):
         """Count passes in a row on which a night could not be listed at the
         mountain; alert on the third."""
         unlisted = self.state[d.name]['unlisted']
@@ -241,7 +271,7 @@ class Settling(object):
             log.info("Night %s can be listed again at %s.", night, self.mountain.name)
             del unlisted[night]
         for night, why in sorted(survey.unknown_nights.items()):
-            self.this_pass.failed = True
+            this_pass.failed = True
             unlisted[night] = n = unlisted.get(night, 0) + 1
             level = log.critical if n == UNREACHABLE_ALERT else log.error
             level("Night %s could not be listed in %s at %s (%s, %s in a row); its exposures "
@@ -250,7 +280,7 @@ class Settling(object):
         if survey.unknown_nights or unlisted:
             self.actions.save(self.state)
 
-    def _reachable(self, d):
+    def reachable(self, d):
         state = self.state[d.name]
         if state['unreachable']:
             log.info("%s is reachable again after %s.", self.mountain.name,
@@ -258,7 +288,7 @@ class Settling(object):
             state['unreachable'] = 0
             self.actions.save(self.state)
 
-    def _disk_full(self, d, detail):
+    def disk_full(self, d, detail):
         log.error("No space left (%s).", one_line(' '.join(detail.split())[-300:]))
         log.critical("The disk of %s or %s is full: transfers stop for this pass, and copies "
                      "already in staging are kept. Free some space; the daemon carries on by "
