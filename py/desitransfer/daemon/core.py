@@ -27,12 +27,11 @@ from ..common import ensure_scratch, log, valid_night
 from ..files import sweep_temporary
 from ..processes import Stop, exclusively, repeat
 from ..text import one_line, shown, some
-from ..dates import due_time
 from ..configuration import ConfigurationError, read_configuration
 from ..store import TransferStatus
 from ..executor import Actions, DryRun, listdir
 from ..tape import Archive
-from .nights import Nights
+from .nights import Nights, due, installed
 from ..mountain import Mountain
 from .report import MorningReport
 from .settle import Settler
@@ -83,7 +82,7 @@ def _complete(options):
     return argparse.Namespace(**values)
 
 
-class TransferDaemon(Nights):
+class TransferDaemon(object):
     """Manage data transfer configuration, options, and operations.
 
     Parameters
@@ -124,6 +123,9 @@ class TransferDaemon(Nights):
                                      self.stop)
         self.settler = Settler(self.state, self.mountain, self.actions, self.conf['retries'],
                                self.planner, self._window)
+        self.night_end = Nights(self.state, self.mountain, self.actions, self.archive,
+                                self.settler, self.conf, self.tape, self.stop, self._window,
+                                self._recent_nights)
         self.this_pass = Pass()
         # The survey made by the watch that ended the last wait:
         # (destination, window, survey), or None.
@@ -304,16 +306,6 @@ class TransferDaemon(Nights):
         return [(now - dt.timedelta(days=n)).strftime('%Y%m%d')
                 for n in range(self.conf['recent'], -2, -1)]
 
-    @staticmethod
-    def _due(night, hour):
-        """``True`` once it is `hour` UTC on the morning after `night` (or later).
-
-        An hour outside 0-23 disables the step.
-        """
-        if not 0 <= hour <= 23:
-            return False
-        return common._utcnow() >= due_time(night, hour)
-
     # ------------------------------------------------------------------
     # One destination.
     # ------------------------------------------------------------------
@@ -342,9 +334,6 @@ class TransferDaemon(Nights):
             self.this_pass.nights[d.name] = sorted(n for n in names
                                           if len(n) == 8 and n >= oldest and valid_night(n))
         return list(self.this_pass.nights[d.name])
-
-    def _installed(self, d, link):
-        return os.path.isdir(os.path.join(d.destination, link.night, link.expid))
 
     def directory(self, d):
         """Data transfer operations for a single destination directory.
@@ -382,26 +371,26 @@ class TransferDaemon(Nights):
         todo = [link for name, link in sorted(survey.links.items(),
                                               key=lambda item: (-int(item[1].night), item[0]))
                 if name not in state['given_up'] and
-                (name in state['retries'] or not self._installed(d, link))]
+                (name in state['retries'] or not installed(d, link))]
         if todo and not self._copy(d, todo, status, self._arrivals(d, survey, todo)):
             return
-        due = self._due_for_archive(d)
-        if due:
+        due_now = self.night_end.due_for_archive(d)
+        if due_now:
             # Nights already on tape (a new deployment) need no catch-up.
-            self._archive(d, status, due, on_tape_only=True)
+            self.night_end.archive_due(d, status, due_now, self.this_pass, on_tape_only=True)
         for night in self._recent_nights(d):
             if self.stop.is_set():
                 return
             if (night not in state['caught_up'] and night not in state['backed_up'] and
-                    night in survey.nights and self._due(night, self.conf['catchup'])):
+                    night in survey.nights and due(night, self.conf['catchup'])):
                 if not self.catchup(d, night, status):
                     return
                 state['caught_up'].append(night)
                 self.this_pass.caught_up.add(night)
                 self.actions.save(self.state)
-        due = self._due_for_archive(d)
-        if due:
-            self._archive(d, status, due)
+        due_now = self.night_end.due_for_archive(d)
+        if due_now:
+            self.night_end.archive_due(d, status, due_now, self.this_pass)
 
     def _survey(self, d):
         """The survey of `d` for this pass: the one made by the watch that
@@ -448,7 +437,7 @@ class TransferDaemon(Nights):
                 since = again.stamp
                 new = [link for name, link in sorted(again.links.items())
                        if name not in known and name not in given_up and
-                       not self._installed(d, link)]
+                       not installed(d, link)]
                 if new:
                     known.update(f'{link.night}/{link.expid}' for link in new)
                     log.info("%d exposure%s linked at %s during the copy of %d other%s "
@@ -489,6 +478,77 @@ class TransferDaemon(Nights):
     # ------------------------------------------------------------------
     # The documented single steps.
     # ------------------------------------------------------------------
+    def catchup(self, d, night, status, backup=False):
+        """Do a "catch-up" transfer to catch delayed files in the morning, rather than at noon.
+
+        A dry run of rsync from the mountain against the installed exposures
+        of `night` finds late or changed files; the exposures concerned go
+        through the same copy-verify step as new ones, on the basis of the
+        installed copy, and replace it.
+
+        Parameters
+        ----------
+        d : :func:`collections.namedtuple`
+            Configuration for the destination directory.
+        night : :class:`str`
+            Night to check.
+        status : :class:`desitransfer.status.TransferStatus`
+            The status store.
+        backup : :class:`bool`, optional
+            This is the final catch-up before the night is archived.
+
+        Returns
+        -------
+        :class:`bool`
+            ``True`` if the night is up to date.
+
+        Notes
+        -----
+        * 07:00 MST = 14:00 UTC.
+        * This script can do nothing about exposures that were never linked
+          into the DTS area at KPNO in the first place.
+        """
+        return self.night_end.catchup(d, night, status, self.this_pass, backup=backup)
+
+    def backup(self, d, night, status):
+        """Final sync and backup for a specific night.
+
+        The night is archived only when it is complete: its final catch-up
+        is done, no exposure of it is being transferred again, and none is
+        waiting in staging.  The stage ``backup`` is recorded only for
+        exposures that are installed and in the archive's index.
+
+        Parameters
+        ----------
+        d : :func:`collections.namedtuple`
+            Configuration for the destination directory.
+        night : :class:`str`
+            Night to back up.
+        status : :class:`desitransfer.status.TransferStatus`
+            The status store.
+
+        Returns
+        -------
+        :class:`bool`
+            ``True`` indicates the backup ran to completion and the transfer
+            status was updated to reflect that.
+
+        Notes
+        -----
+        * 12:00 MST = 19:00 UTC, plus one hour just to be safe, so after 20:00 UTC.
+        """
+        return self.night_end.backup(d, night, status, self.this_pass)
+
+    def hpss_status(self):
+        """Check HPSS availability.
+
+        Returns
+        -------
+        :class:`bool`
+            ``True`` if HPSS is available.
+        """
+        return self.night_end.hpss_status()
+
     def checksum_lock(self):
         """See if checksums are being computed at KPNO.
 

@@ -6,8 +6,9 @@ desitransfer.daemon.nights
 
 The end of a night's journey in :command:`desi_transfer_daemon`: the morning
 catch-up of late files and the archive to HPSS, with the alerts of a night
-that is late for tape.  These are methods of
-:class:`~desitransfer.daemon.core.TransferDaemon`.
+that is late for tape: one :class:`Nights`, a collaborator of
+:class:`~desitransfer.daemon.core.TransferDaemon`, whose documented methods
+``catchup``, ``backup`` and ``hpss_status`` hand over to it.
 """
 import datetime as dt
 import os
@@ -25,49 +26,78 @@ from .transfer import COPIED, CONNECTION_LOST, classify, fatal
 OVERDUE = dt.timedelta(days=1)
 
 
+def due(night, hour):
+    """``True`` once it is `hour` UTC on the morning after `night` (or later).
+
+    An hour outside 0-23 disables the step.
+    """
+    if not 0 <= hour <= 23:
+        return False
+    return common._utcnow() >= due_time(night, hour)
+
+
+def installed(d, link):
+    """Whether the exposure of `link` is installed in the destination of `d`."""
+    return os.path.isdir(os.path.join(d.destination, link.night, link.expid))
+
+
 class Nights(object):
-    """Catch-up and archive (part of :class:`~desitransfer.daemon.core.TransferDaemon`)."""
+    """Catch-up and archive of the nights of the daemon.
+
+    Parameters
+    ----------
+    state : :class:`~desitransfer.daemon.state.State`
+        The daemon's state.
+    mountain : :class:`~desitransfer.mountain.Mountain`
+        Surveyed and compared with for late files.
+    actions : :class:`~desitransfer.executor.Actions`
+        Every change (test mode: :class:`~desitransfer.executor.DryRun`).
+    archive : :class:`~desitransfer.tape.Archive`
+        The tape.
+    settler : :class:`~desitransfer.daemon.settle.Settler`
+        Copies late files and settles their outcomes.
+    conf : :class:`dict`
+        ``[common]``: ``backup`` (hour), ``checksum_lock``.
+    tape : :class:`bool`
+        Archive to tape (``False`` with ``-B``).
+    stop : :class:`threading.Event`
+        Set when the daemon stops.
+    window : callable
+        The nights of the recent window.
+    recent_nights : callable
+        ``recent_nights(d)``: the nights of the window at NERSC.
+    """
+
+    def __init__(self, state, mountain, actions, archive, settler, conf, tape, stop, window,
+                 recent_nights):
+        self.state = state
+        self.mountain = mountain
+        self.actions = actions
+        self.archive = archive
+        self.settler = settler
+        self.conf = conf
+        self.tape = tape
+        self.stop = stop
+        self.window = window
+        self.recent_nights = recent_nights
+
+    @property
+    def test(self):
+        return self.actions.test
 
     # ------------------------------------------------------------------
     # Catch-up.
     # ------------------------------------------------------------------
-    def catchup(self, d, night, status, backup=False):
-        """Do a "catch-up" transfer to catch delayed files in the morning, rather than at noon.
-
-        A dry run of rsync from the mountain against the installed exposures
-        of `night` finds late or changed files; the exposures concerned go
-        through the same copy-verify step as new ones, on the basis of the
-        installed copy, and replace it.
-
-        Parameters
-        ----------
-        d : :func:`collections.namedtuple`
-            Configuration for the destination directory.
-        night : :class:`str`
-            Night to check.
-        status : :class:`desitransfer.status.TransferStatus`
-            The status store.
-        backup : :class:`bool`, optional
-            This is the final catch-up before the night is archived.
-
-        Returns
-        -------
-        :class:`bool`
-            ``True`` if the night is up to date.
-
-        Notes
-        -----
-        * 07:00 MST = 14:00 UTC.
-        * This script can do nothing about exposures that were never linked
-          into the DTS area at KPNO in the first place.
-        """
-        survey = self._survey_for(d, night)
+    def catchup(self, d, night, status, this_pass, backup=False):
+        """See :meth:`desitransfer.daemon.TransferDaemon.catchup`; what the
+        pass did is `this_pass`."""
+        survey = self._survey_for(d, night, this_pass)
         if survey is None or night in survey.unknown_nights:
             return False
         # An exposure copied in this very pass is as fresh as a catch-up would make it.
         links = [link for link in survey.links.values()
-                 if link.night == night and self._installed(d, link) and
-                 f'{night}/{link.expid}' not in self.this_pass.copied]
+                 if link.night == night and installed(d, link) and
+                 f'{night}/{link.expid}' not in this_pass.copied]
         if not links:
             log.info("Night %s is up to date: every exposure was copied in this pass.", night)
             return True
@@ -82,13 +112,13 @@ class Nights(object):
             outcome = classify(dry, self.stop)
             if outcome == CONNECTION_LOST:
                 self.settler.unreachable(d, f'look for late files of night {night}', dry.stderr,
-                                         self.this_pass)
+                                         this_pass)
                 return False
             if outcome != COPIED:
                 log.error("Catch-up of night %s could not compare it with %s (rsync "
                           "returned %d); will try again next pass.", night,
                           self.mountain.name, dry.returncode)
-                self.this_pass.failed = True
+                this_pass.failed = True
                 return False
             found = new_exposures(dry.stdout)
             changed += [link for link in members if link.expid in found]
@@ -99,15 +129,15 @@ class Nights(object):
                  ', '.join(link.expid for link in changed))
         late = self.state[d.name]['late'].setdefault(night, [])
         late += [link.expid for link in changed if link.expid not in late]
-        return fatal(self.settler.copy_verify(d, changed, status, self.this_pass)) is None
+        return fatal(self.settler.copy_verify(d, changed, status, this_pass)) is None
 
-    def _survey_for(self, d, night):
+    def _survey_for(self, d, night, this_pass):
         """What the mountain says of `night` of `d`: this pass's survey, or,
         for a call by hand outside a pass (or of a night outside the recent
         window), one survey of that night alone; ``None`` if the mountain
         could not tell (wait) or checksums are being computed there."""
-        survey = self.this_pass.surveys.get(d.name)
-        if survey is not None and night in self._window():
+        survey = this_pass.surveys.get(d.name)
+        if survey is not None and night in self.window():
             return survey
         survey = self.mountain.survey(d.source, self.conf['checksum_lock'], [night],
                                       d.data_root)
@@ -121,32 +151,26 @@ class Nights(object):
     # Archive.
     # ------------------------------------------------------------------
     def hpss_status(self):
-        """Check HPSS availability.
-
-        Returns
-        -------
-        :class:`bool`
-            ``True`` if HPSS is available.
-        """
+        """See :meth:`desitransfer.daemon.TransferDaemon.hpss_status`."""
         self.archive.new_pass()
         return self.archive.available()
 
-    def _due_for_archive(self, d):
+    def due_for_archive(self, d):
         """Finished nights of the recent window not known to be on tape (with
         ``-B``: not yet caught up and write-protected for good)."""
         state = self.state[d.name]
         done = state['backed_up'] + ([] if self.tape else state['protected'])
-        return [n for n in self._recent_nights(d)
-                if n not in done and self._due(n, self.conf['backup'])]
+        return [n for n in self.recent_nights(d)
+                if n not in done and due(n, self.conf['backup'])]
 
-    def _archive(self, d, status, due, on_tape_only=False):
+    def archive_due(self, d, status, due, this_pass, on_tape_only=False):
         """Archive the nights `due` that are not on tape; with `on_tape_only`,
         only take note of those that are.  With ``-B`` the tape is neither
         listed nor written: the nights get their final catch-up and write
         protection only."""
         if not self.tape:
             for night in [] if on_tape_only else due:
-                if self.stop.is_set() or not self.backup(d, night, status):
+                if self.stop.is_set() or not self.backup(d, night, status, this_pass):
                     return
             return
         if not self.archive.available():
@@ -159,7 +183,7 @@ class Nights(object):
             on_tape = self.archive.on_tape(d.hpss, night)
             if on_tape is None:
                 # Unknown: wait, never write the archive again.
-                self.this_pass.failed = True
+                this_pass.failed = True
                 if not on_tape_only:
                     self._hpss_unavailable(d, due, 'hsi could not list the archive')
                 return
@@ -167,37 +191,13 @@ class Nights(object):
             if on_tape:
                 log.info("Night %s is on tape as %s/%s.", night, d.hpss,
                          archive_name(d.hpss, night))
-                self._archived(d, night, status)
-            elif not on_tape_only and not self.backup(d, night, status):
+                self._archived(d, night, status, this_pass)
+            elif not on_tape_only and not self.backup(d, night, status, this_pass):
                 self._overdue(d, night)
 
-    def backup(self, d, night, status):
-        """Final sync and backup for a specific night.
-
-        The night is archived only when it is complete: its final catch-up
-        is done, no exposure of it is being transferred again, and none is
-        waiting in staging.  The stage ``backup`` is recorded only for
-        exposures that are installed and in the archive's index.
-
-        Parameters
-        ----------
-        d : :func:`collections.namedtuple`
-            Configuration for the destination directory.
-        night : :class:`str`
-            Night to back up.
-        status : :class:`desitransfer.status.TransferStatus`
-            The status store.
-
-        Returns
-        -------
-        :class:`bool`
-            ``True`` indicates the backup ran to completion and the transfer
-            status was updated to reflect that.
-
-        Notes
-        -----
-        * 12:00 MST = 19:00 UTC, plus one hour just to be safe, so after 20:00 UTC.
-        """
+    def backup(self, d, night, status, this_pass):
+        """See :meth:`desitransfer.daemon.TransferDaemon.backup`; what the
+        pass did is `this_pass`."""
         state = self.state[d.name]
         if not os.path.isdir(os.path.join(d.destination, night)):
             log.warning("No data from night %s in %s; it is not archived.", night,
@@ -210,15 +210,15 @@ class Nights(object):
             if on_tape:
                 log.info("Night %s is already on tape as %s/%s.", night, d.hpss,
                          archive_name(d.hpss, night))
-                self._archived(d, night, status)
+                self._archived(d, night, status, this_pass)
                 return False
-        survey = self._survey_for(d, night)
+        survey = self._survey_for(d, night, this_pass)
         if survey is None or night in survey.unknown_nights:
             return False
-        if night in self.this_pass.caught_up:
+        if night in this_pass.caught_up:
             log.info("Night %s was caught up in this pass; archiving it.", night)
         elif night in survey.nights:
-            if not self.catchup(d, night, status, backup=True):
+            if not self.catchup(d, night, status, this_pass, backup=True):
                 return False
         else:
             log.info("Night %s is no longer linked at %s; archiving it without a final "
@@ -249,10 +249,10 @@ class Nights(object):
             return False
         if result.returncode == 0 and self.archive.on_tape(d.hpss, night):
             log.info("Night %s is archived as %s/%s.", night, d.hpss, archive_name(d.hpss, night))
-            return self._archived(d, night, status)
+            return self._archived(d, night, status, this_pass)
         if self.test:
             return False
-        self.this_pass.failed = True
+        this_pass.failed = True
         failures = state['archive_failures']
         failures[night] = failures.get(night, 0) + 1
         # Emailed once per night, also when cron starts each pass with --once.
@@ -264,7 +264,7 @@ class Nights(object):
         self.actions.save(self.state)
         return False
 
-    def _archived(self, d, night, status):
+    def _archived(self, d, night, status, this_pass):
         """The archive of `night` is on tape: record stage backup for the
         installed exposures that its index holds; ``True`` when done."""
         state = self.state[d.name]
@@ -280,7 +280,7 @@ class Nights(object):
         if installed - recorded:
             held = self.archive.exposures(d.hpss, night)
             if held is None:
-                self.this_pass.failed = True
+                this_pass.failed = True
                 return False
             missing = sorted(installed - held)
             if missing:
