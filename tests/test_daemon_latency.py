@@ -52,6 +52,27 @@ def _watches(site):
     return found
 
 
+def _stop_while_watching(site, ready, what):
+    """Start the daemon, send SIGTERM once ``ready()`` and the watch runs at
+    the mountain (`what`); the watch ends there within seconds, the daemon
+    exits 0, and its log says it stopped and has no ERROR."""
+    proc = site.start('--debug')
+    try:
+        _wait_for(ready, 60, proc, 'the daemon to be ready')
+        _wait_for(lambda: _watches(site), 20, proc, what)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        _wait_for(lambda: not _watches(site), 5, None, 'the watch to end')
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    text = site.log_text()
+    assert 'desi_transfer_daemon stops.' in text
+    assert 'ERROR' not in text, [line for line in text.splitlines() if 'ERROR' in line]
+
+
 def test_link_made_during_a_pass_starts_the_next_at_once(site):
     """An exposure linked after the survey of a pass, while another is being
     copied, and not seen during the copy, is copied as soon as that pass
@@ -93,21 +114,8 @@ def test_stop_ends_the_watch_at_the_mountain_and_logs_no_error(site):
     ends within seconds, and a clean stop writes no ERROR to the log."""
     site.write_config(sleep='60s')
     site.exposure(LAST, '00003100')
-    proc = site.start('--debug')
-    try:
-        _wait_for(lambda: 'Sleeping 60 seconds' in site.log_text(), 60, proc, 'a pass')
-        _wait_for(lambda: _watches(site), 20, proc, 'the watch at the mountain')
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
-        assert proc.returncode == 0
-        _wait_for(lambda: not _watches(site), 5, None, 'the watch to end')
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    text = site.log_text()
-    assert 'desi_transfer_daemon stops.' in text
-    assert 'ERROR' not in text, [line for line in text.splitlines() if 'ERROR' in line]
+    _stop_while_watching(site, lambda: 'Sleeping 60 seconds' in site.log_text(),
+                         'the watch between passes')
     site.assert_verified(LAST, '00003100')
 
 
@@ -224,18 +232,4 @@ def test_stop_during_a_copy_ends_the_watch_at_the_mountain(site):
     marker = os.path.join(site.top, 'copying')
     site.ssh_wrapper('slow-ssh', before_rsync=f'touch {marker}; sleep 30')
     site.write_config(ssh=os.path.join(site.top, 'slow-ssh'), streams='1', sleep='60s')
-    proc = site.start('--debug')
-    try:
-        _wait_for(lambda: os.path.exists(marker), 60, proc, 'the copy')
-        _wait_for(lambda: _watches(site), 20, proc, 'the watch during the copy')
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
-        assert proc.returncode == 0
-        _wait_for(lambda: not _watches(site), 5, None, 'the watch to end')
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    text = site.log_text()
-    assert 'desi_transfer_daemon stops.' in text
-    assert 'ERROR' not in text, [line for line in text.splitlines() if 'ERROR' in line]
+    _stop_while_watching(site, lambda: os.path.exists(marker), 'the watch during the copy')

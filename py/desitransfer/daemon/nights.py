@@ -163,21 +163,21 @@ class Nights(object):
         return [n for n in self.recent_nights(d)
                 if n not in done and due(n, self.conf['backup'])]
 
-    def archive_due(self, d, status, due, this_pass, on_tape_only=False):
-        """Archive the nights `due` that are not on tape; with `on_tape_only`,
+    def archive_due(self, d, status, nights, this_pass, on_tape_only=False):
+        """Archive the due `nights` that are not on tape; with `on_tape_only`,
         only take note of those that are.  With ``-B`` the tape is neither
         listed nor written: the nights get their final catch-up and write
         protection only."""
         if not self.tape:
-            for night in [] if on_tape_only else due:
+            for night in [] if on_tape_only else nights:
                 if self.stop.is_set() or not self.backup(d, night, status, this_pass):
                     return
             return
         if not self.archive.available():
             if not on_tape_only:
-                self._hpss_unavailable(d, due, 'its status service does not say it is active')
+                self._hpss_unavailable(d, nights, 'its status service does not say it is active')
             return
-        for night in due:
+        for night in nights:
             if self.stop.is_set():
                 return
             on_tape = self.archive.on_tape(d.hpss, night)
@@ -185,7 +185,7 @@ class Nights(object):
                 # Unknown: wait, never write the archive again.
                 this_pass.failed = True
                 if not on_tape_only:
-                    self._hpss_unavailable(d, due, 'hsi could not list the archive')
+                    self._hpss_unavailable(d, nights, 'hsi could not list the archive')
                 return
             self.state[d.name]['hpss_unavailable'] = None
             if on_tape:
@@ -311,7 +311,7 @@ class Nights(object):
         state['overdue'].append(night)
         self.actions.save(self.state)
 
-    def _hpss_unavailable(self, d, due, why):
+    def _hpss_unavailable(self, d, nights, why):
         """Alert once if HPSS has not been usable for a day while nights wait."""
         state = self.state[d.name]
         now = common._utcnow()
@@ -325,5 +325,5 @@ class Nights(object):
                 self.state.first_time(d.name, f'hpss unavailable {since:d}')):
             log.critical("HPSS has not been available for archiving since %s UTC (now: %s); "
                          "nights %s wait to be archived.", start.strftime('%Y-%m-%d %H:%M'),
-                         why, ', '.join(due))
+                         why, ', '.join(nights))
             self.actions.save(self.state)
