@@ -353,7 +353,6 @@ class _Copy(object):
         self.results = queue.SimpleQueue()
         self.done = _Done(self.abort)
         self.express = queue.SimpleQueue()
-        self.arrived = threading.Event()
         self.express_stream = None
 
     def run(self, streams, settle, arrivals=None):
@@ -370,8 +369,6 @@ class _Copy(object):
                                  name='arrivals', daemon=True),
                 threading.Thread(target=self._guard, args=('express', self._express, streams),
                                  name=f'rsync-stream-{streams:d}-express', daemon=True)]
-        else:
-            self.arrived.set()
         for t in threads:
             t.start()
         outcomes, fatal_outcomes, running = {}, [], len(threads)
@@ -430,7 +427,7 @@ class _Copy(object):
             log.warning("Exposures linked during the copy wait for the next "
                         "pass: %s: %s.", type(err).__name__, err, exc_info=True)
         finally:
-            self.arrived.set()
+            self.express.put(None)  # After what was added: the end of the express stream.
 
     def _add(self, links):
         """Put `links` on the express stream."""
@@ -444,12 +441,9 @@ class _Copy(object):
         """The express stream (number `n`): copy and verify what is added,
         until the backlog is copied and nothing more can arrive."""
         while True:
-            try:
-                batch = self.express.get(timeout=0.1)
-            except queue.Empty:
-                if self.arrived.is_set() and self.express.empty():
-                    return
-                continue
+            batch = self.express.get()
+            if batch is None:
+                return
             self._copy(batch, n, verify=True)
 
     def _stream(self, n):
