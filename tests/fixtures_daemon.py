@@ -317,6 +317,12 @@ def copy_site(template, site):
                 if template in text:
                     with open(path, 'w', errors='surrogateescape') as f:
                         f.write(text.replace(template, site.top))
+    # Nothing of the copy leads back into the site every test shares.
+    for root, dirs, files in os.walk(site.top):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            assert not (os.path.islink(path) and
+                        os.path.realpath(path).startswith(template + '/')), path
     return site
 
 
