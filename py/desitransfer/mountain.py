@@ -113,6 +113,13 @@ class Survey(namedtuple('Survey', ['answer', 'links', 'refused', 'unknown_nights
         return sorted({link.night for link in self.links.values()})
 
 
+#: The stamp of the transfer area ``$src`` and of the nights that are the
+#: arguments: their modification times, each followed by ``/``, on one line
+#: (run in ``$(...)``, which leaves the arguments as they are).  The survey
+#: takes it; the watch of :data:`WATCH_SURVEY_SCRIPT` compares it.
+_STAMP = ('for n in "$@"; do shift; set -- "$@" "$src/$n"; done; '
+          'stat --printf=%y/ -- "$src" "$@" 2>/dev/null')
+
 #: What the survey compares and lists, after ``src`` (the transfer area) and
 #: ``lock`` (the checksum lock) are set and the nights of the window are the
 #: arguments (see :data:`SURVEY_SCRIPT`).
@@ -121,8 +128,7 @@ _SURVEY_BODY = [
     'if [ ! -d "$src" ]; then echo "$src is not a directory" >&2; exit 3; fi',
     # What the watch compares with (see WATCH_SCRIPT), taken before anything
     # is listed: a link made after this is seen by the watch that follows.
-    """printf '%%%s\\0' "$(for n in "$@"; do shift; set -- "$@" "$src/$n"; done; """
-    'stat --printf=%y/ -- "$src" "$@" 2>/dev/null)"',
+    """printf '%%%s\\0' "$(""" + _STAMP + ')"',
     # Entries of SOURCE that are not night directories, to be reported.
     """find "$src" -mindepth 1 -maxdepth 1 -regextype posix-extended \\( ! -type d -o ! """
     """-regex '.*/20[0-9]{2}(0[1-9]|1[0-2])(0[1-9]|[12][0-9]|3[01])' \\) -printf '!%P\\0'""",
@@ -149,50 +155,42 @@ SIZES_CHUNK = 1000
 #: each: next to nothing at the mountain).
 WATCH_LOOKS = 4
 
+
+def _watch_loop(stamp):
+    """The lines of a watch, once ``w`` (how many looks) and ``s0`` (what to
+    compare with, or empty: what the first look sees) are set: the shell
+    command `stamp` is run in ``$(...)`` :data:`WATCH_LOOKS` times a second
+    until its answer differs from ``s0``; if it never does, the answer is
+    ``quiet``.  A ``.`` is written after each look: when the connection is
+    gone (the daemon stopped), that write ends the watch."""
+    return [f'if [ -z "$s0" ]; then s0=$({stamp}); fi',
+            's=$s0 i=0',
+            f'while [ $i -le "$w" ]; do s=$({stamp}); if [ "$s" != "$s0" ]; then break; fi; '
+            f'if [ $i -lt "$w" ]; then sleep {1 / WATCH_LOOKS:g}; printf . || exit 1; fi; '
+            'i=$((i + 1)); done',
+            'if [ "$s" = "$s0" ]; then echo quiet; exit 0; fi']
+
+
 #: The watch, run by ``sh -c SCRIPT sh SECONDS SINCE PATH...`` at the
 #: mountain: it answers ``changed`` as soon as the modification times of the
 #: directories PATH (a transfer area and its nights: a link added, a night
 #: created) differ from SINCE, what the last survey saw of them (or, if SINCE
-#: is empty, from what they are when it starts), or ``quiet`` after SECONDS.
-#: It looks :data:`WATCH_LOOKS` times a second, at the mountain, and writes a
-#: ``.`` each time: when the connection is gone (the daemon stopped), that
-#: write ends it.
-WATCH_SCRIPT = '; '.join([
-    'export LC_ALL=C',
-    'cd /',
-    f'n=$(($1 * {WATCH_LOOKS:d})) s0=$2',
-    'shift 2',
-    'if [ -z "$s0" ]; then s0=$(stat --printf=%y/ -- "$@" 2>/dev/null); fi',
-    'i=0',
-    'while [ $i -le "$n" ]; do s=$(stat --printf=%y/ -- "$@" 2>/dev/null); '
-    'if [ "$s" != "$s0" ]; then echo changed; exit 0; fi; '
-    f'if [ $i -lt "$n" ]; then sleep {1 / WATCH_LOOKS:g}; printf . || exit 1; fi; '
-    'i=$((i + 1)); done',
-    'echo quiet',
-])
+#: is empty, from what they are when it starts), or ``quiet`` after SECONDS
+#: (see :func:`_watch_loop`).
+WATCH_SCRIPT = '; '.join(['export LC_ALL=C', 'cd /', f'w=$(($1 * {WATCH_LOOKS:d})) s0=$2',
+                          'shift 2'] + _watch_loop('stat --printf=%y/ -- "$@" 2>/dev/null') +
+                         ['echo changed'])
 
 #: The watch and the survey in one command, run by ``sh -c SCRIPT sh SECONDS
-#: SINCE SOURCE LOCK NIGHT...`` at the mountain: it watches the transfer area
-#: SOURCE and its NIGHTs as :data:`WATCH_SCRIPT` does (SINCE is the stamp of
-#: the last survey) and, as soon as one changed, answers ``changed`` and the
-#: survey's answer (see :data:`SURVEY_SCRIPT`), with no second command to
-#: start and no second round trip; or ``quiet`` after SECONDS.
-WATCH_SURVEY_SCRIPT = '; '.join([
-    'export LC_ALL=C',
-    'cd /',
-    f'w=$(($1 * {WATCH_LOOKS:d})) s0=$2 src=$3 lock=$4',
-    'shift 4',
-    # As the survey's stamp.
-    'stamp() { for n in "$@"; do shift; set -- "$@" "$src/$n"; done; '
-    'stat --printf=%y/ -- "$src" "$@" 2>/dev/null; }',
-    'if [ -z "$s0" ]; then s0=$(stamp "$@"); fi',
-    's=$s0 i=0',
-    'while [ $i -le "$w" ]; do s=$(stamp "$@"); if [ "$s" != "$s0" ]; then break; fi; '
-    f'if [ $i -lt "$w" ]; then sleep {1 / WATCH_LOOKS:g}; printf . || exit 1; fi; '
-    'i=$((i + 1)); done',
-    'if [ "$s" = "$s0" ]; then echo quiet; exit 0; fi',
-    """printf 'changed\\0'""",
-] + _SURVEY_BODY)
+#: SINCE SOURCE LOCK NIGHT...`` at the mountain: it watches the stamp of the
+#: transfer area SOURCE and its NIGHTs (SINCE is the last survey's) and, as
+#: soon as it changed, answers ``changed`` and the survey's answer (see
+#: :data:`SURVEY_SCRIPT`), with no second command to start and no second
+#: round trip; or ``quiet`` after SECONDS.
+WATCH_SURVEY_SCRIPT = '; '.join(['export LC_ALL=C', 'cd /',
+                                 f'w=$(($1 * {WATCH_LOOKS:d})) s0=$2 src=$3 lock=$4',
+                                 'shift 4'] + _watch_loop(_STAMP) +
+                                ["printf 'changed\\0'"] + _SURVEY_BODY)
 
 #: Most links to directories followed in one tree (a bound on the commands
 #: run); the others are reported, not followed.

@@ -32,7 +32,6 @@ SSH_OPTIONS = ('-o', 'BatchMode=yes',
                '-o', 'ServerAliveCountMax=4')
 
 
-
 def environment_ssh(control=None):
     """The ssh command for rsync and remote commands, from :envvar:`RSYNC_RSH`
     (rsync's own convention: a program and its options) or else ``ssh``, with

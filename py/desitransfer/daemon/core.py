@@ -216,11 +216,9 @@ class TransferDaemon(object):
         deadline = time.monotonic() + seconds
         self._watched_survey = None  # Only the survey of this wait's watch serves.
         if seconds >= 2:
-            watched, seen = [], []
-            for d in self.directories:
-                watched += self._watched(d, self._window())
-                survey = self.this_pass.surveys.get(d.name)
-                seen.append(survey.stamp if survey is not None else '')
+            window = self._window()
+            surveys = [self.this_pass.surveys.get(d.name) for d in self.directories]
+            seen = [survey.stamp if survey is not None else '' for survey in surveys]
             # Compared with what the pass's surveys saw, a link made while the
             # pass ran ends the wait at once; without a survey of each
             # destination, with what the watch sees first.
@@ -228,7 +226,7 @@ class TransferDaemon(object):
             if len(self.directories) == 1:
                 # The watch surveys as soon as it sees a change, in the same
                 # command: the pass it starts begins with that survey.
-                d, window = self.directories[0], self._window()
+                d = self.directories[0]
                 found = self.mountain.watch_survey(seconds - 1, since, d.source,
                                                    self.conf['checksum_lock'], window,
                                                    d.data_root)
@@ -236,6 +234,7 @@ class TransferDaemon(object):
                 if changed and found.answer == 'links':
                     self._watched_survey = (d.name, window, found)
             else:
+                watched = [path for d in self.directories for path in self._watched(d, window)]
                 changed = self.mountain.watch(watched, seconds - 1, since)
             if changed:
                 log.debug("New at %s: the next pass starts now.", self.mountain.name)
