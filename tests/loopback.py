@@ -26,6 +26,19 @@ def free_port():
         return s.getsockname()[1]
 
 
+def wait_until(condition, seconds, proc=None, what=''):
+    """Wait until ``condition()`` is true, at most `seconds` (an assertion
+    error naming `what` after that), and while the process `proc`, if given,
+    runs (an assertion error with the end of its output if it stopped);
+    when, in :func:`time.monotonic` seconds."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f'not within {seconds} s: {what}'
+        assert proc is None or proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+    return time.monotonic()
+
+
 def wait_for_port(port, timeout=10.0, process=None):
     """Wait until something listens on 127.0.0.1:`port`."""
     deadline = time.monotonic() + timeout

@@ -14,15 +14,7 @@ from desitransfer.processes import Stop
 from desitransfer.runner import Result
 from desitransfer.simulator import make_exposure
 from fixtures_daemon import EARLIER, LAST, TONIGHT
-
-
-def _wait_for(condition, seconds, proc=None, what=''):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f'not within {seconds} s: {what}'
-        assert proc is None or proc.poll() is None, proc.communicate()[0][-3000:]
-        time.sleep(0.05)
-    return time.monotonic()
+from loopback import wait_until
 
 
 def _verified(site, night, expid):
@@ -58,12 +50,12 @@ def _stop_while_watching(site, ready, what):
     exits 0, and its log says it stopped and has no ERROR."""
     proc = site.start('--debug')
     try:
-        _wait_for(ready, 60, proc, 'the daemon to be ready')
-        _wait_for(lambda: _watches(site), 20, proc, what)
+        wait_until(ready, 60, proc, 'the daemon to be ready')
+        wait_until(lambda: _watches(site), 20, proc, what)
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
         assert proc.returncode == 0
-        _wait_for(lambda: not _watches(site), 5, None, 'the watch to end')
+        wait_until(lambda: not _watches(site), 5, None, 'the watch to end')
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -97,7 +89,7 @@ def test_link_made_during_a_pass_starts_the_next_at_once(site):
         t0 = time.monotonic()
         for expid in ['00003000'] + later:
             # Installed, then recorded: wait for both.
-            done = _wait_for(lambda: _verified(site, LAST, expid), 20, proc, expid)
+            done = wait_until(lambda: _verified(site, LAST, expid), 20, proc, expid)
         # Three passes in a row, none waiting for the 60 s sleep.
         assert done - t0 < 20
         proc.send_signal(signal.SIGTERM)

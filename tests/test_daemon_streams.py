@@ -23,6 +23,7 @@ from desitransfer.mountain import Link, parse_sizes
 from desitransfer.daemon.streams import AUTO_MAX_STREAMS, StreamPlanner
 from desitransfer.daemon.transfer import MIN_BATCH_BYTES, plan
 from fixtures_daemon import LAST, snapshot
+from loopback import wait_until
 
 ROOT = os.geteuid() == 0
 
@@ -499,10 +500,7 @@ def test_stream_planner_on_its_own():
     auto = StreamPlanner(mountain, 'auto', section, lambda: saved.append(1), threading.Event())
     assert auto.streams() == 3  # 20 ms kept from the last run, not waited for
     assert auto.round_trip() == 0.02
-    deadline = time.monotonic() + 10
-    while auto.round_trip() != 0.2:  # measured in the background
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: auto.round_trip() == 0.2, 10, what='the measurement in the background')
     auto.keep()  # kept for the next run
     assert section['round_trip'] == 0.2 and saved == [1] and mountain.asked == 1
     assert auto.streams() == AUTO_MAX_STREAMS  # 200 ms: capped
