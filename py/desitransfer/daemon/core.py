@@ -296,8 +296,7 @@ class TransferDaemon(object):
     # ------------------------------------------------------------------
     def _oldest(self):
         """The first night of the recent window."""
-        days = self.conf['recent']
-        return (common._utcnow() - dt.timedelta(days=days)).strftime('%Y%m%d')
+        return self._window()[0]
 
     def _window(self):
         """Every night of the recent window, up to tomorrow (UTC)."""
