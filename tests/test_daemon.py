@@ -16,6 +16,7 @@ from desitransfer.alerts import configure_log
 from desitransfer.configuration import ConfigurationError, read_configuration
 from desitransfer.daemon import TransferDaemon, lock_directory, rsync_night, unlock_directory
 from desitransfer.daemon import transfer
+from desitransfer.executor import for_mode
 from desitransfer.simulator import checksum_text, exposure_files
 from fixtures_daemon import EARLIER, LAST, NOW, TONIGHT, mode, snapshot
 
@@ -333,6 +334,58 @@ def test_lock_unlock(tmp_path):
     assert mode(outside) == 0o600
     lock_directory(str(d), test=True)
     assert mode(d / 'f') == 0o640
+
+
+def test_lock_failure_locks_the_rest_then_raises(tmp_path, monkeypatch):
+    """One path that cannot be locked: the others are, then its error is raised."""
+    d = tmp_path / 'e'
+    d.mkdir()
+    for name in ('a', 'b', 'c'):
+        (d / name).write_text(name)
+    real_chmod = os.chmod
+
+    def chmod(path, m, **kwargs):
+        if str(path).endswith('/b'):
+            raise PermissionError(1, 'Operation not permitted', str(path))
+        return real_chmod(path, m, **kwargs)
+
+    monkeypatch.setattr(os, 'chmod', chmod)
+    with pytest.raises(PermissionError) as err:
+        lock_directory(str(d))
+    assert err.value.filename == str(d / 'b')
+    assert (mode(d), mode(d / 'a'), mode(d / 'c')) == (0o2750, 0o440, 0o440)
+
+
+def test_dry_run_changes_nothing(tmp_path, caplog):
+    """The test mode of every command: each change said, none made."""
+    path = tmp_path / 'f.txt'
+    path.write_text('old\n')
+    dry = for_mode(True, None)
+    quiet = for_mode(True, None, ask=False)
+    with caplog.at_level(logging.INFO):
+        assert dry.write_file(str(path), 'new\n') is False
+        dry.remove_file(str(path))
+        lock, holder = dry.single_instance(str(tmp_path / 'x.lock'))
+        with lock:
+            assert holder is None
+        with dry.open_append(str(tmp_path / 'log'), binary=True) as f:
+            f.write(b'nothing')
+        assert dry.lock_tree(str(tmp_path)) == []
+        assert dry.wait('it happens', lambda: pytest.fail('waited')) is True
+        assert dry.ask(['echo', 'asked']).stdout == 'asked\n'
+        assert quiet.ask(['echo', 'asked']) is None
+    assert path.read_text() == 'old\n' and sorted(os.listdir(tmp_path)) == ['f.txt']
+    assert mode(tmp_path) != 0o2750
+    said = caplog.text
+    for line in (f'Test mode, would write {path}:\nnew', f'Test mode, would remove {path}.',
+                 'Test mode, would take the lock ', 'Test mode, would lock ',
+                 'Test mode, would wait until it happens.', 'Test mode, would run: echo asked'):
+        assert line in said, line
+    real = for_mode(False, None)
+    assert real.write_file(str(path), 'new\n') is True and path.read_text() == 'new\n'
+    real.remove_file(str(path))
+    real.remove_file(str(path))
+    assert not path.exists()
 
 
 def test_verify_checksum_exported():

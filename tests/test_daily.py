@@ -534,9 +534,15 @@ def test_test_mode_changes_nothing(kpno):
     p = daily_cli(kpno, '--test', 'noon')
     assert p.returncode == 0, p.stdout + p.stderr
     assert snapshot(kpno.top) == before
-    assert p.stdout.count('Test mode, would run: /bin/rsync') == 6
+    # One rsync for each directory, and one for the link lost+found follows:
+    # the links are listed at the mountain (a question), the copies only said.
+    assert p.stdout.count('Test mode, would run: /bin/rsync') == 7
+    assert re.search(r"Test mode, would run: /bin/rsync .* '--include=/00001234/\*\*\*' '--exclude=\*' "
+                     r"dts:\S*/data/dts/exposures/raw/20240101/ \S*/lost\+found/20240101/\n", p.stdout)
     assert p.stdout.count('Test mode, would run: fix_permissions.sh') == 6
-    assert 'would remove' in p.stdout and 'would write' in p.stdout
+    assert p.stdout.count('Test mode, would lock ') == 6
+    assert 'Test mode, would take the lock ' in p.stdout
+    assert 'would remove' in p.stdout and 'would write' in p.stdout and 'Wrote' not in p.stdout
 
 
 def test_only(kpno):

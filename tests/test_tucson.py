@@ -1049,7 +1049,7 @@ def test_parallel_priority_first(monkeypatch, tmp_path, clock, processes):
     """Up to N commands at once; priority directories first (one at a time:
     exactly in order) and at normal priority, the others under nice."""
     recorder = Recorder(0.2 if processes > 1 else 0.001)
-    monkeypatch.setattr('desitransfer.mirror.run', recorder)
+    monkeypatch.setattr('desitransfer.executor.run', recorder)
     monkeypatch.setenv('HOME', str(tmp_path))
     monkeypatch.delenv('RSYNC_RSH', raising=False)
     options = _options(['-p', str(processes), '-l', str(tmp_path / 'logs')])

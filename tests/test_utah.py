@@ -687,7 +687,7 @@ def test_sigterm(local_site, dts, tmp_path):
 def test_bounded_parallelism(monkeypatch, tmp_path, clock, processes):
     """Up to N commands at once, started in the order of the table."""
     recorder = Recorder(0.1 if processes > 1 else 0.001)
-    monkeypatch.setattr('desitransfer.mirror.run', recorder)
+    monkeypatch.setattr('desitransfer.executor.run', recorder)
     monkeypatch.setattr(utah, 'download', lambda url, stop: './1000/x\n')
     options = _options(['-p', str(processes), '-l', str(tmp_path / 'logs')])
     mirror = Mirror(options, {'source': 'rsync://nersc/desi', 'destination': str(tmp_path),

@@ -24,17 +24,16 @@ import configparser
 import os
 import re
 import shlex
-import stat
 import sys
 from argparse import ArgumentParser
 from importlib.resources import files
 
 from . import __version__ as dtVersion
 from .alerts import alert_options, configure_log
-from .common import dir_perm, file_perm, log, stamp
-from .files import open_append, write_text
-from .processes import Stop, single_instance
-from .runner import Result, run
+from .common import log, stamp
+from .executor import Actions, for_mode
+from .processes import Stop
+from .runner import Result
 from .rsynccommand import RSYNC_IO_TIMEOUT, rsync_command
 from .transport import SharedConnection, environment_ssh
 from .configuration import ConfigurationError, absolute, get_value
@@ -89,10 +88,10 @@ class DailyDirectory(object):
     ssh : :class:`list`
         The ssh command of :command:`rsync`; if ``None``,
         :func:`~desitransfer.transport.environment_ssh`.
-    stop : :class:`~desitransfer.processes.Stop`
-        If set, stops a running command.
-    test : :class:`bool`
-        If ``True``, log what would run and change nothing.
+    actions : :class:`~desitransfer.executor.Actions`
+        What makes every change (runs rsync, writes the log, locks); in test
+        mode a :class:`~desitransfer.executor.DryRun`, which logs what would
+        run and changes nothing.  Its ``stop``, if set, stops a running command.
     problems : :class:`list`
         What went wrong after the copy (lock, permissions, the log itself).
     """
@@ -107,8 +106,7 @@ class DailyDirectory(object):
         self.dirlinks_under = list(dirlinks_under)
         self.name = name or os.path.basename(destination)
         self.ssh = None
-        self.stop = None
-        self.test = False
+        self.actions = Actions(None)
         self.problems = []
 
     def command(self):
@@ -139,7 +137,7 @@ class DailyDirectory(object):
     def _append(self, *texts):
         """Append `texts` to the log of this directory; a failure is a problem, not a crash."""
         try:
-            with open_append(self.log) as f:
+            with self.actions.open_append(self.log) as f:
                 f.write(''.join(t if not t or t.endswith('\n') else t + '\n' for t in texts))
         except OSError as err:
             self._unlogged(err)
@@ -155,12 +153,12 @@ class DailyDirectory(object):
         (a first copy of a large tree lists every file), its standard error
         after it."""
         try:
-            f = open_append(self.log, binary=True)
+            f = self.actions.open_append(self.log, binary=True)
         except OSError as err:
             self._unlogged(err)
             f = None
         try:
-            result = run(command, timeout=RSYNC_TIMEOUT, stop=self.stop, quiet=True, output=f)
+            result = self.actions.run(command, timeout=RSYNC_TIMEOUT, quiet=True, output=f)
         except OSError as err:
             # Writing the listing failed (a full disk): rsync was stopped.
             self._unlogged(err)
@@ -187,14 +185,6 @@ class DailyDirectory(object):
         """
         self.problems = []
         command = self.command()
-        if self.test:
-            run(command, test=True)
-            if self.dirlinks:
-                self.follow()
-            self.lock()
-            if permission:
-                self.permission()
-            return 0
         self._append(f"DEBUG: desi_daily_transfer {dtVersion}",
                      f"DEBUG: {shlex.join(command)}",
                      f"DEBUG: Transfer start: {stamp()}")
@@ -231,16 +221,12 @@ class DailyDirectory(object):
         ssh = self.ssh or environment_ssh()
         listing = ssh + ['dts', shlex.join(links_command(self.source,
                                                          roots=self.dirlinks_under))]
-        if self.test:
-            run(listing, test=True)
-            log.info("Test mode, would copy the links to directories of %s that resolve "
-                     "inside it%s.", self.source, ''.join(f" or under {d}"
-                                                         for d in self.dirlinks_under))
-            return 0
         self._append(f"DEBUG: Listing the links to directories of {self.source} at the mountain")
-        result = run(listing, timeout=LIST_TIMEOUT, ok=(0, 3), stop=self.stop, quiet=True,
-                     limit=LINKS_ANSWER_LIMIT)
-        if self.stop is not None and self.stop.is_set():
+        # A question, asked in test mode too: the links it finds are the rsyncs it would run.
+        result = self.actions.ask(listing, timeout=LIST_TIMEOUT, ok=(0, 3), quiet=True,
+                                  limit=LINKS_ANSWER_LIMIT)
+        stop = self.actions.stop
+        if stop is not None and stop.is_set():
             return result.returncode or -15
         links = parse_links(result, self.source, roots=self.dirlinks_under)
         if links.why:
@@ -260,7 +246,7 @@ class DailyDirectory(object):
             destination = os.path.join(self.destination, into) if into else self.destination
             command = self._command(directory, destination, filters, [])
             self._append(f"DEBUG: {shlex.join(command)}")
-            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            self.actions.makedirs(os.path.dirname(destination))
             result = self._rsync(command)
             if result.returncode != 0:
                 return result.returncode
@@ -278,18 +264,7 @@ class DailyDirectory(object):
         :class:`bool`
             ``True`` if every mode is now set.
         """
-        if self.test:
-            log.info("Test mode, would lock %s (directories %#o, files %#o).",
-                     self.destination, dir_perm, file_perm)
-            return True
-        failed = []
-        for dirpath, dirnames, filenames in os.walk(self.destination,
-                                                    onerror=lambda e: failed.append(e)):
-            for path in [dirpath] + [os.path.join(dirpath, f) for f in filenames]:
-                try:
-                    _lock_one(path)
-                except OSError as err:
-                    failed.append(err)
+        failed = self.actions.lock_tree(self.destination)
         if failed:
             lines = [f"ERROR: {err.filename}: {err.strerror}" for err in failed]
             self._append(*lines, f"ERROR: Lock incomplete: {len(failed):d} path(s) "
@@ -315,10 +290,8 @@ class DailyDirectory(object):
             could not be started).
         """
         command = ['fix_permissions.sh', self.destination]
-        if self.test:
-            return run(command, test=True).returncode
         self._append(f"DEBUG: {shlex.join(command)}")
-        result = run(command, timeout=PERMISSION_TIMEOUT, stop=self.stop, quiet=True)
+        result = self.actions.run(command, timeout=PERMISSION_TIMEOUT, quiet=True)
         self._append(result.stdout, result.stderr)
         if result.returncode == 0:
             self._append(f"DEBUG: Permission reset complete: {stamp()}")
@@ -328,19 +301,6 @@ class DailyDirectory(object):
             self.problems.append(f"permission reset failed (fix_permissions.sh exit status "
                                  f"{result.returncode:d})")
         return result.returncode
-
-
-def _lock_one(path):
-    """Set the locked mode of one directory or regular file; leave anything else."""
-    st = os.lstat(path)
-    if stat.S_ISDIR(st.st_mode):
-        mode = dir_perm
-    elif stat.S_ISREG(st.st_mode):
-        mode = file_perm
-    else:
-        return
-    if stat.S_IMODE(st.st_mode) != mode:
-        os.chmod(path, mode)
 
 
 def _desi_root(what):
@@ -531,6 +491,7 @@ class DailyTransfer(object):
         self.lock_file = os.path.join(root, 'spectro', 'staging',
                                       f'desi_daily_transfer_{self.timeframe}.lock')
         self.stop = Stop(options.kill)
+        self.actions = for_mode(options.test, self.stop)
 
     @property
     def signals_completion(self):
@@ -551,11 +512,9 @@ class DailyTransfer(object):
                      self.timeframe,
                      f" and leaves {self.completion} as it is" if self.signals_completion else '')
             return 0
-        if self.options.test:
-            log.info("Test mode: commands are logged, not run; nothing is changed.")
-            return self._transfer()
+        self.actions.start()
         try:
-            lock, holder = single_instance(self.lock_file)
+            lock, holder = self.actions.single_instance(self.lock_file)
         except OSError as err:
             log.critical("desi_daily_transfer cannot take its lock %s: %s; it does not start.",
                          self.lock_file, err)
@@ -587,7 +546,7 @@ class DailyTransfer(object):
         if stopped before it started."""
         if self.stop.is_set():
             return None
-        d.ssh, d.stop, d.test = connection.ssh(), self.stop, self.options.test
+        d.ssh, d.actions = connection.ssh(), self.actions
         try:
             code = d.transfer(permission=self.options.permission)
         except Exception as err:
@@ -632,13 +591,8 @@ class DailyTransfer(object):
         return 1 if failed else 0
 
     def _remove_completion(self):
-        if self.options.test:
-            log.info("Test mode, would remove %s.", self.completion)
-            return True
         try:
-            os.remove(self.completion)
-        except FileNotFoundError:
-            pass
+            self.actions.remove_file(self.completion)
         except OSError as err:
             log.critical("Could not remove the completion file %s (%s); the noon transfer "
                          "does nothing.", self.completion, err)
@@ -647,16 +601,14 @@ class DailyTransfer(object):
 
     def _write_completion(self, results):
         lines = [stamp()] + [f"{d.name}: {self._describe(d, c)}" for d, c in results]
-        if self.options.test:
-            log.info("Test mode, would write %s:\n%s", self.completion, '\n'.join(lines))
-            return True
         try:
-            write_text(self.completion, '\n'.join(lines) + '\n')
+            written = self.actions.write_file(self.completion, '\n'.join(lines) + '\n')
         except OSError as err:
             log.critical("Could not write the completion file %s (%s); the Tucson mirror "
                          "waits for it.", self.completion, err)
             return False
-        log.info("Wrote %s.", self.completion)
+        if written:
+            log.info("Wrote %s.", self.completion)
         return True
 
 

@@ -4,14 +4,18 @@
 desitransfer.executor
 =====================
 
-Everything :command:`desi_transfer_daemon` changes goes through one
+Everything :command:`desi_transfer_daemon`, :command:`desi_daily_transfer`,
+:command:`desi_tucson_transfer` and the restore change goes through one
 :class:`Actions` object: copying, locking, installing, recording, saving
-its state, archiving, emailing a report.  Test mode is :class:`DryRun`, the same interface
-logging ``Test mode, would ...`` for each change instead of making it, so
-the flow itself has no test-mode branches.  Questions that only read (the
-listing at the mountain, a dry-run rsync, ``hsi ls``) go through
-:meth:`Actions.ask` and run in both.
+its state, archiving, emailing a report, taking the single-instance lock,
+writing a log or the completion file.  Test mode is :class:`DryRun`, the same
+interface logging ``Test mode, would ...`` for each change instead of making
+it, so the flow itself has no test-mode branches (:func:`for_mode` chooses).
+Questions that only read (the listing at the mountain, a dry-run rsync,
+``hsi ls``) go through :meth:`Actions.ask` and run in both, except in the
+test mode of the mirrors, which runs no command at all.
 """
+import contextlib
 import errno
 import os
 import shutil
@@ -22,6 +26,8 @@ from email.message import EmailMessage
 
 from .checksum import verify_checksum
 from .common import dir_perm, file_perm, log
+from .files import open_append, write_text
+from .processes import single_instance
 from .runner import run
 
 
@@ -33,19 +39,47 @@ def listdir(directory):
         return []
 
 
-def _chmod_tree(directory, dirs, files_):
-    """Set the mode of `directory`, its subdirectories and files, never
-    following a symbolic link.  A mode is a number or a function of the old one.
-    """
-    def mode(path, value):
-        return value(stat.S_IMODE(os.lstat(path).st_mode)) if callable(value) else value
-
+def _add_user_write(directory):
+    """Add user write to `directory`, its subdirectories and files, never
+    following a symbolic link."""
     for root, dirnames, filenames in os.walk(directory):
-        os.chmod(root, mode(root, dirs))
-        for name in filenames:
-            path = os.path.join(root, name)
+        for path in [root] + [os.path.join(root, f) for f in filenames]:
             if not os.path.islink(path):
-                os.chmod(path, mode(path, files_))
+                os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) | stat.S_IWUSR)
+
+
+def _lock_one(path):
+    """Set the locked mode of one directory or regular file, only if it differs
+    (a chmod changes the ctime); leave anything else (links, fifos) alone."""
+    st = os.lstat(path)
+    if stat.S_ISDIR(st.st_mode):
+        mode = dir_perm
+    elif stat.S_ISREG(st.st_mode):
+        mode = file_perm
+    else:
+        return
+    if stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(path, mode)
+
+
+def lock_tree(directory):
+    """Lock everything in `directory` that can be locked: directories
+    ``0o2750``, regular files ``0o440``; a symbolic link is never followed.
+
+    Returns
+    -------
+    :class:`list`
+        The :exc:`OSError` of each path that could not be listed or locked
+        (the others are locked); empty if every mode is now set.
+    """
+    failed = []
+    for dirpath, dirnames, filenames in os.walk(directory, onerror=failed.append):
+        for path in [dirpath] + [os.path.join(dirpath, f) for f in filenames]:
+            try:
+                _lock_one(path)
+            except OSError as err:
+                failed.append(err)
+    return failed
 
 
 def lock_directory(directory, test=False):
@@ -60,12 +94,19 @@ def lock_directory(directory, test=False):
         Directory to lock.
     test : :class:`bool`, optional
         If ``True``, only print the commands.
+
+    Raises
+    ------
+    OSError
+        The first path that could not be locked, once every other one is.
     """
     if test:
         log.info("Test mode, would lock %s (directories %#o, files %#o).",
                  directory, dir_perm, file_perm)
     elif os.path.isdir(directory) and not os.path.islink(directory):
-        _chmod_tree(directory, dir_perm, file_perm)
+        failed = lock_tree(directory)
+        if failed:
+            raise failed[0]
 
 
 def unlock_directory(directory, test=False):
@@ -81,7 +122,7 @@ def unlock_directory(directory, test=False):
     if test:
         log.info("Test mode, would add user write permission in %s.", directory)
     elif os.path.isdir(directory) and not os.path.islink(directory):
-        _chmod_tree(directory, lambda m: m | stat.S_IWUSR, lambda m: m | stat.S_IWUSR)
+        _add_user_write(directory)
 
 
 #: Seconds before the SMTP server is given up.
@@ -125,6 +166,9 @@ class Actions(object):
     def __init__(self, stop):
         self.stop = stop
 
+    def start(self):
+        """Say, at the start of a run, whether it changes anything (it does)."""
+
     def ask(self, command, **kwargs):
         """Run a command that only reads; in test mode too."""
         return run(command, stop=self.stop, **kwargs)
@@ -142,7 +186,8 @@ class Actions(object):
         """Create `directory` (and its parents); give a new `directory` `mode`."""
         if os.path.isdir(directory):
             return
-        os.makedirs(directory)
+        # exist_ok: the mirrors create nested copies from several threads.
+        os.makedirs(directory, exist_ok=True)
         if mode is not None:
             os.chmod(directory, mode)
 
@@ -151,6 +196,39 @@ class Actions(object):
 
     def unlock(self, directory):
         unlock_directory(directory)
+
+    def lock_tree(self, directory):
+        """Lock what can be locked in `directory`; the failures, see :func:`lock_tree`."""
+        return lock_tree(directory)
+
+    def single_instance(self, path):
+        """The kernel lock `path` and its holder, see
+        :func:`desitransfer.processes.single_instance`."""
+        return single_instance(path)
+
+    def remove_file(self, path):
+        """Remove the file `path` if it exists."""
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+    def open_append(self, path, binary=False, rotate=None):
+        """`path` open for appending (a log), see :func:`desitransfer.files.open_append`;
+        first renamed ``path.1`` if it holds more than `rotate` bytes."""
+        if rotate is not None and os.path.exists(path) and os.path.getsize(path) > rotate:
+            os.replace(path, path + '.1')
+        return open_append(path, binary=binary)
+
+    def wait(self, what, until):
+        """Wait until `what`: call `until`, which waits and says if it happened."""
+        return until()
+
+    def write_file(self, path, text):
+        """Write `text` to `path` whole (:func:`desitransfer.files.write_text`);
+        ``True`` once written."""
+        write_text(path, text)
+        return True
 
     def writable(self, directory, on=True):
         """Add (`on`) or remove user write permission of `directory` alone."""
@@ -239,10 +317,38 @@ class Actions(object):
         return True
 
 
+def for_mode(test, stop, ask=True):
+    """The :class:`DryRun` (if `test`, asking questions if `ask`) or the
+    :class:`Actions` of a run stopped by `stop`."""
+    return DryRun(stop, ask=ask) if test else Actions(stop)
+
+
 class DryRun(Actions):
-    """Test mode: log each change instead of making it."""
+    """Test mode: log each change instead of making it.
+
+    Parameters
+    ----------
+    stop : :class:`desitransfer.processes.Stop`
+        Every command is interrupted when this is set.
+    ask : :class:`bool`, optional
+        If ``False``, questions are not asked either: :meth:`ask` logs the
+        command and answers ``None`` (the test mode of the mirrors runs no command).
+    """
 
     test = True
+
+    def __init__(self, stop, ask=True):
+        super().__init__(stop)
+        self.asks = ask
+
+    def ask(self, command, **kwargs):
+        if self.asks:
+            return super().ask(command, **kwargs)
+        run(command, test=True)
+        return None
+
+    def start(self):
+        log.info("Test mode: commands are logged, not run; nothing is changed.")
 
     def run(self, command, stop=None, **kwargs):
         return run(command, test=True, **kwargs)
@@ -260,6 +366,29 @@ class DryRun(Actions):
 
     def unlock(self, directory):
         unlock_directory(directory, test=True)
+
+    def lock_tree(self, directory):
+        lock_directory(directory, test=True)
+        return []
+
+    def single_instance(self, path):
+        log.info("Test mode, would take the lock %s.", path)
+        return contextlib.nullcontext(), None
+
+    def remove_file(self, path):
+        if os.path.lexists(path):
+            log.info("Test mode, would remove %s.", path)
+
+    def open_append(self, path, binary=False, rotate=None):
+        return open(os.devnull, 'ab' if binary else 'a')
+
+    def wait(self, what, until):
+        log.info("Test mode, would wait until %s.", what)
+        return True
+
+    def write_file(self, path, text):
+        log.info("Test mode, would write %s:\n%s", path, text.rstrip('\n'))
+        return False
 
     def writable(self, directory, on=True):
         log.info("Test mode, would %s user write permission of %s.",

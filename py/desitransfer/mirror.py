@@ -29,9 +29,8 @@ from collections import namedtuple
 from importlib.resources import files
 
 from .common import log, stamp
-from .files import open_append
+from .executor import for_mode
 from .processes import Stop
-from .runner import run
 from .rsynccommand import RSYNC_DONE
 from .transport import ssh_command
 
@@ -333,6 +332,7 @@ class BaseMirror(object):
         self.destination = environment['destination']
         self.transport = environment.get('transport')
         self.stop = Stop()
+        self.actions = for_mode(options.test, self.stop, ask=False)
 
     def _path(self, d):
         """The directory `d` mirrors, relative to the top of the tree."""
@@ -346,7 +346,7 @@ class BaseMirror(object):
     def _make_log_directory(self):
         """Create the log directory if needed: ``False``, after an alert, if it cannot be."""
         try:
-            os.makedirs(self.options.log, exist_ok=True)
+            self.actions.makedirs(self.options.log)
         except OSError as err:
             log.critical("Cannot create the log directory %s: %s. Nothing was mirrored.",
                          self.options.log, err)
@@ -423,19 +423,17 @@ class BaseMirror(object):
         status, command = self._prepare(d, copy)
         if status is not None:
             return status, none
-        if not self.test:
-            os.makedirs(copy, exist_ok=True)
-        if self.test:
-            run(command, test=True)
-            return 'test mode', none
+        self.actions.makedirs(copy)
         t0 = time.monotonic()
         # rsync --verbose of a first mirror lists every file: its output goes
         # to the log as it comes; the result keeps its tail, with --stats.
         with self._open_log(d, command) as output:
-            result = run(command, timeout=RSYNC_TIMEOUT, ok=RSYNC_DONE, stop=self.stop,
-                         output=output)
+            result = self.actions.run(command, timeout=RSYNC_TIMEOUT, ok=RSYNC_DONE,
+                                      output=output)
             self._close_log(d, output, result,
                             time.monotonic() - t0 if self.timed_log else None)
+        if self.actions.test:
+            return 'test mode', none
         stats = tuple(_statistics(result.stdout))
         if result.returncode in RSYNC_DONE:
             return 'ok', stats
@@ -478,9 +476,9 @@ class BaseMirror(object):
         or what went wrong."""
         command = [RSYNC, '--list-only', '--no-motd', f'--timeout={IO_TIMEOUT:d}'] + \
             self.transport + [source]
-        result = run(command, timeout=LIST_TIMEOUT, ok=(0, 23, 24), stop=self.stop,
-                     test=self.test, quiet=True)
-        if self.test:
+        result = self.actions.ask(command, timeout=LIST_TIMEOUT, ok=(0, 23, 24), quiet=True)
+        if result is None:
+            # Not asked (test mode): nothing is known against mirroring it.
             return 'ok'
         if result.returncode not in RSYNC_DONE:
             self._append_log(d, command, result)
@@ -502,8 +500,6 @@ class BaseMirror(object):
     def _append_log(self, d, command, result, seconds=None):
         """Append the command, its output, its status and, if given, its
         duration in `seconds` to the log of `d`."""
-        if self.test:
-            return
         with self._open_log(d, command) as f:
             if f is not None:
                 self._write_log(d, f, result.stdout.encode(errors='replace'))
@@ -516,9 +512,7 @@ class BaseMirror(object):
         path = self._log_file(d)
         f = None
         try:
-            if os.path.exists(path) and os.path.getsize(path) > LOG_SIZE:
-                os.replace(path, path + '.1')
-            f = open_append(path, binary=True)
+            f = self.actions.open_append(path, binary=True, rotate=LOG_SIZE)
             f.write(f"# {stamp(self.zone)}: {shlex.join(command)}\n".encode(errors='replace'))
             f.flush()
         except OSError as err:

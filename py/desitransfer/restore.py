@@ -38,7 +38,7 @@ from .files import lstat_tree, write_text
 from .processes import Stop
 from .runner import run
 from .configuration import ConfigurationError, read_configuration
-from .executor import Actions, DryRun
+from .executor import for_mode
 from .tape import HTAR_TIMEOUT, Archive, archive_name
 from .store import TransferStatus, status_directory
 
@@ -108,7 +108,7 @@ class Restore(object):
             if not os.path.isdir(path):
                 raise ConfigurationError(f"the {what} directory {path} does not exist")
         self.stop = Stop()
-        self.actions = DryRun(self.stop) if self.test else Actions(self.stop)
+        self.actions = for_mode(self.test, self.stop)
         self.archive = Archive(self.conf['hpss'], '', self.work_root, self.actions)
         self.work = None
         self.outcomes = []

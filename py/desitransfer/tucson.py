@@ -468,18 +468,17 @@ class Mirror(mirror.BaseMirror):
         :class:`int`
             0 if every directory was mirrored, 1 otherwise.
         """
-        debug = self.options.debug or self.test
-        if not self.test:
-            _configure_log(debug)
-            if not self._make_log_directory():
-                return 1
-        _configure_log(debug, self.options.log, self.test)
-        if self.test:
-            log.info("Test mode: commands are logged, not run; nothing is changed.")
-        elif running(os.path.join(self.options.log, self.run_kind.lock)):
+        # Alerts about the log directory itself are emailed as set up by main().
+        if not self._make_log_directory():
+            return 1
+        _configure_log(self.options.debug or self.test, self.options.log, self.test)
+        self.actions.start()
+        # Test mode takes no lock, and runs beside anything.
+        if not self.actions.test and running(os.path.join(self.options.log,
+                                                          self.run_kind.lock)):
             return 1
         if self.run_kind.wait:
-            if not self._wait_for_nersc():
+            if not self.actions.wait(f"{self.status_url} answers 200", self._wait_for_nersc):
                 return 1
         else:
             log.info("desi_tucson_transfer%s: mirroring %s from %s now, without waiting for "
@@ -491,9 +490,6 @@ class Mirror(mirror.BaseMirror):
         """Wait until :envvar:`DESISYNC_STATUS_URL` answers 200 (the daily
         transfer at NERSC is finished), at most :data:`WAIT_LIMIT`; each
         request takes at most :data:`STATUS_DEADLINE`."""
-        if self.test:
-            log.info("Test mode, would wait until %s answers 200.", self.status_url)
-            return True
         deadline = common._utcnow() + WAIT_LIMIT
         while True:
             answer = self._status()

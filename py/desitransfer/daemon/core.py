@@ -29,7 +29,7 @@ from ..processes import Stop, exclusively, repeat
 from ..text import one_line, shown, some
 from ..configuration import ConfigurationError, read_configuration
 from ..store import TransferStatus
-from ..executor import Actions, DryRun, listdir
+from ..executor import for_mode, listdir
 from ..tape import Archive
 from .nights import Nights, due, installed
 from ..mountain import Mountain
@@ -111,7 +111,7 @@ class TransferDaemon(object):
         self.top = os.path.dirname(self.directories[0].staging)
         self._configure_log(options.debug)
         self.stop = Stop(options.kill)
-        self.actions = DryRun(self.stop) if self.test else Actions(self.stop)
+        self.actions = for_mode(self.test, self.stop)
         self.mountain = Mountain(self.conf['host'], self.conf['ssh'], self.stop)
         self.archive = Archive(self.conf['hpss'], self.conf['hpss_status'], self.scratch,
                                self.actions)
@@ -162,7 +162,7 @@ class TransferDaemon(object):
             0; with ``--once``, 1 if the pass could not do its job.
         """
         if self.test:
-            log.info("Test mode: nothing is changed; commands are logged, not run.")
+            self.actions.start()
             self._loop()
             return 0
         return exclusively('desi_transfer_daemon', self.lock_file, self._work)
