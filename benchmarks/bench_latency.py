@@ -613,6 +613,13 @@ def backlog(dts, options):
                 f"linked at " + '; '.join(' '.join(f'{t:.1f}' for t in moments)
                                           for moments in linked) + " s after the start; "
                 f"{during} of {len(new) * options.backlog_repeat} before the backlog was drained")
+        each = [(link_to_verified(rows_of(found, n, e)), moment)
+                for (found, exposures), moments in zip(runs, linked)
+                for (n, e), moment in zip(exposures, moments)]
+        slowest = max(((s, t) for s, t in each if s is not None), default=None)
+        if slowest is not None:
+            note += (f"; the slowest, linked {slowest[1]:.1f} s after the start, took "
+                     f"{slowest[0]:.2f} s")
         return [summary('backlog new', runs, base, note),
                 {'name': 'backlog drain', 'drain': (drains['a'], drains['b'])}]
     finally:

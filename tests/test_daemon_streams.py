@@ -19,9 +19,10 @@ import pytest
 
 from desitransfer.configuration import DEFAULT_STREAMS, ConfigurationError, read_configuration
 from desitransfer.daemon import transfer
-from desitransfer.mountain import Link, parse_sizes
+from desitransfer.mountain import Link, Mountain, parse_sizes
 from desitransfer.daemon.streams import AUTO_MAX_STREAMS, StreamPlanner
 from desitransfer.daemon.transfer import MIN_BATCH_BYTES, plan
+from desitransfer.processes import Stop
 from fixtures_daemon import LAST, snapshot
 from loopback import wait_until
 
@@ -517,3 +518,35 @@ def test_stream_planner_on_its_own():
     other.measure()
     other.keep()
     assert section['round_trip'] == 0.03 and saved == [1, 3]
+
+
+def test_first_command_of_a_stream_waits_for_its_opening(dts, tmp_path):
+    """A connection opened ahead of its stream (an ssh handshake, slow over a
+    wide-area link) is waited for by the stream's first command, which then
+    shares it; started meanwhile, that command would find the control socket
+    half made and open a connection of its own."""
+    record = tmp_path / 'record'
+    wrapper = tmp_path / 'slow-ssh'
+    wrapper.write_text(f'''#!/bin/sh
+for arg; do case $arg in ControlPath=*) mux=${{arg##*/}};; esac; last=$arg; done
+if [ "$last" = true ]; then
+    echo "open-start $mux" >> {record}; sleep 0.5; {dts.ssh} "$@"; rc=$?
+    echo "open-end $mux" >> {record}; exit $rc
+fi
+echo "use $mux $last" >> {record}
+exec {dts.ssh} "$@"
+''')
+    wrapper.chmod(0o755)
+    mountain = Mountain('dts', str(wrapper), Stop())
+    try:
+        mountain.open_streams(3)
+        assert mountain.remote(['echo', 'zero']).stdout == 'zero\n'
+        assert mountain.remote(['echo', 'two'], stream=2).stdout == 'two\n'
+        lines = record.read_text().splitlines()
+        assert lines.count('open-start mux1') == lines.count('open-start mux2') == 1, lines
+        assert lines.index('use mux2 echo two') > lines.index('open-end mux2'), lines
+        # Stream 0 has no opening: its command does not wait for the others.
+        assert lines.index('use mux echo zero') < lines.index('open-end mux1'), lines
+        assert mountain.connection.is_open(1) and mountain.connection.is_open(2)
+    finally:
+        mountain.close()

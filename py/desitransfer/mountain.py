@@ -53,6 +53,10 @@ MAX_PATH = 4096
 #: Seconds before a remote command is killed.
 REMOTE_TIMEOUT = 300
 
+#: Seconds a connection opened ahead of its rsync stream may take; its
+#: first command waits that long for it at most.
+OPEN_WAIT = 60
+
 #: Seconds before the question of the sizes of a backlog is abandoned.
 SIZES_TIMEOUT = 120
 
@@ -252,6 +256,7 @@ class Mountain(object):
         self.ssh = ssh
         self.stop = stop
         self.connection = SharedConnection(host, program=ssh)
+        self._opening = {}  # stream -> the thread opening its connection
 
     @property
     def name(self):
@@ -261,7 +266,16 @@ class Mountain(object):
         """The ssh command, sharing one connection (an OpenSSH control master
         kept between passes; ssh makes a new one if it died).  Each rsync
         `stream` after the first has a connection of its own, kept the same
-        way, so that it has its own TCP window."""
+        way, so that it has its own TCP window.
+
+        If :meth:`open_streams` is opening the connection of `stream`, it
+        waits for it (at most :data:`OPEN_WAIT` seconds): a command started
+        meanwhile would find the control socket half made and open a
+        connection of its own, not shared, a whole handshake more.
+        """
+        opener = self._opening.get(stream)
+        if opener is not None and opener is not threading.current_thread():
+            opener.join(OPEN_WAIT)
         return self.connection.ssh(stream)
 
     def close(self):
@@ -290,10 +304,13 @@ class Mountain(object):
                 # Whatever it answers is not a failure: the rsync of the
                 # stream opens it again if needed, and reports what fails.
                 command = self.ssh_command(stream) + [self.host, 'true']
-                threading.Thread(target=run, args=(command,),
-                                 kwargs={'timeout': 120, 'ok': tuple(range(-64, 256)),
-                                         'quiet': True, 'stop': self.stop},
-                                 name=f'open-stream-{stream:d}', daemon=True).start()
+                opener = threading.Thread(target=run, args=(command,),
+                                          kwargs={'timeout': OPEN_WAIT,
+                                                  'ok': tuple(range(-64, 256)),
+                                                  'quiet': True, 'stop': self.stop},
+                                          name=f'open-stream-{stream:d}', daemon=True)
+                self._opening[stream] = opener
+                opener.start()
 
     def rsync(self, source, destination, extra=(), dry_run=False, stream=0):
         """The rsync command copying directory `source` at the mountain into
