@@ -374,18 +374,28 @@ def test_dry_run_changes_nothing(tmp_path, caplog):
         assert dry.wait('it happens', lambda: pytest.fail('waited')) is True
         assert dry.ask(['echo', 'asked']).stdout == 'asked\n'
         assert quiet.ask(['echo', 'asked']) is None
+        assert dry.query('download it', lambda: 'answer') == 'answer'
+        assert quiet.query('download it', lambda: pytest.fail('asked')) is None
+        scratch = dry.scratch('desitransfer-dry-')
+        assert not os.path.exists(scratch)
     assert path.read_text() == 'old\n' and sorted(os.listdir(tmp_path)) == ['f.txt']
     assert mode(tmp_path) != 0o2750
     said = caplog.text
     for line in (f'Test mode, would write {path}:\nnew', f'Test mode, would remove {path}.',
                  'Test mode, would take the lock ', 'Test mode, would lock ',
-                 'Test mode, would wait until it happens.', 'Test mode, would run: echo asked'):
+                 'Test mode, would wait until it happens.', 'Test mode, would run: echo asked',
+                 'Test mode, would download it.', f'would create the private directory {scratch}'):
         assert line in said, line
     real = for_mode(False, None)
     assert real.write_file(str(path), 'new\n') is True and path.read_text() == 'new\n'
     real.remove_file(str(path))
     real.remove_file(str(path))
     assert not path.exists()
+    scratch = real.scratch('desitransfer-real-')
+    try:
+        assert stat.S_IMODE(os.stat(scratch).st_mode) == 0o700
+    finally:
+        os.rmdir(scratch)
 
 
 def test_verify_checksum_exported():

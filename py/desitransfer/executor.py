@@ -15,13 +15,13 @@ Questions that only read (the listing at the mountain, a dry-run rsync,
 ``hsi ls``) go through :meth:`Actions.ask` and run in both, except in the
 test mode of the mirrors, which runs no command at all.
 """
-import contextlib
 import errno
 import os
 import shutil
 import smtplib
 import socket
 import stat
+import tempfile
 from email.message import EmailMessage
 
 from .checksum import verify_checksum
@@ -224,6 +224,15 @@ class Actions(object):
         """Wait until `what`: call `until`, which waits and says if it happened."""
         return until()
 
+    def query(self, what, ask):
+        """What the question `ask` (a callable that only reads, such as a
+        download) answers; `what` it is, as said by a test mode that asks nothing."""
+        return ask()
+
+    def scratch(self, prefix):
+        """A new private directory (mode 0700) for this run's own files."""
+        return tempfile.mkdtemp(prefix=prefix)
+
     def write_file(self, path, text):
         """Write `text` to `path` whole (:func:`desitransfer.files.write_text`);
         ``True`` once written."""
@@ -373,7 +382,8 @@ class DryRun(Actions):
 
     def single_instance(self, path):
         log.info("Test mode, would take the lock %s.", path)
-        return contextlib.nullcontext(), None
+        # Held by nobody: a file like the lock, to close.
+        return open(os.devnull), None
 
     def remove_file(self, path):
         if os.path.lexists(path):
@@ -385,6 +395,17 @@ class DryRun(Actions):
     def wait(self, what, until):
         log.info("Test mode, would wait until %s.", what)
         return True
+
+    def query(self, what, ask):
+        if self.asks:
+            return ask()
+        log.info("Test mode, would %s.", what)
+        return None
+
+    def scratch(self, prefix):
+        path = os.path.join(tempfile.gettempdir(), f'{prefix}test')
+        log.info("Test mode, would create the private directory %s.", path)
+        return path
 
     def write_file(self, path, text):
         log.info("Test mode, would write %s:\n%s", path, text.rstrip('\n'))

@@ -22,7 +22,6 @@ import datetime as dt
 import functools
 import os
 import re
-import shutil
 import stat
 import sys
 import tempfile
@@ -37,7 +36,6 @@ from . import __version__ as dtVersion
 from . import common, mirror, processes, web
 from .alerts import alert_options, configure_log
 from .common import MST, log
-from .processes import single_instance
 from .mirror import IO_TIMEOUT, MAX_DELETE, REMOTE_ROOT, RSYNC
 
 #: The name of the command, in logs, alerts and file names.
@@ -339,23 +337,21 @@ class Mirror(mirror.BaseMirror):
         :class:`int`
             0 if every directory was mirrored (or excluded), 1 otherwise.
         """
-        if not self.test and not self._make_log_directory():
+        if not self._make_log_directory():
             return 1
         _configure_log(self.options, self.options.log)
-        if self.test:
-            log.info("Test mode: commands are logged, not run; nothing is changed.")
-        else:
-            lock_file = os.path.join(self.options.log, f'{PROGRAM}.pid')
-            try:
-                self._lock, holder = single_instance(lock_file)
-            except OSError as err:
-                log.critical("Cannot take the lock %s: %s. Nothing was mirrored.",
-                             lock_file, err)
-                return 1
-            if self._lock is None:
-                log.critical("Another %s (pid %s) is running (lock %s); exiting. "
-                             "Nothing was mirrored.", PROGRAM, holder, lock_file)
-                return 1
+        self.actions.start()
+        lock_file = os.path.join(self.options.log, f'{PROGRAM}.pid')
+        try:
+            self._lock, holder = self.actions.single_instance(lock_file)
+        except OSError as err:
+            log.critical("Cannot take the lock %s: %s. Nothing was mirrored.",
+                         lock_file, err)
+            return 1
+        if self._lock is None:
+            log.critical("Another %s (pid %s) is running (lock %s); exiting. "
+                         "Nothing was mirrored.", PROGRAM, holder, lock_file)
+            return 1
         try:
             try:
                 self.private = self._private_directory()
@@ -365,25 +361,28 @@ class Mirror(mirror.BaseMirror):
                 return 1
             outcomes = self.mirror()
         finally:
-            if self.private and not self.test:
-                shutil.rmtree(self.private, ignore_errors=True)
-            if self._lock is not None:
-                self._lock.close()
+            if self.private:
+                try:
+                    self.actions.remove_tree(self.private)
+                except OSError as err:
+                    log.warning("Could not remove %s: %s.", self.private, err)
+            self._lock.close()
         return self._report(outcomes)
 
     def _private_directory(self):
         """A new directory for the generated lists, readable by this user only;
         the directories of earlier runs that were killed are removed."""
         top = tempfile.gettempdir()
-        if self.test:
-            return os.path.join(top, f'{PROGRAM}-{os.getpid():d}-test')
         for name in sorted(os.listdir(top)):
             m = re.fullmatch(rf'{PROGRAM}-([0-9]+)-\w+', name)
             path = os.path.join(top, name)
             if (m is not None and not processes.alive(int(m.group(1))) and
                     os.lstat(path).st_uid == os.getuid()):
-                shutil.rmtree(path, ignore_errors=True)
-        return tempfile.mkdtemp(prefix=f'{PROGRAM}-{os.getpid():d}-')
+                try:
+                    self.actions.remove_tree(path)
+                except OSError as err:
+                    log.warning("Could not remove %s: %s.", path, err)
+        return self.actions.scratch(f'{PROGRAM}-{os.getpid():d}-')
 
     def mirror(self):
         """Mirror every directory, up to ``--processes`` at once.
@@ -395,7 +394,8 @@ class Mirror(mirror.BaseMirror):
             order of the table.
         """
         # In test mode one at a time, so that the commands read in order.
-        with ThreadPoolExecutor(max_workers=1 if self.test else self.options.nproc) as pool:
+        with ThreadPoolExecutor(max_workers=1 if self.actions.test else self.options.nproc) \
+                as pool:
             return list(pool.map(self._mirror, self.directories))
 
     def _prepare(self, d, copy):
@@ -418,11 +418,7 @@ class Mirror(mirror.BaseMirror):
         nights = night_window(d.nights)
         rules = night_rules(d)
         log.info("%s: the %d nights from %s to %s.", d.name, len(nights), nights[-1], nights[0])
-        if self.test:
-            log.debug("Test mode, would write %s: %s", path, ' '.join(rules))
-        else:
-            with open(path, 'x') as f:
-                f.write(''.join(r + '\n' for r in rules))
+        self.actions.write_file(path, ''.join(r + '\n' for r in rules))
         return path
 
     def _path_list(self, d, copy):
@@ -430,11 +426,9 @@ class Mirror(mirror.BaseMirror):
         its file name, or the status of `d` if it cannot be used."""
         url = self.lists[d.files_from]
         path = os.path.join(self.private, 'paths_' + d.name.replace('/', '_') + '.txt')
-        if self.test:
-            log.info("Test mode, would download %s (%s) to %s.", url, d.files_from, path)
-            return path
         try:
-            paths = parse_list(download(url, self.stop))
+            paths = self.actions.query(f"download {url} ({d.files_from}) to {path}",
+                                       lambda: parse_list(download(url, self.stop)))
         except ValueError as err:
             if self.stop.is_set():
                 log.warning("Download of %s stopped (%s).", url, self.stop.reason)
@@ -443,23 +437,24 @@ class Mirror(mirror.BaseMirror):
                          "left as it is; the other directories continue.", d.name, url,
                          d.files_from, err, copy)
             return 'failed'
+        if paths is None:
+            return path  # Not asked (test mode).
         if not paths:
             log.critical("The list of paths of %s from %s (%s) names no path: refusing to "
                          "mirror with it. %s is left as it is; check the list at NERSC.",
                          d.name, url, d.files_from, copy)
             return 'refused'
-        with open(path, 'x') as f:
-            f.write(''.join(p + '\n' for p in paths))
+        self.actions.write_file(path, ''.join(p + '\n' for p in paths))
         log.info("%s: %d paths listed by %s.", d.name, len(paths), url)
         return path
 
     def _user_write(self, copy):
-        changed, problems = add_user_write(copy, test=self.test)
+        changed, problems = add_user_write(copy, test=self.actions.test)
         for problem in problems:
             log.warning("Adding user write permission: %s.", problem)
         if changed:
             log.info("%s user write permission to %d entries under %s.",
-                     "Test mode, would add" if self.test else "Added", changed, copy)
+                     "Test mode, would add" if self.actions.test else "Added", changed, copy)
 
     def _command(self, d, include_from=None, files_from=None):
         """The rsync command mirroring `d`, with statistics, timeouts and the
