@@ -530,6 +530,7 @@ def test_first_command_of_a_stream_waits_for_its_opening(dts, tmp_path):
     wrapper.write_text(f'''#!/bin/sh
 for arg; do case $arg in ControlPath=*) mux=${{arg##*/}};; esac; last=$arg; done
 if [ "$last" = true ]; then
+    [ "$mux" = mux3 ] && exec sleep 60  # A handshake that never ends.
     echo "open-start $mux" >> {record}; sleep 0.5; {dts.ssh} "$@"; rc=$?
     echo "open-end $mux" >> {record}; exit $rc
 fi
@@ -539,7 +540,7 @@ exec {dts.ssh} "$@"
     wrapper.chmod(0o755)
     mountain = Mountain('dts', str(wrapper), Stop())
     try:
-        mountain.open_streams(3)
+        mountain.open_streams(4)
         assert mountain.remote(['echo', 'zero']).stdout == 'zero\n'
         assert mountain.remote(['echo', 'two'], stream=2).stdout == 'two\n'
         lines = record.read_text().splitlines()
@@ -548,5 +549,12 @@ exec {dts.ssh} "$@"
         # Stream 0 has no opening: its command does not wait for the others.
         assert lines.index('use mux echo zero') < lines.index('open-end mux1'), lines
         assert mountain.connection.is_open(1) and mountain.connection.is_open(2)
+        # A command stopped does not wait for a handshake that never ends.
+        stopped = Stop()
+        threading.Timer(0.3, stopped.set, ('stopped',)).start()
+        t0 = time.monotonic()
+        mountain.remote(['echo', 'three'], stream=3, stop=stopped)
+        assert time.monotonic() - t0 < 5
     finally:
+        mountain.stop.set('end of the test')  # Ends the hung opening.
         mountain.close()

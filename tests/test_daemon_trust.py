@@ -483,11 +483,13 @@ def test_first_start_on_settled_history(site, caplog):
     connections = [c for c in wrapper_calls() if '-O' not in c]
     # The survey, the copy, the catch-up; the measure of the round trip
     # (streams = auto), and the watch for exposures linked during the copy
-    # over the express stream's connection, opened while the sizes are asked.
+    # over the express stream's connection, opened while the sizes are asked
+    # (a copy that ends before that connection is open has no watch: the
+    # watch between passes compares with the survey).
     assert len([c for c in connections if c[-1] == 'cat']) == 1, connections
     watches = [c for c in connections if 'echo quiet' in c[-1]]
     opened = [c for c in connections if c[-1] == 'true']
-    assert len(watches) == 1 and len(opened) <= 1, connections
+    assert len(watches) <= 1 and len(opened) <= 1, [c[-1][:80] for c in connections]
     assert len([c for c in connections if c[-1] not in ('cat', 'true') and
                 c not in watches]) <= 3, connections
     assert seconds < 10

@@ -37,6 +37,7 @@ import posixpath
 import re
 import shlex
 import threading
+import time
 from collections import namedtuple
 
 from .common import log, valid_night
@@ -262,20 +263,25 @@ class Mountain(object):
     def name(self):
         return self.host or 'localhost'
 
-    def ssh_command(self, stream=0):
+    def ssh_command(self, stream=0, stop=None):
         """The ssh command, sharing one connection (an OpenSSH control master
         kept between passes; ssh makes a new one if it died).  Each rsync
         `stream` after the first has a connection of its own, kept the same
         way, so that it has its own TCP window.
 
         If :meth:`open_streams` is opening the connection of `stream`, it
-        waits for it (at most :data:`OPEN_WAIT` seconds): a command started
-        meanwhile would find the control socket half made and open a
-        connection of its own, not shared, a whole handshake more.
+        waits for it (at most :data:`OPEN_WAIT` seconds, less if `stop`, by
+        default the mountain's, is set): a command started meanwhile would
+        find the control socket half made and open a connection of its own,
+        not shared, a whole handshake more.
         """
         opener = self._opening.get(stream)
         if opener is not None and opener is not threading.current_thread():
-            opener.join(OPEN_WAIT)
+            stop = self.stop if stop is None else stop
+            end = time.monotonic() + OPEN_WAIT
+            while (opener.is_alive() and time.monotonic() < end and
+                   not (stop is not None and stop.is_set())):
+                opener.join(0.05)
         return self.connection.ssh(stream)
 
     def close(self):
@@ -290,7 +296,7 @@ class Mountain(object):
         stop = self.stop if stop is None else stop
         if not self.host:
             return run(words, timeout=timeout, ok=(0,), quiet=True, stop=stop, names=names)
-        return run(self.ssh_command(stream) + [self.host, shlex.join(words)],
+        return run(self.ssh_command(stream, stop) + [self.host, shlex.join(words)],
                    timeout=timeout, ok=(0,), quiet=True, stop=stop, names=names)
 
     def open_streams(self, streams):

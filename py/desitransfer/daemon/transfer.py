@@ -375,10 +375,9 @@ class _Copy(object):
         left = streams
         try:
             while running:
-                try:
-                    item = self.results.get(timeout=0.2)
-                except queue.Empty:
-                    continue
+                # Every thread says when it ends (_guard): no need to look
+                # every so often; a signal still interrupts the wait.
+                item = self.results.get()
                 if isinstance(item, str):
                     running -= 1
                     if item == 'stream':
