@@ -3,6 +3,7 @@
 import datetime as dt
 import logging
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -310,6 +311,23 @@ def test_run_stop_event(tmp_path):
     r = run([sys.executable, '-c', 'import time; print("a"); time.sleep(1.5); print("b")'],
             stop=threading.Event())
     assert r == (0, 'a\nb\n', '')
+
+
+def test_stop_wakes_a_running_command_at_once():
+    """A :class:`Stop` set while a command runs ends it at once, not at the
+    next of the runner's looks (every half second): its waker pipe wakes it."""
+    import threading
+    from desitransfer.processes import Waker
+    woken = Waker()
+    woken.wake()
+    assert select.select([woken], [], [], 0)[0] == [woken]  # woken before its pipe exists
+    woken.close()
+    for _ in range(3):
+        stop = Stop()
+        threading.Timer(0.05, stop.set).start()
+        t0 = time.monotonic()
+        r = run(['sleep', '30'], stop=stop)
+        assert r.returncode == -15 and time.monotonic() - t0 < 0.4
 
 
 def test_stop_kill_file_and_wait(tmp_path):

@@ -480,8 +480,8 @@ class _Mountain(object):
         time.sleep(self.delay)
         return self.rtt
 
-    def open_streams(self, n):
-        self.opened.append(n)
+    def open_streams(self, n, first=1):
+        self.opened.append((first, n))
 
 
 def test_stream_planner_on_its_own():
@@ -492,7 +492,7 @@ def test_stream_planner_on_its_own():
     saved = []
     fixed = StreamPlanner(_Mountain(0.05), 3, {'round_trip': None}, lambda: saved.append(1),
                           threading.Event())
-    assert fixed.streams() == 3 and fixed.mountain.opened == [4]  # and the express stream's
+    assert fixed.streams() == 3 and fixed.mountain.opened == [(3, 4)]  # the express stream's
     fixed.measure()
     fixed.keep()
     assert fixed.mountain.asked == 0 and not saved
@@ -524,7 +524,8 @@ def test_first_command_of_a_stream_waits_for_its_opening(dts, tmp_path):
     """A connection opened ahead of its stream (an ssh handshake, slow over a
     wide-area link) is waited for by the stream's first command, which then
     shares it; started meanwhile, that command would find the control socket
-    half made and open a connection of its own."""
+    half made and open a connection of its own.  A bulk copy does not wait:
+    it borrows the connection of stream 0 meanwhile."""
     record = tmp_path / 'record'
     wrapper = tmp_path / 'slow-ssh'
     wrapper.write_text(f'''#!/bin/sh
@@ -547,8 +548,14 @@ exec {dts.ssh} "$@"
         assert lines.count('open-start mux1') == lines.count('open-start mux2') == 1, lines
         assert lines.index('use mux2 echo two') > lines.index('open-end mux2'), lines
         # Stream 0 has no opening: its command does not wait for the others.
-        assert lines.index('use mux echo zero') < lines.index('open-end mux1'), lines
+        assert 'open-end mux1' not in lines[:lines.index('use mux echo zero')], lines
         assert mountain.connection.is_open(1) and mountain.connection.is_open(2)
+        # A bulk copy borrows the open connection of stream 0 meanwhile.
+        t0 = time.monotonic()
+        borrowed = mountain.rsync('/data/20261120', '/staging', stream=3, borrow=True)
+        assert time.monotonic() - t0 < 1
+        assert borrowed[1].endswith(f"ControlPath={mountain.connection._directory}/mux "
+                                    "-o ControlPersist=120"), borrowed
         # A command stopped does not wait for a handshake that never ends.
         stopped = Stop()
         threading.Timer(0.3, stopped.set, ('stopped',)).start()

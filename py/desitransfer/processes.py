@@ -360,6 +360,45 @@ def exclusively(program, lock_file, work):
 # ----------------------------------------------------------------------
 # Single-instance locks, and the loop and stop of long-running commands.
 # ----------------------------------------------------------------------
+class Waker(object):
+    """A pipe that becomes readable once :meth:`wake` is called, so that a
+    loop waiting in :func:`select.select` (:func:`desitransfer.runner.run`)
+    notices a request to stop at once instead of at its next look.  The pipe
+    is made at the first :meth:`fileno`.
+    """
+
+    def __init__(self):
+        self._lock = threading.RLock()  # wake() may come from a signal handler
+        self._fds = None
+        self._woken = False
+
+    def fileno(self):
+        """The end to read of the pipe."""
+        with self._lock:
+            if self._fds is None:
+                self._fds = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+                if self._woken:
+                    os.write(self._fds[1], b'!')
+            return self._fds[0]
+
+    def wake(self):
+        """Make the pipe readable (for good)."""
+        with self._lock:
+            if not self._woken and self._fds is not None:
+                os.write(self._fds[1], b'!')
+            self._woken = True
+
+    def close(self):
+        with self._lock:
+            if self._fds is not None:
+                for fd in self._fds:
+                    os.close(fd)
+                self._fds = None
+
+    def __del__(self):
+        self.close()
+
+
 class Stop(object):
     """A request to stop: SIGTERM (once :meth:`handle_signals` is called),
     the kill file, or :meth:`set`.
@@ -381,12 +420,18 @@ class Stop(object):
         self.interval = interval
         self.event = threading.Event()
         self.reason = None
+        self.waker = Waker()
 
     def set(self, reason='stop requested'):
         """Ask every loop and command using this object to stop."""
         if not self.event.is_set():
             self.reason = reason
         self.event.set()
+        self.waker.wake()
+
+    def wakers(self):
+        """What :func:`~desitransfer.runner.run` selects on to notice :meth:`set` at once."""
+        return [self.waker]
 
     def handle_signals(self, *signums):
         """Set this object when one of `signums` (default SIGTERM) arrives."""

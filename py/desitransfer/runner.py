@@ -200,6 +200,10 @@ def _collect(proc, timeout, stop, limit, output, names=False):
     with selectors.DefaultSelector() as selector:
         for fd in names:
             selector.register(fd, selectors.EVENT_READ)
+        # A stop set while it waits wakes it at once (not only at its next look).
+        wakers = stop.wakers() if stop is not None and hasattr(stop, 'wakers') else []
+        for waker in wakers:
+            selector.register(waker.fileno(), selectors.EVENT_READ, 'wake')
         while True:
             now = time.monotonic()
             if why is None:
@@ -220,7 +224,7 @@ def _collect(proc, timeout, stop, limit, output, names=False):
                 until = now + (3.0 if signals else 2.0)
             if why is not None and not gone and proc.poll() is not None:
                 gone, signals, until = True, [], min(until, now + 0.5)
-            if not selector.get_map():
+            if all(key.data == 'wake' for key in selector.get_map().values()):
                 if proc.poll() is not None:
                     break
                 try:
@@ -230,6 +234,10 @@ def _collect(proc, timeout, stop, limit, output, names=False):
                 continue
             # Wake up at least every half second to notice `stop`.
             for key, _ in selector.select(max(0.0, min(0.5, until - now))):
+                if key.data == 'wake':
+                    selector.unregister(key.fd)  # readable for good: once is enough
+                    look = 0.0
+                    continue
                 data = os.read(key.fd, 1 << 16)
                 if not data:
                     selector.unregister(key.fd)

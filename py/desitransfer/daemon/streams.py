@@ -70,9 +70,11 @@ class StreamPlanner(object):
             n = self._auto()
         else:
             n = self.setting
-        # While the sizes are asked: the streams' connections, and the
-        # express stream's, for exposures linked meanwhile.
-        self.mountain.open_streams(n + 1)
+        # While the sizes are asked: the express stream's connection, for
+        # exposures linked meanwhile (its answers must not queue behind a bulk
+        # copy).  The bulk streams borrow the first connection while theirs
+        # open, and copy_verify opens theirs only if they copy more than once.
+        self.mountain.open_streams(n + 1, first=n)
         return n
 
     def round_trip(self):
@@ -121,8 +123,6 @@ class StreamPlanner(object):
             n = self._auto()
             log.info("Round trip to %s: %.1f ms; a backlog is copied in up to %d "
                      "stream%s.", self.mountain.name, 1000 * rtt, n, '' if n == 1 else 's')
-            if last is None:  # the first measurement ever
-                self.mountain.open_streams(n)
 
         self._thread = threading.Thread(target=measure, name='round-trip', daemon=True)
         self._thread.start()

@@ -35,6 +35,7 @@ from ..text import tail
 from ..rsynccommand import RSYNC_DONE
 from ..store import milliseconds
 from ..mountain import RSYNC_TIMEOUT, only
+from ..processes import Waker
 
 #: What happened to the copy of an exposure.
 COPIED = 'copied'                     #: complete in staging: may be installed
@@ -213,12 +214,17 @@ def copy_verify(links, mountain, staging, checksum_file, actions, basis=None,
     for night in sorted({link.night for link in links}):
         actions.makedirs(os.path.join(staging, night))
     copy = _Copy(mountain, staging, checksum_file, actions, basis, batches)
+    express = streams  # The connection opened for it (StreamPlanner.streams).
     streams = min(streams, len(batches))
+    if len(batches) > streams:
+        # A stream copies more than one batch: the next ones over a
+        # connection of its own, opened while the first is copied.
+        mountain.open_streams(streams)
     if sizes:
         log.info("Copying %d exposures (%.1f MB) in %d rsync%s, %d at a time.", len(links),
                  sum(sizes.get(link.target, 0) for link in links) / 1e6, len(batches),
                  '' if len(batches) == 1 else 's', streams)
-    outcomes = copy.run(streams, settle, arrivals)
+    outcomes = copy.run(streams, settle, arrivals, express)
     return [outcomes[link] for link in links]
 
 
@@ -288,11 +294,17 @@ class _Abort(object):
         self.kind = None
         self.detail = ''
         self._lock = threading.Lock()
+        self.waker = Waker()
 
     def set(self, kind, detail=''):
         with self._lock:
             if self.kind is None:
                 self.kind, self.detail = kind, detail
+        self.waker.wake()
+
+    def wakers(self):
+        """What a command run with this as `stop` wakes on (see :class:`~desitransfer.processes.Waker`)."""
+        return [self.waker] + (self.stop.wakers() if hasattr(self.stop, 'wakers') else [])
 
     def is_set(self):
         return self.kind is not None or self.stop.is_set()
@@ -309,9 +321,14 @@ class _Done(object):
     def __init__(self, abort):
         self.abort = abort
         self.event = threading.Event()
+        self.waker = Waker()
 
     def set(self):
         self.event.set()
+        self.waker.wake()
+
+    def wakers(self):
+        return [self.waker] + self.abort.wakers()
 
     def is_set(self):
         return self.event.is_set() or self.abort.is_set()
@@ -355,14 +372,14 @@ class _Copy(object):
         self.express = queue.SimpleQueue()
         self.express_stream = None
 
-    def run(self, streams, settle, arrivals=None):
+    def run(self, streams, settle, arrivals=None, express=None):
         threads = [threading.Thread(target=self._guard, args=('stream', self._stream, n),
                                     name=f'rsync-stream-{n:d}', daemon=True)
                    for n in range(streams)]
         threads.append(threading.Thread(target=self._guard, args=('verifier', self._verifier),
                                         name='verify', daemon=True))
         if arrivals is not None:
-            self.express_stream = streams
+            self.express_stream = streams if express is None else express
             threads += [
                 threading.Thread(target=self._guard, args=('arrivals', self._arrivals,
                                                            arrivals),
@@ -402,6 +419,8 @@ class _Copy(object):
         finally:
             for t in threads:
                 t.join()
+            for waker in (self.done.waker, self.abort.waker):
+                waker.close()
         if fatal_outcomes and settle is not None:
             settle(fatal_outcomes)
         return outcomes
@@ -475,8 +494,10 @@ class _Copy(object):
         what = (f"exposure {night}/{batch[0].expid}" if len(batch) == 1 else
                 f"{len(batch):d} exposures of night {night}")
         t0 = time.monotonic()
+        # A stream of the bulk starts on the first connection while its own
+        # opens; the express stream's copies wait for theirs (see Mountain.ssh_command).
         result = self.actions.run(self.mountain.rsync(parent, staging_night, extra=extra,
-                                                      stream=n),
+                                                      stream=n, borrow=not verify),
                                   timeout=RSYNC_TIMEOUT, ok=RSYNC_DONE, stop=self.abort)
         rsync_ms = milliseconds()
         copy = classify(result, self.actions.stop)
