@@ -263,7 +263,7 @@ class Mountain(object):
     def name(self):
         return self.host or 'localhost'
 
-    def ssh_command(self, stream=0, stop=None, borrow=False):
+    def ssh_command(self, stream=0, stop=None):
         """The ssh command, sharing one connection (an OpenSSH control master
         kept between passes; ssh makes a new one if it died).  Each rsync
         `stream` after the first has a connection of its own, kept the same
@@ -273,15 +273,10 @@ class Mountain(object):
         waits for it (at most :data:`OPEN_WAIT` seconds, less if `stop`, by
         default the mountain's, is set): a command started meanwhile would
         find the control socket half made and open a connection of its own,
-        not shared, a whole handshake more.  With `borrow` it does not wait:
-        meanwhile it uses the connection of stream 0, if open (a bulk copy
-        starts at once, its TCP window shared a while; a command whose answer
-        must not queue behind a bulk copy waits for its own connection).
+        not shared, a whole handshake more.
         """
         opener = self._opening.get(stream)
         if opener is not None and opener is not threading.current_thread():
-            if borrow and opener.is_alive() and self.connection.is_open(0):
-                return self.connection.ssh(0)
             stop = self.stop if stop is None else stop
             end = time.monotonic() + OPEN_WAIT
             while (opener.is_alive() and time.monotonic() < end and
@@ -323,10 +318,9 @@ class Mountain(object):
                 self._opening[stream] = opener
                 opener.start()
 
-    def rsync(self, source, destination, extra=(), dry_run=False, stream=0, borrow=False):
+    def rsync(self, source, destination, extra=(), dry_run=False, stream=0):
         """The rsync command copying directory `source` at the mountain into
-        `destination`, with `extra` options, over the connection of `stream`
-        (for `borrow`, see :meth:`ssh_command`).
+        `destination`, with `extra` options, over the connection of `stream`.
 
         Links are not followed (no ``--copy-dirlinks``): `source` is the
         physical directory found by the survey, so nothing outside it is read.
@@ -338,7 +332,7 @@ class Mountain(object):
                              list(extra),
                              [f'{self.host}:{source}/' if self.host else f'{source}/'],
                              f'{destination}/',
-                             ssh=self.ssh_command(stream, borrow=borrow) if self.host else None,
+                             ssh=self.ssh_command(stream) if self.host else None,
                              io_timeout=RSYNC_IO_TIMEOUT, dry_run=dry_run)
 
     def sizes(self, directories):

@@ -70,10 +70,9 @@ class StreamPlanner(object):
             n = self._auto()
         else:
             n = self.setting
-        # While the sizes are asked: the express stream's connection, for
-        # exposures linked meanwhile (its answers must not queue behind a bulk
-        # copy).  The bulk streams borrow the first connection while theirs
-        # open, and copy_verify opens theirs only if they copy more than once.
+        # The express stream's connection, for exposures linked meanwhile (its
+        # answers must not queue behind a bulk copy); copy_verify opens the
+        # bulk streams' own for a backlog.
         self.mountain.open_streams(n + 1, first=n)
         return n
 

@@ -208,18 +208,20 @@ def copy_verify(links, mountain, staging, checksum_file, actions, basis=None,
     """
     if not links:
         return []
-    sizes = (mountain.sizes(sorted({link.target for link in links}))
-             if len(links) > max(1, streams) else None)
+    backlog = len(links) > max(1, streams)
+    if backlog:
+        # Each stream copies batch after batch over a connection of its own
+        # (a TCP window of its own), opened while the sizes are asked.  A few
+        # exposures are one rsync each, which opens its stream's connection
+        # itself (ssh's ControlMaster=auto), with no handshake made ahead.
+        mountain.open_streams(streams)
+    sizes = mountain.sizes(sorted({link.target for link in links})) if backlog else None
     batches = plan(links, sizes, streams)
     for night in sorted({link.night for link in links}):
         actions.makedirs(os.path.join(staging, night))
     copy = _Copy(mountain, staging, checksum_file, actions, basis, batches)
     express = streams  # The connection opened for it (StreamPlanner.streams).
     streams = min(streams, len(batches))
-    if len(batches) > streams:
-        # A stream copies more than one batch: the next ones over a
-        # connection of its own, opened while the first is copied.
-        mountain.open_streams(streams)
     if sizes:
         log.info("Copying %d exposures (%.1f MB) in %d rsync%s, %d at a time.", len(links),
                  sum(sizes.get(link.target, 0) for link in links) / 1e6, len(batches),
@@ -494,10 +496,8 @@ class _Copy(object):
         what = (f"exposure {night}/{batch[0].expid}" if len(batch) == 1 else
                 f"{len(batch):d} exposures of night {night}")
         t0 = time.monotonic()
-        # A stream of the bulk starts on the first connection while its own
-        # opens; the express stream's copies wait for theirs (see Mountain.ssh_command).
         result = self.actions.run(self.mountain.rsync(parent, staging_night, extra=extra,
-                                                      stream=n, borrow=not verify),
+                                                      stream=n),
                                   timeout=RSYNC_TIMEOUT, ok=RSYNC_DONE, stop=self.abort)
         rsync_ms = milliseconds()
         copy = classify(result, self.actions.stop)
