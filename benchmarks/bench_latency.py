@@ -695,7 +695,7 @@ def parse():
     prsr.add_argument('--window', type=float, default=WINDOW / MB,
                       help="backlog: MiB in flight per proxied connection and direction "
                       "(default %(default)s)")
-    prsr.add_argument('--backlog-repeat', type=int, default=1,
+    prsr.add_argument('--backlog-repeat', type=int, default=3,
                       help="backlog: runs of (a) and of (b), in turn; the best drain of each "
                       "is compared, the latencies of every run counted (default %(default)s)")
     prsr.add_argument('--timeout', type=float, default=600,

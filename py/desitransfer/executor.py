@@ -5,7 +5,8 @@ desitransfer.executor
 =====================
 
 Everything :command:`desi_transfer_daemon`, :command:`desi_daily_transfer`,
-:command:`desi_tucson_transfer` and the restore change goes through one
+:command:`desi_tucson_transfer`, :command:`desi_utah_transfer` and the
+restore change goes through one
 :class:`Actions` object: copying, locking, installing, recording, saving
 its state, archiving, emailing a report, taking the single-instance lock,
 writing a log or the completion file.  Test mode is :class:`DryRun`, the same

@@ -77,7 +77,6 @@ _keys = {'nice', 'nights', 'night_filter', 'filter', 'delete_excluded', 'files_f
 _component = re.compile(r'[A-Za-z0-9_.+=,@-]+')
 
 
-
 def read_directories(text=None, source='desi_utah_transfer.ini'):
     """Read the table of mirrored directories.
 

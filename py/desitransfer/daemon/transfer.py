@@ -305,7 +305,8 @@ class _Abort(object):
         self.waker.wake()
 
     def wakers(self):
-        """What a command run with this as `stop` wakes on (see :class:`~desitransfer.processes.Waker`)."""
+        """What a command run with this as `stop` wakes on (see
+        :class:`~desitransfer.processes.Waker`)."""
         return [self.waker] + (self.stop.wakers() if hasattr(self.stop, 'wakers') else [])
 
     def is_set(self):
