@@ -396,7 +396,10 @@ class Waker(object):
                 self._fds = None
 
     def __del__(self):
-        self.close()
+        try:
+            self.close()
+        except Exception:  # at interpreter exit, os may be gone already
+            pass
 
 
 class Stop(object):
