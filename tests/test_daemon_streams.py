@@ -569,3 +569,19 @@ exec {dts.ssh} "$@"
     finally:
         mountain.stop.set('end of the test')  # Ends the hung opening.
         mountain.close()
+
+
+def test_end_of_a_copy_wakes_its_watch_at_once():
+    """The watch during a copy waits on the copy's end, a fatal outcome in a
+    stream or a stop, and is woken by each at once, not at its next look."""
+    for wake in ('done', 'abort', 'stop'):
+        stop = Stop()
+        abort = transfer._Abort(stop)
+        done = transfer._Done(abort)
+        assert done.wait(0.01) is False
+        action = {'done': done.set, 'abort': lambda: abort.set(transfer.CONNECTION_LOST),
+                  'stop': lambda: stop.set('SIGTERM received')}[wake]
+        threading.Timer(0.05, action).start()
+        t0 = time.monotonic()
+        assert done.wait(30) is True, wake
+        assert time.monotonic() - t0 < 0.3, wake

@@ -26,6 +26,7 @@ it to the caller like the others.
 """
 import os
 import queue
+import select
 import threading
 import time
 from collections import namedtuple
@@ -70,6 +71,9 @@ MAX_BATCH_BYTES = 1 << 30
 #: Batches are cut to at most the bytes left over this many times the
 #: number of streams: large first, small at the end, when streams finish.
 SPLIT = 2
+
+#: Seconds between looks for the kill file while the watch during a copy waits.
+KILL_LOOK = 0.5
 
 #: How much lower the CPU priority of verification is than the copy's (nice).
 VERIFY_NICE = 5
@@ -337,11 +341,17 @@ class _Done(object):
         return self.event.is_set() or self.abort.is_set()
 
     def wait(self, seconds):
-        """Wait up to `seconds` (less if set); whether it is set."""
+        """Wait up to `seconds` (less if set); whether it is set.  Woken at
+        once by a :meth:`set` here, a fatal outcome or a stop (their wakers);
+        only the kill file is looked for, every :data:`KILL_LOOK` seconds."""
         end = time.monotonic() + seconds
-        while not self.is_set() and time.monotonic() < end:
-            self.event.wait(min(0.2, max(0.0, end - time.monotonic())))
-        return self.is_set()
+        wakers = self.wakers()
+        while not self.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            select.select(wakers, [], [], min(left, KILL_LOOK))
+        return True
 
 
 def _lower_priority(nice=VERIFY_NICE):
