@@ -345,12 +345,14 @@ class _Done(object):
         once by a :meth:`set` here, a fatal outcome or a stop (their wakers);
         only the kill file is looked for, every :data:`KILL_LOOK` seconds."""
         end = time.monotonic() + seconds
-        wakers = self.wakers()
+        poller = select.poll()  # not select(): no limit on descriptor numbers
+        for waker in self.wakers():
+            poller.register(waker.fileno(), select.POLLIN)
         while not self.is_set():
             left = end - time.monotonic()
             if left <= 0:
                 return False
-            select.select(wakers, [], [], min(left, KILL_LOOK))
+            poller.poll(1000 * min(left, KILL_LOOK))
         return True
 
 
