@@ -32,12 +32,14 @@ ROOT = os.geteuid() == 0
 LARGE = MIN_BATCH_BYTES // 2 + 1
 
 
-def ssh_doing(site, name, pattern, action):
+def ssh_doing(site, name, pattern, action, then=None):
     """An ssh program that runs the shell `action` first for the remote
-    commands matching the shell `pattern`, then the site's ssh."""
+    commands matching the shell `pattern`, then the ssh program `then` (by
+    default the site's)."""
     wrapper = os.path.join(site.top, name)
     with open(wrapper, 'w') as f:
-        f.write(f'#!/bin/sh\ncase "$*" in {pattern}) {action};; esac\nexec {site.ssh} "$@"\n')
+        f.write(f'#!/bin/sh\ncase "$*" in {pattern}) {action};; esac\n'
+                f'exec {then or site.ssh} "$@"\n')
     os.chmod(wrapper, 0o755)
     return wrapper
 
@@ -341,11 +343,8 @@ def test_sizes_not_asked_for_few_exposures(site, caplog):
         site.exposure(LAST, e)
     asked = os.path.join(site.top, 'asked')
     wrapper = ssh_doing(site, 'count-du', '*" du --summarize"*', f'echo du >> {asked}')
-    opening = ssh_doing(site, 'count-opening', '*" true"', f'echo true >> {asked}')
-    with open(opening) as f:
-        text = f.read()
-    with open(opening, 'w') as f:
-        f.write(text.replace(f'exec {site.ssh} ', f'exec {wrapper} '))
+    opening = ssh_doing(site, 'count-opening', '*" true"', f'echo true >> {asked}',
+                        then=wrapper)
     site.write_config(ssh=opening, streams='3')
     assert site.run() == 0
     with open(asked) as f:

@@ -327,7 +327,6 @@ class BaseMirror(object):
 
     def __init__(self, options, environment):
         self.options = options
-        self.test = options.test
         self.source = environment['source']
         self.destination = environment['destination']
         self.transport = environment.get('transport')

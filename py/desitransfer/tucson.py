@@ -471,7 +471,8 @@ class Mirror(mirror.BaseMirror):
         # Alerts about the log directory itself are emailed as set up by main().
         if not self._make_log_directory():
             return 1
-        _configure_log(self.options.debug or self.test, self.options.log, self.test)
+        _configure_log(self.options.debug or self.options.test, self.options.log,
+                       self.options.test)
         self.actions.start()
         # Test mode takes no lock, and runs beside anything.
         if not self.actions.test and running(os.path.join(self.options.log,

@@ -42,7 +42,7 @@ class Settler(object):
     """Record, install, retry and alert after copy-verify; the trouble that
     ends a pass.  One collaborator of
     :class:`~desitransfer.daemon.core.TransferDaemon`, given only what it
-    uses; what a pass did goes in the :class:`~desitransfer.daemon.state.Pass`
+    uses; what a pass did goes in the :class:`~desitransfer.daemon.core.Pass`
     given to each call.
 
     Parameters

@@ -60,8 +60,9 @@ class StreamPlanner(object):
     def streams(self):
         """``[common] streams``; for ``auto``, one stream per
         :data:`AUTO_STREAM_RTT` (or part of it) of round trip to the mountain,
-        1 to :data:`AUTO_MAX_STREAMS` (see :meth:`measure`).  The connections
-        of the streams, and of the express stream, are opened meanwhile."""
+        1 to :data:`AUTO_MAX_STREAMS` (see :meth:`measure`).  The express
+        stream's connection is opened meanwhile (those of the streams, by
+        :func:`~desitransfer.daemon.transfer.copy_verify` for a backlog)."""
         if self.setting == 'auto':
             self.measure()
             if self.round_trip() is None:

@@ -184,9 +184,10 @@ def copy_verify(links, mountain, staging, checksum_file, actions, basis=None,
         The destination: exposures installed there already serve as the
         basis of the copy (``--link-dest``), so only what changed is sent.
     streams : :class:`int`, optional
-        Most rsyncs at once.  The sizes of the exposures are asked of the
-        mountain only when there are more exposures than streams; otherwise
-        each is copied by an rsync of its own.
+        Most rsyncs at once.  Only when there are more exposures than
+        streams are the sizes of the exposures asked of the mountain, while
+        the streams' connections are opened; otherwise each is copied by an
+        rsync of its own, which opens its stream's connection itself.
     settle : callable, optional
         Called in the calling thread with a list of :class:`Outcome` as soon
         as they are known: each batch once verified, while other batches are
