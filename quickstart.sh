@@ -54,6 +54,10 @@ python_packages() {
         "$venv/bin/python" -m pip install -q -e "$top[test,doc]"
         touch "$stamp"
     fi
+    # The package is installed in place (-e): compile it once here, as
+    # otherwise every command compiles it again when PYTHONDONTWRITEBYTECODE
+    # is set (30 ms of each start; the tests start hundreds).
+    "$venv/bin/python" -m compileall -q "$top/py" >/dev/null
 }
 
 case "${1:-}" in

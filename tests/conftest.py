@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from loopback import free_port, start_sshd, wait_for_port  # noqa: F401
+from loopback import TEST_KEX, free_port, start_sshd, wait_for_port  # noqa: F401
 
 # Every tests/fixtures_*.py is a plugin of fixtures (tests/ is on sys.path);
 # fixtures_servers first, as others import it (a plugin imported before pytest
@@ -24,7 +24,7 @@ def dts(tmp_path_factory):
     ``dts.ssh`` is a wrapper program running ``ssh -F CONFIG``, under which
     host alias ``dts`` reaches this sshd as the current user.
     """
-    mountain = start_sshd(tmp_path_factory.mktemp('sshd'))
+    mountain = start_sshd(tmp_path_factory.mktemp('sshd'), kex=TEST_KEX)
     try:
         yield mountain
     finally:
