@@ -20,7 +20,7 @@ import pytest
 from desitransfer.configuration import DEFAULT_STREAMS, ConfigurationError, read_configuration
 from desitransfer.daemon import transfer
 from desitransfer.mountain import Link, Mountain, parse_sizes
-from desitransfer.daemon.streams import AUTO_MAX_STREAMS, StreamPlanner
+from desitransfer.streams import AUTO_MAX_STREAMS, StreamPlanner
 from desitransfer.daemon.transfer import MIN_BATCH_BYTES, plan
 from desitransfer.processes import Stop
 from fixtures_daemon import LAST, snapshot
@@ -495,39 +495,42 @@ class _Mountain(object):
 
 
 def test_stream_planner_on_its_own():
-    """The planner needs only a mountain, the setting and where the round
-    trip is kept: a number is taken as it is; ``auto`` uses the round trip
-    kept from the last run at once while it is measured again, and keeps
-    the new one when the daemon stops."""
-    saved = []
-    fixed = StreamPlanner(_Mountain(0.05), 3, {'round_trip': None}, lambda: saved.append(1),
-                          threading.Event())
+    """The planner needs only its mountain, the setting, the round trip known
+    from the last run and whom to tell of a new one: a number is taken as it
+    is; ``auto`` uses the round trip known at once while it is measured
+    again, tells of the new one as soon as it is measured, and says at the
+    end that there is one to keep."""
+    kept = []
+    fixed = StreamPlanner(_Mountain(0.05), 3, remember=kept.append)
     assert fixed.streams() == 3 and fixed.mountain.opened == [(3, 4)]  # the express stream's
     fixed.measure()
-    fixed.keep()
-    assert fixed.mountain.asked == 0 and not saved
-    section = {'round_trip': 0.02}
+    assert not fixed.settle()
+    assert fixed.mountain.asked == 0 and not kept
     mountain = _Mountain(0.2, delay=0.3)
-    auto = StreamPlanner(mountain, 'auto', section, lambda: saved.append(1), threading.Event())
-    assert auto.streams() == 3  # 20 ms kept from the last run, not waited for
-    assert auto.round_trip() == 0.02
-    wait_until(lambda: auto.round_trip() == 0.2, 10, what='the measurement in the background')
-    auto.keep()  # kept for the next run
-    assert section['round_trip'] == 0.2 and saved == [1] and mountain.asked == 1
+    auto = StreamPlanner(mountain, 'auto', known=0.02, remember=kept.append)
+    assert auto.streams() == 3  # 20 ms known from the last run, not waited for
+    assert auto.round_trip() == 0.02 and not kept
+    wait_until(lambda: kept == [0.2], 10, what='the measurement in the background')
+    assert auto.round_trip() == 0.2
+    assert auto.settle() and not auto.settle()  # one new round trip to keep, once
     assert auto.streams() == AUTO_MAX_STREAMS  # 200 ms: capped
     assert mountain.asked == 1  # measured again only after AUTO_REFRESH
-    # Never measured: the first copy waits for the measurement, and a stop
-    # (--once) for the measurement under way, to keep it.
-    section = {'round_trip': None}
-    first = StreamPlanner(_Mountain(0.01, delay=0.2), 'auto', section,
-                          lambda: saved.append(2), threading.Event())
-    assert first.streams() == 2
-    section['round_trip'] = None
-    other = StreamPlanner(_Mountain(0.03, delay=0.2), 'auto', section,
-                          lambda: saved.append(3), threading.Event())
+    # Never measured: the first copy waits for the measurement, and the end
+    # of a run (--once) for the measurement under way, to keep it; not when
+    # stopping.
+    first = StreamPlanner(_Mountain(0.01, delay=0.2), 'auto', remember=kept.append)
+    assert first.streams() == 2 and kept == [0.2, 0.01]
+    other = StreamPlanner(_Mountain(0.03, delay=0.2), 'auto', remember=kept.append)
     other.measure()
-    other.keep()
-    assert section['round_trip'] == 0.03 and saved == [1, 3]
+    assert other.settle() and kept == [0.2, 0.01, 0.03]
+    stopped = StreamPlanner(_Mountain(0.04, delay=0.5), 'auto')
+    stopped.measure()
+    assert not stopped.settle(stopping=True) and stopped.round_trip() is None
+    # A measurement that fails keeps the last one and tells nobody.
+    failing = StreamPlanner(_Mountain(None), 'auto', known=0.05, remember=kept.append)
+    failing.measure()
+    assert not failing.settle() and failing.round_trip() == 0.05
+    assert kept == [0.2, 0.01, 0.03]
 
 
 def test_first_command_of_a_stream_waits_for_its_opening(dts, tmp_path):

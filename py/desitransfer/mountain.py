@@ -6,7 +6,8 @@ desitransfer.mountain
 
 The mountain, as :command:`desi_transfer_daemon` sees it: shared ssh
 connections (one for the survey and the first rsync stream, one for each
-further stream), a survey of the exposure links with their targets resolved
+further stream, how many planned by the mountain's own
+:class:`~desitransfer.streams.StreamPlanner`), a survey of the exposure links with their targets resolved
 at the mountain, and the rsync commands that copy from there.
 
 A survey is one round trip: a small POSIX shell script, run at the
@@ -37,11 +38,12 @@ import posixpath
 import re
 import shlex
 import threading
-import time
 from collections import namedtuple
 
 from .common import log, valid_night
+from .processes import Waker, wait_for
 from .runner import run
+from .streams import StreamPlanner
 from .rsynccommand import RSYNC_IO_TIMEOUT, rsync_command
 from .transport import SharedConnection, round_trip
 
@@ -250,14 +252,28 @@ class Mountain(object):
         The ssh program, used for every connection, including rsync's.
     stop : :class:`desitransfer.processes.Stop`
         Interrupts every command.
+    streams : :class:`int` or :class:`str`, optional
+        ``[common] streams`` of :attr:`planner`: a number, or ``'auto'``.
+    round_trip : :class:`float`, optional
+        The round trip known from the last run, if any (for ``auto``).
+    remember : callable, optional
+        Called with each round trip measured (see
+        :class:`~desitransfer.streams.StreamPlanner`).
+
+    Attributes
+    ----------
+    planner : :class:`~desitransfer.streams.StreamPlanner`
+        How many rsync streams copy a backlog from here, over connections of
+        this mountain.
     """
 
-    def __init__(self, host, ssh, stop):
+    def __init__(self, host, ssh, stop, streams=1, round_trip=None, remember=None):
         self.host = host
         self.ssh = ssh
         self.stop = stop
         self.connection = SharedConnection(host, program=ssh)
-        self._opening = {}  # stream -> the thread opening its connection
+        self._opening = {}  # stream -> (the thread opening its connection, its waker)
+        self.planner = StreamPlanner(self, streams, known=round_trip, remember=remember)
 
     @property
     def name(self):
@@ -275,13 +291,12 @@ class Mountain(object):
         find the control socket half made and open a connection of its own,
         not shared, a whole handshake more.
         """
-        opener = self._opening.get(stream)
+        opener, opened = self._opening.get(stream, (None, None))
         if opener is not None and opener is not threading.current_thread():
             stop = self.stop if stop is None else stop
-            end = time.monotonic() + OPEN_WAIT
-            while (opener.is_alive() and time.monotonic() < end and
-                   not (stop is not None and stop.is_set())):
-                opener.join(0.05)
+            wait_for(lambda: not opener.is_alive() or (stop is not None and stop.is_set()),
+                     [opened] + (stop.wakers() if hasattr(stop, 'wakers') else []),
+                     OPEN_WAIT)
         return self.connection.ssh(stream)
 
     def close(self):
@@ -310,12 +325,17 @@ class Mountain(object):
                 # Whatever it answers is not a failure: the rsync of the
                 # stream opens it again if needed, and reports what fails.
                 command = self.ssh_command(stream) + [self.host, 'true']
-                opener = threading.Thread(target=run, args=(command,),
-                                          kwargs={'timeout': OPEN_WAIT,
-                                                  'ok': tuple(range(-64, 256)),
-                                                  'quiet': True, 'stop': self.stop},
-                                          name=f'open-stream-{stream:d}', daemon=True)
-                self._opening[stream] = opener
+                opened = Waker()  # woken when the opening ends, whatever it answered
+
+                def open_stream(command=command, opened=opened):
+                    try:
+                        run(command, timeout=OPEN_WAIT, ok=tuple(range(-64, 256)), quiet=True,
+                            stop=self.stop)
+                    finally:
+                        opened.wake()
+                opener = threading.Thread(target=open_stream, name=f'open-stream-{stream:d}',
+                                          daemon=True)
+                self._opening[stream] = (opener, opened)
                 opener.start()
 
     def rsync(self, source, destination, extra=(), dry_run=False, stream=0):

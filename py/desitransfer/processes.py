@@ -20,6 +20,7 @@ import fcntl
 import os
 import pwd
 import re
+import select
 import shlex
 import signal
 import stat
@@ -400,6 +401,23 @@ class Waker(object):
             self.close()
         except Exception:  # at interpreter exit, os may be gone already
             pass
+
+
+def wait_for(done, wakers, seconds, look=0.5):
+    """Wait up to `seconds` until ``done()`` is true: woken at once by any of
+    `wakers` (:class:`Waker`, made readable by whatever makes ``done()``
+    true), looking again every `look` seconds only for what has no waker
+    (a kill file).  Whether ``done()`` is true."""
+    end = time.monotonic() + seconds
+    poller = select.poll()  # not select(): no limit on descriptor numbers
+    for waker in wakers:
+        poller.register(waker.fileno(), select.POLLIN)
+    while not done():
+        left = end - time.monotonic()
+        if left <= 0:
+            return False
+        poller.poll(1000 * min(left, look))
+    return True
 
 
 class Stop(object):

@@ -9,7 +9,8 @@ pass, which for each destination reads as survey → copy-verify → record →
 install → catch-up → archive.  The steps live in the sibling modules:
 :mod:`~desitransfer.mountain` (survey), :mod:`~desitransfer.daemon.transfer`
 (copy-verify), :mod:`~desitransfer.daemon.settle` (record, install, retry,
-alert), :mod:`~desitransfer.daemon.streams` (how many rsync streams),
+alert), :mod:`~desitransfer.streams` (how many rsync streams, owned by the
+mountain),
 :mod:`~desitransfer.daemon.nights` (catch-up, archive) with
 :mod:`~desitransfer.tape` (HPSS), and
 :mod:`~desitransfer.daemon.state`; every change goes through
@@ -36,8 +37,8 @@ from ..mountain import Mountain
 from .report import MorningReport
 from .settle import Settler
 from .state import STATE_FILE, State, valid_link
-from .streams import StreamPlanner
 from .transfer import COPIED, FATAL, fatal
+
 
 class Pass(object):
     """What one pass has done so far, made anew for each pass.
@@ -112,17 +113,21 @@ class TransferDaemon(object):
         self._configure_log(options.debug)
         self.stop = Stop(options.kill)
         self.actions = for_mode(self.test, self.stop)
-        self.mountain = Mountain(self.conf['host'], self.conf['ssh'], self.stop)
+        self.state = State(os.path.join(self.top, STATE_FILE),
+                           [d.name for d in self.directories], keep_bad=not self.test)
+        # The round trip (streams = auto) is kept with the first destination.
+        kept = self.state[self.directories[0].name]
+
+        def remember(rtt):
+            kept['round_trip'] = round(rtt, 6)  # saved with the state
+        self.mountain = Mountain(self.conf['host'], self.conf['ssh'], self.stop,
+                                 streams=self.conf['streams'], round_trip=kept['round_trip'],
+                                 remember=remember)
         self.archive = Archive(self.conf['hpss'], self.conf['hpss_status'], self.scratch,
                                self.actions)
         self.lock_file = os.path.join(self.top, 'desi_transfer_daemon.lock')
-        self.state = State(os.path.join(self.top, STATE_FILE),
-                           [d.name for d in self.directories], keep_bad=not self.test)
-        self.planner = StreamPlanner(self.mountain, self.conf['streams'],
-                                     self.state[self.directories[0].name], self._save_state,
-                                     self.stop)
         self.settler = Settler(self.state, self.mountain, self.actions, self.conf['retries'],
-                               self.planner, self._window)
+                               self._window)
         self.night_end = Nights(self.state, self.mountain, self.actions, self.archive,
                                 self.settler, self.conf, self.tape, self.stop, self._window,
                                 self._recent_nights)
@@ -193,7 +198,8 @@ class TransferDaemon(object):
         try:
             repeat(self.transfer, lambda _: self._wait(self.conf['sleep']), self.stop,
                    self.options.once)
-            self.planner.keep()
+            if self.mountain.planner.settle(stopping=self.stop.is_set()):
+                self._save_state()  # the round trip measured, for the next run
         finally:
             self.mountain.close()
         log.info("desi_transfer_daemon stops.")
@@ -329,8 +335,8 @@ class TransferDaemon(object):
                 names = os.listdir(d.destination)
             except OSError:
                 names = []
-            self.this_pass.nights[d.name] = sorted(n for n in names
-                                          if len(n) == 8 and n >= oldest and valid_night(n))
+            self.this_pass.nights[d.name] = sorted(
+                n for n in names if len(n) == 8 and n >= oldest and valid_night(n))
         return list(self.this_pass.nights[d.name])
 
     def directory(self, d):
@@ -346,7 +352,7 @@ class TransferDaemon(object):
         log.debug("Looking for new exposures in %s.", d.source)
         # One connection to the mountain for a pass that finds nothing new:
         # the connections of further streams are opened only for a backlog
-        # (see StreamPlanner.streams).
+        # (see desitransfer.streams.StreamPlanner.streams).
         survey = self._survey(d)
         if survey.answer == 'unknown':
             if not self.stop.is_set():
@@ -360,7 +366,7 @@ class TransferDaemon(object):
         self.settler.reachable(d)
         # Over the connection the survey opened, in the background: a backlog
         # found by a later pass (or run) knows its number of streams at once.
-        self.planner.measure()
+        self.mountain.planner.measure()
         self.this_pass.surveys[d.name] = survey
         self.settler.unlisted(d, survey, self.this_pass)
         self.settler.report(d, survey)

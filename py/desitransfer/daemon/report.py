@@ -178,8 +178,8 @@ class MorningReport(object):
             lines.append("  Not archived: archiving is disabled (-B).")
         else:
             failures = state['archive_failures'].get(night, 0)
-            lines.append("  Not on tape yet" + (f" ({failures:d} failed attempts)"
-                                                 if failures else "") + ".")
+            lines.append("  Not on tape yet" +
+                         (f" ({failures:d} failed attempts)" if failures else "") + ".")
         summary = latency_summary(latencies({night: records}, night))
         if summary['count']:
             lines.append(f"  Latency from link to verified ({summary['count']:d} exposures): "

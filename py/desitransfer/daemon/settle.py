@@ -55,18 +55,15 @@ class Settler(object):
         Every change (test mode: :class:`~desitransfer.executor.DryRun`).
     retries : :class:`int`
         ``[common] retries``.
-    planner : :class:`~desitransfer.daemon.streams.StreamPlanner`
-        How many rsync streams copy a backlog.
     window : callable
         The nights of the recent window, oldest first (it moves with the date).
     """
 
-    def __init__(self, state, mountain, actions, retries, planner, window):
+    def __init__(self, state, mountain, actions, retries, window):
         self.state = state
         self.mountain = mountain
         self.actions = actions
         self.retries = retries
-        self.planner = planner
         self.window = window
 
     def copy_verify(self, d, links, status, this_pass, settle=None, arrivals=None):
@@ -77,7 +74,7 @@ class Settler(object):
         if settle is None:
             def settle(outcomes):
                 self.settle(d, outcomes, status, this_pass)
-        streams = self.planner.streams() if len(links) > 1 else 1
+        streams = self.mountain.planner.streams() if len(links) > 1 else 1
         return copy_verify(links, self.mountain, d.staging, d.checksum_file, self.actions,
                            basis=d.destination, streams=streams, settle=settle,
                            arrivals=arrivals)

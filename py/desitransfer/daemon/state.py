@@ -109,7 +109,7 @@ _FIELDS = {
     'hpss_unavailable': (type(None), lambda v: v is None or _is_count(v)),
     'reported': (list, lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v)),
     'round_trip': (type(None), lambda v: v is None or (type(v) in (int, float) and
-                                                      0 <= v < 3600)),
+                                                       0 <= v < 3600)),
     'late': (dict, lambda v: isinstance(v, dict) and
              all(valid_night(k) and isinstance(e, list) and
                  all(EXPID.fullmatch(x or '') for x in e) for k, e in v.items())),

@@ -26,7 +26,6 @@ it to the caller like the others.
 """
 import os
 import queue
-import select
 import threading
 import time
 from collections import namedtuple
@@ -36,11 +35,12 @@ from ..text import tail
 from ..rsynccommand import RSYNC_DONE
 from ..store import milliseconds
 from ..mountain import RSYNC_TIMEOUT, only
-from ..processes import Waker
+from ..processes import Waker, wait_for
 
 #: What happened to the copy of an exposure.
 COPIED = 'copied'                     #: complete in staging: may be installed
-FAILED = 'copy failed'                #: rsync failed for this exposure (for example an unreadable file)
+#: rsync failed for this exposure (for example an unreadable file)
+FAILED = 'copy failed'
 SOURCE_CHANGED = 'source changed'     #: the exposure vanished at the mountain during the copy
 CONNECTION_LOST = 'connection lost'   #: the mountain was lost: nothing is known
 DISK_FULL = 'disk full'               #: no space left in staging
@@ -345,16 +345,7 @@ class _Done(object):
         """Wait up to `seconds` (less if set); whether it is set.  Woken at
         once by a :meth:`set` here, a fatal outcome or a stop (their wakers);
         only the kill file is looked for, every :data:`KILL_LOOK` seconds."""
-        end = time.monotonic() + seconds
-        poller = select.poll()  # not select(): no limit on descriptor numbers
-        for waker in self.wakers():
-            poller.register(waker.fileno(), select.POLLIN)
-        while not self.is_set():
-            left = end - time.monotonic()
-            if left <= 0:
-                return False
-            poller.poll(1000 * min(left, KILL_LOOK))
-        return True
+        return wait_for(self.is_set, self.wakers(), seconds, look=KILL_LOOK)
 
 
 def _lower_priority(nice=VERIFY_NICE):

@@ -1,23 +1,26 @@
 # Licensed under a 3-clause BSD style license - see LICENSE.rst
 """
-============================
-desitransfer.daemon.streams
-============================
+====================
+desitransfer.streams
+====================
 
 How many rsync streams copy a backlog from the mountain: ``[common]
 streams``, or for ``auto`` one stream per :data:`AUTO_STREAM_RTT` of round
-trip to the mountain.  The round trip is measured in the background over the
-connection of the survey that reached the mountain, kept in the daemon's
-state file, and measured again after :data:`AUTO_REFRESH` seconds.  One
-:class:`StreamPlanner` serves :command:`desi_transfer_daemon`, given only
-what it uses: the mountain, the setting, where the round trip is kept and
-how to save it.
+trip to the mountain.  Each :class:`~desitransfer.mountain.Mountain` owns one
+:class:`StreamPlanner`, which measures the round trip in the background over
+the mountain's shared connection (after a survey that reached it, again
+after :data:`AUTO_REFRESH` seconds) and opens the streams' connections.
+
+The planner knows nothing of where the round trip is kept between runs: it
+is given the last one known, and tells its owner of each new one as it is
+measured (``remember``, called by the measurement).  Its waits end on
+events: the end of a measurement, not a look every so often.
 """
 import math
 import threading
 import time
 
-from ..common import log
+from .common import log
 
 #: ``[common] streams = auto``: one stream per this many seconds of round
 #: trip (one ssh stream carries about 2 MiB per round trip), at most
@@ -36,26 +39,25 @@ class StreamPlanner(object):
     Parameters
     ----------
     mountain : :class:`desitransfer.mountain.Mountain`
-        Measures the round trip and opens the streams' connections.
-    setting : :class:`int` or :class:`str`
+        Its owner: measures the round trip and opens the streams' connections.
+    setting : :class:`int` or :class:`str`, optional
         ``[common] streams``: a number, or ``'auto'``.
-    section : :class:`dict`
-        The part of the daemon's state that keeps ``round_trip`` (seconds,
-        or ``None``) between runs.
-    save : callable
-        Saves the state (and says so if it cannot).
-    stop : :class:`threading.Event`
-        Set when the daemon stops.
+    known : :class:`float`, optional
+        The round trip (seconds) known from the last run, if any: for
+        ``auto``, it serves at once while it is measured again.
+    remember : callable, optional
+        Called with each round trip measured (seconds), by the measurement
+        itself (a thread of its own), for the owner to keep it.
     """
 
-    def __init__(self, mountain, setting, section, save, stop):
+    def __init__(self, mountain, setting=1, known=None, remember=None):
         self.mountain = mountain
         self.setting = setting
-        self.section = section
-        self.save = save
-        self.stop = stop
-        self._rtt = None  # (when measured, monotonic; seconds or None)
+        self.remember = remember
+        self._rtt = (None, known)  # (when measured, monotonic; seconds or None)
+        self._new = False  # a round trip was measured since the last settle()
         self._thread = None
+        self._measured = threading.Event()  # set when the measurement under way ends
 
     def streams(self):
         """``[common] streams``; for ``auto``, one stream per
@@ -67,7 +69,7 @@ class StreamPlanner(object):
             self.measure()
             if self.round_trip() is None:
                 # Never measured here: wait for the measurement of this pass.
-                self._thread.join(timeout=AUTO_WAIT)
+                self._measured.wait(AUTO_WAIT)
             n = self._auto()
         else:
             n = self.setting
@@ -78,8 +80,9 @@ class StreamPlanner(object):
         return n
 
     def round_trip(self):
-        """The round trip measured last, in seconds, or ``None``."""
-        return self._rtt[1] if self._rtt else None
+        """The round trip measured last (or known from the last run), in
+        seconds, or ``None``."""
+        return self._rtt[1]
 
     def _auto(self, unknown=1):
         """Streams for the round trip measured last (`unknown` if none yet)."""
@@ -90,34 +93,30 @@ class StreamPlanner(object):
     def measure(self):
         """For ``streams = auto``, measure the round trip to the mountain in the
         background, over the connection of the survey (after each survey that
-        answered, and when a pass finds a backlog), unless it was measured less
-        than :data:`AUTO_REFRESH` seconds ago.
-
-        The round trip is kept in the state file: after a start, the one the
-        last run measured serves while it is measured again, so that a backlog
-        found by the first pass does not wait for the measurement.
-        """
+        answered, and when a pass finds a backlog), unless it is being
+        measured or was measured less than :data:`AUTO_REFRESH` seconds ago.
+        A new round trip goes to `remember` as soon as it is measured."""
         if self.setting != 'auto':
             return
-        if self._rtt is None:
-            self._rtt = (None, self.section['round_trip'])
-        elif self._rtt[1] is not None:
-            self.section['round_trip'] = round(self._rtt[1], 6)  # saved with the state
-        now = time.monotonic()
         if self._thread is not None and (self._thread.is_alive() or
-                                         now - self._rtt[0] <= AUTO_REFRESH):
+                                         time.monotonic() - self._rtt[0] <= AUTO_REFRESH):
             return
+        self._measured.clear()
 
         def measure():
             # Over the shared connection, which the survey opened.
             rtt, last = None, self._rtt[1]
             try:
                 rtt = self.mountain.round_trip()
+                if rtt is not None and self.remember is not None:
+                    self.remember(rtt)
             except Exception as err:  # a thread of its own: said here, or lost
                 log.warning("Could not measure the round trip to %s: %s: %s.",
                             self.mountain.name, type(err).__name__, err)
             finally:  # unknown: the last measurement, if any, stands
                 self._rtt = (time.monotonic(), last if rtt is None else rtt)
+                self._new = self._new or rtt is not None
+                self._measured.set()
             if rtt is None:
                 return
             n = self._auto()
@@ -127,15 +126,15 @@ class StreamPlanner(object):
         self._thread = threading.Thread(target=measure, name='round-trip', daemon=True)
         self._thread.start()
 
-    def keep(self):
-        """Before the daemon stops, keep the round trip measured last in the
-        state file; if none is known yet, let the measurement end first (a
-        ``--once`` pass may end before it)."""
+    def settle(self, stopping=False):
+        """Before the owner stops: if no round trip is known yet, let the
+        measurement under way end (a ``--once`` pass may end before it),
+        unless `stopping` (a stop was asked for).  ``True`` if a round trip
+        was measured since the last call (then the owner saves what
+        `remember` kept)."""
         if self.setting != 'auto' or self._thread is None:
-            return
-        if self.section['round_trip'] is None and not self.stop.is_set():
-            self._thread.join(timeout=AUTO_WAIT)
-        rtt = self.round_trip()
-        if rtt is not None and self.section['round_trip'] != round(rtt, 6):
-            self.section['round_trip'] = round(rtt, 6)
-            self.save()
+            return False
+        if self.round_trip() is None and not stopping:
+            self._measured.wait(AUTO_WAIT)
+        new, self._new = self._new, False
+        return new
