@@ -11,6 +11,8 @@ import time
 import pytest
 
 from desitransfer import audit as audit_module
+from desitransfer import mountain as mountain_module
+from desitransfer import tape as tape_module
 from desitransfer.audit import Disagreement, audit, format_table
 from desitransfer.configuration import DirectoryConfig, read_configuration
 from desitransfer.status import TransferStatus
@@ -262,7 +264,7 @@ def test_mountain_unreachable_or_garbled(archived, line, why):
 def test_mountain_hangs(archived, monkeypatch):
     site = archived
     unreachable(site, 'sleep 60')
-    monkeypatch.setattr(audit_module, 'SURVEY_TIMEOUT', 1)
+    monkeypatch.setattr(mountain_module, 'REMOTE_TIMEOUT', 1)
     t0 = time.monotonic()
     found = audit(site.config, [LAST])
     assert time.monotonic() - t0 < 10
@@ -283,7 +285,7 @@ def test_hpss_unreadable(archived, monkeypatch, program, line, why):
     site = archived
     site.hpss_wrapper('broken-hpss', program, line)
     site.write_config(hpss=os.path.join(site.top, 'broken-hpss'), catchup='14', backup='20')
-    monkeypatch.setattr(audit_module, 'HPSS_TIMEOUT', 1)
+    monkeypatch.setattr(tape_module, 'HSI_TIMEOUT', 1)
     found = audit(site.config, [EARLIER, LAST])
     assert kinds(found) == {(EARLIER, None, 'tape'), (LAST, None, 'tape')}
     assert why in problem(found, LAST, None, 'tape')
@@ -408,7 +410,7 @@ def test_unreadable_night_at_nersc(unprivileged):
     missing at NERSC because of it."""
     top = unprivileged.directory()
     p = unprivileged.run(f"""import json, os
-from desitransfer.audit import nersc_night
+from desitransfer.nersc import nersc_night
 top = {top!r}
 os.makedirs(top + '/{LAST}/00000190')
 os.makedirs(top + '/{EARLIER}/00000180')

@@ -18,6 +18,8 @@ import time
 import pytest
 
 from desitransfer import executor as actions
+from desitransfer.runner import Result
+from desitransfer.tape import Archive
 from desitransfer.simulator import exposure_files, make_exposure
 from fixtures_daemon import EARLIER, LAST, NOW, snapshot
 
@@ -697,3 +699,44 @@ def test_morning_report_waits_for_the_mail_server(site, caplog):
     assert site.smtp.wait(1, timeout=10)
     assert site.smtp.messages[0]['Subject'] == 'desi_transfer_daemon: night 20261119 complete'
     assert '20261119 report' in site.state()['reported']
+
+
+def test_tape_index_reads_only_whole_member_lines():
+    """The index of an archive (``htar -tvf``) holds an exposure only on a
+    whole member line (mode, owner, size, date, name) of that night: a line
+    that merely ends with ``NIGHT/EXPID``, a member of another night or a
+    name that is not an exposure counts for nothing.  An answer without
+    ``HTAR SUCCESSFUL`` is unknown, with what htar said."""
+    class Asked(object):
+        test, stop = False, None
+
+        def __init__(self, answer):
+            self.answer, self.commands = answer, []
+
+        def ask(self, command, **kwargs):
+            self.commands.append(command)
+            return self.answer
+
+    listing = '\n'.join([
+        f'HTAR: drwxr-s--- desi/desi            0 2026-11-20 08:00  {LAST}/00001800/',
+        f'HTAR: -r--r----- desi/desi         1024 2026-11-20 08:00  {LAST}/00001800/a.fits',
+        f'HTAR: -r--r----- desi/desi          512 2026-11-20 08:00  {LAST}/00001801/b.fits',
+        f'HTAR: {LAST}/00001802',
+        f'HTAR: lrwxrwxrwx desi/desi            0 2026-11-20 08:00  {LAST}/00001803/l',
+        f'HTAR: -r--r----- desi/desi           10 2026-11-20 08:00  {EARLIER}/00001804/c',
+        f'HTAR: -r--r----- desi/desi           10 2026-11-20 08:00  {LAST}/notanexp/c',
+        'HTAR: HTAR SUCCESSFUL', ''])
+    asked = Asked(Result(0, listing, ''))
+    archive = Archive('', 'http://127.0.0.1:9/', None, asked)
+    found, why = archive.index('desi/spectro/data', LAST)
+    assert why == '' and asked.commands == [
+        ['htar', '-tvf', f'desi/spectro/data/desi_spectro_data_{LAST}.tar']]
+    assert found == {'00001800': {'a.fits': 1024}, '00001801': {'b.fits': 512},
+                     '00001803': {}}
+    assert archive.exposures('desi/spectro/data', LAST) == {
+        f'{LAST}/00001800', f'{LAST}/00001801', f'{LAST}/00001803'}
+    failed = Archive('', 'http://127.0.0.1:9/', None,
+                     Asked(Result(72, '', 'HTAR: HTAR FAILED\n')))
+    assert failed.index('desi/spectro/data', LAST) == (
+        None, 'htar returned 72: HTAR: HTAR FAILED')
+    assert failed.exposures('desi/spectro/data', LAST) is None

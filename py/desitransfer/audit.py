@@ -34,23 +34,21 @@ import os
 import re
 import shlex
 import stat
-import tempfile
 import time
 from collections import namedtuple
-from concurrent.futures import ThreadPoolExecutor
 
 from . import common
-from .checksum import parse_checksums, read_checksum_file, verify_checksum
+from .checksum import verify_checksum
 from .common import dir_perm, file_perm, valid_night
-from .files import lstat_tree
+from .configuration import configured
 from .processes import Stop
-from .text import some, tail
+from .text import some
 from .dates import due_time
-from .executor import DryRun
-from .tape import Archive, ABSENT, archive_name, parse_listing
-from .mountain import SURVEY_SCRIPT, Mountain, parse_survey, shown
-from .statistics import configured
-from .store import TransferStatus, read_status, status_directory
+from .tape import archive_name
+from .mountain import shown
+from .nersc import SHOWN, light_check
+from .places import read_places
+from .store import TransferStatus, status_directory
 
 #: The places a night lives, in the order of the table.
 PLACES = ('mountain', 'nersc', 'status', 'tape')
@@ -62,27 +60,8 @@ DIR_MODES = (dir_perm, dir_perm & ~stat.S_IWUSR)
 #: (the clocks of the mountain and of NERSC).
 CLOCK_TOLERANCE = 5
 
-#: Seconds before the survey of the mountain, or a listing of HPSS, is given up.
-SURVEY_TIMEOUT = 300
-HPSS_TIMEOUT = 600
-
-#: Archive indexes listed at the same time.
-INDEX_THREADS = 4
-
-#: Problems listed in one line before "and N more".
-SHOWN = 3
-
 _RSYNC, _CHECKSUM, _BACKUP = (TransferStatus.stages[s] for s in ('rsync', 'checksum', 'backup'))
 _expid = re.compile(r'[0-9]{8}')
-
-#: One line of ``hsi ls -l``: size, date and name.
-_ls_line = re.compile(r'\S{10}[+.@]?\s+[0-9]+\s+\S+\s+\S+\s+(?P<size>[0-9]+)\s+'
-                      r'(?P<date>[A-Z][a-z]{2}\s+[0-9]{1,2})\s+'
-                      r'(?:(?P<hm>[0-9]{1,2}:[0-9]{2})|(?P<year>[0-9]{4}))\s+(?P<name>.+)')
-
-#: One member in ``htar -tvf``: mode, owner, size, date, time, name.
-_member = re.compile(r'HTAR: (?P<mode>[-dlcbps][-rwxsStT]{9})\s+\S+\s+(?P<size>[0-9]+)\s+'
-                     r'[0-9]{4}-[0-9]{2}-[0-9]{2}\s+[0-9]{2}:[0-9]{2}\s+(?P<name>.+)')
 
 
 class Disagreement(namedtuple('Disagreement', ['night', 'expid', 'place', 'problem', 'todo'])):
@@ -107,159 +86,8 @@ class Disagreement(namedtuple('Disagreement', ['night', 'expid', 'place', 'probl
     __slots__ = ()
 
 
-def _tail(text, size=200):
-    """The end of `text` (from a command) on one line (see :func:`~desitransfer.text.tail`)."""
-    return tail(text, size) or 'no message'
-
-
 def _utc(ms):
     return time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(ms / 1000))
-
-
-def survey(mountain, source, nights, data_root=''):
-    """The daemon's survey of the links of `nights` in `source`, in one round
-    trip, ignoring the checksum lock; see
-    :meth:`desitransfer.mountain.Mountain.survey`."""
-    result = mountain.remote(['sh', '-c', SURVEY_SCRIPT, 'sh', source, ''] + list(nights),
-                             timeout=SURVEY_TIMEOUT, names=True)
-    return parse_survey(result, source, data_root)
-
-
-def tape_listing(archive, hpss):
-    """The tape directory `hpss`: ``({name: (size, ms)}, '')``, ``({}, '')`` if it
-    does not exist, or ``(None, why)`` if unknown (hsi failed or answered
-    something that is not a listing).  ``ms`` is the modification time to the
-    minute (to the day for old files), ``None`` if it cannot be read."""
-    with tempfile.TemporaryDirectory(prefix='desi_transfer_hsi.') as tmp:
-        out = os.path.join(tmp, 'listing.txt')
-        result = archive.actions.ask([archive.program('hsi'), '-O', out, 'ls', '-l', hpss],
-                                     timeout=HPSS_TIMEOUT, ok=(0, 64), quiet=True)
-        try:
-            with open(out, errors='replace') as f:
-                text = f.read()
-        except OSError:
-            text = ''
-    if (result.returncode == 64 and any(w in result.stderr for w in ABSENT) and
-            hpss.rstrip('/') in result.stderr):
-        return {}, ''
-    if result.returncode != 0:
-        return None, f"hsi returned {result.returncode:d}: {_tail(result.stderr)}"
-    _, why = parse_listing(text)
-    if why:
-        return None, f"hsi answered {why}"
-    entries = {}
-    for line in text.splitlines():
-        m = _ls_line.fullmatch(line.rstrip())
-        if m:
-            entries[m.group('name').split('/')[-1]] = (int(m.group('size')), _listed_ms(m))
-    return entries, ''
-
-
-def _listed_ms(m):
-    """Unix milliseconds of the date of a line of ``hsi ls -l`` (local time,
-    as hsi prints it; the year of a recent date is the one that puts it in
-    the past)."""
-    try:
-        if m.group('year'):
-            t = time.strptime(f"{m.group('date')} {m.group('year')}", '%b %d %Y')
-            return int(time.mktime(t) * 1000)
-        now = time.localtime()
-        for year in (now.tm_year, now.tm_year - 1):
-            t = time.strptime(f"{m.group('date')} {year:d} {m.group('hm')}", '%b %d %Y %H:%M')
-            if time.mktime(t) <= time.time() + 86400:
-                return int(time.mktime(t) * 1000)
-    except (ValueError, OverflowError):
-        pass
-    return None
-
-
-def tape_index(archive, hpss, night):
-    """The exposures of `night` in its archive's index (``htar -tvf``):
-    ``({EXPID: {file: size}}, '')``, or ``(None, why)`` if it cannot be read."""
-    path = f'{hpss}/{archive_name(hpss, night)}'
-    result = archive.actions.ask([archive.program('htar'), '-tvf', path],
-                                 timeout=HPSS_TIMEOUT, quiet=True)
-    if result.returncode != 0 or 'HTAR SUCCESSFUL' not in result.stdout:
-        return None, f"htar returned {result.returncode:d}: {_tail(result.stderr)}"
-    found = {}
-    for line in result.stdout.splitlines():
-        m = _member.fullmatch(line.rstrip())
-        parts = m.group('name').rstrip('/').split('/') if m else []
-        if len(parts) >= 2 and parts[0] == night and _expid.fullmatch(parts[1]):
-            files = found.setdefault(parts[1], {})
-            if len(parts) > 2 and m.group('mode')[0] == '-':
-                files['/'.join(parts[2:])] = int(m.group('size'))
-    return found, ''
-
-
-class Exposure(namedtuple('Exposure', ['path', 'st', 'entries', 'problems'])):
-    """An exposure directory at NERSC: its :func:`os.lstat`, and
-    :func:`desitransfer.files.lstat_tree` of what is in it."""
-
-    __slots__ = ()
-
-    @property
-    def files(self):
-        """``{name: os.stat_result}`` of the regular files."""
-        return {n: st for n, st in self.entries.items() if stat.S_ISREG(st.st_mode)}
-
-    @property
-    def rsync_ms(self):
-        """When rsync finished writing it: the modification time of the directory."""
-        return int(self.st.st_mtime * 1000)
-
-    @property
-    def checksum_ms(self):
-        """When it was locked to be verified: the last change of a file's mode
-        (never before :attr:`rsync_ms`)."""
-        changes = [st.st_ctime for st in self.files.values()]
-        return max([self.rsync_ms] + [int(c * 1000) for c in changes])
-
-
-def nersc_night(destination, night):
-    """The night at NERSC: the :func:`os.lstat` of its directory (``None`` if
-    absent), ``{EXPID: Exposure}`` of what is in it, and why it could not be
-    read (``''`` if it could: then what is not there is absent)."""
-    path = os.path.join(destination, night)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None, {}, ''
-    except OSError as err:
-        return None, {}, f"{path} cannot be examined: {err.strerror or err}"
-    if not stat.S_ISDIR(st.st_mode):
-        return st, {}, ''
-    try:
-        names = os.listdir(path)
-    except OSError as err:
-        return st, {}, f"{path} cannot be listed: {err.strerror or err}"
-    found = {}
-    for expid in names:
-        if _expid.fullmatch(expid):
-            exposure = os.path.join(path, expid)
-            try:
-                est = os.lstat(exposure)
-            except OSError:
-                continue
-            entries, problems = lstat_tree(exposure) if stat.S_ISDIR(est.st_mode) else ({}, [])
-            found[expid] = Exposure(exposure, est, entries, problems)
-    return st, found, ''
-
-
-def status_rows(records, night):
-    """``{EXPID (8 digits): {stage code: (ok, ms)}}`` of `night` in the records
-    of its year, the newest row of each stage."""
-    found = {}
-    exposures = records.get(night)
-    for key, rows in exposures.items() if isinstance(exposures, dict) else ():
-        if not (isinstance(key, str) and key.isdigit() and isinstance(rows, list)):
-            continue
-        stages = found.setdefault(f'{int(key):08d}', {})
-        for row in rows:
-            if (isinstance(row, list) and len(row) >= 3 and isinstance(row[2], (int, float))
-                    and (row[0] not in stages or row[2] > stages[row[0]][1])):
-                stages[row[0]] = (bool(row[1]), row[2])
-    return found
 
 
 class Auditor(object):
@@ -268,7 +96,7 @@ class Auditor(object):
     Parameters
     ----------
     configuration : :class:`str` or :class:`tuple`, optional
-        The daemon's configuration, see :func:`desitransfer.statistics.configured`.
+        The daemon's configuration, see :func:`desitransfer.configuration.configured`.
     deep : :class:`bool`, optional
         Verify every checksum.
     directory : :class:`str`, optional
@@ -330,106 +158,16 @@ class Auditor(object):
         return found
 
 
-class Places(namedtuple('Places', ['mountain_why', 'links', 'refused', 'tape', 'tape_why',
-                                   'indexes', 'nersc', 'records', 'notes'])):
-    """What the places hold of some nights of one destination (see :func:`read_places`).
-
-    Attributes
-    ----------
-    mountain_why : :class:`str`
-        Why the mountain could not be asked, or ``''``.
-    links, refused : :class:`dict`
-        ``{NIGHT: {EXPID: Link}}`` and ``{NIGHT: {NAME: why}}`` from the survey.
-    tape, tape_why : :class:`dict`, :class:`str`
-        :func:`tape_listing` of the tape directory.
-    indexes : :class:`dict`
-        ``{NIGHT: (index, why)}`` (:func:`tape_index`) of the nights on tape.
-    nersc : :class:`dict`
-        ``{NIGHT: (stat, {EXPID: Exposure}, why)}`` (:func:`nersc_night`).
-    records, notes : :class:`dict`
-        The status records of the years of the nights (``{NIGHT: ...}``), and
-        ``{YEAR: problem}`` of the status files read (:func:`desitransfer.status.read_status`).
-    """
-
-    __slots__ = ()
-
-    def night(self, night):
-        """The places of `night`, as keyword arguments of :class:`Night`."""
-        index, index_why = self.indexes.get(night, (None, ''))
-        night_st, exposures, nersc_why = self.nersc[night]
-        return dict(mountain_why=self.mountain_why, links=self.links.get(night, {}),
-                    refused=self.refused.get(night, {}), night_st=night_st,
-                    exposures=exposures, nersc_why=nersc_why,
-                    rows=status_rows(self.records, night),
-                    tape=self.tape, tape_why=self.tape_why, index=index, index_why=index_why)
-
-
-def read_places(d, conf, nights, status_dir=None, stop=None):
-    """Read what every place holds of `nights` for destination `d`: one survey
-    of the mountain, one listing of the tape directory and the index of each
-    night on tape (all of them while NERSC and the status are read), the
-    exposures at NERSC, and the status (if `status_dir` is set).
-
-    Parameters
-    ----------
-    d : :class:`desitransfer.configuration.DirectoryConfig`
-        The destination.
-    conf : :class:`dict`
-        The ``[common]`` settings.
-    nights : :class:`list`
-        Nights, YYYYMMDD.
-    status_dir : :class:`str`, optional
-        The status directory; not read if not set.
-    stop : :class:`desitransfer.processes.Stop`, optional
-        Interrupts the commands; NERSC is not read further once it is set.
-
-    Returns
-    -------
-    :class:`Places`
-    """
-    stop = stop if stop is not None else Stop()
-    mountain = Mountain(conf['host'], conf['ssh'], stop)
-    archive = Archive(conf['hpss'], conf['hpss_status'], None, DryRun(stop))
-    records, notes, nersc = {}, {}, {}
-    try:
-        with ThreadPoolExecutor(INDEX_THREADS) as pool:
-            asked = pool.submit(survey, mountain, d.source, nights, d.data_root)
-            tape, tape_why = tape_listing(archive, d.hpss)
-            indexes = {n: pool.submit(tape_index, archive, d.hpss, n) for n in nights
-                       if tape and archive_name(d.hpss, n) in tape and
-                       archive_name(d.hpss, n) + '.idx' in tape}
-            for year in sorted({n[:4] for n in nights}) if status_dir else []:
-                data, notes[year] = read_status(status_dir, int(year))
-                records.update(data)
-            for night in nights:
-                if stop.is_set():
-                    break
-                nersc[night] = nersc_night(d.destination, night)
-            links = asked.result()
-            indexes = {n: f.result() for n, f in indexes.items()}
-    finally:
-        mountain.close()
-    why = '' if links.answer == 'links' else (
-        _tail(links.result.stderr) if links.result.stderr.strip() else
-        f"ssh returned {links.result.returncode:d} and an unreadable answer")
-    by_night, refused = {}, {}
-    for link in links.links.values():
-        by_night.setdefault(link.night, {})[link.expid] = link
-    for name, reason in links.refused.items():
-        if '/' in name:
-            night, rest = name.split('/', 1)
-            refused.setdefault(night, {})[rest] = reason
-    return Places(why, by_night, refused, tape, tape_why, indexes, nersc, records, notes)
-
-
 class Night(object):
     """What each place knows of one night, and their comparison (:meth:`compare`).
 
     The places are keyword arguments: ``mountain_why`` (why the mountain
     could not be asked, or ``''``), ``links`` and ``refused`` (the survey's,
-    by exposure), ``night_st``, ``exposures`` and ``nersc_why`` (:func:`nersc_night`),
-    ``rows`` (:func:`status_rows`), ``tape`` and ``tape_why``
-    (:func:`tape_listing`), ``index`` and ``index_why`` (:func:`tape_index`).
+    by exposure), ``night_st``, ``exposures`` and ``nersc_why``
+    (:func:`desitransfer.nersc.nersc_night`), ``rows``
+    (:func:`desitransfer.store.status_rows`), ``tape`` and ``tape_why``
+    (:meth:`desitransfer.tape.Archive.directory`), ``index`` and ``index_why``
+    (:meth:`desitransfer.tape.Archive.index`).
     """
 
     def __init__(self, auditor, d, night, status_dir, host, **places):
@@ -698,35 +436,6 @@ class Night(object):
                      "record by hand: " + self.record(expid, 'backup'))
 
 
-def light_check(exposure, name):
-    """What is wrong with `exposure` (an :class:`Exposure`) that its checksum
-    file `name` tells without reading the data: the checksum file unreadable
-    or malformed, files listed but missing, files not listed.  The names
-    come from the directory listing: no listed name is ever opened."""
-    try:
-        digests, unverified, problems = parse_checksums(
-            read_checksum_file(os.path.join(exposure.path, name)), name)
-    except OSError as err:
-        return [f"its checksum file {name} cannot be read: {err.strerror or err}"]
-    listed = set(digests) | unverified
-    present = {n for n, st in exposure.entries.items() if not stat.S_ISDIR(st.st_mode)}
-    parents = {os.path.dirname(n) for n in listed} - {''}
-    parents |= {p for n in parents for p in _ancestors(n)}
-    missing = listed - present
-    extra = {n for n in exposure.entries if n not in listed and n not in parents} - {name}
-    found = [p.rstrip('.') for p in problems[:SHOWN]]
-    found += [f"listed in {name} but missing: {some(sorted(missing), SHOWN)}"] if missing else []
-    found += [f"not listed in {name}: {some(sorted(extra), SHOWN)}"] if extra else []
-    return found
-
-
-def _ancestors(name):
-    while name:
-        name = os.path.dirname(name)
-        if name:
-            yield name
-
-
 def audit(configuration=None, nights=(), deep=False, directory=None, stop=None):
     """Compare the mountain, NERSC, the status and the tape for `nights`.
 
@@ -762,4 +471,3 @@ def format_table(disagreements):
         lines.append(f"{'':30}to do: {d.todo}")
     lines.append(f"{len(disagreements):d} disagreement{'' if len(disagreements) == 1 else 's'}.")
     return '\n'.join(lines)
-

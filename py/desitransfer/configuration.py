@@ -16,9 +16,10 @@ from importlib.resources import files
 
 from .text import interval
 
+
 class DirectoryConfig(namedtuple('DirectoryConfig', ['name', 'source', 'staging',
-                                                    'destination', 'hpss', 'checksum_file',
-                                                    'data_root'])):
+                                                     'destination', 'hpss', 'checksum_file',
+                                                     'data_root'])):
     """Configuration of one destination directory (a section of the file)."""
 
     __slots__ = ()
@@ -33,11 +34,12 @@ class DirectoryConfig(namedtuple('DirectoryConfig', ['name', 'source', 'staging'
         """The name of the checksum file of `exposure` of `night`."""
         return self.checksum_file.format(night=night, exposure=exposure)
 
+
 #: Most rsync streams copying from the mountain at once (``[common] streams``).
 MAX_STREAMS = 16
 
 #: Streams when ``[common] streams`` is not set: ``'auto'``, from the round
-#: trip to the mountain (see :meth:`desitransfer.daemon.core.TransferDaemon`).
+#: trip to the mountain (see :class:`desitransfer.streams.StreamPlanner`).
 DEFAULT_STREAMS = 'auto'
 
 
@@ -130,6 +132,7 @@ class _Extended(configparser.Interpolation):
 
 
 _INTERPOLATION = _Extended()
+
 
 def read_configuration(filename=None):
     """Read and validate the daemon configuration.
@@ -323,3 +326,29 @@ def _validate(parser):
     if not re.fullmatch(r'[^:\s]+(:[0-9]+)?', logging_['smtp']):
         raise ConfigurationError(f"[logging] smtp = {logging_['smtp']!r} is not host:port")
     return directories, common, logging_
+
+
+def configured(configuration=None):
+    """The destination sections and the ``[common]`` settings of the daemon.
+
+    Parameters
+    ----------
+    configuration : :class:`str` or :class:`tuple`, optional
+        The daemon's configuration file (the shipped one if not set), or what
+        :func:`~desitransfer.configuration.read_configuration` returned (or
+        its first two items).
+
+    Returns
+    -------
+    :class:`tuple`
+        The list of :class:`~desitransfer.configuration.DirectoryConfig` and
+        the ``[common]`` settings.
+
+    Raises
+    ------
+    desitransfer.configuration.ConfigurationError
+        If the file cannot be used.
+    """
+    if configuration is None or isinstance(configuration, str):
+        configuration = read_configuration(configuration)
+    return list(configuration[0]), configuration[1]

@@ -7,8 +7,9 @@ desitransfer.mountain
 The mountain, as :command:`desi_transfer_daemon` sees it: shared ssh
 connections (one for the survey and the first rsync stream, one for each
 further stream, how many planned by the mountain's own
-:class:`~desitransfer.streams.StreamPlanner`), a survey of the exposure links with their targets resolved
-at the mountain, and the rsync commands that copy from there.
+:class:`~desitransfer.streams.StreamPlanner`), a survey of the exposure
+links with their targets resolved at the mountain, and the rsync commands
+that copy from there.
 
 A survey is one round trip: a small POSIX shell script, run at the
 mountain, answers whether checksums are being computed (the lock file) and
@@ -303,12 +304,14 @@ class Mountain(object):
         """Stop the shared connections and remove their private directory."""
         self.connection.close()
 
-    def remote(self, words, timeout=REMOTE_TIMEOUT, stream=0, names=False, stop=None):
+    def remote(self, words, timeout=None, stream=0, names=False, stop=None):
         """Run the command `words` (a list) at the mountain, over the connection
-        of `stream`; ssh's own failure is 255.  With `names`, its answer is
+        of `stream`, killed after `timeout` seconds (:data:`REMOTE_TIMEOUT` if
+        not set); ssh's own failure is 255.  With `names`, its answer is
         file names (see :func:`desitransfer.runner.run`).  It is interrupted
         by `stop` if given, else by the mountain's."""
         stop = self.stop if stop is None else stop
+        timeout = REMOTE_TIMEOUT if timeout is None else timeout
         if not self.host:
             return run(words, timeout=timeout, ok=(0,), quiet=True, stop=stop, names=names)
         return run(self.ssh_command(stream, stop) + [self.host, shlex.join(words)],

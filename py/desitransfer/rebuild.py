@@ -14,7 +14,7 @@ For every exposure installed at NERSC:
     success, at the modification time of the exposure's directory (when
     rsync last wrote into it);
 ``checksum``
-    the outcome of the light check of :func:`desitransfer.audit.light_check`
+    the outcome of the light check of :func:`desitransfer.nersc.light_check`
     (every file of the checksum file present, nothing else), or with `deep`
     of :func:`desitransfer.checksum.verify_checksum`, at the last change of a
     file's mode (when the daemon locked it to verify it);
@@ -38,14 +38,16 @@ import json
 import os
 
 from . import common
-from .audit import light_check, read_places, status_rows
 from .checksum import verify_checksum
 from .files import write_text
 from .text import some
 from .tape import archive_name
-from .statistics import configured
+from .configuration import configured
+from .nersc import light_check
+from .places import read_places
 from .dates import dates
-from .store import TransferStatus, milliseconds, read_status, status_directory
+from .store import (TransferStatus, milliseconds, read_status, status_directory,
+                    status_rows)
 
 #: The stages, by code.
 _NAMES = {code: name for name, code in TransferStatus.stages.items()}
@@ -141,7 +143,7 @@ def rebuild(configuration=None, year=None, deep=False, directory=None, stop=None
     Parameters
     ----------
     configuration : :class:`str` or :class:`tuple`, optional
-        The daemon's configuration, see :func:`desitransfer.statistics.configured`.
+        The daemon's configuration, see :func:`desitransfer.configuration.configured`.
     year : :class:`int` or :class:`str`
         The year.
     deep : :class:`bool`, optional

@@ -21,39 +21,13 @@ import stat
 
 from .common import valid_night
 from .files import lstat_tree
-from .configuration import read_configuration
+from .configuration import configured
 from .store import TransferStatus, read_status, status_directory
 
 _LINKED = TransferStatus.stages['linked']
 _CHECKSUM = TransferStatus.stages['checksum']
 
 _expid = re.compile(r'[0-9]{8}')
-
-
-def configured(configuration=None):
-    """The destination sections and the ``[common]`` settings of the daemon.
-
-    Parameters
-    ----------
-    configuration : :class:`str` or :class:`tuple`, optional
-        The daemon's configuration file (the shipped one if not set), or what
-        :func:`~desitransfer.configuration.read_configuration` returned (or
-        its first two items).
-
-    Returns
-    -------
-    :class:`tuple`
-        The list of :class:`~desitransfer.configuration.DirectoryConfig` and
-        the ``[common]`` settings.
-
-    Raises
-    ------
-    desitransfer.configuration.ConfigurationError
-        If the file cannot be used.
-    """
-    if configuration is None or isinstance(configuration, str):
-        configuration = read_configuration(configuration)
-    return list(configuration[0]), configuration[1]
 
 
 def latencies(status, night):
@@ -282,4 +256,3 @@ def format_statistics(found):
                          f"{c['bytes']:19,d}  {lat['count']:9,d} {duration(lat['p50']):>9} "
                          f"{duration(lat['p95']):>9} {duration(lat['max']):>9}")
     return '\n'.join(lines)
-

@@ -865,3 +865,19 @@ def status_directory(section):
     """The status directory of a destination section of the daemon's
     configuration: ``status`` beside its staging directory."""
     return os.path.join(os.path.dirname(section.staging), 'status')
+
+
+def status_rows(records, night):
+    """``{EXPID (8 digits): {stage code: (ok, ms)}}`` of `night` in the records
+    of its year, the newest row of each stage."""
+    found = {}
+    exposures = records.get(night)
+    for key, rows in exposures.items() if isinstance(exposures, dict) else ():
+        if not (isinstance(key, str) and key.isdigit() and isinstance(rows, list)):
+            continue
+        stages = found.setdefault(f'{int(key):08d}', {})
+        for row in rows:
+            if (isinstance(row, list) and len(row) >= 3 and isinstance(row[2], (int, float))
+                    and (row[0] not in stages or row[2] > stages[row[0]][1])):
+                stages[row[0]] = (bool(row[1]), row[2])
+    return found

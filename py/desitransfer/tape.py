@@ -17,8 +17,10 @@ import os
 import re
 import tempfile
 import threading
+import time
 
 from .common import log
+from .text import tail
 
 #: Seconds before htar, hsi or the status request is given up.
 HTAR_TIMEOUT = 12 * 3600
@@ -26,8 +28,15 @@ HSI_TIMEOUT = 600
 HPSS_STATUS_TIMEOUT = 30
 
 #: One line of ``hsi ls -l``: mode, links, owner, group, size, date, name.
-_ls_line = re.compile(r'[-dlcbps][-rwxsStT]{9}[+.@]?\s+[0-9]+\s+\S+\s+\S+\s+[0-9]+\s+'
-                      r'[A-Z][a-z]{2}\s+[0-9]{1,2}\s+(?:[0-9]{1,2}:[0-9]{2}|[0-9]{4})\s+(?P<name>.+)')
+_ls_line = re.compile(r'[-dlcbps][-rwxsStT]{9}[+.@]?\s+[0-9]+\s+\S+\s+\S+\s+(?P<size>[0-9]+)\s+'
+                      r'(?P<date>[A-Z][a-z]{2}\s+[0-9]{1,2})\s+'
+                      r'(?:(?P<hm>[0-9]{1,2}:[0-9]{2})|(?P<year>[0-9]{4}))\s+(?P<name>.+)')
+
+#: One member in ``htar -tvf``: mode, owner, size, date, time, name.
+_member = re.compile(r'HTAR: (?P<mode>[-dlcbps][-rwxsStT]{9})\s+\S+\s+(?P<size>[0-9]+)\s+'
+                     r'[0-9]{4}-[0-9]{2}-[0-9]{2}\s+[0-9]{2}:[0-9]{2}\s+(?P<name>.+)')
+
+_expid = re.compile(r'[0-9]{8}')
 
 #: hsi's words for a path that does not exist.
 ABSENT = ('HPSS_ENOENT', 'No such file or directory')
@@ -131,21 +140,52 @@ class Archive(object):
             self._listings[hpss] = self._list(hpss)
         return self._listings[hpss]
 
-    def _list(self, hpss):
+    def _hsi_ls(self, hpss, quiet=False):
+        """hsi's answer to ``ls -l HPSS``: its result, what it listed, and
+        whether it said the directory does not exist."""
         # hsi -O appends: a fresh private directory for each listing.  In test
-        # mode it is in the system temporary directory, so scratch is untouched.
-        with tempfile.TemporaryDirectory(prefix='desi_transfer_hsi.',
-                                         dir=None if self.actions.test else self.scratch) as tmp:
+        # mode (or without scratch) it is in the system temporary directory.
+        with tempfile.TemporaryDirectory(
+                prefix='desi_transfer_hsi.',
+                dir=None if self.actions.test or not self.scratch else self.scratch) as tmp:
             out = os.path.join(tmp, 'listing.txt')
             result = self.actions.ask([self.program('hsi'), '-O', out, 'ls', '-l', hpss],
-                                      timeout=HSI_TIMEOUT, ok=(0, 64))
+                                      timeout=HSI_TIMEOUT, ok=(0, 64), quiet=quiet)
             try:
                 with open(out, errors='replace') as f:
                     text = f.read()
             except OSError:
                 text = ''
-        if result.returncode == 64 and any(w in result.stderr for w in ABSENT) \
-                and hpss.rstrip('/') in result.stderr:
+        absent = (result.returncode == 64 and any(w in result.stderr for w in ABSENT) and
+                  hpss.rstrip('/') in result.stderr)
+        return result, text, absent
+
+    def directory(self, hpss):
+        """The HPSS directory `hpss`, asked now and quietly (for the
+        operator tools): ``({name: (size, ms)}, '')``, ``({}, '')`` if it does
+        not exist, or ``(None, why)`` if unknown (hsi failed or answered
+        something that is not a listing).  ``ms`` is the modification time
+        to the minute (to the day for old files), ``None`` if it cannot be
+        read."""
+        result, text, absent = self._hsi_ls(hpss, quiet=True)
+        if absent:
+            return {}, ''
+        if result.returncode != 0:
+            return None, (f"hsi returned {result.returncode:d}: "
+                          f"{tail(result.stderr, 200) or 'no message'}")
+        _, why = parse_listing(text)
+        if why:
+            return None, f"hsi answered {why}"
+        entries = {}
+        for line in text.splitlines():
+            m = _ls_line.fullmatch(line.rstrip())
+            if m:
+                entries[m.group('name').split('/')[-1]] = (int(m.group('size')), _listed_ms(m))
+        return entries, ''
+
+    def _list(self, hpss):
+        result, text, absent = self._hsi_ls(hpss)
+        if absent:
             log.info("HPSS directory %s does not exist yet.", hpss)
             return set()
         why = ''
@@ -182,24 +222,35 @@ class Archive(object):
                                  '-H', 'crc:verify=all', night],
                                 cwd=destination, timeout=HTAR_TIMEOUT)
 
-    def exposures(self, hpss, night):
-        """Exposures (``NIGHT/EXPID``) held by the archive of `night`, from its
-        index (``htar -t``), or ``None`` if it cannot be read."""
+    def index(self, hpss, night):
+        """The exposures of `night` in the index of its archive in `hpss`
+        (``htar -tvf``): ``({EXPID: {file: size}}, '')``, or ``(None, why)``
+        if it cannot be read."""
         archive = f'{hpss}/{archive_name(hpss, night)}'
         result = self.actions.ask([self.program('htar'), '-tvf', archive],
                                   timeout=HSI_TIMEOUT, quiet=True)
         if result.returncode != 0 or 'HTAR SUCCESSFUL' not in result.stdout:
-            log.error("Could not list the contents of %s (htar returned %d).", archive,
-                      result.returncode)
-            return None
-        found = set()
+            return None, (f"htar returned {result.returncode:d}: "
+                          f"{tail(result.stderr, 200) or 'no message'}")
+        found = {}
         for line in result.stdout.splitlines():
-            words = line.split()
-            if len(words) >= 2 and words[0] == 'HTAR:':
-                parts = words[-1].strip('/').split('/')
-                if len(parts) >= 2 and parts[0] == night and re.fullmatch(r'[0-9]{8}', parts[1]):
-                    found.add(f'{parts[0]}/{parts[1]}')
-        return found
+            m = _member.fullmatch(line.rstrip())
+            parts = m.group('name').rstrip('/').split('/') if m else []
+            if len(parts) >= 2 and parts[0] == night and _expid.fullmatch(parts[1]):
+                files = found.setdefault(parts[1], {})
+                if len(parts) > 2 and m.group('mode')[0] == '-':
+                    files['/'.join(parts[2:])] = int(m.group('size'))
+        return found, ''
+
+    def exposures(self, hpss, night):
+        """Exposures (``NIGHT/EXPID``) held by the archive of `night`, from its
+        index (:meth:`index`), or ``None`` if it cannot be read."""
+        found, why = self.index(hpss, night)
+        if found is None:
+            log.error("Could not list the contents of %s/%s (%s).", hpss,
+                      archive_name(hpss, night), why)
+            return None
+        return {f'{night}/{expid}' for expid in found}
 
 
 def parse_listing(text):
@@ -220,6 +271,24 @@ def parse_listing(text):
     if not header and not names:
         return set(), 'empty answer'
     return names, ''
+
+
+def _listed_ms(m):
+    """Unix milliseconds of the date of a line of ``hsi ls -l`` (local time,
+    as hsi prints it; the year of a recent date is the one that puts it in
+    the past)."""
+    try:
+        if m.group('year'):
+            t = time.strptime(f"{m.group('date')} {m.group('year')}", '%b %d %Y')
+            return int(time.mktime(t) * 1000)
+        now = time.localtime()
+        for year in (now.tm_year, now.tm_year - 1):
+            t = time.strptime(f"{m.group('date')} {year:d} {m.group('hm')}", '%b %d %Y %H:%M')
+            if time.mktime(t) <= time.time() + 86400:
+                return int(time.mktime(t) * 1000)
+    except (ValueError, OverflowError):
+        pass
+    return None
 
 
 def _short(err):

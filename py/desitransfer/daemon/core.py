@@ -32,7 +32,8 @@ from ..configuration import ConfigurationError, read_configuration
 from ..store import TransferStatus
 from ..executor import for_mode, listdir
 from ..tape import Archive
-from .nights import Nights, due, installed
+from .nights import Nights, due
+from ..nersc import installed
 from ..mountain import Mountain
 from .report import MorningReport
 from .settle import Settler

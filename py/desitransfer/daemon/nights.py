@@ -20,6 +20,7 @@ from ..dates import due_time
 from ..executor import listdir
 from ..tape import archive_name
 from ..mountain import RSYNC_TIMEOUT, by_directory, only
+from ..nersc import installed
 from .transfer import COPIED, CONNECTION_LOST, classify, fatal
 
 #: A night not archived this long after its backup hour is alerted (once).
@@ -34,11 +35,6 @@ def due(night, hour):
     if not 0 <= hour <= 23:
         return False
     return common._utcnow() >= due_time(night, hour)
-
-
-def installed(d, link):
-    """Whether the exposure of `link` is installed in the destination of `d`."""
-    return os.path.isdir(os.path.join(d.destination, link.night, link.expid))
 
 
 class Nights(object):
