@@ -13,11 +13,13 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
 from desitransfer import executor as actions
+from desitransfer.processes import Stop
 from desitransfer.runner import Result
 from desitransfer.tape import Archive
 from desitransfer.simulator import exposure_files, make_exposure
@@ -740,3 +742,18 @@ def test_tape_index_reads_only_whole_member_lines():
     assert failed.index('desi/spectro/data', LAST) == (
         None, 'htar returned 72: HTAR: HTAR FAILED')
     assert failed.exposures('desi/spectro/data', LAST) is None
+
+
+def test_stop_during_the_hpss_status_request(hpss_status_server, caplog):
+    """A stop while the HPSS status service is slow to answer ends the wait
+    at once (the request's end and the stop wake it): "not now", said once."""
+    caplog.set_level(logging.INFO)
+    hpss_status_server.set_delay(20)
+    stop = Stop()
+    archive = Archive('', hpss_status_server.url, None, actions.Actions(stop))
+    threading.Timer(0.3, stop.set, ('SIGTERM received',)).start()
+    t0 = time.monotonic()
+    assert archive.available() is False
+    assert time.monotonic() - t0 < 2
+    assert caplog.text.count('archiving waits') == 1
+    hpss_status_server.set_delay(0)
