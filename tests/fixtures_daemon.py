@@ -7,7 +7,6 @@ built once per module that each test gets a copy of (``site_templates``).
 import datetime as dt
 import json
 import os
-import stat
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -19,6 +18,7 @@ from desitransfer.alerts import configure_log
 from desitransfer.daemon import TransferDaemon, _options
 from desitransfer.simulator import exposure_files, make_exposure
 from fixtures_servers import HPSS, HPSS_BIN
+from helpers import mode
 from loopback import terminate_when
 
 #: The fake present: tonight is 20261120 (in progress), 20261119 and 20261118 are finished.
@@ -42,10 +42,6 @@ def clock(monkeypatch):
         monkeypatch.setattr(common, '_utcnow', lambda: t)
     set_time(*NOW)
     return set_time
-
-
-def mode(path):
-    return stat.S_IMODE(os.lstat(path).st_mode)
 
 
 def snapshot(top, skip=()):

@@ -7,7 +7,6 @@ NERSC side: :envvar:`DESI_ROOT` and a stand-in for the site script
 :command:`fix_permissions.sh`.  See doc/testing.rst.
 """
 import os
-import stat
 import sys
 from pathlib import Path
 
@@ -36,11 +35,6 @@ _FIX_PERMISSIONS = '''#!/bin/sh
 echo "$*" >> {calls}
 echo "fix_permissions.sh: permissions of $* reset"
 '''
-
-
-def mode(path):
-    """Permission bits of `path` itself (a link is not followed)."""
-    return stat.S_IMODE(os.lstat(path).st_mode)
 
 
 class KPNO:

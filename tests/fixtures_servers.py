@@ -233,4 +233,3 @@ def smtp_server(_smtp_server_session):
     _smtp_server_session.clear()
     yield _smtp_server_session
     _smtp_server_session.clear()
-

@@ -16,7 +16,7 @@ import desitransfer
 from desitransfer import alerts, common, files, processes, text, transport
 from desitransfer.common import (empty_rsync, ensure_scratch, exclude_years, idle_time,
                                  new_exposures, rsync, stamp, today, valid_night, yesterday)
-from desitransfer.runner import run
+from desitransfer.runner import Result, run
 from desitransfer.transport import rsync_ssh, ssh_command
 from desitransfer.mountain import Mountain
 from desitransfer.processes import Stop
@@ -571,3 +571,25 @@ def test_one_rsync_command_builder():
     assert 'mux2' in command[1]
     assert command[2:] == ['--timeout=600', '--dry-run', '--verbose', '--recursive', '--times',
                            '--omit-dir-times', '-x', 'dts:/data/20261120/', '/staging/']
+
+
+def test_mountain_runs_through_its_runner():
+    """Every command of a :class:`Mountain` goes through the runner it is
+    given (a recorder here): the survey over the shared connection, answered
+    "locked" without reaching any host."""
+    calls = []
+
+    def recorder(command, **kwargs):
+        calls.append((command, kwargs))
+        return Result(0, '#locked\0#end\0', '')
+    mountain = Mountain('dts', 'ssh', Stop(), runner=recorder)
+    try:
+        survey = mountain.survey('/data/dts', '/data/lock', ['20261120'])
+    finally:
+        mountain.close()
+    assert survey.answer == 'locked'
+    [(command, kwargs)] = calls
+    assert command[0] == 'ssh' and any(w.startswith('ControlPath=') for w in command)
+    assert command[-2] == 'dts' and command[-1].startswith("sh -c ")
+    assert command[-1].endswith(" sh /data/dts /data/lock 20261120")
+    assert kwargs['names'] and kwargs['timeout'] == 300

@@ -164,7 +164,7 @@ def test_original_is_detected_and_start_refused(daemon_site, original, tmp_path,
         mine, everyone = p.stdout.split('\n')[0].split('] [')
         assert mine == '[' and str(original.pid) in everyone[:-1].split(', '), p.stdout + p.stderr
     bystander = subprocess.Popen(['tail', '-f', os.path.join(tmp_path, 'original', 'bin',
-                                                              'desi_transfer_daemon')],
+                                                             'desi_transfer_daemon')],
                                  stdout=subprocess.DEVNULL)
     try:
         found = original_processes('desi_transfer_daemon')
@@ -249,7 +249,7 @@ def test_lock_holder(tmp_path):
 
 def test_script_of_a_command_line():
     assert script_of(['/usr/bin/python3', '-u', '/o/bin/desi_transfer_daemon', '-B'],
-                   'desi_transfer_daemon') == '/o/bin/desi_transfer_daemon'
+                     'desi_transfer_daemon') == '/o/bin/desi_transfer_daemon'
     assert script_of(['/o/bin/desi_transfer_daemon'], 'desi_transfer_daemon')
     assert script_of(['/bin/bash', 'desi_transfer_daemon'], 'desi_transfer_daemon')
     for line in (['vi', 'desi_transfer_daemon'], ['python', '-c', 'desi_transfer_daemon'],

@@ -18,7 +18,8 @@ from desitransfer.daemon import TransferDaemon, lock_directory, rsync_night, unl
 from desitransfer.daemon import transfer
 from desitransfer.executor import for_mode
 from desitransfer.simulator import checksum_text, exposure_files
-from fixtures_daemon import EARLIER, LAST, NOW, TONIGHT, mode, snapshot
+from fixtures_daemon import EARLIER, LAST, NOW, TONIGHT, snapshot
+from helpers import mode, refuse_chmod
 
 
 def test_good_exposures_and_malformed_links(site, caplog):
@@ -206,7 +207,7 @@ def test_hpss_status_not_active(site, caplog, monkeypatch):
         'did not answer (JSONDecodeError': lambda: site.hpss_status.set_raw(
             b'<html>maintenance</html>', content_type='text/html'),
         'did not answer (HTTP 500': lambda: site.hpss_status.set_raw(b'{"status": "active"}',
-                                                                    code=500),
+                                                                     code=500),
         'did not answer (no answer within 1 s)': lambda: site.hpss_status.set_delay(3),
     }
     for message, trouble in troubles.items():
@@ -284,7 +285,8 @@ def test_bad_configuration(tmp_path, monkeypatch):
     monkeypatch.delenv('NO_SUCH_VARIABLE', raising=False)
     cases = {
         'missing': (None, 'cannot be read'),
-        'nokey': ('[D]\nsource = /a\nstaging = /b\ndestination = /c\nhpss = x\n', 'checksum_file is missing'),
+        'nokey': ('[D]\nsource = /a\nstaging = /b\ndestination = /c\nhpss = x\n',
+                  'checksum_file is missing'),
         'badhour': ('[D]\nsource = /a\nstaging = /b\ndestination = /c\nhpss = x\n'
                     'checksum_file = c-{exposure}\n[common]\nhost =\nssh = ssh\n'
                     'temporary = /tmp\nchecksum_lock = /tmp/x\ncatchup = noon\n',
@@ -342,14 +344,7 @@ def test_lock_failure_locks_the_rest_then_raises(tmp_path, monkeypatch):
     d.mkdir()
     for name in ('a', 'b', 'c'):
         (d / name).write_text(name)
-    real_chmod = os.chmod
-
-    def chmod(path, m, **kwargs):
-        if str(path).endswith('/b'):
-            raise PermissionError(1, 'Operation not permitted', str(path))
-        return real_chmod(path, m, **kwargs)
-
-    monkeypatch.setattr(os, 'chmod', chmod)
+    refuse_chmod(monkeypatch, '/b')
     with pytest.raises(PermissionError) as err:
         lock_directory(str(d))
     assert err.value.filename == str(d / 'b')
@@ -405,7 +400,7 @@ def test_verify_checksum_exported():
 
 def test_popen_is_the_runner(tmp_path):
     assert daemon._popen(['sh', '-c', 'echo out; echo err >&2; exit 3']) == ('3', 'out\n',
-                                                                              'err\n')
+                                                                             'err\n')
 
 
 def test_rsync_night_by_hand(site, monkeypatch, caplog):

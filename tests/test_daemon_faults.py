@@ -115,7 +115,7 @@ def test_master_connection_dies_mid_pass(site):
         site.assert_verified(LAST, e)
     site.assert_verified(EARLIER, '00000090')
     assert site.installed() == (expected_tree(LAST, expids) |
-                                    expected_tree(EARLIER, ['00000090']))
+                                expected_tree(EARLIER, ['00000090']))
     # Ours, not a leftover of the test: the daemon's pid named its control directory.
     used = {a.split('=', 1)[1] for c in calls()[first:] for a in c
             if a.startswith('ControlPath=')}

@@ -1,8 +1,9 @@
 # Licensed under a 3-clause BSD style license - see LICENSE.rst
 """How soon an exposure linked at the mountain is at NERSC, however it is
-linked: during a pass, in a burst, while a backlog is copied; and a stop that leaves nothing running at
-the mountain and no ERROR in the log.  The real daemon, against the loopback
-sshd; the fixtures are in ``fixtures_daemon.py``."""
+linked: during a pass, in a burst, while a backlog is copied; and a stop
+that leaves nothing running at the mountain and no ERROR in the log.  The
+real daemon, against the loopback sshd; the fixtures are in
+``fixtures_daemon.py``."""
 import os
 import signal
 import time

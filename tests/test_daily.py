@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from fixtures_kpno import mode
+from helpers import mode, refuse_chmod
 
 from desitransfer import __version__, daily
 from desitransfer.processes import single_instance
@@ -276,25 +276,16 @@ def test_lock_leaves_links_alone(tmp_path):
     assert len(lines) == 1 and re.fullmatch(f'DEBUG: Lock complete: {STAMP}', lines[0])
 
 
-def test_lock_failure_is_reported(tmp_path):
+def test_lock_failure_is_reported(tmp_path, monkeypatch):
     """A path that cannot be changed is an error in the log, and the rest is still locked."""
     top = tmp_path / 'dst'
     top.mkdir()
     for name in ('a', 'b'):
         (top / name).write_text(name)
-    real_chmod = os.chmod
-
-    def chmod(path, m, **kwargs):
-        if str(path).endswith('/a'):
-            raise PermissionError(1, 'Operation not permitted', str(path))
-        return real_chmod(path, m, **kwargs)
-
     d = DailyDirectory('/src', str(top))
-    try:
-        os.chmod = chmod
-        assert d.lock() is False
-    finally:
-        os.chmod = real_chmod
+    refuse_chmod(monkeypatch, '/a')
+    assert d.lock() is False
+    monkeypatch.undo()
     assert mode(top / 'b') == 0o440
     text = (tmp_path / 'dst.log').read_text()
     assert f'ERROR: {top}/a: Operation not permitted' in text
@@ -370,6 +361,7 @@ def test_noon(kpno, monkeypatch):
                            'dts:/data/focalplane/calibration/', f'{eng}/calibration/']
     assert re.fullmatch(f'DEBUG: Transfer start: {STAMP}', log[2])
     assert 'fp_calib.json' in log and 'latest.json -> fp_calib.json' in log
+
     def at(prefix):
         return next(i for i, line in enumerate(log) if line.startswith(prefix))
 
@@ -406,7 +398,7 @@ def test_morning(kpno):
         expected |= {'/'.join(parts[:i]) + '/' for i in range(1, len(parts))}
     assert tree(kpno.nersc('survey', 'ops', 'nightlogs')) == sorted(expected)
     assert tree(engineering(kpno, 'focalplane', 'endofnight')) == ['20240101/',
-                                                                  '20240101/fp.dat']
+                                                                   '20240101/fp.dat']
     # The morning run leaves the completion file alone.
     assert (status / 'daily.txt').read_text() == 'yesterday\n'
 
@@ -417,7 +409,7 @@ def test_failures_do_not_stop_the_others(kpno, smtp_server, monkeypatch):
     noon_mountain(kpno)
     kpno.path('/data/focalplane/calibration').rename(kpno.top / 'gone')
     monkeypatch.setenv('RSYNC_RSH', kpno.wrapper('ssh-down-for-kpno', 'exit 255',
-                                           match='/logs/kpno/'))
+                                                 match='/logs/kpno/'))
     p = daily_cli(kpno, 'noon', alert=smtp_server)
     assert p.returncode == 23, p.stdout + p.stderr
     eng = engineering(kpno, 'focalplane')
@@ -465,7 +457,7 @@ def test_mountain_down(kpno, smtp_server, monkeypatch):
 def test_garbage_from_the_mountain(kpno, monkeypatch):
     noon_mountain(kpno)
     monkeypatch.setenv('RSYNC_RSH', kpno.wrapper('ssh-garbage', "printf 'Welcome!\\n\\n'",
-                                           match='/calibration/'))
+                                                 match='/calibration/'))
     p = daily_cli(kpno, 'noon')
     assert p.returncode not in (0, 23)
     lines = kpno.nersc('spectro', 'staging', 'status', 'daily.txt').read_text().splitlines()
@@ -491,7 +483,7 @@ def test_kill_file_during_the_run(kpno, monkeypatch):
     done are said so in the completion file, which is still written."""
     noon_mountain(kpno)
     monkeypatch.setenv('RSYNC_RSH', kpno.wrapper('ssh-slow', f'touch {kpno.kill}; sleep 30',
-                                           match='/calibration/'))
+                                                 match='/calibration/'))
     t0 = time.monotonic()
     p = daily_cli(kpno, 'noon')
     assert time.monotonic() - t0 < 15
@@ -537,8 +529,9 @@ def test_test_mode_changes_nothing(kpno):
     # One rsync for each directory, and one for the link lost+found follows:
     # the links are listed at the mountain (a question), the copies only said.
     assert p.stdout.count('Test mode, would run: /bin/rsync') == 7
-    assert re.search(r"Test mode, would run: /bin/rsync .* '--include=/00001234/\*\*\*' '--exclude=\*' "
-                     r"dts:\S*/data/dts/exposures/raw/20240101/ \S*/lost\+found/20240101/\n", p.stdout)
+    assert re.search(r"Test mode, would run: /bin/rsync .* '--include=/00001234/\*\*\*' "
+                     r"'--exclude=\*' dts:\S*/data/dts/exposures/raw/20240101/ "
+                     r"\S*/lost\+found/20240101/\n", p.stdout)
     assert p.stdout.count('Test mode, would run: fix_permissions.sh') == 6
     assert p.stdout.count('Test mode, would lock ') == 6
     assert 'Test mode, would take the lock ' in p.stdout

@@ -18,7 +18,8 @@ from desitransfer.configuration import ConfigurationError, read_configuration
 from desitransfer.daemon import TransferDaemon, _options
 from desitransfer.simulator import checksum_text, exposure_files
 from desitransfer.status import TransferStatus
-from fixtures_daemon import EARLIER, LAST, mode
+from fixtures_daemon import EARLIER, LAST
+from helpers import mode
 
 NIGHT = '20231010'
 

@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from fixtures_kpno import mode
+from helpers import mode
 from loopback import terminate_when
 
 from desitransfer import common, nightwatch

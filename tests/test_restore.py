@@ -19,7 +19,8 @@ import pytest
 
 from desitransfer import restore as restore_module
 from desitransfer.simulator import checksum_text, exposure_files, make_exposure
-from fixtures_daemon import EARLIER, LAST, copy_site, mode, snapshot
+from fixtures_daemon import EARLIER, LAST, copy_site, snapshot
+from helpers import mode
 
 #: The thin script of the command, run as an operator runs it.
 RESTORE = [sys.executable, os.path.join(os.path.dirname(os.path.dirname(

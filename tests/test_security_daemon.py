@@ -103,7 +103,7 @@ def test_junk_links_remembered_in_a_bounded_set(site, caplog, monkeypatch):
     reported = site.state()['reported']
     assert reported == sorted(reported)  # a sorted list of strings on disk
     assert [k for k in reported if k.startswith('link ')] == [f'link {LAST}/{name}'
-                                                             for name in junk[:30]]
+                                                              for name in junk[:30]]
     stamp = state_stamp(site)
     # Nothing new: nothing said again but the ERROR, and the file is not rewritten.
     caplog.clear()

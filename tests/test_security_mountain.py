@@ -16,7 +16,7 @@ import sys
 
 import pytest
 from fixtures_daemon import LAST
-from fixtures_kpno import mode
+from helpers import mode
 
 from desitransfer.audit import audit, format_table
 from desitransfer.processes import Stop
@@ -192,7 +192,7 @@ def test_which_links_are_followed():
     found = {'in': '/t/sub', 'loop': '/t', 'sub/up': '/t/sub', 'out': '/etc', 'root': '/r/x',
              'sib': '/tx/y', 'we[ir]d': '/t/sub', 'odd': '/t/a b', '-x': '/t/sub'}
     answer = '^/t\n\0^/r\n\0' + ''.join(f'=./{link}\0{target}\n\0'
-                                       for link, target in found.items()) + '#find 0\0#end\0'
+                                        for link, target in found.items()) + '#find 0\0#end\0'
     links = parse_links(Result(0, answer, ''), '/nw/n', roots=['/data'])
     assert links.tree == '/t' and links.why == ''
     assert links.follow == [('in', '/t/sub'), ('root', '/r/x')]

@@ -21,8 +21,8 @@ from conftest import free_port
 from desitransfer import alerts, common, runner
 
 ARCHIVE = 'desi/spectro/data/desi_spectro_data_20201231.tar'
-LISTING = re.compile(r'^-r[-w][-x]r[-w][-x][-r][-w][-x]\s+1 desi\s+desi\s+(\d+) [A-Z][a-z]{2} [ 0-9]\d '
-                     r'(?:\d\d:\d\d| \d{4}) (\S+)$')
+LISTING = re.compile(r'^-r[-w][-x]r[-w][-x][-r][-w][-x]\s+1 desi\s+desi\s+(\d+) '
+                     r'[A-Z][a-z]{2} [ 0-9]\d (?:\d\d:\d\d| \d{4}) (\S+)$')
 
 
 def call(hpss, program, *args, cwd=None, env=None):
@@ -92,7 +92,7 @@ def test_hsi_ls_outfile_appends(hpss, tmp_path):
     first = out.read_text().splitlines()
     assert first[0] == '/home/d/desi/desi/spectro/data:'
     assert [line.split()[-1] for line in first] == ['/home/d/desi/desi/spectro/data:',
-                                                     'a.tar']
+                                                    'a.tar']
     # -O appends, so a caller must remove a stale listing first.
     call(hpss, 'hsi', '-O', out, 'ls', '-l', 'desi/spectro/data')
     assert out.read_text().splitlines() == first + first
@@ -188,7 +188,8 @@ def test_htar_creates_archive_and_index(hpss, night):
     p = call(hpss, 'hsi', 'ls', '-l', 'desi/spectro/data')
     names = [line.split()[-1] for line in p.stderr.splitlines()]
     assert names[1:] == ['desi_spectro_data_20201231.tar', 'desi_spectro_data_20201231.tar.idx']
-    assert int(LISTING.match(p.stderr.splitlines()[1]).group(1)) == hpss.path(ARCHIVE).stat().st_size
+    size = hpss.path(ARCHIVE).stat().st_size
+    assert int(LISTING.match(p.stderr.splitlines()[1]).group(1)) == size
 
 
 def test_htar_without_h_keeps_symlinks(hpss, night):

@@ -95,12 +95,12 @@ def test_latencies(tmp_path):
     status = TransferStatus(str(tmp_path / 'status'), year=2026)
     night = '20260105'
     status.update_many([(night, '12', 'linked', False, 1_000), (night, '12', 'checksum', False,
-                                                                 13_500),
+                                                                13_500),
                         (night, '3', 'linked', False, 5_000), (night, '3', 'checksum', False,
-                                                                7_000),
+                                                               7_000),
                         (night, '4', 'checksum', False, 9_000),            # no link time
                         (night, '5', 'linked', False, 1_000), (night, '5', 'checksum', True,
-                                                                2_000)])   # not verified
+                                                               2_000)])   # not verified
     assert latencies(status, night) == [2.0, 12.5]
     assert latencies(status.status, night) == [2.0, 12.5]
     assert latencies(status, '20260106') == []
@@ -132,7 +132,7 @@ def test_fiscal_year(tree):
     config = write_config(tree)
     found = statistics(config, 'FY2026')
     assert (found['period'], found['first'], found['last']) == ('FY2026', '20251001',
-                                                                 '20260930')
+                                                                '20260930')
     section = found['sections']['DESI_SPECTRO_DATA']
     assert section['destination'] == os.path.join(tree, 'data')
     assert section['status'] == os.path.join(tree, 'staging', 'status')

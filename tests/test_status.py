@@ -154,7 +154,7 @@ def test_all(store, tmp_path, monkeypatch, caplog):
     store.update(NIGHT, '2', 'backup')
     assert store.update(NIGHT, 'all', 'backup') == 2
     assert store.records(NIGHT, stage='backup') == {'1': [[2, 1, 5]], '2': [[2, 1, 4]],
-                                                 '3': [[2, 1, 5]]}
+                                                    '3': [[2, 1, 5]]}
     before = snapshot(year_file(tmp_path / 'status'))
     assert store.update(NIGHT, 'all', 'backup') == 0
     caplog.set_level(logging.WARNING)

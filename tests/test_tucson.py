@@ -171,7 +171,7 @@ def test_rsync_command(monkeypatch, clock):
         '--include', 'dr8', '--include', 'dr9', '--include', 'gaiadr2',
         '--include', 'subpriority', '--exclude', '*']
     assert _rsync('S', 'D', 'not/in/the/table') == base + ['S/not/in/the/table/',
-                                                          'D/not/in/the/table/']
+                                                           'D/not/in/the/table/']
 
 
 @pytest.mark.parametrize('utc, last', [

@@ -55,6 +55,8 @@ NICENESS = 19
 # ----------------------------------------------------------------------
 # The commands.
 # ----------------------------------------------------------------------
+
+
 class Command(object):
     """One long-running command as :command:`desi_transfer_init` sees it.
 

@@ -260,6 +260,10 @@ class Mountain(object):
     remember : callable, optional
         Called with each round trip measured (see
         :class:`~desitransfer.streams.StreamPlanner`).
+    runner : callable, optional
+        Runs every command, with the arguments of
+        :func:`desitransfer.runner.run` (the default); a test may record
+        instead.
 
     Attributes
     ----------
@@ -268,8 +272,10 @@ class Mountain(object):
         this mountain.
     """
 
-    def __init__(self, host, ssh, stop, streams=1, round_trip=None, remember=None):
+    def __init__(self, host, ssh, stop, streams=1, round_trip=None, remember=None,
+                 runner=run):
         self.host = host
+        self.run = runner
         self.ssh = ssh
         self.stop = stop
         self.connection = SharedConnection(host, program=ssh)
@@ -313,9 +319,10 @@ class Mountain(object):
         stop = self.stop if stop is None else stop
         timeout = REMOTE_TIMEOUT if timeout is None else timeout
         if not self.host:
-            return run(words, timeout=timeout, ok=(0,), quiet=True, stop=stop, names=names)
-        return run(self.ssh_command(stream, stop) + [self.host, shlex.join(words)],
-                   timeout=timeout, ok=(0,), quiet=True, stop=stop, names=names)
+            return self.run(words, timeout=timeout, ok=(0,), quiet=True, stop=stop,
+                            names=names)
+        return self.run(self.ssh_command(stream, stop) + [self.host, shlex.join(words)],
+                        timeout=timeout, ok=(0,), quiet=True, stop=stop, names=names)
 
     def open_streams(self, streams, first=1):
         """Open, in the background, the connections of rsync streams `first`
@@ -332,8 +339,8 @@ class Mountain(object):
 
                 def open_stream(command=command, opened=opened):
                     try:
-                        run(command, timeout=OPEN_WAIT, ok=tuple(range(-64, 256)), quiet=True,
-                            stop=self.stop)
+                        self.run(command, timeout=OPEN_WAIT, ok=tuple(range(-64, 256)),
+                                 quiet=True, stop=self.stop)
                     finally:
                         opened.wake()
                 opener = threading.Thread(target=open_stream, name=f'open-stream-{stream:d}',

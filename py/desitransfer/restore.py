@@ -258,8 +258,8 @@ class Restore(object):
                                          if m.name.count('/') >= 1}):
                         present = os.path.lexists(os.path.join(self.destination, night, expid))
                         self._outcome(night, expid, PRESENT if present else WOULD_INSTALL,
-                                      f"from {tarball}" + (", once verified" if not present
-                                                            else ""))
+                                      f"from {tarball}" +
+                                      ("" if present else ", once verified"))
                     return None
                 log.info("Unpacking %s into %s.", tarball, self.work)
                 if hasattr(tarfile, 'data_filter'):

@@ -22,78 +22,11 @@ import stat
 from .common import valid_night
 from .files import lstat_tree
 from .configuration import configured
-from .store import TransferStatus, read_status, status_directory
-
-_LINKED = TransferStatus.stages['linked']
-_CHECKSUM = TransferStatus.stages['checksum']
+from .store import (TransferStatus, latencies, latency, latency_summary,  # noqa: F401
+                    percentile, read_status, status_directory)
+from .text import duration
 
 _expid = re.compile(r'[0-9]{8}')
-
-
-def latencies(status, night):
-    """Seconds from link to verified of each exposure of `night` that has both.
-
-    Parameters
-    ----------
-    status : :class:`~desitransfer.status.TransferStatus` or :class:`dict`
-        The status store, or the records of the night's year
-        (``{NIGHT: {EXPID: rows}}``).
-    night : :class:`str`
-        The night, YYYYMMDD.
-
-    Returns
-    -------
-    :class:`list`
-        The latency in seconds (:class:`float`) of every exposure of `night`
-        with a ``linked`` row and a successful ``checksum`` row, in the order
-        of the exposure numbers; empty if there is none (an unknown night, or
-        records older than the ``linked`` stage).
-    """
-    if isinstance(status, dict):
-        exposures = status.get(night, {})
-    else:
-        try:
-            exposures = status.records(night)
-        except KeyError:
-            exposures = {}
-    found = []
-    for expid in sorted(exposures, key=lambda e: int(e) if e.isdigit() else -1):
-        seconds = latency(exposures[expid])
-        if seconds is not None:
-            found.append(seconds)
-    return found
-
-
-def latency(rows):
-    """Seconds from link to verified of one exposure, from its status `rows`;
-    ``None`` without a ``linked`` row and a successful ``checksum`` row."""
-    times = {}
-    for row in rows if isinstance(rows, list) else []:
-        if (isinstance(row, list) and len(row) >= 3 and row[1] in (1, True) and
-                isinstance(row[2], (int, float)) and row[0] in (_LINKED, _CHECKSUM)):
-            times[row[0]] = row[2]
-    if len(times) < 2:
-        return None
-    return (times[_CHECKSUM] - times[_LINKED]) / 1000
-
-
-def percentile(values, q):
-    """The `q`-th percentile (0 to 100) of `values`, interpolated linearly
-    between the closest ranks; ``None`` if `values` is empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def latency_summary(values):
-    """``{'count': N, 'p50': s, 'p95': s, 'max': s}`` of latencies in seconds
-    (``None`` for each when there are none)."""
-    return {'count': len(values), 'p50': percentile(values, 50),
-            'p95': percentile(values, 95), 'max': max(values) if values else None}
 
 
 def parse_period(value):
@@ -226,17 +159,6 @@ def statistics(configuration=None, period=None, directory=None):
                                            'status': status_dir, 'notes': notes,
                                            'months': months, 'total': total}
     return found
-
-
-def duration(seconds):
-    """A latency for people: ``'8.2 s'``, ``'3.5 min'``, ``'2.1 h'``; ``'-'`` if ``None``."""
-    if seconds is None:
-        return '-'
-    if abs(seconds) < 120:
-        return f'{seconds:.1f} s'
-    if abs(seconds) < 7200:
-        return f'{seconds / 60:.1f} min'
-    return f'{seconds / 3600:.1f} h'
 
 
 def format_statistics(found):

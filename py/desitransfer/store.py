@@ -881,3 +881,70 @@ def status_rows(records, night):
                     and (row[0] not in stages or row[2] > stages[row[0]][1])):
                 stages[row[0]] = (bool(row[1]), row[2])
     return found
+
+
+def latencies(status, night):
+    """Seconds from link to verified of each exposure of `night` that has both.
+
+    Parameters
+    ----------
+    status : :class:`~desitransfer.status.TransferStatus` or :class:`dict`
+        The status store, or the records of the night's year
+        (``{NIGHT: {EXPID: rows}}``).
+    night : :class:`str`
+        The night, YYYYMMDD.
+
+    Returns
+    -------
+    :class:`list`
+        The latency in seconds (:class:`float`) of every exposure of `night`
+        with a ``linked`` row and a successful ``checksum`` row, in the order
+        of the exposure numbers; empty if there is none (an unknown night, or
+        records older than the ``linked`` stage).
+    """
+    if isinstance(status, dict):
+        exposures = status.get(night, {})
+    else:
+        try:
+            exposures = status.records(night)
+        except KeyError:
+            exposures = {}
+    found = []
+    for expid in sorted(exposures, key=lambda e: int(e) if e.isdigit() else -1):
+        seconds = latency(exposures[expid])
+        if seconds is not None:
+            found.append(seconds)
+    return found
+
+
+def latency(rows):
+    """Seconds from link to verified of one exposure, from its status `rows`;
+    ``None`` without a ``linked`` row and a successful ``checksum`` row."""
+    linked, verified = TransferStatus.stages['linked'], TransferStatus.stages['checksum']
+    times = {}
+    for row in rows if isinstance(rows, list) else []:
+        if (isinstance(row, list) and len(row) >= 3 and row[1] in (1, True) and
+                isinstance(row[2], (int, float)) and row[0] in (linked, verified)):
+            times[row[0]] = row[2]
+    if len(times) < 2:
+        return None
+    return (times[verified] - times[linked]) / 1000
+
+
+def percentile(values, q):
+    """The `q`-th percentile (0 to 100) of `values`, interpolated linearly
+    between the closest ranks; ``None`` if `values` is empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def latency_summary(values):
+    """``{'count': N, 'p50': s, 'p95': s, 'max': s}`` of latencies in seconds
+    (``None`` for each when there are none)."""
+    return {'count': len(values), 'p50': percentile(values, 50),
+            'p95': percentile(values, 95), 'max': max(values) if values else None}

@@ -51,3 +51,14 @@ def tail(text, size=300):
     lines joined by semicolons, control characters escaped, the last `size`
     characters."""
     return one_line('; '.join(line.strip() for line in text.splitlines() if line.strip()))[-size:]
+
+
+def duration(seconds):
+    """A latency for people: ``'8.2 s'``, ``'3.5 min'``, ``'2.1 h'``; ``'-'`` if ``None``."""
+    if seconds is None:
+        return '-'
+    if abs(seconds) < 120:
+        return f'{seconds:.1f} s'
+    if abs(seconds) < 7200:
+        return f'{seconds / 60:.1f} min'
+    return f'{seconds / 3600:.1f} h'

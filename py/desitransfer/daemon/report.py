@@ -18,7 +18,8 @@ from .. import common
 from ..audit import audit
 from ..common import log
 from ..dates import due_time
-from ..statistics import duration, latencies, latency_summary
+from ..store import latencies, latency_summary
+from ..text import duration
 from ..executor import listdir
 from ..tape import archive_name
 
