@@ -593,3 +593,35 @@ def test_mountain_runs_through_its_runner():
     assert command[-2] == 'dts' and command[-1].startswith("sh -c ")
     assert command[-1].endswith(" sh /data/dts /data/lock 20261120")
     assert kwargs['names'] and kwargs['timeout'] == 300
+
+
+def test_signal_while_the_main_thread_holds_a_lock_of_the_stop():
+    """SIGTERM's handler takes no lock: a signal that arrives while the main
+    thread holds one of the stop's own locks (as it does, briefly, inside
+    every wait and set) must neither deadlock the process nor be lost."""
+    script = '''
+import os, signal, threading, time
+from desitransfer.processes import Stop
+stop = Stop()
+stop.handle_signals(signal.SIGUSR1)
+for lock in (stop.event._cond, stop.waker._lock):
+    with lock:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.1)  # the handler runs here, in this thread
+    assert stop.is_set() and stop.reason == 'SIGUSR1 received', stop.reason
+    t0 = time.monotonic()
+    assert stop.wait(30) and time.monotonic() - t0 < 1
+    stop = Stop()
+    stop.handle_signals(signal.SIGUSR1)
+# A signal during a long wait ends it at once.
+threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+t0 = time.monotonic()
+assert stop.wait(30) and time.monotonic() - t0 < 1.5, time.monotonic() - t0
+print('ok')
+'''
+    try:
+        p = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                           timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail('the process hung: the signal handler waited for a lock its thread held')
+    assert p.returncode == 0 and p.stdout == 'ok\n', p.stderr

@@ -389,6 +389,19 @@ class Waker(object):
                 os.write(self._fds[1], b'!')
             self._woken = True
 
+    def wake_from_signal(self):
+        """:meth:`wake`, for a signal handler: it takes no lock (the handler
+        runs in the main thread between two instructions, maybe while that
+        thread holds this one), so the pipe must have been made before
+        (:meth:`fileno`)."""
+        fds = self._fds
+        if fds is not None and not self._woken:
+            try:
+                os.write(fds[1], b'!')
+            except OSError:  # full, so readable already; or closed at exit
+                pass
+        self._woken = True
+
     def close(self):
         with self._lock:
             if self._fds is not None:
@@ -442,6 +455,7 @@ class Stop(object):
         self.event = threading.Event()
         self.reason = None
         self.waker = Waker()
+        self._signalled = False  # set by the signal handler, which takes no lock
 
     def set(self, reason='stop requested'):
         """Ask every loop and command using this object to stop."""
@@ -455,13 +469,30 @@ class Stop(object):
         return [self.waker]
 
     def handle_signals(self, *signums):
-        """Set this object when one of `signums` (default SIGTERM) arrives."""
+        """Set this object when one of `signums` (default SIGTERM) arrives.
+
+        The handler runs in the main thread between two instructions, maybe
+        while that thread holds a lock of this object (inside :meth:`set`
+        or a wait): it takes none.  It notes the signal and wakes the pipe of
+        :meth:`wakers` (made now); :meth:`is_set` does the rest.
+        """
+        self.waker.fileno()
+
+        def handler(signum, frame):
+            if self.reason is None:
+                self.reason = f'{signal.Signals(signum).name} received'
+            self._signalled = True
+            self.waker.wake_from_signal()
+
         for signum in signums or (signal.SIGTERM,):
-            signal.signal(signum, lambda n, frame: self.set(f'{signal.Signals(n).name} received'))
+            signal.signal(signum, handler)
 
     def is_set(self):
         """``True`` once a stop was asked for; looks for the kill file."""
         if self.event.is_set():
+            return True
+        if self._signalled:
+            self.set(self.reason)
             return True
         if self.kill and os.path.exists(self.kill):
             log.info("%s exists; stopping.", self.kill)
@@ -477,13 +508,7 @@ class Stop(object):
         :class:`bool`
             ``True`` if stopping.
         """
-        deadline = time.monotonic() + seconds
-        while not self.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            self.event.wait(min(left, self.interval))
-        return True
+        return wait_for(self.is_set, self.wakers(), seconds, look=self.interval)
 
 
 def open_lock(path, mode=FILE_MODE):
