@@ -71,7 +71,7 @@ from desitransfer.transport import rsync_ssh, ssh_command  # noqa: E402
 from desitransfer.configuration import (DEFAULTS, ConfigurationError,  # noqa: E402
                                         read_configuration)
 from desitransfer.simulator import exposure_files, make_exposure  # noqa: E402
-from desitransfer.statistics import latency as link_to_verified, percentile  # noqa: E402
+from desitransfer.store import latency as link_to_verified, percentile  # noqa: E402
 from desitransfer.status import TransferStatus, read_status  # noqa: E402
 
 #: Tonight at the mountain (the night rolls over at 19:00 UTC).
