@@ -142,6 +142,19 @@ def test_test_mode_changes_nothing(site, caplog):
     calls = site.hpss.calls()
     assert calls and all(os.path.basename(c[0]) == 'hsi' and 'ls' in c for c in calls)
     assert site.smtp.messages == []
+    assert f'Test mode, would take the lock {site.top}/' in caplog.text
+    # A pass that cannot do its job exits 1 in test mode too, and still
+    # changes nothing (no retry count, no alert).
+    down = os.path.join(site.top, 'ssh-down')
+    with open(down, 'w') as f:
+        f.write('#!/bin/sh\necho "ssh: connect to host dts port 22: Connection refused" >&2\n'
+                'exit 255\n')
+    os.chmod(down, 0o755)
+    site.write_config(ssh=down, catchup='14', backup='20')
+    before = snapshot(site.top, skip={str(site.hpss.log), site.config})
+    assert site.run('--test') == 1
+    assert snapshot(site.top, skip={str(site.hpss.log), site.config}) == before
+    assert site.smtp.messages == []
 
 
 def test_late_file_catchup_and_backup(site, caplog):

@@ -27,8 +27,8 @@ from email.message import EmailMessage
 
 from .checksum import verify_checksum
 from .common import dir_perm, file_perm, log
-from .files import open_append, write_text
-from .processes import single_instance
+from .files import open_append, sweep_temporary, write_text
+from .processes import exclusively, single_instance
 from .runner import run
 
 
@@ -320,6 +320,26 @@ class Actions(object):
         """Write the state file."""
         state.save()
 
+    def exclusively(self, program, lock_file, work):
+        """Run `work` as the one running copy of `program`, see
+        :func:`desitransfer.processes.exclusively`."""
+        return exclusively(program, lock_file, work)
+
+    def sweep_temporary(self, directory):
+        """Remove the temporary files of killed writers in `directory`, see
+        :func:`desitransfer.files.sweep_temporary`."""
+        sweep_temporary(directory)
+
+    def status(self, directory, open_store):
+        """The status store in `directory`, opened by `open_store` (which
+        creates it if it is missing)."""
+        return open_store()
+
+    def logging(self, filename, recipients):
+        """The log file and the recipients of alert emails of a run, as
+        configured."""
+        return filename, recipients
+
     def email(self, mailhost, recipients, subject, body, what='an email'):
         """Email `body` (see :func:`send_email`), `what` it is, as said in test
         mode; ``True`` if sent, :exc:`OSError` if it fails."""
@@ -437,6 +457,25 @@ class DryRun(Actions):
 
     def save(self, state):
         log.debug("Test mode, would write %s.", state.path)
+
+    def exclusively(self, program, lock_file, work):
+        """Test mode runs beside anything: no lock, no look for another
+        installation."""
+        log.info("Test mode, would take the lock %s.", lock_file)
+        return work()
+
+    def sweep_temporary(self, directory):
+        """Nothing is removed in test mode (not even said: most runs find nothing)."""
+
+    def status(self, directory, open_store):
+        """``None`` if the status store does not exist yet: test mode
+        creates nothing."""
+        return open_store() if os.path.isdir(directory) else None
+
+    def logging(self, filename, recipients):
+        """No log file, no alert email in test mode: the log goes to the
+        terminal."""
+        return None, []
 
     def email(self, mailhost, recipients, subject, body, what='an email'):
         log.info("Test mode, would email %s to %s: %s", what, ', '.join(recipients), subject)

@@ -25,8 +25,7 @@ import time
 from .. import common
 from ..alerts import configure_log
 from ..common import ensure_scratch, log, valid_night
-from ..files import sweep_temporary
-from ..processes import Stop, exclusively, repeat
+from ..processes import Stop, repeat
 from ..text import one_line, shown, some
 from ..configuration import ConfigurationError, read_configuration
 from ..store import TransferStatus
@@ -111,9 +110,9 @@ class TransferDaemon(object):
         except FileNotFoundError as err:
             raise ConfigurationError(f"[common] temporary: {err}") from None
         self.top = os.path.dirname(self.directories[0].staging)
-        self._configure_log(options.debug)
         self.stop = Stop(options.kill)
         self.actions = for_mode(self.test, self.stop)
+        self._configure_log(options.debug)
         self.state = State(os.path.join(self.top, STATE_FILE),
                            [d.name for d in self.directories], keep_bad=not self.test)
         # The round trip (streams = auto) is kept with the first destination.
@@ -149,9 +148,9 @@ class TransferDaemon(object):
             If ``True`` set the log level to DEBUG.
         """
         c = self.log_conf
-        # Test mode changes nothing: no log file, no alert email.
-        configure_log(debug=debug, filename=None if self.test else c['filename'],
-                      size=c['size'], backups=c['backups'], to=[] if self.test else c['to'],
+        filename, to = self.actions.logging(c['filename'], c['to'])
+        configure_log(debug=debug, filename=filename,
+                      size=c['size'], backups=c['backups'], to=to,
                       mailhost=c['smtp'], program='desi_transfer_daemon',
                       memory=os.path.join(self.top, 'desi_transfer_daemon_alerts.json'))
 
@@ -167,16 +166,13 @@ class TransferDaemon(object):
         :class:`int`
             0; with ``--once``, 1 if the pass could not do its job.
         """
-        if self.test:
-            self.actions.start()
-            self._loop()
-            return 0
-        return exclusively('desi_transfer_daemon', self.lock_file, self._work)
+        self.actions.start()
+        return self.actions.exclusively('desi_transfer_daemon', self.lock_file, self._work)
 
     def _work(self):
         """The run, holding the lock."""
         for directory in [self.top] + [self._status_directory(d) for d in self.directories]:
-            sweep_temporary(directory)
+            self.actions.sweep_temporary(directory)
         self._save_state()
         if self.stop.is_set():
             self._kill_file_left()
@@ -322,9 +318,7 @@ class TransferDaemon(object):
         nothing to record does not read a year of records); ``None`` in test
         mode if it does not exist yet."""
         directory = self._status_directory(d)
-        if self.test and not os.path.isdir(directory):
-            return None
-        return _Lazy(lambda: TransferStatus(directory))
+        return self.actions.status(directory, lambda: _Lazy(lambda: TransferStatus(directory)))
 
     def _recent_nights(self, d):
         """Nights in the destination from the recent window: one listing per
