@@ -31,7 +31,6 @@ target is not a path of letters, digits and ``._+-`` is refused, see
 escaped (Python style): a name from the mountain is always one line of it.
 """
 import os
-import re
 import shlex
 import stat
 import time
@@ -39,7 +38,7 @@ from collections import namedtuple
 
 from . import common
 from .checksum import verify_checksum
-from .common import dir_perm, file_perm, valid_night
+from .common import EXPID, dir_perm, file_perm, valid_night
 from .configuration import configured
 from .processes import Stop
 from .text import some
@@ -61,7 +60,6 @@ DIR_MODES = (dir_perm, dir_perm & ~stat.S_IWUSR)
 CLOCK_TOLERANCE = 5
 
 _RSYNC, _CHECKSUM, _BACKUP = (TransferStatus.stages[s] for s in ('rsync', 'checksum', 'backup'))
-_expid = re.compile(r'[0-9]{8}')
 
 
 class Disagreement(namedtuple('Disagreement', ['night', 'expid', 'place', 'problem', 'todo'])):
@@ -231,7 +229,7 @@ class Night(object):
             return self.found
         on_index = self.index is not None
         expids = set(self.links) | set(self.exposures) | set(self.rows) | set(self.index or {})
-        expids |= {name for name in self.refused if _expid.fullmatch(name)}
+        expids |= {name for name in self.refused if EXPID.fullmatch(name)}
         for expid in sorted(expids):
             if expid in self.exposures:
                 self._installed(expid, self.exposures[expid], on_index)
@@ -246,7 +244,7 @@ class Night(object):
                      f"{self.host}: {self.mountain_why}", f"check ssh to {self.host} (ssh -o "
                      f"BatchMode=yes {self.host} true) and audit again")
         for name, why in sorted(self.refused.items()):
-            if not _expid.fullmatch(name):
+            if not EXPID.fullmatch(name):
                 self.add(None, 'mountain', f"{d.source}/{night}/{shown(name)} is not "
                          f"transferred: {why}", "rename or remove it at the mountain")
         if (not self.mountain_why and not self.links and not self.refused and

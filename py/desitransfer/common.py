@@ -221,6 +221,10 @@ def yesterday():
     return (_utcnow().astimezone(MST) - dt.timedelta(days=1)).strftime('%Y%m%d')
 
 
+#: An exposure number as a directory name: eight digits.
+EXPID = re.compile(r'[0-9]{8}')
+
+
 def valid_night(night):
     """``True`` if `night` is an 8-digit, real calendar date (YYYYMMDD).
     """

@@ -41,7 +41,7 @@ import shlex
 import threading
 from collections import namedtuple
 
-from .common import log, valid_night
+from .common import EXPID, log, valid_night
 from .processes import Waker, wait_for
 from .runner import run
 from .streams import StreamPlanner
@@ -70,8 +70,6 @@ RSYNC_TIMEOUT = 2 * 3600
 #: An exposure link at the mountain: its night and exposure, the physical
 #: directory it resolves to, and its modification time (Unix seconds).
 Link = namedtuple('Link', ['night', 'expid', 'target', 'mtime'])
-
-EXPID = re.compile(r'[0-9]{8}')
 
 #: A survey's stamp as ``stat --printf=%y/`` prints it (``2026-12-05
 #: 01:02:03.123456789 +0000/`` for each directory), which the next watch is

@@ -12,18 +12,16 @@ what an exposure's checksum file tells without reading the data
 :mod:`desitransfer.executor`.
 """
 import os
-import re
 import stat
 from collections import namedtuple
 
 from .checksum import parse_checksums, read_checksum_file
+from .common import EXPID
 from .files import lstat_tree
 from .text import some
 
 #: Problems listed in one line before "and N more".
 SHOWN = 3
-
-_expid = re.compile(r'[0-9]{8}')
 
 
 def installed(d, link):
@@ -74,7 +72,7 @@ def nersc_night(destination, night):
         return st, {}, f"{path} cannot be listed: {err.strerror or err}"
     found = {}
     for expid in names:
-        if _expid.fullmatch(expid):
+        if EXPID.fullmatch(expid):
             exposure = os.path.join(path, expid)
             try:
                 est = os.lstat(exposure)

@@ -33,7 +33,7 @@ from collections import namedtuple
 from . import __version__ as dtVersion
 from .checksum import MAX_CHECKSUM_FILE_SIZE, sha256_file, verify_checksum
 from .alerts import configure_log
-from .common import dir_perm, file_perm, log, valid_night
+from .common import EXPID, dir_perm, file_perm, log, valid_night
 from .files import lstat_tree, write_text
 from .processes import Stop
 from .runner import run
@@ -61,8 +61,6 @@ ARCHIVED = 'archived'
 
 #: Outcomes that need an operator: the exit status is 1 if any is met.
 PROBLEMS = (INSTALLED_UNVERIFIED, DIFFERS, UNVERIFIED, NO_CHECKSUM, FAILED)
-
-_expid = re.compile(r'[0-9]{8}')
 
 
 class Restore(object):
@@ -297,7 +295,7 @@ class Restore(object):
         candidates = []
         for name in sorted(os.listdir(source_night)):
             path = os.path.join(source_night, name)
-            if not (_expid.fullmatch(name) and os.path.isdir(path)
+            if not (EXPID.fullmatch(name) and os.path.isdir(path)
                     and not os.path.islink(path)):
                 (log.debug if self.source == 'lost+found' else log.warning)(
                     "%s is not an exposure directory (EXPID, 8 digits); left alone.", path)
@@ -644,7 +642,7 @@ def _night(value):
 
 
 def _exposure(value):
-    if not _expid.fullmatch(value):
+    if not EXPID.fullmatch(value):
         raise ArgumentTypeError(f"{value!r} is not an exposure number, 8 digits")
     return value
 

@@ -19,14 +19,12 @@ import os
 import re
 import stat
 
-from .common import valid_night
+from .common import EXPID, valid_night
 from .files import lstat_tree
 from .configuration import configured
 from .store import (TransferStatus, latencies, latency, latency_summary,  # noqa: F401
                     percentile, read_status, status_directory)
 from .text import duration
-
-_expid = re.compile(r'[0-9]{8}')
 
 
 def parse_period(value):
@@ -83,7 +81,7 @@ def destination_counts(destination, first, last):
             continue
         for expid in names:
             path = os.path.join(directory, expid)
-            if _expid.fullmatch(expid) and os.path.isdir(path) and not os.path.islink(path):
+            if EXPID.fullmatch(expid) and os.path.isdir(path) and not os.path.islink(path):
                 entries, unread = lstat_tree(path)
                 sizes = [st.st_size for st in entries.values() if stat.S_ISREG(st.st_mode)]
                 problems += unread

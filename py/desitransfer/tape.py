@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 
-from .common import log
+from .common import EXPID, log
 from .processes import Waker, wait_for
 from .text import tail
 
@@ -36,8 +36,6 @@ _ls_line = re.compile(r'[-dlcbps][-rwxsStT]{9}[+.@]?\s+[0-9]+\s+\S+\s+\S+\s+(?P<
 #: One member in ``htar -tvf``: mode, owner, size, date, time, name.
 _member = re.compile(r'HTAR: (?P<mode>[-dlcbps][-rwxsStT]{9})\s+\S+\s+(?P<size>[0-9]+)\s+'
                      r'[0-9]{4}-[0-9]{2}-[0-9]{2}\s+[0-9]{2}:[0-9]{2}\s+(?P<name>.+)')
-
-_expid = re.compile(r'[0-9]{8}')
 
 #: hsi's words for a path that does not exist.
 ABSENT = ('HPSS_ENOENT', 'No such file or directory')
@@ -242,7 +240,7 @@ class Archive(object):
         for line in result.stdout.splitlines():
             m = _member.fullmatch(line.rstrip())
             parts = m.group('name').rstrip('/').split('/') if m else []
-            if len(parts) >= 2 and parts[0] == night and _expid.fullmatch(parts[1]):
+            if len(parts) >= 2 and parts[0] == night and EXPID.fullmatch(parts[1]):
                 files = found.setdefault(parts[1], {})
                 if len(parts) > 2 and m.group('mode')[0] == '-':
                     files['/'.join(parts[2:])] = int(m.group('size'))

@@ -61,9 +61,9 @@ import json
 import os
 import re
 
-from ..common import log, valid_night
+from ..common import EXPID, log, valid_night
 from ..files import aside_name, write_text
-from ..mountain import EXPID, valid_link
+from ..mountain import valid_link
 
 #: Name of the state file, next to the staging directory.
 STATE_FILE = 'desi_transfer_daemon_state.json'
