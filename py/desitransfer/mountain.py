@@ -42,7 +42,7 @@ import threading
 from collections import namedtuple
 
 from .common import EXPID, log, valid_night
-from .processes import Waker, wait_for
+from .processes import Background
 from .runner import run
 from .streams import StreamPlanner
 from .rsynccommand import RSYNC_IO_TIMEOUT, rsync_command
@@ -277,7 +277,7 @@ class Mountain(object):
         self.ssh = ssh
         self.stop = stop
         self.connection = SharedConnection(host, program=ssh)
-        self._opening = {}  # stream -> (the thread opening its connection, its waker)
+        self._opening = {}  # stream -> the Background opening its connection
         self.planner = StreamPlanner(self, streams, known=round_trip, remember=remember)
 
     @property
@@ -296,12 +296,9 @@ class Mountain(object):
         find the control socket half made and open a connection of its own,
         not shared, a whole handshake more.
         """
-        opener, opened = self._opening.get(stream, (None, None))
-        if opener is not None and opener is not threading.current_thread():
-            stop = self.stop if stop is None else stop
-            wait_for(lambda: not opener.is_alive() or (stop is not None and stop.is_set()),
-                     [opened] + (stop.wakers() if hasattr(stop, 'wakers') else []),
-                     OPEN_WAIT)
+        opening = self._opening.get(stream)
+        if opening is not None and opening.thread is not threading.current_thread():
+            opening.wait(OPEN_WAIT, self.stop if stop is None else stop)
         return self.connection.ssh(stream)
 
     def close(self):
@@ -333,18 +330,11 @@ class Mountain(object):
                 # Whatever it answers is not a failure: the rsync of the
                 # stream opens it again if needed, and reports what fails.
                 command = self.ssh_command(stream) + [self.host, 'true']
-                opened = Waker()  # woken when the opening ends, whatever it answered
-
-                def open_stream(command=command, opened=opened):
-                    try:
-                        self.run(command, timeout=OPEN_WAIT, ok=tuple(range(-64, 256)),
-                                 quiet=True, stop=self.stop)
-                    finally:
-                        opened.wake()
-                opener = threading.Thread(target=open_stream, name=f'open-stream-{stream:d}',
-                                          daemon=True)
-                self._opening[stream] = (opener, opened)
-                opener.start()
+                self._opening[stream] = Background(
+                    lambda command=command: self.run(command, timeout=OPEN_WAIT,
+                                                     ok=tuple(range(-64, 256)), quiet=True,
+                                                     stop=self.stop),
+                    f'open-stream-{stream:d}')
 
     def rsync(self, source, destination, extra=(), dry_run=False, stream=0):
         """The rsync command copying directory `source` at the mountain into

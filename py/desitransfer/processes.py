@@ -416,6 +416,40 @@ class Waker(object):
             pass
 
 
+def wakers_of(stop):
+    """What wakes a wait when `stop` (a :class:`Stop`, anything with
+    ``is_set``, or ``None``) is set: its :class:`Waker` objects, if it has any."""
+    return stop.wakers() if stop is not None and hasattr(stop, 'wakers') else []
+
+
+class Background(object):
+    """``target()`` run in a daemon thread of its own, started at once, whose
+    end (however it ends) wakes :attr:`ended`, so that :meth:`wait` is woken
+    by it, not by a look every so often."""
+
+    def __init__(self, target, name):
+        self.ended = Waker()
+
+        def run():
+            try:
+                target()
+            finally:
+                self.ended.wake()
+
+        self.thread = threading.Thread(target=run, name=name, daemon=True)
+        self.thread.start()
+
+    def is_alive(self):
+        return self.thread.is_alive()
+
+    def wait(self, seconds, stop=None):
+        """Wait up to `seconds` for the end, less if `stop` is set; ``True``
+        if it has ended."""
+        wait_for(lambda: not self.thread.is_alive() or (stop is not None and stop.is_set()),
+                 [self.ended] + wakers_of(stop), seconds)
+        return not self.thread.is_alive()
+
+
 def wait_for(done, wakers, seconds, look=0.5):
     """Wait up to `seconds` until ``done()`` is true: woken at once by any of
     `wakers` (:class:`Waker`, made readable by whatever makes ``done()``

@@ -19,6 +19,7 @@ import time
 from collections import namedtuple
 
 from .common import log
+from .processes import wakers_of
 
 
 #: Timeout in seconds of an external command, unless the caller sets one.
@@ -201,7 +202,7 @@ def _collect(proc, timeout, stop, limit, output, names=False):
         for fd in names:
             selector.register(fd, selectors.EVENT_READ)
         # A stop set while it waits wakes it at once (not only at its next look).
-        wakers = stop.wakers() if stop is not None and hasattr(stop, 'wakers') else []
+        wakers = wakers_of(stop)
         for waker in wakers:
             selector.register(waker.fileno(), selectors.EVENT_READ, 'wake')
         while True:

@@ -17,10 +17,10 @@ measured (``remember``, called by the measurement).  Its waits end on
 events: the end of a measurement, not a look every so often.
 """
 import math
-import threading
 import time
 
 from .common import log
+from .processes import Background
 
 #: ``[common] streams = auto``: one stream per this many seconds of round
 #: trip (one ssh stream carries about 2 MiB per round trip), at most
@@ -56,8 +56,7 @@ class StreamPlanner(object):
         self.remember = remember
         self._rtt = (None, known)  # (when measured, monotonic; seconds or None)
         self._new = False  # a round trip was measured since the last settle()
-        self._thread = None
-        self._measured = threading.Event()  # set when the measurement under way ends
+        self._measuring = None  # the Background of the last measurement
 
     def streams(self):
         """``[common] streams``; for ``auto``, one stream per
@@ -69,7 +68,7 @@ class StreamPlanner(object):
             self.measure()
             if self.round_trip() is None:
                 # Never measured here: wait for the measurement of this pass.
-                self._measured.wait(AUTO_WAIT)
+                self._measuring.wait(AUTO_WAIT)
             n = self._auto()
         else:
             n = self.setting
@@ -98,10 +97,9 @@ class StreamPlanner(object):
         A new round trip goes to `remember` as soon as it is measured."""
         if self.setting != 'auto':
             return
-        if self._thread is not None and (self._thread.is_alive() or
-                                         time.monotonic() - self._rtt[0] <= AUTO_REFRESH):
+        if self._measuring is not None and (self._measuring.is_alive() or
+                                            time.monotonic() - self._rtt[0] <= AUTO_REFRESH):
             return
-        self._measured.clear()
 
         def measure():
             # Over the shared connection, which the survey opened.
@@ -116,15 +114,13 @@ class StreamPlanner(object):
             finally:  # unknown: the last measurement, if any, stands
                 self._rtt = (time.monotonic(), last if rtt is None else rtt)
                 self._new = self._new or rtt is not None
-                self._measured.set()
             if rtt is None:
                 return
             n = self._auto()
             log.info("Round trip to %s: %.1f ms; a backlog is copied in up to %d "
                      "stream%s.", self.mountain.name, 1000 * rtt, n, '' if n == 1 else 's')
 
-        self._thread = threading.Thread(target=measure, name='round-trip', daemon=True)
-        self._thread.start()
+        self._measuring = Background(measure, 'round-trip')
 
     def settle(self, stopping=False):
         """Before the owner stops: if no round trip is known yet, let the
@@ -132,9 +128,9 @@ class StreamPlanner(object):
         unless `stopping` (a stop was asked for).  ``True`` if a round trip
         was measured since the last call (then the owner saves what
         `remember` kept)."""
-        if self.setting != 'auto' or self._thread is None:
+        if self.setting != 'auto' or self._measuring is None:
             return False
         if self.round_trip() is None and not stopping:
-            self._measured.wait(AUTO_WAIT)
+            self._measuring.wait(AUTO_WAIT)
         new, self._new = self._new, False
         return new

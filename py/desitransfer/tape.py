@@ -16,11 +16,10 @@ listing was unreadable.
 import os
 import re
 import tempfile
-import threading
 import time
 
 from .common import EXPID, log
-from .processes import Waker, wait_for
+from .processes import Background
 from .text import tail
 
 #: Seconds before htar, hsi or the status request is given up.
@@ -89,22 +88,14 @@ class Archive(object):
         """GET `url` in a thread, so that a stop does not wait for the timeout."""
         import requests  # Only needed after noon: keep start-up quick.
         answer = {}
-        done = Waker()
 
         def get():
             try:
                 answer['response'] = requests.get(url, timeout=HPSS_STATUS_TIMEOUT)
             except BaseException as err:
                 answer['error'] = err
-            finally:
-                done.wake()
 
-        thread = threading.Thread(target=get, name='hpss-status', daemon=True)
-        thread.start()
-        stop = self.actions.stop
-        wait_for(lambda: not thread.is_alive() or stop.is_set(),
-                 [done] + (stop.wakers() if hasattr(stop, 'wakers') else []),
-                 HPSS_STATUS_TIMEOUT + 5)
+        Background(get, 'hpss-status').wait(HPSS_STATUS_TIMEOUT + 5, self.actions.stop)
         if 'error' in answer:
             raise answer['error']
         if 'response' not in answer:

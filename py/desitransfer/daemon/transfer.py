@@ -35,7 +35,7 @@ from ..text import tail
 from ..rsynccommand import RSYNC_DONE
 from ..store import milliseconds
 from ..mountain import RSYNC_TIMEOUT, only
-from ..processes import Waker, wait_for
+from ..processes import Waker, wait_for, wakers_of
 
 #: What happened to the copy of an exposure.
 COPIED = 'copied'                     #: complete in staging: may be installed
@@ -312,7 +312,7 @@ class _Abort(object):
     def wakers(self):
         """What a command run with this as `stop` wakes on (see
         :class:`~desitransfer.processes.Waker`)."""
-        return [self.waker] + (self.stop.wakers() if hasattr(self.stop, 'wakers') else [])
+        return [self.waker] + wakers_of(self.stop)
 
     def is_set(self):
         return self.kind is not None or self.stop.is_set()
