@@ -315,14 +315,29 @@ def main():
             subprocess.run(shared + ['-O', 'exit', 'dts'], stderr=subprocess.DEVNULL)
             for d in ('one', 'floor', 'shared'):
                 shutil.rmtree(os.path.join(run_dir, d))
-            for s in streams:
-                key = name(s)
-                pass_dir = os.path.join(run_dir, f'streams{s}')
+
+            def daemon_site(pass_dir, s):
+                """A new NERSC tree in `pass_dir` for a daemon of `s`
+                streams: its command (without --once) and the tree."""
                 os.makedirs(pass_dir)
                 config, nersc = configuration(pass_dir, source, ssh, catchup=-1, backup=-1,
                                               streams=s, hpss='',
                                               hpss_status='http://127.0.0.1:9/')
-                command = [daemon, '--once', '-c', config, '-k', os.path.join(pass_dir, 'stop')]
+                return [daemon, '-c', config, '-k', os.path.join(pass_dir, 'stop')], nersc
+
+            def keep(pass_dir, key, seconds, seen):
+                """Keep the time of a pass (and when each exposure was
+                verified, if it is the best yet); remove its tree."""
+                times[key].append(seconds)
+                if seconds == min(times[key]):
+                    moments[key] = seen
+                shutil.rmtree(pass_dir)
+
+            for s in streams:
+                key = name(s)
+                pass_dir = os.path.join(run_dir, f'streams{s}')
+                command, nersc = daemon_site(pass_dir, s)
+                command.insert(1, '--once')
                 if not options.cold:
                     # A daemon that has run before the backlog: one pass
                     # with nothing linked yet (for auto, the round trip it
@@ -334,26 +349,16 @@ def main():
                     os.rmdir(source)
                     os.rename(source + '.away', source)
                 start_ms = time.time() * 1000
-                times[key].append(timed([command]))
+                seconds = timed([command])
                 installed = os.listdir(os.path.join(nersc, 'data', NIGHT))
                 assert len(installed) == options.exposures, installed
                 seen = verified_moments(nersc, start_ms)
                 assert len(seen) == options.exposures, seen
-                if times[key][-1] == min(times[key]):
-                    moments[key] = seen
-                shutil.rmtree(pass_dir)
+                keep(pass_dir, key, seconds, seen)
                 # The same backlog met by a daemon that is running.
-                key += ', running'
-                os.makedirs(pass_dir)
-                config, nersc = configuration(pass_dir, source, ssh, catchup=-1, backup=-1,
-                                              streams=s, hpss='',
-                                              hpss_status='http://127.0.0.1:9/')
-                seen = running_pass([daemon, '-c', config, '-k', os.path.join(pass_dir, 'stop')],
-                                    source, nersc, options.exposures)
-                times[key].append(seen[-1])
-                if times[key][-1] == min(times[key]):
-                    moments[key] = seen
-                shutil.rmtree(pass_dir)
+                command, nersc = daemon_site(pass_dir, s)
+                seen = running_pass(command, source, nersc, options.exposures)
+                keep(pass_dir, key + ', running', seen[-1], seen)
         megabytes = options.exposures * options.files * options.size / 1e6
         where = (f'one-way delay {options.delay * 1000:g} ms, window {options.window:g} MiB'
                  if options.delay > 0 else 'loopback, no delay')
