@@ -166,8 +166,7 @@ class Archive(object):
         if absent:
             return {}, ''
         if result.returncode != 0:
-            return None, (f"hsi returned {result.returncode:d}: "
-                          f"{tail(result.stderr, 200) or 'no message'}")
+            return None, f"hsi returned {result.returncode:d}: {_said(result)}"
         _, why = parse_listing(text)
         if why:
             return None, f"hsi answered {why}"
@@ -225,8 +224,7 @@ class Archive(object):
         result = self.actions.ask([self.program('htar'), '-tvf', archive],
                                   timeout=HSI_TIMEOUT, quiet=True)
         if result.returncode != 0 or 'HTAR SUCCESSFUL' not in result.stdout:
-            return None, (f"htar returned {result.returncode:d}: "
-                          f"{tail(result.stderr, 200) or 'no message'}")
+            return None, f"htar returned {result.returncode:d}: {_said(result)}"
         found = {}
         for line in result.stdout.splitlines():
             m = _member.fullmatch(line.rstrip())
@@ -284,6 +282,11 @@ def _listed_ms(m):
     except (ValueError, OverflowError):
         pass
     return None
+
+
+def _said(result):
+    """The end of what a command said on standard error, on one line."""
+    return tail(result.stderr, 200) or 'no message'
 
 
 def _short(err):
